@@ -1,0 +1,228 @@
+"""Device-side primitives for symmetric-memory kernels: flags, timers, peer pointers, NVSHMEM.
+
+Everything here is a ``@triton.jit`` helper (or an ``@core.extern`` NVSHMEM binding) meant to be
+called from inside kernels, plus the host-side hook that initialises the NVSHMEM device state of
+every compiled module that calls NVSHMEM.
+
+Protocol (DESIGN §4.5-4.6): flags are int64 words holding an *epoch*. A producer stores its
+data, runs ``tl.debug_barrier()`` and then ``signal_flag(flag, epoch)`` (one release atomic at
+system scope, once per program). A consumer calls ``wait_flag``, which spins with acquire loads
+until the flag holds at least ``epoch`` or a ``%globaltimer`` deadline passes. Nobody resets
+flags, so back-to-back calls with increasing epochs need no host work.
+
+On timeout ``wait_flag`` writes an *error record* and returns ``False``; the host turns the record
+into a ``RuntimeError`` (see ``symm_mem.errors``). Nothing spins forever.
+
+Under ``TRITON_INTERPRET=1`` inline PTX and extern calls cannot run: ``globaltimer`` falls back to
+the host clock and ``smid`` to 0. The NVSHMEM bindings exist only for compiled kernels; kernels
+keep them behind a constexpr switch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import triton
+import triton.language as tl
+from triton.language import core
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Error-record layout (int64 words). One record per rank; the first failing wait wins.
+# Kept as constexpr so kernels can use them; the host reads them through `.value`.
+ERR_WORDS = tl.constexpr(8)
+ERR_CODE = tl.constexpr(0)  # 0: no error; ERR_TIMEOUT: a wait ran past its deadline
+ERR_RANK = tl.constexpr(1)  # the rank whose wait failed
+ERR_FLAG = tl.constexpr(2)  # caller-chosen id of the flag it waited on
+ERR_EPOCH = tl.constexpr(3)  # the epoch it waited for
+ERR_SEEN = tl.constexpr(4)  # the flag's value at the deadline
+ERR_TASK = tl.constexpr(5)  # caller-chosen id of the task that waited
+ERR_TIMEOUT = tl.constexpr(1)
+
+# NVSHMEM 3.4.5 constants (nvshmem_constants.h). Some published wrappers use SET = 0 / ADD = 5:
+# those are wrong for this version.
+NVSHMEM_SIGNAL_SET = tl.constexpr(9)
+NVSHMEM_SIGNAL_ADD = tl.constexpr(10)
+NVSHMEM_CMP_EQ = tl.constexpr(0)
+NVSHMEM_CMP_NE = tl.constexpr(1)
+NVSHMEM_CMP_GT = tl.constexpr(2)
+NVSHMEM_CMP_LE = tl.constexpr(3)
+NVSHMEM_CMP_LT = tl.constexpr(4)
+NVSHMEM_CMP_GE = tl.constexpr(5)
+
+
+# ----------------------------------------------------------------------------- timers, ids
+
+
+def _host_time_ns() -> int:
+    return time.monotonic_ns()
+
+
+if INTERPRET:
+
+    @triton.jit
+    def globaltimer():
+        """Nanoseconds from the host clock (interpreter fallback for ``%globaltimer``)."""
+        return tl.full((), 0, tl.int64) + _host_time_ns()
+
+    @triton.jit
+    def smid():
+        """SM id; the interpreter has none, so 0."""
+        return tl.full((), 0, tl.int32)
+
+else:
+
+    @triton.jit
+    def globaltimer():
+        """The 64-bit ``%globaltimer`` in nanoseconds (coarse ticks, common to all SMs)."""
+        return tl.inline_asm_elementwise(
+            "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
+        )
+
+    @triton.jit
+    def smid():
+        """The SM this program runs on (``%smid``)."""
+        return tl.inline_asm_elementwise(
+            "mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1
+        )
+
+
+# ----------------------------------------------------------------------------- peer addressing
+
+
+@triton.jit
+def peer_ptr(peer_base, peer, like_ptr):
+    """Rank ``peer``'s copy of a symmetric buffer, typed like ``like_ptr`` (its local pointer).
+
+    ``peer_base`` is the buffer's int64 table of every rank's base address (``SymmetricTensor
+    .peer_base``); stores through the result go straight over NVLink.
+    """
+    return tl.load(peer_base + peer).to(tl.pointer_type(like_ptr.dtype.element_ty))
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+@triton.jit
+def signal_flag(flag_ptr, epoch):
+    """Publish ``epoch`` on a flag: release at system scope, once per program.
+
+    NOTE: call after ``tl.debug_barrier()`` so every thread's stores are ordered before it.
+    """
+    tl.atomic_xchg(flag_ptr, epoch.to(tl.int64), sem="release", scope="sys")
+
+
+@triton.jit
+def report_timeout(err_ptr, rank, flag_id, epoch, seen, task_id):
+    """Write a timeout record into ``err_ptr[0:ERR_WORDS]``, unless an earlier one is there."""
+    first = tl.atomic_cas(err_ptr, 0, ERR_TIMEOUT, sem="relaxed") == 0
+    if first:
+        tl.store(err_ptr + ERR_RANK, rank.to(tl.int64))
+        tl.store(err_ptr + ERR_FLAG, flag_id.to(tl.int64))
+        tl.store(err_ptr + ERR_EPOCH, epoch.to(tl.int64))
+        tl.store(err_ptr + ERR_SEEN, seen.to(tl.int64))
+        tl.store(err_ptr + ERR_TASK, task_id.to(tl.int64))
+
+
+@triton.jit
+def wait_flag(flag_ptr, epoch, deadline, err_ptr, rank, flag_id, task_id):
+    """Spin until ``*flag_ptr >= epoch`` (acquire, system scope) or ``globaltimer() > deadline``.
+
+    Returns True when the flag arrived. On timeout it writes an error record naming ``rank``,
+    ``flag_id``, ``epoch`` and ``task_id`` into ``err_ptr`` and returns False; the caller must then
+    skip the work that depended on the flag and leave.
+
+    NOTE: every thread of the program spins (a scalar atomic is uniform), so the barrier after the
+    loop is not divergent; reads after it see the producer's stores.
+    """
+    seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
+    while (seen < epoch) & (globaltimer() < deadline):
+        seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
+    arrived = seen >= epoch
+    if not arrived:
+        report_timeout(err_ptr, rank, flag_id, epoch, seen, task_id)
+    tl.debug_barrier()
+    return arrived
+
+
+@triton.jit
+def poll_error(err_ptr):
+    """True when some program of this rank has already recorded an error (stop early)."""
+    return tl.load(err_ptr, volatile=True) != 0
+
+
+# ----------------------------------------------------------------------------- NVSHMEM externs
+#
+# NOTE: a scalar extern call runs in *every thread* of the program. The `_block` functions expect
+# exactly that; thread-scope signal ops would be applied once per thread. Pointers are passed as
+# int64 and ints cast to the declared width, or the extern lookup fails at compile time.
+
+
+@core.extern
+def my_pe(_semantic=None):
+    return core.extern_elementwise(
+        "", "", [], {(): ("nvshmem_my_pe", core.dtype("int32"))}, is_pure=True, _semantic=_semantic
+    )
+
+
+@core.extern
+def n_pes(_semantic=None):
+    return core.extern_elementwise(
+        "", "", [], {(): ("nvshmem_n_pes", core.dtype("int32"))}, is_pure=True, _semantic=_semantic
+    )
+
+
+@core.extern
+def ptr(addr, pe, _semantic=None):
+    """``nvshmem_ptr``: the load/store address of ``addr`` on ``pe``, 0 when not reachable."""
+    return core.extern_elementwise(
+        "",
+        "",
+        [addr, pe],
+        {(core.dtype("int64"), core.dtype("int32")): ("nvshmem_ptr", core.dtype("int64"))},
+        is_pure=True,
+        _semantic=_semantic,
+    )
+
+
+@core.extern
+def putmem_signal_nbi_block(dst, src, nbytes, sig_addr, signal, sig_op, pe, _semantic=None):
+    """``nvshmemx_putmem_signal_nbi_block``: all threads of the program call it together."""
+    i64, i32 = core.dtype("int64"), core.dtype("int32")
+    return core.extern_elementwise(
+        "",
+        "",
+        [dst, src, nbytes, sig_addr, signal, sig_op, pe],
+        {(i64, i64, i64, i64, i64, i32, i32): ("nvshmemx_putmem_signal_nbi_block", i32)},
+        is_pure=False,
+        _semantic=_semantic,
+    )
+
+
+@core.extern
+def signal_wait_until(sig_addr, cmp, cmp_value, _semantic=None):
+    """``nvshmem_signal_wait_until``: unbounded; prefer ``wait_flag`` where a deadline matters."""
+    i64, i32 = core.dtype("int64"), core.dtype("int32")
+    return core.extern_elementwise(
+        "",
+        "",
+        [sig_addr, cmp, cmp_value],
+        {(i64, i32, i64): ("nvshmem_signal_wait_until", i64)},
+        is_pure=False,
+        _semantic=_semantic,
+    )
+
+
+@core.extern
+def fence(_semantic=None):
+    return core.extern_elementwise(
+        "", "", [], {(): ("nvshmem_fence", core.dtype("int32"))}, is_pure=False, _semantic=_semantic
+    )
+
+
+@core.extern
+def quiet(_semantic=None):
+    return core.extern_elementwise(
+        "", "", [], {(): ("nvshmem_quiet", core.dtype("int32"))}, is_pure=False, _semantic=_semantic
+    )

@@ -1,0 +1,63 @@
+"""Device error records -> host exceptions.
+
+A kernel whose bounded wait runs out writes one record (``symm_mem.device`` defines the layout)
+and leaves. After the launch the host reads the records of every rank it owns and raises
+``WaitTimeoutError`` naming the rank, the flag, the epoch it waited for and what it saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from symm_mem import device as dev
+
+FlagNamer = Callable[[int], str]
+
+
+class WaitTimeoutError(RuntimeError):
+    """A device-side wait passed its deadline: a peer never raised the flag it waited on."""
+
+    def __init__(
+        self,
+        rank: int,
+        flag: int,
+        epoch: int,
+        seen: int,
+        task: int,
+        flag_name: str,
+        timeout_s: float,
+    ) -> None:
+        self.rank, self.flag, self.epoch, self.seen, self.task = rank, flag, epoch, seen, task
+        super().__init__(
+            f"rank {rank} timed out after {timeout_s:g} s waiting on {flag_name} for epoch {epoch} "
+            f"(task {task}); the flag held {seen}: a peer did not arrive, or arrived for an older "
+            "call"
+        )
+
+
+def raise_if_error(
+    records: torch.Tensor, ranks: list[int], timeout_s: float, flag_name: FlagNamer | None = None
+) -> None:
+    """Raise for the first record (of ``records [len(ranks), ERR_WORDS]``) that holds an error.
+
+    The records are cleared first, so the world stays usable after the caller handles the error.
+    """
+    host = records.tolist()  # a copy: on cpu, .cpu() would alias the records zeroed below
+    records.zero_()
+    for rank, rec in zip(ranks, host, strict=True):
+        if rec[dev.ERR_CODE.value] == 0:
+            continue
+        if rec[dev.ERR_CODE.value] != dev.ERR_TIMEOUT.value:
+            raise RuntimeError(f"rank {rank}: unknown device error record {rec}")
+        flag = rec[dev.ERR_FLAG.value]
+        raise WaitTimeoutError(
+            rank=rec[dev.ERR_RANK.value],
+            flag=flag,
+            epoch=rec[dev.ERR_EPOCH.value],
+            seen=rec[dev.ERR_SEEN.value],
+            task=rec[dev.ERR_TASK.value],
+            flag_name=flag_name(flag) if flag_name else f"flag {flag}",
+            timeout_s=timeout_s,
+        )
