@@ -18,7 +18,7 @@ PY    := $(VENV)/bin/python
 READY := $(VENV)/.ready
 endif
 
-.PHONY: run test test-cpu test-gpu lint clean
+.PHONY: run test test-cpu test-compiled lint clean
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,17 +35,18 @@ lint: $(READY)
 	  $(PY) -m ruff check . && $(PY) -m ruff format --check .; \
 	else echo "ruff is not installed here: lint skipped (CI runs it)"; fi
 
-# CPU tests run under the Triton interpreter; GPU/dist tests skip themselves without GPUs.
+# tests/cpu run under the Triton interpreter; tests/compile compile every kernel for sm_90 (no
+# GPU needed); tests/gpu and tests/dist skip themselves without GPUs.
 # pytest exit code 5 means no test was collected: for this suite that is a failure.
-test: lint test-cpu test-gpu
+test: lint test-cpu test-compiled
 
 test-cpu: $(READY)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/cpu -q; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no CPU tests"; fi; exit $$rc
 
-test-gpu: $(READY)
-	$(PY) -m pytest tests/gpu tests/dist -q -rs; rc=$$?; \
-	  if [ $$rc -eq 5 ]; then echo "pytest collected no GPU tests"; fi; exit $$rc
+test-compiled: $(READY)
+	$(PY) -m pytest tests/compile tests/gpu tests/dist -q -rs; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no compiled-kernel tests"; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -92,6 +92,7 @@ class World(ABC):
     rank: int
     world_size: int
     device: torch.device
+    sms_per_rank: int  # programs a persistent kernel of one rank should launch
 
     def __init__(self, local_ranks: Sequence[int], timeout_s: float) -> None:
         if timeout_s <= 0:
@@ -144,6 +145,20 @@ class World(ABC):
     def allocations(self) -> list[SymmetricTensor]:
         """Live symmetric tensors, in allocation order."""
         return list(self._allocs)
+
+    # -- running ranks ----------------------------------------------------------------------
+
+    @property
+    def concurrent(self) -> bool:
+        """True when every rank's kernels run at the same time (False: the CPU interpreter, where
+        callers run one phase of every rank after another)."""
+        return True
+
+    def run_ranks(self, launch: Callable[[int], object]) -> None:
+        """Call ``launch(rank)`` for every rank this process runs."""
+        self._check_open()
+        for r in self._local_ranks:
+            launch(r)
 
     # -- errors -----------------------------------------------------------------------------
 

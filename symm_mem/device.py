@@ -110,19 +110,21 @@ def signal_flag(flag_ptr, epoch):
 
     NOTE: call after ``tl.debug_barrier()`` so every thread's stores are ordered before it.
     """
-    tl.atomic_xchg(flag_ptr, epoch.to(tl.int64), sem="release", scope="sys")
+    tl.atomic_xchg(flag_ptr, tl.cast(epoch, tl.int64), sem="release", scope="sys")
 
 
 @triton.jit
 def report_timeout(err_ptr, rank, flag_id, epoch, seen, task_id):
     """Write a timeout record into ``err_ptr[0:ERR_WORDS]``, unless an earlier one is there."""
-    first = tl.atomic_cas(err_ptr, 0, ERR_TIMEOUT, sem="relaxed") == 0
+    zero = tl.zeros((), tl.int64)
+    code = tl.full((), ERR_TIMEOUT, tl.int64)
+    first = tl.atomic_cas(err_ptr, zero, code, sem="relaxed") == 0
     if first:
-        tl.store(err_ptr + ERR_RANK, rank.to(tl.int64))
-        tl.store(err_ptr + ERR_FLAG, flag_id.to(tl.int64))
-        tl.store(err_ptr + ERR_EPOCH, epoch.to(tl.int64))
-        tl.store(err_ptr + ERR_SEEN, seen.to(tl.int64))
-        tl.store(err_ptr + ERR_TASK, task_id.to(tl.int64))
+        tl.store(err_ptr + ERR_RANK, tl.cast(rank, tl.int64))
+        tl.store(err_ptr + ERR_FLAG, tl.cast(flag_id, tl.int64))
+        tl.store(err_ptr + ERR_EPOCH, tl.cast(epoch, tl.int64))
+        tl.store(err_ptr + ERR_SEEN, tl.cast(seen, tl.int64))
+        tl.store(err_ptr + ERR_TASK, tl.cast(task_id, tl.int64))
 
 
 @triton.jit
@@ -153,6 +155,9 @@ def poll_error(err_ptr):
 
 
 # ----------------------------------------------------------------------------- NVSHMEM externs
+#
+# NOTE: Triton turns an int argument equal to 1 into a constexpr, which has no `.to()`; scalars
+# that may be such arguments are converted with `tl.cast(x, dtype)` everywhere in this project.
 #
 # NOTE: a scalar extern call runs in *every thread* of the program. The `_block` functions expect
 # exactly that; thread-scope signal ops would be applied once per thread. Pointers are passed as

@@ -43,11 +43,15 @@ class EmulatedWorld(World):
         self.world_size = world_size
         super().__init__(range(world_size), timeout_s)
         self.streams: list[torch.cuda.Stream] = []
-        self.sms_per_rank = 1
+        self.sms_per_rank = 3  # cpu: an odd program count, so task striding is exercised
         if self.device.type == "cuda":
             self.streams = [torch.cuda.Stream(self.device) for _ in range(world_size)]
             num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             self.sms_per_rank = max(1, num_sms // world_size)
+
+    @property
+    def concurrent(self) -> bool:
+        return self.device.type == "cuda"
 
     def run_ranks(self, launch: Callable[[int], object]) -> None:
         """Call ``launch(rank)`` for every rank: concurrently on the rank streams (cuda), in rank

@@ -199,6 +199,7 @@ class NvshmemWorld(World):
     ):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.device = torch.device("cuda", local_rank)
+        self.sms_per_rank = torch.cuda.get_device_properties(self.device).multi_processor_count
         super().__init__([rank], timeout_s)
         self._owns_pg = owns_pg
         import nvshmem.core.interop.torch as nvt

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from symm_mem import EmulatedWorld, WaitTimeoutError
-from symm_mem.check import Exchange, payload, run_emulated_exchange
+from symm_mem.check import Exchange, payload, run_exchange
 
 
 @pytest.mark.parametrize("R", [2, 4])
@@ -15,7 +15,7 @@ def test_exchange_three_epochs_without_reset(R):
     seed = random.randrange(1 << 20)
     with EmulatedWorld(R) as world:
         # 2500 elements: not a multiple of the 1024-element task block
-        assert run_emulated_exchange(world, 2500, range(1, 4), seed) == 0
+        assert run_exchange(world, 2500, range(1, 4), seed) == 0
         flags = None  # the flags were freed with the exchange; the world stays usable
         assert world.allocations == []
         assert flags is None

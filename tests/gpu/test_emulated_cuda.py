@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from symm_mem import EmulatedWorld, WaitTimeoutError
-from symm_mem.check import Exchange, pingpong_kernel, run_emulated_exchange
+from symm_mem.check import Exchange, pingpong_kernel, run_exchange
 from symm_mem.device import globaltimer, smid
 
 pytestmark = pytest.mark.gpu
@@ -20,7 +20,7 @@ def test_exchange_1000_epochs_concurrent_ranks(R):
     seed = random.randrange(1 << 20)
     with EmulatedWorld(R, "cuda") as world:
         start = time.perf_counter()
-        wrong = run_emulated_exchange(world, 1 << 16, range(1, 1001), seed)
+        wrong = run_exchange(world, 1 << 16, range(1, 1001), seed)
         elapsed = time.perf_counter() - start
     print(f"\nR={R}: 1000 epochs x {R}x{R} x 65536 int32 in {elapsed:.2f} s, {wrong} wrong")
     assert wrong == 0
