@@ -1,0 +1,65 @@
+"""MoE shapes and named presets.
+
+Shape legend: T tokens per rank (at most ``max_tokens_per_rank``), H hidden, I expert FFN width,
+E experts (global), L = E / R experts per rank, K top-k, R ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    hidden: int  # H
+    ffn: int  # I, the width of one expert's FFN
+    num_experts: int  # E
+    topk: int  # K
+    max_tokens_per_rank: int  # T at most
+    dtype: torch.dtype = torch.bfloat16
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "ffn", "num_experts", "topk", "max_tokens_per_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MoEShape.{name} must be a positive int, got {value!r}")
+        if self.topk > self.num_experts:
+            raise ValueError(
+                f"MoEShape.topk is {self.topk} but there are only {self.num_experts} experts"
+            )
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"MoEShape.dtype must be one of {_DTYPES}, got {self.dtype}")
+
+    def experts_per_rank(self, world_size: int) -> int:
+        """L for contiguous placement; E must split evenly over the ranks."""
+        if self.num_experts % world_size:
+            raise ValueError(
+                f"{self.num_experts} experts do not split evenly over {world_size} ranks"
+            )
+        return self.num_experts // world_size
+
+    def with_tokens(self, max_tokens_per_rank: int) -> MoEShape:
+        return replace(self, max_tokens_per_rank=max_tokens_per_rank)
+
+
+PRESETS: dict[str, MoEShape] = {
+    # DeepSeek-V3: 256 routed experts, top-8
+    "dsv3": MoEShape(hidden=7168, ffn=2048, num_experts=256, topk=8, max_tokens_per_rank=4096),
+    "qwen3_235b": MoEShape(hidden=4096, ffn=1536, num_experts=128, topk=8, max_tokens_per_rank=4096),
+    "qwen3_30b": MoEShape(hidden=2048, ffn=768, num_experts=128, topk=8, max_tokens_per_rank=4096),
+    "mixtral": MoEShape(hidden=4096, ffn=14336, num_experts=8, topk=2, max_tokens_per_rank=4096),
+    # small shapes for the interpreter and unit tests
+    "tiny": MoEShape(hidden=32, ffn=16, num_experts=8, topk=2, max_tokens_per_rank=40, dtype=torch.float32),
+    "small": MoEShape(hidden=64, ffn=32, num_experts=16, topk=4, max_tokens_per_rank=100, dtype=torch.float32),
+}
+
+
+def preset(name: str) -> MoEShape:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
