@@ -49,12 +49,18 @@ class MoEShape:
 PRESETS: dict[str, MoEShape] = {
     # DeepSeek-V3: 256 routed experts, top-8
     "dsv3": MoEShape(hidden=7168, ffn=2048, num_experts=256, topk=8, max_tokens_per_rank=4096),
-    "qwen3_235b": MoEShape(hidden=4096, ffn=1536, num_experts=128, topk=8, max_tokens_per_rank=4096),
+    "qwen3_235b": MoEShape(
+        hidden=4096, ffn=1536, num_experts=128, topk=8, max_tokens_per_rank=4096
+    ),
     "qwen3_30b": MoEShape(hidden=2048, ffn=768, num_experts=128, topk=8, max_tokens_per_rank=4096),
     "mixtral": MoEShape(hidden=4096, ffn=14336, num_experts=8, topk=2, max_tokens_per_rank=4096),
     # small shapes for the interpreter and unit tests
-    "tiny": MoEShape(hidden=32, ffn=16, num_experts=8, topk=2, max_tokens_per_rank=40, dtype=torch.float32),
-    "small": MoEShape(hidden=64, ffn=32, num_experts=16, topk=4, max_tokens_per_rank=100, dtype=torch.float32),
+    "tiny": MoEShape(
+        hidden=32, ffn=16, num_experts=8, topk=2, max_tokens_per_rank=40, dtype=torch.float32
+    ),
+    "small": MoEShape(
+        hidden=64, ffn=32, num_experts=16, topk=4, max_tokens_per_rank=100, dtype=torch.float32
+    ),
 }
 
 

@@ -39,6 +39,9 @@ ERR_EPOCH = tl.constexpr(3)  # the epoch it waited for
 ERR_SEEN = tl.constexpr(4)  # the flag's value at the deadline
 ERR_TASK = tl.constexpr(5)  # caller-chosen id of the task that waited
 ERR_TIMEOUT = tl.constexpr(1)
+# A receive buffer would overflow: ERR_FLAG holds the rank that would overflow, ERR_SEEN the rows
+# it would receive and ERR_TASK its capacity (see symm_mem.errors.CapacityError).
+ERR_OVERFLOW = tl.constexpr(2)
 
 # NVSHMEM 3.4.5 constants (nvshmem_constants.h). Some published wrappers use SET = 0 / ADD = 5:
 # those are wrong for this version.
@@ -146,6 +149,36 @@ def wait_flag(flag_ptr, epoch, deadline, err_ptr, rank, flag_id, task_id):
         report_timeout(err_ptr, rank, flag_id, epoch, seen, task_id)
     tl.debug_barrier()
     return arrived
+
+
+@triton.jit
+def wait_flags(flag_ptrs, mask, epoch, deadline, err_ptr, rank, flag_id_base, task_id):
+    """Vector form of ``wait_flag``: spin until every ``flag_ptrs[i]`` (where ``mask``) holds at
+    least ``epoch``. On timeout the record names ``flag_id_base + i`` for the lowest such flag."""
+    seen = tl.atomic_add(flag_ptrs, 0, mask=mask, sem="acquire", scope="sys")
+    lowest = tl.min(tl.where(mask, seen, epoch), 0)
+    while (lowest < epoch) & (globaltimer() < deadline):
+        seen = tl.atomic_add(flag_ptrs, 0, mask=mask, sem="acquire", scope="sys")
+        lowest = tl.min(tl.where(mask, seen, epoch), 0)
+    arrived = lowest >= epoch
+    if not arrived:
+        late = tl.argmin(tl.where(mask, seen, epoch), 0)
+        report_timeout(err_ptr, rank, flag_id_base + late, epoch, lowest, task_id)
+    tl.debug_barrier()
+    return arrived
+
+
+@triton.jit
+def report_overflow(err_ptr, rank, dst_rank, rows, capacity, epoch):
+    """Record that ``dst_rank`` would receive ``rows`` rows into a buffer of ``capacity``."""
+    zero = tl.zeros((), tl.int64)
+    code = tl.full((), ERR_OVERFLOW, tl.int64)
+    if tl.atomic_cas(err_ptr, zero, code, sem="relaxed") == 0:
+        tl.store(err_ptr + ERR_RANK, tl.cast(rank, tl.int64))
+        tl.store(err_ptr + ERR_FLAG, tl.cast(dst_rank, tl.int64))
+        tl.store(err_ptr + ERR_EPOCH, tl.cast(epoch, tl.int64))
+        tl.store(err_ptr + ERR_SEEN, tl.cast(rows, tl.int64))
+        tl.store(err_ptr + ERR_TASK, tl.cast(capacity, tl.int64))
 
 
 @triton.jit

@@ -37,6 +37,18 @@ class WaitTimeoutError(RuntimeError):
         )
 
 
+class CapacityError(RuntimeError):
+    """A call would receive more rows on some rank than its receive buffer holds."""
+
+    def __init__(self, rank: int, dst_rank: int, rows: int, capacity: int, epoch: int) -> None:
+        self.rank, self.dst_rank, self.rows, self.capacity = rank, dst_rank, rows, capacity
+        super().__init__(
+            f"rank {rank}: call {epoch} would send {rows} rows to rank {dst_rank}, whose receive "
+            f"buffer holds {capacity}; nothing was dispatched. Raise the capacity (capacity "
+            "factor or max_tokens_per_rank) or route more evenly"
+        )
+
+
 def raise_if_error(
     records: torch.Tensor, ranks: list[int], timeout_s: float, flag_name: FlagNamer | None = None
 ) -> None:
@@ -49,6 +61,14 @@ def raise_if_error(
     for rank, rec in zip(ranks, host, strict=True):
         if rec[dev.ERR_CODE.value] == 0:
             continue
+        if rec[dev.ERR_CODE.value] == dev.ERR_OVERFLOW.value:
+            raise CapacityError(
+                rank=rec[dev.ERR_RANK.value],
+                dst_rank=rec[dev.ERR_FLAG.value],
+                rows=rec[dev.ERR_SEEN.value],
+                capacity=rec[dev.ERR_TASK.value],
+                epoch=rec[dev.ERR_EPOCH.value],
+            )
         if rec[dev.ERR_CODE.value] != dev.ERR_TIMEOUT.value:
             raise RuntimeError(f"rank {rank}: unknown device error record {rec}")
         flag = rec[dev.ERR_FLAG.value]

@@ -1,0 +1,966 @@
+"""The per-call dispatch plan, computed on the device (DESIGN §4-5).
+
+Shape legend: T tokens on this rank (at most T_max), K top-k, R ranks, L physical slots per
+rank, P = R * L physical slots (slot ``p = rank * L + local``), S receive rows on a rank
+(at most ``capacity``), U send units, G = P dispatch groups.
+
+Two kernels per call, one after the other on each rank's stream:
+
+``plan_count_kernel`` (never waits): resolves every (token, k) to a physical slot through the
+placement tables, histograms each block of tokens (all slots, and the *units*: with token saving
+the first slot of each (token, destination rank)), and the last program to finish sums the block
+histograms into exclusive block prefixes, writes this rank's counts into every peer's symmetric
+count table (row ``rank``, parity ``epoch % 2``) and raises ``counts_ready[rank] = epoch`` there.
+
+``plan_layout_kernel`` (waits for every rank's counts, bounded): from the all-ranks count table
+``[R, P]`` and its own resolved slots it computes, with no host round trip:
+  - overflow: if any rank would receive more than ``capacity`` rows, every rank reports it;
+  - ``slot_pos [T, K]``: the row of each (token, k) in its destination's receive buffer, ordered
+    local slot, then source rank, then token (DESIGN §4.2), by a block-cooperative scan;
+  - token saving: ``data_pos [T, K]`` (the row that carries the token's data at that destination,
+    its first slot there) and ``first_at [T, R]`` ((token, destination) -> first slot row or -1);
+  - ``send_units [U_max]``: (token * K + k) of every unit in send order (local slot, destination,
+    token), so every sender fills expert 0 of every receiver first; padded with -1;
+  - this rank as receiver (one extra program): ``recv_offset [L, R]``, ``expert_start/rows [L]``,
+    the grouped-GEMM tile table and the task table.
+
+Task table (one call, ids in claim order): ``[0, max_dispatch_tasks)`` dispatch tasks (a chunk of
+one group's units; group ``g = local * R + dst``), padded with NOPs, then ``max_tiles`` GEMM tile
+tasks, padded with NOPs. A tile of local slot l covering source ranks [src_lo, src_hi] waits on
+``expert_ready[l', s]`` for s in that range and l' = l (l' <= l with token saving, since a row
+may point at the token's first slot, an earlier local slot). Those flags are raised by dispatch
+tasks, which never wait: every wait targets a dispatch task, so the DESIGN §5 rule holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+import triton
+import triton.language as tl
+
+from megakernel.placement import Placement, resolve_ref
+from megakernel.validate import check_routing
+from symm_mem.buffer import World
+from symm_mem.device import globaltimer, report_overflow, wait_flags
+
+KIND_NOP = 0
+KIND_DISPATCH = 1
+KIND_GEMM1 = 2
+_DISPATCH = tl.constexpr(KIND_DISPATCH)  # the same kinds, for device code
+_GEMM1 = tl.constexpr(KIND_GEMM1)
+TASK_COLS = 4  # (kind, a, b, c): dispatch (group, unit start, unit count); gemm (tile, -, -)
+TILE_COLS = 5  # (local slot, first row, rows, src_lo, src_hi); -1 local slot = empty
+STATS = ("num_units", "num_recv", "num_tiles", "num_dispatch_tasks")
+BLOCK_ELEMS = 512  # (token, k) pairs per program of the plan kernels
+CHUNK_ELEMS = 64  # (token, k) pairs ranked at once: a [64, 64] compare stays in registers
+TABLE_BLOCK = 128  # tile/task table rows written per loop step
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Static sizes of one layer's plan (everything the kernels are compiled for)."""
+
+    world_size: int  # R
+    slots_per_rank: int  # L
+    topk: int  # K
+    max_tokens: int  # T_max
+    capacity: int  # receive rows per rank
+    block_m: int = 128  # grouped-GEMM tile rows
+    chunk: int = 8  # units per dispatch task
+    token_saving: bool = True
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "token_saving" and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"PlanConfig.{f.name} must be a positive int, got {value!r}")
+
+    @property
+    def num_slots(self) -> int:
+        return self.world_size * self.slots_per_rank
+
+    @property
+    def tokens_per_block(self) -> int:
+        return max(1, BLOCK_ELEMS // _pow2(self.topk))
+
+    @property
+    def tokens_per_chunk(self) -> int:
+        return max(1, min(self.tokens_per_block, CHUNK_ELEMS // _pow2(self.topk)))
+
+    @property
+    def max_blocks(self) -> int:
+        return triton.cdiv(self.max_tokens, self.tokens_per_block)
+
+    @property
+    def max_units(self) -> int:
+        per_token = min(self.topk, self.world_size) if self.token_saving else self.topk
+        return self.max_tokens * per_token
+
+    @property
+    def max_dispatch_tasks(self) -> int:
+        # full chunks, plus at most one partial chunk per group
+        return self.max_units // self.chunk + self.num_slots
+
+    @property
+    def max_tiles(self) -> int:
+        # full tiles, plus at most one partial tile per local slot
+        return self.capacity // self.block_m + self.slots_per_rank
+
+    @property
+    def num_tasks(self) -> int:
+        return self.max_dispatch_tasks + self.max_tiles
+
+    def meta(self) -> dict[str, int | bool]:
+        """Compile-time constants of the plan kernels."""
+        return dict(
+            K=self.topk,
+            R=self.world_size,
+            L=self.slots_per_rank,
+            KP=_pow2(self.topk),
+            RP=_pow2(self.world_size),
+            LP=_pow2(self.slots_per_rank),
+            PP=_pow2(self.num_slots),
+            BT=self.tokens_per_block,
+            TOKEN_SAVING=self.token_saving,
+        )
+
+    def layout_meta(self) -> dict[str, int | bool]:
+        return dict(
+            self.meta(),
+            CT=self.tokens_per_chunk,
+            BLOCK_M=self.block_m,
+            CHUNK=self.chunk,
+            TB=TABLE_BLOCK,
+        )
+
+
+@dataclass
+class Plan:
+    """One rank's plan for one call (device tensors; the reference builds the same on cpu)."""
+
+    phys: torch.Tensor  # [T, K] int32 physical slot, -1 dropped
+    counts: torch.Tensor  # [P] int32 this rank's rows per slot
+    all_counts: torch.Tensor  # [R, P] int32 every rank's counts (row s from rank s)
+    slot_pos: torch.Tensor  # [T, K] int32 row at the destination, -1 dropped
+    data_pos: torch.Tensor  # [T, K] int32 row carrying the data (first slot there with saving)
+    first_at: torch.Tensor  # [T, R] int32 (token, dst) -> first slot row, -1 if none
+    send_units: torch.Tensor  # [U_max] int32 token * K + k in send order, -1 padded
+    recv_offset: torch.Tensor  # [L, R] int32 first row of (local slot, source rank)
+    expert_start: torch.Tensor  # [L] int32
+    expert_rows: torch.Tensor  # [L] int32
+    tiles: torch.Tensor  # [max_tiles, TILE_COLS] int32
+    tasks: torch.Tensor  # [num_tasks, TASK_COLS] int32
+    stats: torch.Tensor  # [len(STATS)] int32
+    extra: dict = field(default_factory=dict)
+
+    def stat(self, name: str) -> int:
+        return int(self.stats[STATS.index(name)])
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _groups(placement_or_cfg: PlanConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group order: g = local * R + dst. Returns (p_of_g [G], g_of_p [P])."""
+    R, L = placement_or_cfg.world_size, placement_or_cfg.slots_per_rank
+    g = torch.arange(R * L)
+    p_of_g = (g % R) * L + g // R
+    g_of_p = (g % L) * R + g // L
+    return p_of_g, g_of_p
+
+
+def _first_mask(phys: torch.Tensor, L: int) -> torch.Tensor:
+    """[T, K] True where (t, k) is the token's first (lowest) slot at that destination."""
+    valid = phys >= 0
+    dst = torch.where(valid, phys // L, -1)
+    same = (dst.unsqueeze(2) == dst.unsqueeze(1)) & valid.unsqueeze(1)  # [T, K, K']
+    earlier = same & (phys.unsqueeze(1) < phys.unsqueeze(2))
+    return valid & ~earlier.any(dim=2)
+
+
+def plan_ref(phys_all: list[torch.Tensor], cfg: PlanConfig, rank: int) -> Plan:
+    """Rank ``rank``'s plan from every rank's physical slots ``[T_s, K]`` (torch, on cpu)."""
+    R, L, K, P = cfg.world_size, cfg.slots_per_rank, cfg.topk, cfg.num_slots
+    phys_all = [p.cpu().long() for p in phys_all]
+    phys = phys_all[rank]
+    T = phys.shape[0]
+    all_counts = torch.stack([torch.bincount(p[p >= 0], minlength=P) for p in phys_all])  # [R, P]
+    rows_p = all_counts.sum(0)
+    recv_total = rows_p.view(R, L).sum(1)
+
+    # sender: row of each (t, k) at its destination
+    dst_start = (torch.cumsum(rows_p.view(R, L), 1) - rows_p.view(R, L)).view(P)
+    slot_base = dst_start + all_counts[:rank].sum(0)
+    slot_pos = torch.full((T, K), -1, dtype=torch.int64)
+    for p in range(P):
+        t, k = (phys == p).nonzero(as_tuple=True)
+        slot_pos[t, k] = slot_base[p] + torch.arange(t.numel())
+
+    first = _first_mask(phys, L)
+    valid = phys >= 0
+    dst = torch.where(valid, phys // L, -1)
+    first_at = torch.full((T, R), -1, dtype=torch.int64)
+    for d in range(R):
+        hit = first & (dst == d)
+        t, k = hit.nonzero(as_tuple=True)
+        first_at[t, d] = slot_pos[t, k]
+    if cfg.token_saving:
+        data_pos = torch.where(valid, first_at.gather(1, dst.clamp(min=0)), -1)
+        units = first
+    else:
+        data_pos = slot_pos.clone()
+        units = valid
+
+    # send order: group g = local * R + dst, then token
+    p_of_g, g_of_p = _groups(cfg)
+    unit_p = torch.where(units, phys, -1)
+    t_idx, k_idx = units.nonzero(as_tuple=True)
+    key = g_of_p[unit_p[t_idx, k_idx]] * (T + 1) + t_idx
+    order = torch.argsort(key, stable=True)
+    send_units = torch.full((cfg.max_units,), -1, dtype=torch.int64)
+    send_units[: order.numel()] = (t_idx * K + k_idx)[order]
+    units_g = torch.bincount(g_of_p[unit_p[units]], minlength=P)
+    unit_base_g = torch.cumsum(units_g, 0) - units_g
+
+    # this rank as receiver
+    cnt = all_counts[:, rank * L : (rank + 1) * L].t()  # [L, R]
+    recv_offset = (torch.cumsum(cnt.reshape(-1), 0) - cnt.reshape(-1)).view(L, R)
+    expert_rows = cnt.sum(1)
+    expert_start = recv_offset[:, 0]
+
+    tiles = torch.zeros(cfg.max_tiles, TILE_COLS, dtype=torch.int64)
+    tiles[:, 0] = -1
+    i = 0
+    for local in range(L):
+        ends = recv_offset[local] + cnt[local]
+        for m in range(triton.cdiv(int(expert_rows[local]), cfg.block_m)):
+            row0 = int(expert_start[local]) + m * cfg.block_m
+            rows = min(cfg.block_m, int(expert_rows[local]) - m * cfg.block_m)
+            src_lo = int((ends <= row0).sum())
+            src_hi = int((ends <= row0 + rows - 1).sum())
+            tiles[i] = torch.tensor([local, row0, rows, src_lo, src_hi])
+            i += 1
+    num_tiles = i
+
+    tasks = torch.zeros(cfg.num_tasks, TASK_COLS, dtype=torch.int64)
+    j = 0
+    for g in range(P):
+        for m in range(triton.cdiv(int(units_g[g]), cfg.chunk)):
+            start = int(unit_base_g[g]) + m * cfg.chunk
+            count = min(cfg.chunk, int(units_g[g]) - m * cfg.chunk)
+            tasks[j] = torch.tensor([KIND_DISPATCH, g, start, count])
+            j += 1
+    for i in range(num_tiles):
+        tasks[cfg.max_dispatch_tasks + i] = torch.tensor([KIND_GEMM1, i, 0, 0])
+
+    stats = torch.tensor([order.numel(), int(recv_total[rank]), num_tiles, j])
+    i32 = torch.int32
+    return Plan(
+        phys=phys.to(i32),
+        counts=all_counts[rank].to(i32),
+        all_counts=all_counts.to(i32),
+        slot_pos=slot_pos.to(i32),
+        data_pos=data_pos.to(i32),
+        first_at=first_at.to(i32),
+        send_units=send_units.to(i32),
+        recv_offset=recv_offset.to(i32),
+        expert_start=expert_start.to(i32),
+        expert_rows=expert_rows.to(i32),
+        tiles=tiles.to(i32),
+        tasks=tasks.to(i32),
+        stats=stats.to(i32),
+        extra={"recv_total": recv_total},
+    )
+
+
+# ----------------------------------------------------------------------------- count kernel
+
+
+@triton.jit
+def _resolve_block(
+    ids_ptr,
+    replica_ptr,
+    num_replicas_ptr,
+    on_rank_ptr,
+    t0,
+    T,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    BT: tl.constexpr,
+    MAXREP: tl.constexpr,
+):
+    """[BT, KP] physical slots of tokens [t0, t0 + BT): this rank's replica if it has one, else
+    replica ``token % num_replicas``; -1 for dropped and padding."""
+    t = t0 + tl.arange(0, BT)[:, None]
+    k = tl.arange(0, KP)[None, :]
+    inside = (t < T) & (k < K)
+    e = tl.load(ids_ptr + t * K + k, mask=inside, other=-1)
+    live = inside & (e >= 0)
+    on_rank = tl.load(on_rank_ptr + e, mask=live, other=-1)
+    num_rep = tl.load(num_replicas_ptr + e, mask=live, other=1)
+    spread = tl.load(replica_ptr + e * MAXREP + t % num_rep, mask=live, other=-1)
+    return tl.where(live, tl.where(on_rank >= 0, on_rank, spread), -1)
+
+
+@triton.jit
+def _first_slots(phys, L: tl.constexpr):
+    """[BT, KP] True where (t, k) is the token's lowest slot at its destination rank."""
+    valid = phys >= 0
+    dst = tl.where(valid, phys // L, -1)
+    same = (dst[:, :, None] == dst[:, None, :]) & valid[:, None, :]
+    earlier = same & (phys[:, None, :] < phys[:, :, None])
+    return valid & (tl.sum(earlier.to(tl.int32), 2) == 0)
+
+
+@triton.jit
+def _publish_counts(
+    block_hist_ptr,
+    block_prefix_ptr,
+    totals_ptr,
+    counts_base,
+    ready_base,
+    rank,
+    epoch,
+    num_blocks,
+    R: tl.constexpr,
+    P: tl.constexpr,
+    RP: tl.constexpr,
+    PP: tl.constexpr,
+):
+    """Last program out: block prefixes, totals, then counts into every peer + counts_ready."""
+    p = tl.arange(0, PP)
+    run_all = tl.zeros([PP], tl.int32)
+    run_units = tl.zeros([PP], tl.int32)
+    b = 0
+    while b < num_blocks:  # not range(): num_blocks comes from num_programs (interpreter)
+        h_all = tl.load(block_hist_ptr + (b * 2) * PP + p)
+        h_units = tl.load(block_hist_ptr + (b * 2 + 1) * PP + p)
+        tl.store(block_prefix_ptr + (b * 2) * PP + p, run_all)
+        tl.store(block_prefix_ptr + (b * 2 + 1) * PP + p, run_units)
+        run_all += h_all
+        run_units += h_units
+        b += 1
+    tl.store(totals_ptr + p, run_all)
+    tl.store(totals_ptr + PP + p, run_units)
+    d = tl.arange(0, RP)
+    row = (epoch % 2) * R + rank  # parity double-buffers the table (see PlanWorkspace)
+    dst = tl.load(counts_base + d, mask=d < R, other=0).to(tl.pointer_type(tl.int32))
+    ptrs = dst[:, None] + row * P + p[None, :]
+    tl.store(
+        ptrs, tl.broadcast_to(run_all[None, :], (RP, PP)), mask=(d[:, None] < R) & (p[None, :] < P)
+    )
+    tl.debug_barrier()  # every thread's count stores before the releases below
+    ready = tl.load(ready_base + d, mask=d < R, other=0).to(tl.pointer_type(tl.int64)) + rank
+    tl.atomic_xchg(ready, tl.cast(epoch, tl.int64), mask=d < R, sem="release", scope="sys")
+
+
+@triton.jit(do_not_specialize=["rank", "epoch", "T"])
+def plan_count_kernel(
+    ids_ptr,  # [T, K] int32 logical experts, -1 dropped
+    replica_ptr,  # [E, MAXREP] int32 physical slots of each expert
+    num_replicas_ptr,  # [E] int32
+    on_rank_ptr,  # [E] int32 this rank's replica of each expert, -1 if none
+    phys_ptr,  # [T, K] int32 out
+    block_hist_ptr,  # [NB, 2, PP] int32 out: per block, slot and unit histograms
+    block_prefix_ptr,  # [NB, 2, PP] int32 out: exclusive prefix over earlier blocks
+    totals_ptr,  # [2, PP] int32 out: this rank's slot and unit counts
+    arrive_ptr,  # [1] int32: programs done; 0 between calls (the last one resets it)
+    counts_base,  # [R] int64: every rank's sym counts [2, R, P]
+    ready_base,  # [R] int64: every rank's sym counts_ready [R]
+    rank,
+    epoch,
+    T,
+    K: tl.constexpr,
+    R: tl.constexpr,
+    L: tl.constexpr,
+    KP: tl.constexpr,
+    RP: tl.constexpr,
+    LP: tl.constexpr,
+    PP: tl.constexpr,
+    BT: tl.constexpr,
+    MAXREP: tl.constexpr,
+    TOKEN_SAVING: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t0 = pid * BT
+    phys = _resolve_block(
+        ids_ptr, replica_ptr, num_replicas_ptr, on_rank_ptr, t0, T, K, KP, BT, MAXREP
+    )
+    t = t0 + tl.arange(0, BT)[:, None]
+    k = tl.arange(0, KP)[None, :]
+    tl.store(phys_ptr + t * K + k, phys, mask=(t < T) & (k < K))
+    valid = phys >= 0
+    if TOKEN_SAVING:
+        units = _first_slots(phys, L)
+    else:
+        units = valid
+    flat = tl.reshape(phys, [BT * KP])
+    h_all = tl.histogram(tl.where(flat >= 0, flat, 0), PP, mask=tl.reshape(valid, [BT * KP]))
+    h_units = tl.histogram(tl.where(flat >= 0, flat, 0), PP, mask=tl.reshape(units, [BT * KP]))
+    p = tl.arange(0, PP)
+    tl.store(block_hist_ptr + (pid * 2) * PP + p, h_all)
+    tl.store(block_hist_ptr + (pid * 2 + 1) * PP + p, h_units)
+    tl.debug_barrier()  # this program's histogram stores before its arrival below
+    ticket = tl.atomic_add(arrive_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == tl.num_programs(0) - 1:
+        tl.store(arrive_ptr, 0)
+        _publish_counts(
+            block_hist_ptr,
+            block_prefix_ptr,
+            totals_ptr,
+            counts_base,
+            ready_base,
+            rank,
+            epoch,
+            tl.num_programs(0),
+            R,
+            R * L,
+            RP,
+            PP,
+        )
+
+
+# ----------------------------------------------------------------------------- layout kernel
+
+
+@triton.jit
+def _exclusive_cumsum(x):
+    return tl.cumsum(x, 0) - x
+
+
+@triton.jit
+def _chunk_ranks(slot, member, running, CE: tl.constexpr, PP: tl.constexpr):
+    """Rows of a chunk's members in token order: ``running[slot]`` (rows before this chunk)
+    plus the members of the same slot earlier in the chunk. Returns (rows, updated running)."""
+    i = tl.arange(0, CE)
+    same = (slot[:, None] == slot[None, :]) & member[None, :] & (i[None, :] < i[:, None])
+    slot = tl.where(member, slot, 0)
+    rows = tl.gather(running, slot, 0) + tl.sum(same.to(tl.int32), 1)
+    return rows, running + tl.histogram(slot, PP, mask=member)
+
+
+@triton.jit
+def _token_rows(phys, slot_pos, first, L: tl.constexpr, RP: tl.constexpr):
+    """data_pos [BT, KP] (the first slot's row at the same destination) and first_at [BT, RP]."""
+    valid = phys >= 0
+    dst = tl.where(valid, phys // L, -1)
+    same_first = (dst[:, :, None] == dst[:, None, :]) & first[:, None, :] & valid[:, :, None]
+    data_pos = tl.sum(tl.where(same_first, slot_pos[:, None, :] + 1, 0), 2) - 1
+    d = tl.arange(0, RP)
+    at = (dst[:, None, :] == d[None, :, None]) & first[:, None, :]
+    first_at = tl.sum(tl.where(at, slot_pos[:, None, :] + 1, 0), 2) - 1
+    return data_pos, first_at
+
+
+@triton.jit
+def _layout_block(
+    phys_ptr,
+    block_prefix_ptr,
+    totals_ptr,
+    slot_pos_ptr,
+    data_pos_ptr,
+    first_at_ptr,
+    send_units_ptr,
+    all_counts,
+    rank,
+    pid,
+    T,
+    K: tl.constexpr,
+    R: tl.constexpr,
+    L: tl.constexpr,
+    KP: tl.constexpr,
+    RP: tl.constexpr,
+    PP: tl.constexpr,
+    BT: tl.constexpr,
+    CT: tl.constexpr,
+    TOKEN_SAVING: tl.constexpr,
+):
+    """Rows, data rows, first slots and send positions of tokens [pid * BT, (pid + 1) * BT),
+    walked in chunks of CT tokens so the in-chunk ranking stays a small [CE, CE] compare."""
+    P: tl.constexpr = R * L
+    CE: tl.constexpr = CT * KP
+    p = tl.arange(0, PP)
+    s = tl.arange(0, RP)
+    # rows of slot p already taken at its rank: every (local slot, source rank) block before
+    # this rank's, then this rank's earlier token blocks (DESIGN §4.2)
+    rows_p = tl.sum(all_counts, 0)
+    start_in_dst = _exclusive_cumsum(rows_p)
+    start_in_dst -= tl.gather(start_in_dst, (p // L) * L, 0)
+    before = start_in_dst + tl.sum(tl.where(s[:, None] < rank, all_counts, 0), 0)
+    slot_running = before + tl.load(block_prefix_ptr + (pid * 2) * PP + p)
+    # send positions: units of earlier groups (g = local * R + dst), then earlier token blocks
+    units_p = tl.load(totals_ptr + PP + p)
+    units_g = tl.gather(units_p, tl.where(p < P, (p % R) * L + p // R, 0), 0)
+    unit_base_g = _exclusive_cumsum(tl.where(p < P, units_g, 0))
+    unit_base = tl.gather(unit_base_g, tl.where(p < P, (p % L) * R + p // L, 0), 0)
+    unit_running = unit_base + tl.load(block_prefix_ptr + (pid * 2 + 1) * PP + p)
+
+    d = tl.arange(0, RP)[None, :]
+    for c in range(BT // CT):
+        t = pid * BT + c * CT + tl.arange(0, CT)[:, None]
+        k = tl.arange(0, KP)[None, :]
+        inside = (t < T) & (k < K)
+        phys = tl.load(phys_ptr + t * K + k, mask=inside, other=-1)
+        valid = phys >= 0
+        first = _first_slots(phys, L)
+        flat = tl.reshape(phys, [CE])
+        rows, slot_running = _chunk_ranks(flat, tl.reshape(valid, [CE]), slot_running, CE, PP)
+        slot_pos = tl.where(valid, tl.reshape(rows, [CT, KP]), -1)
+        tl.store(slot_pos_ptr + t * K + k, slot_pos, mask=inside)
+        units = first if TOKEN_SAVING else valid
+        send, unit_running = _chunk_ranks(flat, tl.reshape(units, [CE]), unit_running, CE, PP)
+        tl.store(send_units_ptr + tl.reshape(send, [CT, KP]), t * K + k, mask=units)
+        data_pos, first_at = _token_rows(phys, slot_pos, first, L, RP)
+        tl.store(data_pos_ptr + t * K + k, data_pos if TOKEN_SAVING else slot_pos, mask=inside)
+        tl.store(first_at_ptr + t * R + d, first_at, mask=(t < T) & (d < R))
+
+
+@triton.jit
+def _recv_tables(
+    all_counts_ptr,
+    recv_offset_ptr,
+    expert_start_ptr,
+    expert_rows_ptr,
+    rank,
+    R: tl.constexpr,
+    L: tl.constexpr,
+    RP: tl.constexpr,
+    LP: tl.constexpr,
+):
+    """This rank as receiver: [L, R] first row of each (local slot, source rank) block."""
+    P: tl.constexpr = R * L
+    local = tl.arange(0, LP)[:, None]
+    s = tl.arange(0, RP)[None, :]
+    inside = (local < L) & (s < R)
+    cnt = tl.load(all_counts_ptr + s * P + rank * L + local, mask=inside, other=0)  # [LP, RP]
+    flat = tl.reshape(cnt, [LP * RP])
+    offset = tl.reshape(_exclusive_cumsum(flat), [LP, RP])
+    tl.store(recv_offset_ptr + local * R + s, offset, mask=inside)
+    rows = tl.sum(cnt, 1)
+    start = tl.sum(tl.where(s == 0, offset, 0), 1)
+    lo = tl.arange(0, LP)
+    tl.store(expert_rows_ptr + lo, rows, mask=lo < L)
+    tl.store(expert_start_ptr + lo, start, mask=lo < L)
+    return start, rows
+
+
+@triton.jit
+def _tile_table(
+    tiles_ptr,
+    all_counts_ptr,
+    recv_offset_ptr,
+    expert_start,
+    expert_rows,
+    rank,
+    max_tiles,
+    R: tl.constexpr,
+    L: tl.constexpr,
+    RP: tl.constexpr,
+    LP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TB: tl.constexpr,
+):
+    """Tiles of BLOCK_M rows per local slot, in slot order; returns how many there are."""
+    P: tl.constexpr = R * L
+    lo = tl.arange(0, LP)
+    n_tiles = tl.where(lo < L, tl.cdiv(expert_rows, BLOCK_M), 0)
+    tile_end = tl.cumsum(n_tiles, 0)
+    tile_begin = tile_end - n_tiles
+    num_tiles = tl.sum(n_tiles, 0)
+    s = tl.arange(0, RP)[None, :]
+    c = 0
+    while c * TB < max_tiles:  # not range(): runtime bounds (interpreter)
+        i = c * TB + tl.arange(0, TB)
+        local = tl.sum(((tile_end[None, :] <= i[:, None]) & (lo[None, :] < L)).to(tl.int32), 1)
+        local = tl.minimum(local, L - 1)
+        m = i - tl.gather(tile_begin, local, 0)
+        row0 = tl.gather(expert_start, local, 0) + m * BLOCK_M
+        rows = tl.minimum(BLOCK_M, tl.gather(expert_rows, local, 0) - m * BLOCK_M)
+        in_r = s < R
+        off = tl.load(recv_offset_ptr + local[:, None] * R + s, mask=in_r, other=0)
+        cnt = tl.load(all_counts_ptr + s * P + rank * L + local[:, None], mask=in_r, other=0)
+        ends = tl.where(in_r, off + cnt, 2147483647)
+        src_lo = tl.sum((ends <= row0[:, None]).to(tl.int32), 1)
+        src_hi = tl.sum((ends <= (row0 + rows - 1)[:, None]).to(tl.int32), 1)
+        live = i < num_tiles
+        row = tiles_ptr + i * 5
+        inside = i < max_tiles
+        tl.store(row + 0, tl.where(live, local, -1), mask=inside)
+        tl.store(row + 1, tl.where(live, row0, 0), mask=inside)
+        tl.store(row + 2, tl.where(live, rows, 0), mask=inside)
+        tl.store(row + 3, tl.where(live, src_lo, 0), mask=inside)
+        tl.store(row + 4, tl.where(live, src_hi, 0), mask=inside)
+        c += 1
+    return num_tiles
+
+
+@triton.jit
+def _task_table(
+    tasks_ptr,
+    send_units_ptr,
+    totals_ptr,
+    num_tiles,
+    max_dispatch,
+    max_tiles,
+    max_units,
+    R: tl.constexpr,
+    L: tl.constexpr,
+    PP: tl.constexpr,
+    CHUNK: tl.constexpr,
+    TB: tl.constexpr,
+):
+    """Dispatch tasks (chunks of each group's units, groups in send order), then GEMM tiles;
+    NOPs pad both regions. Also pads send_units with -1. Returns (units, dispatch tasks)."""
+    P: tl.constexpr = R * L
+    g = tl.arange(0, PP)
+    units_p = tl.load(totals_ptr + PP + g)
+    units_g = tl.where(g < P, tl.gather(units_p, tl.where(g < P, (g % R) * L + g // R, 0), 0), 0)
+    unit_base = _exclusive_cumsum(units_g)
+    num_units = tl.sum(units_g, 0)
+    n_chunks = tl.cdiv(units_g, CHUNK)
+    chunk_end = tl.cumsum(n_chunks, 0)
+    chunk_begin = chunk_end - n_chunks
+    num_dispatch = tl.sum(n_chunks, 0)
+    c = 0
+    while c * TB < max_dispatch:  # not range(): runtime bounds (interpreter)
+        i = c * TB + tl.arange(0, TB)
+        grp = tl.sum(((chunk_end[None, :] <= i[:, None]) & (g[None, :] < P)).to(tl.int32), 1)
+        grp = tl.minimum(grp, P - 1)
+        m = i - tl.gather(chunk_begin, grp, 0)
+        start = tl.gather(unit_base, grp, 0) + m * CHUNK
+        count = tl.minimum(CHUNK, tl.gather(units_g, grp, 0) - m * CHUNK)
+        live = i < num_dispatch
+        row = tasks_ptr + i * 4
+        inside = i < max_dispatch
+        tl.store(row + 0, tl.where(live, _DISPATCH, 0), mask=inside)
+        tl.store(row + 1, tl.where(live, grp, 0), mask=inside)
+        tl.store(row + 2, tl.where(live, start, 0), mask=inside)
+        tl.store(row + 3, tl.where(live, count, 0), mask=inside)
+        c += 1
+    c = 0
+    while c * TB < max_tiles:  # not range(): runtime bounds (interpreter)
+        i = c * TB + tl.arange(0, TB)
+        live = i < num_tiles
+        row = tasks_ptr + (max_dispatch + i) * 4
+        inside = i < max_tiles
+        tl.store(row + 0, tl.where(live, _GEMM1, 0), mask=inside)
+        tl.store(row + 1, tl.where(live, i, 0), mask=inside)
+        tl.store(row + 2, tl.zeros([TB], tl.int32), mask=inside)
+        tl.store(row + 3, tl.zeros([TB], tl.int32), mask=inside)
+        c += 1
+    c = 0
+    while c * TB < max_units:  # not range(): runtime bounds (interpreter)
+        i = c * TB + tl.arange(0, TB)
+        tl.store(
+            send_units_ptr + i, tl.full([TB], -1, tl.int32), mask=(i >= num_units) & (i < max_units)
+        )
+        c += 1
+    return num_units, num_dispatch
+
+
+@triton.jit(do_not_specialize=["rank", "epoch", "T", "capacity", "timeout_ns"])
+def plan_layout_kernel(
+    phys_ptr,  # [T, K] int32 (from plan_count_kernel)
+    block_prefix_ptr,  # [NB, 2, PP] int32
+    totals_ptr,  # [2, PP] int32
+    counts_ptr,  # this rank's sym counts [2, R, P]
+    ready_ptr,  # this rank's sym counts_ready [R] int64
+    all_counts_ptr,  # [R, P] int32 out: a local copy of this call's table
+    slot_pos_ptr,  # [T, K] int32 out
+    data_pos_ptr,  # [T, K] int32 out
+    first_at_ptr,  # [T, R] int32 out
+    send_units_ptr,  # [U_max] int32 out
+    recv_offset_ptr,  # [L, R] int32 out
+    expert_start_ptr,  # [L] int32 out
+    expert_rows_ptr,  # [L] int32 out
+    tiles_ptr,  # [max_tiles, 5] int32 out
+    tasks_ptr,  # [num_tasks, 4] int32 out
+    stats_ptr,  # [4] int32 out
+    err_ptr,
+    rank,
+    epoch,
+    T,
+    capacity,
+    timeout_ns,
+    max_units,
+    max_dispatch,
+    max_tiles,
+    K: tl.constexpr,
+    R: tl.constexpr,
+    L: tl.constexpr,
+    KP: tl.constexpr,
+    RP: tl.constexpr,
+    LP: tl.constexpr,
+    PP: tl.constexpr,
+    BT: tl.constexpr,
+    CT: tl.constexpr,
+    TOKEN_SAVING: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CHUNK: tl.constexpr,
+    TB: tl.constexpr,
+):
+    P: tl.constexpr = R * L
+    pid = tl.program_id(0)
+    deadline = globaltimer() + timeout_ns
+    s = tl.arange(0, RP)
+    if not wait_flags(ready_ptr + s, s < R, epoch, deadline, err_ptr, rank, 0, pid):
+        return
+    p = tl.arange(0, PP)
+    in_table = (s[:, None] < R) & (p[None, :] < P)
+    table = counts_ptr + ((epoch % 2) * R + s[:, None]) * P + p[None, :]
+    all_counts = tl.load(table, mask=in_table, other=0)  # [RP, PP]
+    # every rank checks every rank's total, so an overflow is reported everywhere
+    rows_p = tl.sum(all_counts, 0)
+    d = tl.arange(0, RP)
+    recv_total = tl.sum(tl.where((p[None, :] // L) == d[:, None], rows_p[None, :], 0), 1)
+    worst = tl.max(tl.where(d < R, recv_total, 0), 0)
+    if worst > capacity:
+        if pid == 0:
+            worst_rank = tl.argmax(tl.where(d < R, recv_total, 0), 0)
+            report_overflow(err_ptr, rank, worst_rank, worst, capacity, epoch)
+        return
+    num_blocks = tl.num_programs(0) - 1
+    if pid < num_blocks:
+        _layout_block(
+            phys_ptr,
+            block_prefix_ptr,
+            totals_ptr,
+            slot_pos_ptr,
+            data_pos_ptr,
+            first_at_ptr,
+            send_units_ptr,
+            all_counts,
+            rank,
+            pid,
+            T,
+            K,
+            R,
+            L,
+            KP,
+            RP,
+            PP,
+            BT,
+            CT,
+            TOKEN_SAVING,
+        )
+    else:
+        tl.store(all_counts_ptr + s[:, None] * P + p[None, :], all_counts, mask=in_table)
+        tl.debug_barrier()  # the table copy is read back by the receiver tables
+        start, rows = _recv_tables(
+            all_counts_ptr, recv_offset_ptr, expert_start_ptr, expert_rows_ptr, rank, R, L, RP, LP
+        )
+        tl.debug_barrier()  # recv_offset is read back by the tile table
+        num_tiles = _tile_table(
+            tiles_ptr,
+            all_counts_ptr,
+            recv_offset_ptr,
+            start,
+            rows,
+            rank,
+            max_tiles,
+            R,
+            L,
+            RP,
+            LP,
+            BLOCK_M,
+            TB,
+        )
+        num_units, num_dispatch = _task_table(
+            tasks_ptr,
+            send_units_ptr,
+            totals_ptr,
+            num_tiles,
+            max_dispatch,
+            max_tiles,
+            max_units,
+            R,
+            L,
+            PP,
+            CHUNK,
+            TB,
+        )
+        tl.store(stats_ptr + 0, num_units)
+        tl.store(stats_ptr + 1, tl.sum(rows, 0))
+        tl.store(stats_ptr + 2, num_tiles)
+        tl.store(stats_ptr + 3, num_dispatch)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+class PlanWorkspace:
+    """Buffers and launches of the plan for every rank this process runs.
+
+    Symmetric: ``counts [2, R, P]`` (double-buffered by epoch parity: a rank can publish call
+    e + 1 while a peer still reads call e, but cannot reach e + 2 before every peer has read e,
+    since its e + 1 layout waits on their e + 1 counts) and ``counts_ready [R]``.
+    """
+
+    def __init__(self, world: World, cfg: PlanConfig, placement: Placement) -> None:
+        if placement.world_size != world.world_size or cfg.world_size != world.world_size:
+            raise ValueError(
+                f"plan for {cfg.world_size} ranks, placement for {placement.world_size}, "
+                f"world of {world.world_size}"
+            )
+        if placement.slots_per_rank != cfg.slots_per_rank:
+            raise ValueError(
+                f"placement has {placement.slots_per_rank} slots per rank, plan "
+                f"{cfg.slots_per_rank}"
+            )
+        self.world, self.cfg, self.placement = world, cfg, placement
+        R, P, dev = cfg.world_size, cfg.num_slots, world.device
+        PP = _pow2(P)
+        self.sym_counts = world.alloc((2, R, P), torch.int32)
+        self.sym_ready = world.alloc((R,), torch.int64)
+        self.replicas = placement.replica_table(dev)
+        self.num_replicas = torch.tensor(
+            [len(r) for r in placement.replicas], dtype=torch.int32, device=dev
+        )
+        L = cfg.slots_per_rank
+
+        def i32(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.int32, device=dev)
+
+        self.bufs = {}
+        for r in world.local_ranks:
+            on_rank = torch.full((placement.num_experts,), -1, dtype=torch.int32)
+            for e, slots in enumerate(placement.replicas):
+                mine = [p for p in slots if p // L == r]
+                if mine:
+                    on_rank[e] = mine[0]
+            T = cfg.max_tokens
+            self.bufs[r] = dict(
+                on_rank=on_rank.to(dev),
+                phys=i32(T, cfg.topk),
+                block_hist=i32(cfg.max_blocks, 2, PP),
+                block_prefix=i32(cfg.max_blocks, 2, PP),
+                totals=i32(2, PP),
+                arrive=i32(1),
+                all_counts=i32(R, P),
+                slot_pos=i32(T, cfg.topk),
+                data_pos=i32(T, cfg.topk),
+                first_at=i32(T, R),
+                send_units=i32(cfg.max_units),
+                recv_offset=i32(L, R),
+                expert_start=i32(L),
+                expert_rows=i32(L),
+                tiles=i32(cfg.max_tiles, TILE_COLS),
+                tasks=i32(cfg.num_tasks, TASK_COLS),
+                stats=i32(len(STATS)),
+            )
+        self.num_tokens = {r: 0 for r in world.local_ranks}
+
+    def phases(self) -> list[int]:
+        return [0, 1]
+
+    def launch(
+        self,
+        rank: int,
+        topk_ids: torch.Tensor,
+        epoch: int,
+        phase: int | None = None,
+        validate: bool = True,
+    ) -> None:
+        """Run the plan of ``rank`` for call ``epoch`` (``phase`` 0: count, 1: layout; None:
+        both). ``topk_ids [T, K]`` logical experts (-1 dropped). ``validate`` checks them on the
+        host first (one sync); without it, ids must already be valid."""
+        cfg, b = self.cfg, self.bufs[rank]
+        if validate:
+            check_routing(
+                topk_ids,
+                None,
+                num_experts=self.placement.num_experts,
+                topk=cfg.topk,
+                max_tokens=cfg.max_tokens,
+                device=self.world.device,
+            )
+        if topk_ids.dtype != torch.int32:
+            topk_ids = topk_ids.to(torch.int32)
+        topk_ids = topk_ids.contiguous()
+        T = topk_ids.shape[0]
+        self.num_tokens[rank] = T
+        blocks = max(1, triton.cdiv(T, cfg.tokens_per_block))
+        meta = cfg.meta()
+        if phase in (None, 0):
+            plan_count_kernel[(blocks,)](
+                topk_ids,
+                self.replicas,
+                self.num_replicas,
+                b["on_rank"],
+                b["phys"],
+                b["block_hist"],
+                b["block_prefix"],
+                b["totals"],
+                b["arrive"],
+                self.sym_counts.peer_base,
+                self.sym_ready.peer_base,
+                rank,
+                epoch,
+                T,
+                MAXREP=self.replicas.shape[1],
+                **meta,
+            )
+        if phase in (None, 1):
+            plan_layout_kernel[(blocks + 1,)](
+                b["phys"],
+                b["block_prefix"],
+                b["totals"],
+                self.sym_counts.peer(rank),
+                self.sym_ready.peer(rank),
+                b["all_counts"],
+                b["slot_pos"],
+                b["data_pos"],
+                b["first_at"],
+                b["send_units"],
+                b["recv_offset"],
+                b["expert_start"],
+                b["expert_rows"],
+                b["tiles"],
+                b["tasks"],
+                b["stats"],
+                self.world.error_record(rank),
+                rank,
+                epoch,
+                T,
+                cfg.capacity,
+                self.world.timeout_ns(),
+                cfg.max_units,
+                cfg.max_dispatch_tasks,
+                cfg.max_tiles,
+                **cfg.layout_meta(),
+            )
+
+    def plan(self, rank: int) -> Plan:
+        """Views of ``rank``'s plan buffers (valid after its launch has run)."""
+        b, T, R = self.bufs[rank], self.num_tokens[rank], self.cfg.world_size
+        P = self.cfg.num_slots
+        return Plan(
+            phys=b["phys"][:T],
+            counts=b["totals"][0, :P],
+            all_counts=b["all_counts"],
+            slot_pos=b["slot_pos"][:T],
+            data_pos=b["data_pos"][:T],
+            first_at=b["first_at"][:T, :R],
+            send_units=b["send_units"],
+            recv_offset=b["recv_offset"],
+            expert_start=b["expert_start"],
+            expert_rows=b["expert_rows"],
+            tiles=b["tiles"],
+            tasks=b["tasks"],
+            stats=b["stats"],
+        )
+
+    def close(self) -> None:
+        self.world.free(self.sym_ready)
+        self.world.free(self.sym_counts)
+
+
+def resolve_all_ref(topk_ids: list[torch.Tensor], placement: Placement) -> list[torch.Tensor]:
+    """Every rank's physical slots (reference of the resolve step in ``plan_count_kernel``)."""
+    return [resolve_ref(ids, r, placement) for r, ids in enumerate(topk_ids)]

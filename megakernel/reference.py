@@ -1,0 +1,134 @@
+"""Pure-torch oracles (fp32 accumulate) for every public op.
+
+Shape legend: T tokens per rank, H hidden, I expert FFN width, E experts, L physical slots per
+rank, K top-k, R ranks, S receive slots on a rank. Weights: ``w13 [E, 2I, H]`` (gate rows, then
+up rows), ``w2 [E, H, I]``; an expert computes ``w2 @ (silu(w13_gate @ x) * (w13_up @ x))``.
+
+Receive layout (DESIGN §4): rank d's buffer holds one row per (source rank, token, k) routed to
+one of its slots, ordered by local slot, then source rank, then token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from megakernel.placement import Placement
+
+
+def expert_ffn_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One expert's SwiGLU FFN in fp32: ``x [N, H]``, ``w13 [2I, H]``, ``w2 [H, I]`` -> [N, H]."""
+    ffn = w13.shape[0] // 2
+    h = x.float() @ w13.float().t()
+    return (F.silu(h[:, :ffn]) * h[:, ffn:]) @ w2.float().t()
+
+
+def moe_ref(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """``x [T, H]`` -> ``[T, H]`` (x.dtype): sum over k of ``w_k * FFN_{e_k}(x)``, fp32
+    accumulate in k order; dropped slots (id -1) contribute nothing."""
+    T, K = topk_ids.shape
+    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+    for k in range(K):
+        ids = topk_ids[:, k]
+        contrib = torch.zeros_like(out)
+        for e in ids[ids >= 0].unique().tolist():
+            rows = (ids == e).nonzero().squeeze(1)
+            contrib[rows] = expert_ffn_ref(x[rows], w13[e], w2[e])
+        out += topk_weights[:, k].float().unsqueeze(1) * contrib
+    return out.to(x.dtype)
+
+
+@dataclass
+class RecvLayout:
+    """Rank d's receive buffer: which (source rank, token, k) each of its S rows holds."""
+
+    src_rank: torch.Tensor  # [S] int64
+    token: torch.Tensor  # [S] int64
+    k: torch.Tensor  # [S] int64
+    local_slot: torch.Tensor  # [S] int64
+    expert_start: torch.Tensor  # [L] first row of each local slot
+    expert_rows: torch.Tensor  # [L] rows of each local slot
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.src_rank.numel())
+
+
+def recv_layout_ref(phys_ids: list[torch.Tensor], placement: Placement, dst: int) -> RecvLayout:
+    """The receive order of rank ``dst`` from every rank's physical ids ``[T_s, K]``."""
+    L = placement.slots_per_rank
+    src, tok, kk, loc, rows = [], [], [], [], []
+    for local in range(L):
+        slot = dst * L + local
+        n = 0
+        for s, ids in enumerate(phys_ids):
+            t, k = (ids.cpu() == slot).nonzero(as_tuple=True)  # row-major: token order
+            src.append(torch.full_like(t, s))
+            tok.append(t)
+            kk.append(k)
+            loc.append(torch.full_like(t, local))
+            n += t.numel()
+        rows.append(n)
+    expert_rows = torch.tensor(rows, dtype=torch.int64)
+    cat = torch.cat
+    return RecvLayout(
+        src_rank=cat(src),
+        token=cat(tok),
+        k=cat(kk),
+        local_slot=cat(loc),
+        expert_start=torch.cumsum(expert_rows, 0) - expert_rows,
+        expert_rows=expert_rows,
+    )
+
+
+def dispatch_ref(
+    xs: list[torch.Tensor], phys_ids: list[torch.Tensor], placement: Placement
+) -> list[tuple[torch.Tensor, RecvLayout]]:
+    """Every rank's receive buffer ``[S_d, H]`` (rows copied bit for bit) and its layout."""
+    out = []
+    for dst in range(placement.world_size):
+        layout = recv_layout_ref(phys_ids, placement, dst)
+        H = xs[0].shape[1]
+        recv = torch.empty(layout.num_rows, H, dtype=xs[0].dtype, device=xs[0].device)
+        for s, x in enumerate(xs):
+            rows = (layout.src_rank == s).nonzero().squeeze(1)
+            recv[rows.to(x.device)] = x[layout.token[rows].to(x.device)]
+        out.append((recv, layout))
+    return out
+
+
+def combine_ref(
+    expert_out: list[torch.Tensor],
+    layouts: list[RecvLayout],
+    topk_weights: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """Each source rank's ``[T_s, H]`` (fp32): sum over k, in k order, of ``w[t, k]`` times the
+    expert output row that rank d computed for (s, t, k)."""
+    R = len(topk_weights)
+    H = expert_out[0].shape[1]
+    per_slot = [
+        torch.zeros(w.shape[0], w.shape[1], H, dtype=torch.float32, device=w.device)
+        for w in topk_weights
+    ]  # R x [T_s, K, H]
+    for y, layout in zip(expert_out, layouts, strict=True):
+        for s in range(R):
+            rows = (layout.src_rank == s).nonzero().squeeze(1)
+            dev = per_slot[s].device
+            per_slot[s][layout.token[rows].to(dev), layout.k[rows].to(dev)] = y[
+                rows.to(y.device)
+            ].float()
+    outs = []
+    for s in range(R):
+        acc = torch.zeros(per_slot[s].shape[0], H, dtype=torch.float32, device=per_slot[s].device)
+        for k in range(per_slot[s].shape[1]):
+            acc += topk_weights[s][:, k].float().unsqueeze(1) * per_slot[s][:, k]
+        outs.append(acc)
+    return outs

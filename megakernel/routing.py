@@ -1,0 +1,162 @@
+"""Routers and synthetic routings.
+
+Shape legend: T tokens per rank, E experts, K top-k, R ranks.
+
+A ``Routing`` is the *global view*: every rank's ``topk_ids [T_r, K]`` (logical expert ids,
+int32, -1 = dropped) and ``topk_weights [T_r, K]`` (fp32), built from one seeded generator, so
+every rank can compute every other rank's inputs (and its own expected output) alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+def route_topk(
+    logits: torch.Tensor, topk: int, renormalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k router: ``logits [T, E]`` -> (``topk_weights [T, K]`` fp32, ``topk_ids
+    [T, K]`` int32). ``renormalize`` makes each token's K weights sum to 1."""
+    if logits.dim() != 2:
+        raise ValueError(f"router logits must be [T, E], got shape {tuple(logits.shape)}")
+    if not 1 <= topk <= logits.shape[1]:
+        raise ValueError(f"topk is {topk} but the router has {logits.shape[1]} experts")
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = probs.topk(topk, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+@dataclass
+class Routing:
+    topk_ids: list[torch.Tensor]  # R x [T_r, K] int32
+    topk_weights: list[torch.Tensor]  # R x [T_r, K] fp32
+
+    @property
+    def world_size(self) -> int:
+        return len(self.topk_ids)
+
+    def to(self, device: torch.device | str) -> Routing:
+        return Routing(
+            [t.to(device) for t in self.topk_ids], [w.to(device) for w in self.topk_weights]
+        )
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _weights(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    return torch.softmax(torch.randn(shape, generator=g), dim=-1)
+
+
+def _tokens(num_tokens: int | Sequence[int], world_size: int) -> list[int]:
+    counts = [num_tokens] * world_size if isinstance(num_tokens, int) else list(num_tokens)
+    if len(counts) != world_size or any(t < 0 for t in counts):
+        raise ValueError(f"need {world_size} non-negative token counts, got {counts}")
+    return counts
+
+
+def _from_scores(scores: torch.Tensor, topk: int, g: torch.Generator, counts: list[int]) -> Routing:
+    """Top-k of per-token scores ``[sum T_r, E]`` (distinct experts per token), split by rank."""
+    ids = scores.topk(topk, dim=-1).indices.to(torch.int32)
+    weights = _weights(tuple(ids.shape), g)
+    return Routing(list(ids.split(counts)), list(weights.split(counts)))
+
+
+def uniform(
+    world_size: int, num_tokens: int | Sequence[int], num_experts: int, topk: int, seed: int
+) -> Routing:
+    """Each token picks K distinct experts uniformly at random."""
+    counts = _tokens(num_tokens, world_size)
+    g = _generator(seed)
+    return _from_scores(torch.rand(sum(counts), num_experts, generator=g), topk, g, counts)
+
+
+def zipf(
+    world_size: int,
+    num_tokens: int | Sequence[int],
+    num_experts: int,
+    topk: int,
+    s: float,
+    seed: int,
+) -> Routing:
+    """K distinct experts per token, expert popularity ~ 1 / rank^s over a random ranking
+    (Gumbel top-k sampling without replacement). ``s = 0`` is uniform."""
+    counts = _tokens(num_tokens, world_size)
+    g = _generator(seed)
+    popularity = torch.arange(1, num_experts + 1, dtype=torch.float64) ** -s
+    logp = popularity[torch.randperm(num_experts, generator=g)].log()
+    gumbel = -torch.log(
+        -torch.log(torch.rand(sum(counts), num_experts, generator=g, dtype=torch.float64))
+    )
+    return _from_scores(logp + gumbel, topk, g, counts)
+
+
+def hot_expert(
+    world_size: int,
+    num_tokens: int | Sequence[int],
+    num_experts: int,
+    topk: int,
+    fraction: float,
+    seed: int,
+    hot: int = 0,
+) -> Routing:
+    """Uniform, except a ``fraction`` of the tokens always include expert ``hot``
+    (``fraction = 1``: every token goes to that expert)."""
+    counts = _tokens(num_tokens, world_size)
+    g = _generator(seed)
+    scores = torch.rand(sum(counts), num_experts, generator=g)
+    chosen = torch.rand(sum(counts), generator=g) < fraction
+    scores[chosen, hot] = 2.0  # above every uniform score: always in the top k
+    return _from_scores(scores, topk, g, counts)
+
+
+def restricted(
+    world_size: int,
+    num_tokens: int | Sequence[int],
+    num_experts: int,
+    topk: int,
+    experts: Sequence[int],
+    seed: int,
+) -> Routing:
+    """Tokens pick K distinct experts among ``experts`` only (all tokens to one rank, a rank
+    that receives nothing, empty experts)."""
+    if len(set(experts)) < topk:
+        raise ValueError(f"need at least {topk} distinct experts to pick from, got {list(experts)}")
+    counts = _tokens(num_tokens, world_size)
+    g = _generator(seed)
+    scores = torch.full((sum(counts), num_experts), -1.0)
+    allowed = torch.tensor(sorted(set(experts)))
+    scores[:, allowed] = torch.rand(sum(counts), len(allowed), generator=g)
+    return _from_scores(scores, topk, g, counts)
+
+
+def all_to_one_rank(
+    world_size: int,
+    num_tokens: int | Sequence[int],
+    num_experts: int,
+    topk: int,
+    dst: int,
+    seed: int,
+) -> Routing:
+    """Every token of every rank goes to experts of rank ``dst`` (contiguous placement)."""
+    L = num_experts // world_size
+    return restricted(
+        world_size, num_tokens, num_experts, topk, range(dst * L, (dst + 1) * L), seed
+    )
+
+
+def drop(routing: Routing, probability: float, seed: int) -> Routing:
+    """Mark each (token, k) dropped (id -1, weight 0) with the given probability."""
+    g = _generator(seed)
+    ids, weights = [], []
+    for i, w in zip(routing.topk_ids, routing.topk_weights, strict=True):
+        dropped = torch.rand(i.shape, generator=g) < probability
+        ids.append(torch.where(dropped, -1, i))
+        weights.append(torch.where(dropped, 0.0, w))
+    return Routing(ids, weights)

@@ -1,0 +1,57 @@
+"""Traffic model: what each rank sends over NVLink for one routing, with and without token saving.
+
+Shape legend: T tokens per rank, K top-k, R ranks, L physical slots per rank.
+
+Without token saving a token row crosses NVLink once per (token, k) routed to another rank; with
+it, once per distinct other rank among the token's K slots. A rank's own slots cost no NVLink
+bytes (their rows are copied locally).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Traffic:
+    rows_plain: list[int]  # per source rank: rows sent to other ranks without token saving
+    rows_saved: list[int]  # per source rank: rows sent to other ranks with token saving
+    tokens: list[int]  # per source rank: tokens with at least one live slot
+    distinct_ranks: float  # mean distinct destination ranks per live token (own rank included)
+    remote_ranks: float  # mean distinct *other* destination ranks per live token
+
+    def bytes(self, row_bytes: int, token_saving: bool) -> list[int]:
+        rows = self.rows_saved if token_saving else self.rows_plain
+        return [r * row_bytes for r in rows]
+
+    @property
+    def saving(self) -> float:
+        """Fraction of NVLink bytes that token saving removes."""
+        plain = sum(self.rows_plain)
+        return 1.0 - sum(self.rows_saved) / plain if plain else 0.0
+
+
+def traffic_model(phys_all: list[torch.Tensor], slots_per_rank: int) -> Traffic:
+    """From every rank's physical slots ``[T_s, K]`` (-1 dropped)."""
+    R = len(phys_all)
+    plain, saved, tokens = [], [], []
+    distinct_sum = remote_sum = 0
+    for src, phys in enumerate(phys_all):
+        phys = phys.cpu().long()
+        valid = phys >= 0
+        dst = torch.where(valid, phys // slots_per_rank, R)  # R: a dropped slot's sink
+        hit = torch.zeros(phys.shape[0], R + 1, dtype=torch.bool)
+        hit.scatter_(1, dst, True)
+        hit = hit[:, :R]  # [T, R]: token t sends to rank d
+        live = hit.any(1)
+        remote = hit.clone()
+        remote[:, src] = False
+        plain.append(int((valid & (dst != src)).sum()))
+        saved.append(int(remote.sum()))
+        tokens.append(int(live.sum()))
+        distinct_sum += int(hit.sum())
+        remote_sum += int(remote[live].sum())
+    n = max(1, sum(tokens))
+    return Traffic(plain, saved, tokens, distinct_sum / n, remote_sum / n)
