@@ -936,6 +936,23 @@ class PlanWorkspace:
                 **cfg.layout_meta(),
             )
 
+    def warmup(self) -> None:
+        """Compile and load both kernels before anything spins (a module load waits behind
+        running kernels). Runs a call with no tokens under epoch 0, which no waiter uses."""
+        if self.world.device.type != "cuda":
+            return
+        empty = torch.zeros(0, self.cfg.topk, dtype=torch.int32, device=self.world.device)
+        for r in self.world.local_ranks:
+            self.launch(r, empty, 0, validate=False)
+        self.world.synchronize()
+
+    def run(self, topk_ids: dict[int, torch.Tensor], epoch: int, validate: bool = True) -> None:
+        """Plan call ``epoch`` on every local rank (``topk_ids[rank] [T, K]``): one launch pair
+        per rank where ranks run concurrently, else every rank's count phase, then every rank's
+        layout phase (the CPU interpreter)."""
+        for phase in [None] if self.world.concurrent else self.phases():
+            self.world.run_ranks(lambda r, p=phase: self.launch(r, topk_ids[r], epoch, p, validate))
+
     def plan(self, rank: int) -> Plan:
         """Views of ``rank``'s plan buffers (valid after its launch has run)."""
         b, T, R = self.bufs[rank], self.num_tokens[rank], self.cfg.world_size

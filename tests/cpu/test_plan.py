@@ -1,0 +1,263 @@
+"""The plan kernels (interpreter, emulated world) against plan_ref, bit for bit."""
+
+import pytest
+import torch
+
+from megakernel import routing
+from megakernel.placement import Placement
+from megakernel.plan import (
+    KIND_DISPATCH,
+    KIND_GEMM1,
+    KIND_NOP,
+    STATS,
+    PlanConfig,
+    PlanWorkspace,
+    plan_ref,
+    resolve_all_ref,
+)
+from megakernel.reference import recv_layout_ref
+from symm_mem import CapacityError, EmulatedWorld
+
+FIELDS = (
+    "phys",
+    "counts",
+    "all_counts",
+    "slot_pos",
+    "data_pos",
+    "first_at",
+    "send_units",
+    "recv_offset",
+    "expert_start",
+    "expert_rows",
+    "tiles",
+    "tasks",
+    "stats",
+)
+
+
+def make_case(name, R, T, E, K, seed):
+    """(routing, placement) for one named edge case."""
+    L = E // R
+    if name == "uniform":
+        return routing.uniform(R, T, E, K, seed), None
+    if name == "zipf":
+        return routing.zipf(R, T, E, K, 1.5, seed), None
+    if name == "one_expert":  # every token includes expert 0
+        return routing.hot_expert(R, T, E, K, 1.0, seed, hot=0), None
+    if name == "empty_experts":  # only every third expert is ever chosen
+        return routing.restricted(
+            R, T, E, K, range(0, E, 3) if len(range(0, E, 3)) >= K else range(K), seed
+        ), None
+    if name == "to_one_rank":
+        return routing.all_to_one_rank(R, T, E, K, dst=R - 1, seed=seed), None
+    if name == "rank_gets_nothing":  # nothing goes to rank 0
+        return routing.restricted(R, T, E, K, range(L, E) if R > 1 else range(E), seed), None
+    if name == "dropped":
+        return routing.drop(routing.uniform(R, T, E, K, seed), 0.3, seed + 1), None
+    if name == "ragged":  # a rank with no tokens, one with a partial block
+        tokens = [T if r % 2 else 0 for r in range(R)] if R > 1 else [0]
+        return routing.uniform(R, tokens, E, K, seed), None
+    if name == "replicated":  # non-contiguous placement, expert 0 on every rank
+        table = [[(r, L) for r in range(R)]] + [
+            [((e * 3) % R, (e * 7 // R) % L)] for e in range(1, E)
+        ]
+        table = _distinct(table, R, L + 1)
+        return routing.hot_expert(R, T, E, K, 0.5, seed, hot=0), Placement.from_slots(
+            R, L + 1, table
+        )
+    raise ValueError(name)
+
+
+def _distinct(table, R, L):
+    """Make the generated slots of experts 1.. unique by moving clashes to free slots."""
+    used = {(r, lo) for r, lo in table[0]}
+    free = [(r, lo) for r in range(R) for lo in range(L) if (r, lo) not in used]
+    out = [table[0]]
+    for slots in table[1:]:
+        ((r, lo),) = slots
+        if (r, lo) in used:
+            r, lo = free.pop(0)
+        else:
+            free.remove((r, lo))
+        used.add((r, lo))
+        out.append([(r, lo)])
+    return out
+
+
+def run_plan(world, ws, rt, epoch):
+    ids = {r: rt.topk_ids[r] for r in world.local_ranks}
+    ws.run(ids, epoch)
+    world.check_errors()
+
+
+def assert_plan_equal(ws, rt, cfg, placement, R):
+    phys = resolve_all_ref(rt.topk_ids, placement)
+    for r in range(R):
+        got, want = ws.plan(r), plan_ref(phys, cfg, r)
+        for f in FIELDS:
+            a, b = getattr(got, f).cpu(), getattr(want, f)
+            assert torch.equal(a, b), f"rank {r}: {f} differs\n{a}\n{b}"
+    return phys
+
+
+CASES = [
+    "uniform",
+    "zipf",
+    "one_expert",
+    "empty_experts",
+    "to_one_rank",
+    "rank_gets_nothing",
+    "dropped",
+    "ragged",
+    "replicated",
+]
+
+
+@pytest.mark.parametrize("R", [1, 2, 4, 8])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("token_saving", [True, False])
+def test_plan_equals_reference(R, case, token_saving):
+    E, K, T = max(16, 4 * R), 4, 37  # L >= K; T: not a multiple of block, chunk or tile
+    rt, placement = make_case(case, R, T, E, K, seed=R * 100 + CASES.index(case))
+    placement = placement or Placement.contiguous(E, R)
+    cfg = PlanConfig(
+        R,
+        placement.slots_per_rank,
+        K,
+        max_tokens=40,
+        capacity=40 * K * R,
+        block_m=8,
+        chunk=3,
+        token_saving=token_saving,
+    )
+    with EmulatedWorld(R) as world:
+        ws = PlanWorkspace(world, cfg, placement)
+        run_plan(world, ws, rt, epoch=1)
+        assert_plan_equal(ws, rt, cfg, placement, R)
+
+
+@pytest.mark.parametrize("R,E,K", [(2, 2, 1), (4, 4, 1), (4, 4, 4), (8, 8, 2), (2, 16, 1)])
+def test_plan_small_k_and_one_expert_per_rank(R, E, K):
+    placement = Placement.contiguous(E, R)
+    cfg = PlanConfig(R, E // R, K, max_tokens=300, capacity=300 * K * R, block_m=16, chunk=5)
+    rt = routing.zipf(R, 300, E, K, 1.0, seed=E * K)  # 300 tokens: several plan blocks
+    with EmulatedWorld(R) as world:
+        ws = PlanWorkspace(world, cfg, placement)
+        run_plan(world, ws, rt, epoch=1)
+        assert_plan_equal(ws, rt, cfg, placement, R)
+
+
+def test_back_to_back_calls_without_reset():
+    R, E, K = 4, 16, 2
+    placement = Placement.contiguous(E, R)
+    cfg = PlanConfig(R, 4, K, max_tokens=64, capacity=64 * K * R, block_m=8, chunk=4)
+    with EmulatedWorld(R) as world:
+        ws = PlanWorkspace(world, cfg, placement)
+        for epoch in range(1, 5):
+            rt = routing.drop(routing.zipf(R, [64, 50, 1, 33], E, K, 0.8, seed=epoch), 0.1, epoch)
+            run_plan(world, ws, rt, epoch)
+            assert_plan_equal(ws, rt, cfg, placement, R)
+            assert ws.sym_ready.peer(0).tolist() == [epoch] * R
+
+
+def test_overflow_raises_on_every_rank():
+    R, E, K = 4, 8, 2
+    placement = Placement.contiguous(E, R)
+    cfg = PlanConfig(R, 2, K, max_tokens=32, capacity=100, block_m=8, chunk=4)
+    rt = routing.all_to_one_rank(R, 32, E, K, dst=2, seed=0)  # rank 2 gets 4 * 32 * 2 = 256 rows
+    with EmulatedWorld(R) as world:
+        ws = PlanWorkspace(world, cfg, placement)
+        ws.run({r: rt.topk_ids[r] for r in range(R)}, 1)
+        records = torch.stack([world.error_record(r).clone() for r in range(R)])
+        assert bool((records[:, 0] == 2).all()), "every rank reports the overflow"
+        assert records[:, 2].tolist() == [2] * R and records[:, 4].tolist() == [256] * R
+        with pytest.raises(
+            CapacityError, match="256 rows to rank 2, whose receive buffer holds 100"
+        ):
+            world.check_errors()
+
+
+def test_plan_input_validation():
+    R, E, K = 2, 8, 2
+    cfg = PlanConfig(R, 4, K, max_tokens=16, capacity=64)
+    with EmulatedWorld(R) as world:
+        ws = PlanWorkspace(world, cfg, Placement.contiguous(E, R))
+        good = torch.zeros(4, K, dtype=torch.int32)
+        bad = {
+            "expert 8 but the layer has 8 experts": good + 8,
+            "expert -2": good - 2,
+            "int32 or int64": good.float(),
+            r"must be \[T, 2\]": torch.zeros(4, 3, dtype=torch.int32),
+            "17 tokens but max_tokens_per_rank is 16": torch.zeros(17, K, dtype=torch.int32),
+            "is on meta": torch.zeros(4, K, dtype=torch.int32, device="meta"),
+        }
+        for message, ids in bad.items():
+            with pytest.raises(ValueError, match=message):
+                ws.launch(0, ids, 1)
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        PlanConfig(2, 4, 2, 16, 64, chunk=0)
+
+
+def dispatch_task_of(plan, cfg, unit_index):
+    for i in range(cfg.max_dispatch_tasks):
+        kind, _, start, count = plan.tasks[i].tolist()
+        if kind == KIND_DISPATCH and start <= unit_index < start + count:
+            return i
+    raise AssertionError(f"unit {unit_index} is in no dispatch task")
+
+
+@pytest.mark.parametrize("token_saving", [True, False])
+@pytest.mark.parametrize("seed", range(3))
+def test_task_table_ordering_rule(token_saving, seed):
+    """DESIGN §5: every wait targets a lower id on this rank or a dispatch task elsewhere, and
+    each tile's waits cover the dispatch task that carries every row it reads."""
+    R, E, K = 4, 16, 4
+    placement = Placement.contiguous(E, R)
+    L = placement.slots_per_rank
+    cfg = PlanConfig(
+        R, L, K, max_tokens=48, capacity=48 * K * R, block_m=8, chunk=3, token_saving=token_saving
+    )
+    rt = routing.drop(routing.zipf(R, 48, E, K, 1.0, seed), 0.1, seed)
+    with EmulatedWorld(R) as world:
+        ws = PlanWorkspace(world, cfg, placement)
+        run_plan(world, ws, rt, 1)
+        plans = [ws.plan(r) for r in range(R)]
+    phys = resolve_all_ref(rt.topk_ids, placement)
+    for d, plan in enumerate(plans):
+        kinds = plan.tasks[:, 0].tolist()
+        assert set(kinds[: cfg.max_dispatch_tasks]) <= {KIND_DISPATCH, KIND_NOP}
+        assert set(kinds[cfg.max_dispatch_tasks :]) <= {KIND_GEMM1, KIND_NOP}
+        # a task's group is (local slot, destination): g = local * R + dst
+        groups = {}
+        for s, p in enumerate(plans):
+            for i in range(cfg.max_dispatch_tasks):
+                kind, g, _, _ = p.tasks[i].tolist()
+                if kind == KIND_DISPATCH:
+                    groups.setdefault((s, g // R, g % R), []).append(i)
+        layout = recv_layout_ref(phys, placement, d)
+        for tid in range(cfg.max_dispatch_tasks, cfg.num_tasks):
+            kind, tile, _, _ = plan.tasks[tid].tolist()
+            if kind != KIND_GEMM1:
+                continue
+            local, row0, rows, src_lo, src_hi = plan.tiles[tile].tolist()
+            ls = range(local + 1) if token_saving else [local]
+            waits = {
+                (s, t)
+                for s in range(src_lo, src_hi + 1)
+                for l2 in ls
+                for t in groups.get((s, l2, d), [])
+            }
+            for s, t in waits:
+                assert (s == d and t < tid) or plans[s].tasks[t, 0] == KIND_DISPATCH
+            for row in range(row0, row0 + rows):
+                s, t, k = (int(layout.src_rank[row]), int(layout.token[row]), int(layout.k[row]))
+                assert int(layout.local_slot[row]) == local
+                carrier = plans[s].data_pos[t, k].item() if token_saving else row
+                (ck,) = [
+                    kk
+                    for kk in range(K)
+                    if plans[s].slot_pos[t, kk].item() == carrier and phys[s][t, kk] // L == d
+                ]
+                unit = (plans[s].send_units == t * K + ck).nonzero().item()
+                assert (s, dispatch_task_of(plans[s], cfg, unit)) in waits
+    assert STATS[2] == "num_tiles"
