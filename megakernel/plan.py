@@ -360,7 +360,7 @@ def _publish_counts(
     tl.atomic_xchg(ready, tl.cast(epoch, tl.int64), mask=d < R, sem="release", scope="sys")
 
 
-@triton.jit(do_not_specialize=["rank", "epoch", "T"])
+@triton.jit(do_not_specialize=["rank", "T"])
 def plan_count_kernel(
     ids_ptr,  # [T, K] int32 logical experts, -1 dropped
     replica_ptr,  # [E, MAXREP] int32 physical slots of each expert
@@ -373,8 +373,8 @@ def plan_count_kernel(
     arrive_ptr,  # [1] int32: programs done; 0 between calls (the last one resets it)
     counts_base,  # [R] int64: every rank's sym counts [2, R, P]
     ready_base,  # [R] int64: every rank's sym counts_ready [R]
+    epoch_ptr,  # [1] int64: this call's epoch (bumped on the device: graph-capturable)
     rank,
-    epoch,
     T,
     K: tl.constexpr,
     R: tl.constexpr,
@@ -410,6 +410,7 @@ def plan_count_kernel(
     ticket = tl.atomic_add(arrive_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == tl.num_programs(0) - 1:
         tl.store(arrive_ptr, 0)
+        epoch = tl.load(epoch_ptr)
         _publish_counts(
             block_hist_ptr,
             block_prefix_ptr,
@@ -664,7 +665,7 @@ def _task_table(
     return num_units, num_dispatch
 
 
-@triton.jit(do_not_specialize=["rank", "epoch", "T", "capacity", "timeout_ns"])
+@triton.jit(do_not_specialize=["rank", "T", "capacity", "timeout_ns"])
 def plan_layout_kernel(
     phys_ptr,  # [T, K] int32 (from plan_count_kernel)
     block_prefix_ptr,  # [NB, 2, PP] int32
@@ -683,8 +684,8 @@ def plan_layout_kernel(
     tasks_ptr,  # [num_tasks, 4] int32 out
     stats_ptr,  # [4] int32 out
     err_ptr,
+    epoch_ptr,  # [1] int64: this call's epoch
     rank,
-    epoch,
     T,
     capacity,
     timeout_ns,
@@ -708,6 +709,7 @@ def plan_layout_kernel(
     P: tl.constexpr = R * L
     pid = tl.program_id(0)
     deadline = globaltimer() + timeout_ns
+    epoch = tl.load(epoch_ptr)
     s = tl.arange(0, RP)
     if not wait_flags(ready_ptr + s, s < R, epoch, deadline, err_ptr, rank, 0, pid):
         return
@@ -855,103 +857,122 @@ class PlanWorkspace:
                 stats=i32(len(STATS)),
             )
         self.num_tokens = {r: 0 for r in world.local_ranks}
+        # this rank's call counter on the device: the epoch of its current call
+        self.epoch = {r: torch.zeros(1, dtype=torch.int64, device=dev) for r in world.local_ranks}
+        self.calls = 0  # host mirror, counted by run()
 
     def phases(self) -> list[int]:
         return [0, 1]
 
     def launch(
-        self,
-        rank: int,
-        topk_ids: torch.Tensor,
-        epoch: int,
-        phase: int | None = None,
-        validate: bool = True,
+        self, rank: int, topk_ids: torch.Tensor, phase: int | None = None, validate: bool = True
     ) -> None:
-        """Run the plan of ``rank`` for call ``epoch`` (``phase`` 0: count, 1: layout; None:
-        both). ``topk_ids [T, K]`` logical experts (-1 dropped). ``validate`` checks them on the
-        host first (one sync); without it, ids must already be valid."""
-        cfg, b = self.cfg, self.bufs[rank]
+        """Plan the next call of ``rank`` (``phase`` 0: bump the epoch and count, 1: layout;
+        None: both). ``topk_ids [T, K]`` logical experts (-1 dropped). ``validate`` checks them on
+        the host first (one sync); without it, ids must already be valid.
+
+        NOTE: the epoch lives in device memory and is bumped on the rank's stream, so a captured
+        CUDA graph replays with a fresh epoch each time and flags are never reset.
+        """
         if validate:
             check_routing(
                 topk_ids,
                 None,
                 num_experts=self.placement.num_experts,
-                topk=cfg.topk,
-                max_tokens=cfg.max_tokens,
+                topk=self.cfg.topk,
+                max_tokens=self.cfg.max_tokens,
                 device=self.world.device,
             )
-        if topk_ids.dtype != torch.int32:
-            topk_ids = topk_ids.to(torch.int32)
-        topk_ids = topk_ids.contiguous()
+        topk_ids = topk_ids.to(torch.int32).contiguous()
         T = topk_ids.shape[0]
         self.num_tokens[rank] = T
-        blocks = max(1, triton.cdiv(T, cfg.tokens_per_block))
-        meta = cfg.meta()
         if phase in (None, 0):
-            plan_count_kernel[(blocks,)](
-                topk_ids,
-                self.replicas,
-                self.num_replicas,
-                b["on_rank"],
-                b["phys"],
-                b["block_hist"],
-                b["block_prefix"],
-                b["totals"],
-                b["arrive"],
-                self.sym_counts.peer_base,
-                self.sym_ready.peer_base,
-                rank,
-                epoch,
-                T,
-                MAXREP=self.replicas.shape[1],
-                **meta,
+            self.epoch[rank].add_(1)
+            plan_count_kernel[self._grid(T)](
+                *self._count_args(rank, topk_ids), **self._count_meta()
             )
         if phase in (None, 1):
-            plan_layout_kernel[(blocks + 1,)](
-                b["phys"],
-                b["block_prefix"],
-                b["totals"],
-                self.sym_counts.peer(rank),
-                self.sym_ready.peer(rank),
-                b["all_counts"],
-                b["slot_pos"],
-                b["data_pos"],
-                b["first_at"],
-                b["send_units"],
-                b["recv_offset"],
-                b["expert_start"],
-                b["expert_rows"],
-                b["tiles"],
-                b["tasks"],
-                b["stats"],
-                self.world.error_record(rank),
-                rank,
-                epoch,
-                T,
-                cfg.capacity,
-                self.world.timeout_ns(),
-                cfg.max_units,
-                cfg.max_dispatch_tasks,
-                cfg.max_tiles,
-                **cfg.layout_meta(),
-            )
+            grid = (self._grid(T)[0] + 1,)
+            plan_layout_kernel[grid](*self._layout_args(rank, T), **self.cfg.layout_meta())
+
+    def _grid(self, T: int) -> tuple[int]:
+        return (max(1, triton.cdiv(T, self.cfg.tokens_per_block)),)
+
+    def _count_meta(self) -> dict[str, int | bool]:
+        return dict(self.cfg.meta(), MAXREP=self.replicas.shape[1])
+
+    def _count_args(self, rank: int, topk_ids: torch.Tensor) -> tuple:
+        b = self.bufs[rank]
+        return (
+            topk_ids,
+            self.replicas,
+            self.num_replicas,
+            b["on_rank"],
+            b["phys"],
+            b["block_hist"],
+            b["block_prefix"],
+            b["totals"],
+            b["arrive"],
+            self.sym_counts.peer_base,
+            self.sym_ready.peer_base,
+            self.epoch[rank],
+            rank,
+            topk_ids.shape[0],
+        )
+
+    def _layout_args(self, rank: int, T: int) -> tuple:
+        b, cfg = self.bufs[rank], self.cfg
+        return (
+            b["phys"],
+            b["block_prefix"],
+            b["totals"],
+            self.sym_counts.peer(rank),
+            self.sym_ready.peer(rank),
+            b["all_counts"],
+            b["slot_pos"],
+            b["data_pos"],
+            b["first_at"],
+            b["send_units"],
+            b["recv_offset"],
+            b["expert_start"],
+            b["expert_rows"],
+            b["tiles"],
+            b["tasks"],
+            b["stats"],
+            self.world.error_record(rank),
+            self.epoch[rank],
+            rank,
+            T,
+            cfg.capacity,
+            self.world.timeout_ns(),
+            cfg.max_units,
+            cfg.max_dispatch_tasks,
+            cfg.max_tiles,
+        )
 
     def warmup(self) -> None:
-        """Compile and load both kernels before anything spins (a module load waits behind
-        running kernels). Runs a call with no tokens under epoch 0, which no waiter uses."""
+        """Compile and load both kernels (no launch) before anything spins: a module load waits
+        behind running kernels. A no-op under the interpreter."""
         if self.world.device.type != "cuda":
             return
-        empty = torch.zeros(0, self.cfg.topk, dtype=torch.int32, device=self.world.device)
+        ids = torch.zeros(1, self.cfg.topk, dtype=torch.int32, device=self.world.device)
         for r in self.world.local_ranks:
-            self.launch(r, empty, 0, validate=False)
-        self.world.synchronize()
+            count = plan_count_kernel.warmup(
+                *self._count_args(r, ids), **self._count_meta(), grid=(1,)
+            )
+            layout = plan_layout_kernel.warmup(
+                *self._layout_args(r, 1), **self.cfg.layout_meta(), grid=(1,)
+            )
+            count._init_handles()
+            layout._init_handles()
 
-    def run(self, topk_ids: dict[int, torch.Tensor], epoch: int, validate: bool = True) -> None:
-        """Plan call ``epoch`` on every local rank (``topk_ids[rank] [T, K]``): one launch pair
+    def run(self, topk_ids: dict[int, torch.Tensor], validate: bool = True) -> None:
+        """Plan the next call on every local rank (``topk_ids[rank] [T, K]``): one launch pair
         per rank where ranks run concurrently, else every rank's count phase, then every rank's
         layout phase (the CPU interpreter)."""
         for phase in [None] if self.world.concurrent else self.phases():
-            self.world.run_ranks(lambda r, p=phase: self.launch(r, topk_ids[r], epoch, p, validate))
+            self.world.run_ranks(lambda r, p=phase: self.launch(r, topk_ids[r], p, validate))
+        self.calls += 1
 
     def plan(self, rank: int) -> Plan:
         """Views of ``rank``'s plan buffers (valid after its launch has run)."""
@@ -976,6 +997,12 @@ class PlanWorkspace:
     def close(self) -> None:
         self.world.free(self.sym_ready)
         self.world.free(self.sym_counts)
+
+
+def plan_mismatches(got: Plan, want: Plan) -> list[str]:
+    """Names of the plan fields that differ (bit for bit) between two plans."""
+    names = [f.name for f in fields(Plan) if f.name != "extra"]
+    return [n for n in names if not torch.equal(getattr(got, n).cpu(), getattr(want, n).cpu())]
 
 
 def resolve_all_ref(topk_ids: list[torch.Tensor], placement: Placement) -> list[torch.Tensor]:

@@ -160,3 +160,48 @@ def drop(routing: Routing, probability: float, seed: int) -> Routing:
         ids.append(torch.where(dropped, -1, i))
         weights.append(torch.where(dropped, 0.0, w))
     return Routing(ids, weights)
+
+
+EDGE_CASES = (
+    "uniform",
+    "zipf",
+    "one_expert",
+    "empty_experts",
+    "to_one_rank",
+    "rank_gets_nothing",
+    "dropped",
+    "ragged",
+    "replicated",
+)
+
+
+def edge_case(name: str, world_size: int, num_tokens: int, num_experts: int, topk: int, seed: int):
+    """A named routing for tests and benchmarks: ``(Routing, Placement or None)``; None means
+    contiguous placement. Needs ``num_experts / world_size >= topk``."""
+    from megakernel.placement import Placement
+
+    R, T, E, K = world_size, num_tokens, num_experts, topk
+    L = E // R
+    if name == "uniform":
+        return uniform(R, T, E, K, seed), None
+    if name == "zipf":
+        return zipf(R, T, E, K, 1.5, seed), None
+    if name == "one_expert":  # every token includes expert 0
+        return hot_expert(R, T, E, K, 1.0, seed, hot=0), None
+    if name == "empty_experts":  # most experts are never chosen
+        return restricted(R, T, E, K, range(K) if E < 3 * K else range(0, E, 3), seed), None
+    if name == "to_one_rank":
+        return all_to_one_rank(R, T, E, K, dst=R - 1, seed=seed), None
+    if name == "rank_gets_nothing":  # nothing goes to rank 0
+        return restricted(R, T, E, K, range(L, E) if R > 1 else range(E), seed), None
+    if name == "dropped":
+        return drop(uniform(R, T, E, K, seed), 0.3, seed + 1), None
+    if name == "ragged":  # every other rank has no tokens, the others a partial block
+        return uniform(R, [T if r % 2 else 0 for r in range(R)], E, K, seed), None
+    if name == "replicated":  # a shuffled placement with expert 0 on every rank
+        g = torch.Generator().manual_seed(seed)
+        free = [(r, lo) for r in range(R) for lo in range(L + 1) if lo != L]
+        order = torch.randperm(len(free), generator=g).tolist()
+        table = [[(r, L) for r in range(R)]] + [[free[i]] for i in order[: E - 1]]
+        return hot_expert(R, T, E, K, 0.5, seed, hot=0), Placement.from_slots(R, L + 1, table)
+    raise ValueError(f"unknown edge case {name!r}; known: {', '.join(EDGE_CASES)}")

@@ -12,6 +12,31 @@ HOPPER = GPUTarget("cuda", 90, 32)
 NVSHMEM_BITCODE = os.environ.get("NVSHMEM_DEVICE_BC")
 
 
+_TORCH_TYPES = {
+    "torch.int32": "i32",
+    "torch.int64": "i64",
+    "torch.float32": "fp32",
+    "torch.float16": "fp16",
+    "torch.bfloat16": "bf16",
+    "torch.uint8": "u8",
+}
+
+
+def signature_of(args: dict[str, object]) -> dict[str, str]:
+    """Triton types of example arguments: tensors -> pointers, ints -> i32 / i64."""
+    sig = {}
+    for name, value in args.items():
+        if hasattr(value, "dtype") and hasattr(value, "data_ptr"):
+            sig[name] = "*" + _TORCH_TYPES[str(value.dtype)]
+        elif isinstance(value, bool):
+            raise TypeError(f"{name}: pass bools as constexprs")
+        elif isinstance(value, int):
+            sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        else:
+            raise TypeError(f"{name}: no Triton type for {type(value).__name__}")
+    return sig
+
+
 def compile_sm90(
     fn, signature: dict[str, str], constexprs: dict[str, object], divisible=(), **options
 ):
