@@ -360,6 +360,45 @@ def _publish_counts(
     tl.atomic_xchg(ready, tl.cast(epoch, tl.int64), mask=d < R, sem="release", scope="sys")
 
 
+@triton.jit
+def _count_block(
+    ids_ptr,
+    replica_ptr,
+    num_replicas_ptr,
+    on_rank_ptr,
+    phys_ptr,
+    block_hist_ptr,
+    block,
+    T,
+    K: tl.constexpr,
+    L: tl.constexpr,
+    KP: tl.constexpr,
+    PP: tl.constexpr,
+    BT: tl.constexpr,
+    MAXREP: tl.constexpr,
+    TOKEN_SAVING: tl.constexpr,
+):
+    """Resolve one block of tokens to physical slots and store its slot / unit histograms."""
+    t0 = block * BT
+    phys = _resolve_block(
+        ids_ptr, replica_ptr, num_replicas_ptr, on_rank_ptr, t0, T, K, KP, BT, MAXREP
+    )
+    t = t0 + tl.arange(0, BT)[:, None]
+    k = tl.arange(0, KP)[None, :]
+    tl.store(phys_ptr + t * K + k, phys, mask=(t < T) & (k < K))
+    valid = phys >= 0
+    if TOKEN_SAVING:
+        units = _first_slots(phys, L)
+    else:
+        units = valid
+    flat = tl.reshape(tl.where(valid, phys, 0), [BT * KP])
+    h_all = tl.histogram(flat, PP, mask=tl.reshape(valid, [BT * KP]))
+    h_units = tl.histogram(flat, PP, mask=tl.reshape(units, [BT * KP]))
+    p = tl.arange(0, PP)
+    tl.store(block_hist_ptr + (block * 2) * PP + p, h_all)
+    tl.store(block_hist_ptr + (block * 2 + 1) * PP + p, h_units)
+
+
 @triton.jit(do_not_specialize=["rank", "T"])
 def plan_count_kernel(
     ids_ptr,  # [T, K] int32 logical experts, -1 dropped
@@ -388,24 +427,27 @@ def plan_count_kernel(
     TOKEN_SAVING: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    t0 = pid * BT
-    phys = _resolve_block(
-        ids_ptr, replica_ptr, num_replicas_ptr, on_rank_ptr, t0, T, K, KP, BT, MAXREP
-    )
-    t = t0 + tl.arange(0, BT)[:, None]
-    k = tl.arange(0, KP)[None, :]
-    tl.store(phys_ptr + t * K + k, phys, mask=(t < T) & (k < K))
-    valid = phys >= 0
-    if TOKEN_SAVING:
-        units = _first_slots(phys, L)
-    else:
-        units = valid
-    flat = tl.reshape(phys, [BT * KP])
-    h_all = tl.histogram(tl.where(flat >= 0, flat, 0), PP, mask=tl.reshape(valid, [BT * KP]))
-    h_units = tl.histogram(tl.where(flat >= 0, flat, 0), PP, mask=tl.reshape(units, [BT * KP]))
-    p = tl.arange(0, PP)
-    tl.store(block_hist_ptr + (pid * 2) * PP + p, h_all)
-    tl.store(block_hist_ptr + (pid * 2 + 1) * PP + p, h_units)
+    num_blocks = tl.maximum(tl.cdiv(T, BT), 1)
+    block = pid
+    while block < num_blocks:  # persistent: the grid may be smaller than the block count
+        _count_block(
+            ids_ptr,
+            replica_ptr,
+            num_replicas_ptr,
+            on_rank_ptr,
+            phys_ptr,
+            block_hist_ptr,
+            block,
+            T,
+            K,
+            L,
+            KP,
+            PP,
+            BT,
+            MAXREP,
+            TOKEN_SAVING,
+        )
+        block += tl.num_programs(0)
     tl.debug_barrier()  # this program's histogram stores before its arrival below
     ticket = tl.atomic_add(arrive_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == tl.num_programs(0) - 1:
@@ -419,7 +461,7 @@ def plan_count_kernel(
             ready_base,
             rank,
             epoch,
-            tl.num_programs(0),
+            num_blocks,
             R,
             R * L,
             RP,
@@ -665,6 +707,77 @@ def _task_table(
     return num_units, num_dispatch
 
 
+@triton.jit
+def _receiver_item(
+    all_counts,
+    all_counts_ptr,
+    recv_offset_ptr,
+    expert_start_ptr,
+    expert_rows_ptr,
+    tiles_ptr,
+    tasks_ptr,
+    send_units_ptr,
+    totals_ptr,
+    stats_ptr,
+    rank,
+    max_units,
+    max_dispatch,
+    max_tiles,
+    R: tl.constexpr,
+    L: tl.constexpr,
+    RP: tl.constexpr,
+    LP: tl.constexpr,
+    PP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CHUNK: tl.constexpr,
+    TB: tl.constexpr,
+):
+    """This rank as receiver: count table copy, receive offsets, tile and task tables, stats."""
+    P: tl.constexpr = R * L
+    s = tl.arange(0, RP)
+    p = tl.arange(0, PP)
+    in_table = (s[:, None] < R) & (p[None, :] < P)
+    tl.store(all_counts_ptr + s[:, None] * P + p[None, :], all_counts, mask=in_table)
+    tl.debug_barrier()  # the table copy is read back by the receiver tables
+    start, rows = _recv_tables(
+        all_counts_ptr, recv_offset_ptr, expert_start_ptr, expert_rows_ptr, rank, R, L, RP, LP
+    )
+    tl.debug_barrier()  # recv_offset is read back by the tile table
+    num_tiles = _tile_table(
+        tiles_ptr,
+        all_counts_ptr,
+        recv_offset_ptr,
+        start,
+        rows,
+        rank,
+        max_tiles,
+        R,
+        L,
+        RP,
+        LP,
+        BLOCK_M,
+        TB,
+    )
+    num_units, num_dispatch = _task_table(
+        tasks_ptr,
+        send_units_ptr,
+        totals_ptr,
+        num_tiles,
+        max_dispatch,
+        max_tiles,
+        max_units,
+        R,
+        L,
+        PP,
+        CHUNK,
+        TB,
+    )
+    tl.store(stats_ptr + 0, num_units)
+    tl.store(stats_ptr + 1, tl.sum(rows, 0))
+    tl.store(stats_ptr + 2, num_tiles)
+    tl.store(stats_ptr + 3, num_dispatch)
+
+
 @triton.jit(do_not_specialize=["rank", "T", "capacity", "timeout_ns"])
 def plan_layout_kernel(
     phys_ptr,  # [T, K] int32 (from plan_count_kernel)
@@ -727,70 +840,58 @@ def plan_layout_kernel(
             worst_rank = tl.argmax(tl.where(d < R, recv_total, 0), 0)
             report_overflow(err_ptr, rank, worst_rank, worst, capacity, epoch)
         return
-    num_blocks = tl.num_programs(0) - 1
-    if pid < num_blocks:
-        _layout_block(
-            phys_ptr,
-            block_prefix_ptr,
-            totals_ptr,
-            slot_pos_ptr,
-            data_pos_ptr,
-            first_at_ptr,
-            send_units_ptr,
-            all_counts,
-            rank,
-            pid,
-            T,
-            K,
-            R,
-            L,
-            KP,
-            RP,
-            PP,
-            BT,
-            CT,
-            TOKEN_SAVING,
-        )
-    else:
-        tl.store(all_counts_ptr + s[:, None] * P + p[None, :], all_counts, mask=in_table)
-        tl.debug_barrier()  # the table copy is read back by the receiver tables
-        start, rows = _recv_tables(
-            all_counts_ptr, recv_offset_ptr, expert_start_ptr, expert_rows_ptr, rank, R, L, RP, LP
-        )
-        tl.debug_barrier()  # recv_offset is read back by the tile table
-        num_tiles = _tile_table(
-            tiles_ptr,
-            all_counts_ptr,
-            recv_offset_ptr,
-            start,
-            rows,
-            rank,
-            max_tiles,
-            R,
-            L,
-            RP,
-            LP,
-            BLOCK_M,
-            TB,
-        )
-        num_units, num_dispatch = _task_table(
-            tasks_ptr,
-            send_units_ptr,
-            totals_ptr,
-            num_tiles,
-            max_dispatch,
-            max_tiles,
-            max_units,
-            R,
-            L,
-            PP,
-            CHUNK,
-            TB,
-        )
-        tl.store(stats_ptr + 0, num_units)
-        tl.store(stats_ptr + 1, tl.sum(rows, 0))
-        tl.store(stats_ptr + 2, num_tiles)
-        tl.store(stats_ptr + 3, num_dispatch)
+    num_blocks = tl.maximum(tl.cdiv(T, BT), 1)
+    item = pid
+    while item < num_blocks + 1:  # persistent; item 0: receiver tables, item b + 1: block b
+        if item == 0:
+            _receiver_item(
+                all_counts,
+                all_counts_ptr,
+                recv_offset_ptr,
+                expert_start_ptr,
+                expert_rows_ptr,
+                tiles_ptr,
+                tasks_ptr,
+                send_units_ptr,
+                totals_ptr,
+                stats_ptr,
+                rank,
+                max_units,
+                max_dispatch,
+                max_tiles,
+                R,
+                L,
+                RP,
+                LP,
+                PP,
+                BLOCK_M,
+                CHUNK,
+                TB,
+            )
+        else:
+            _layout_block(
+                phys_ptr,
+                block_prefix_ptr,
+                totals_ptr,
+                slot_pos_ptr,
+                data_pos_ptr,
+                first_at_ptr,
+                send_units_ptr,
+                all_counts,
+                rank,
+                item - 1,
+                T,
+                K,
+                R,
+                L,
+                KP,
+                RP,
+                PP,
+                BT,
+                CT,
+                TOKEN_SAVING,
+            )
+        item += tl.num_programs(0)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -860,6 +961,10 @@ class PlanWorkspace:
         # this rank's call counter on the device: the epoch of its current call
         self.epoch = {r: torch.zeros(1, dtype=torch.int64, device=dev) for r in world.local_ranks}
         self.calls = 0  # host mirror, counted by run()
+        # NOTE: both kernels are persistent with at most one program per SM of this rank's share:
+        # the layout kernel spins on peers' counts, and in the emulated world a grid larger than
+        # the rank's share could keep a peer's count kernel from ever being scheduled.
+        self.max_programs = world.sms_per_rank
 
     def phases(self) -> list[int]:
         return [0, 1]
