@@ -979,16 +979,7 @@ class PlanWorkspace:
         NOTE: the epoch lives in device memory and is bumped on the rank's stream, so a captured
         CUDA graph replays with a fresh epoch each time and flags are never reset.
         """
-        if validate:
-            check_routing(
-                topk_ids,
-                None,
-                num_experts=self.placement.num_experts,
-                topk=self.cfg.topk,
-                max_tokens=self.cfg.max_tokens,
-                device=self.world.device,
-            )
-        topk_ids = topk_ids.to(torch.int32).contiguous()
+        topk_ids = self._prepare(topk_ids, validate)
         T = topk_ids.shape[0]
         self.num_tokens[rank] = T
         if phase in (None, 0):
@@ -1002,6 +993,18 @@ class PlanWorkspace:
 
     def _grid(self, T: int) -> tuple[int]:
         return (max(1, triton.cdiv(T, self.cfg.tokens_per_block)),)
+
+    def _prepare(self, topk_ids: torch.Tensor, validate: bool) -> torch.Tensor:
+        if validate:
+            check_routing(
+                topk_ids,
+                None,
+                num_experts=self.placement.num_experts,
+                topk=self.cfg.topk,
+                max_tokens=self.cfg.max_tokens,
+                device=self.world.device,
+            )
+        return topk_ids.to(torch.int32).contiguous()
 
     def _count_meta(self) -> dict[str, int | bool]:
         return dict(self.cfg.meta(), MAXREP=self.replicas.shape[1])
@@ -1070,13 +1073,18 @@ class PlanWorkspace:
             )
             count._init_handles()
             layout._init_handles()
+            self.epoch[r].add_(0)  # loads the epoch bump's module too
 
     def run(self, topk_ids: dict[int, torch.Tensor], validate: bool = True) -> None:
         """Plan the next call on every local rank (``topk_ids[rank] [T, K]``): one launch pair
         per rank where ranks run concurrently, else every rank's count phase, then every rank's
         layout phase (the CPU interpreter)."""
+        # NOTE: every rank's inputs are checked and converted before any rank launches: a torch
+        # op launched while a peer's kernel spins can stall on a lazy module load until the
+        # peer's wait times out.
+        ready = {r: self._prepare(topk_ids[r], validate) for r in self.world.local_ranks}
         for phase in [None] if self.world.concurrent else self.phases():
-            self.world.run_ranks(lambda r, p=phase: self.launch(r, topk_ids[r], p, validate))
+            self.world.run_ranks(lambda r, p=phase: self.launch(r, ready[r], p, validate=False))
         self.calls += 1
 
     def plan(self, rank: int) -> Plan:
