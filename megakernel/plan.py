@@ -1076,14 +1076,18 @@ class PlanWorkspace:
             self.epoch[r].add_(0)  # loads the epoch bump's module too
 
     def run(self, topk_ids: dict[int, torch.Tensor], validate: bool = True) -> None:
-        """Plan the next call on every local rank (``topk_ids[rank] [T, K]``): one launch pair
-        per rank where ranks run concurrently, else every rank's count phase, then every rank's
-        layout phase (the CPU interpreter)."""
+        """Plan the next call on every local rank (``topk_ids[rank] [T, K]``): every rank's count
+        kernel, then every rank's layout kernel (each still waits on its peers' counts).
+
+        NOTE: phase order matters in the emulated CUDA world: with 8 ranks on one H100, once
+        five ranks' layout kernels spun, the remaining ranks' count grids were never scheduled
+        (seen 2026-11-23; more hardware queues did not help), so no kernel is launched behind a
+        spinning peer. The NVSHMEM world runs one rank per process and is not affected."""
         # NOTE: every rank's inputs are checked and converted before any rank launches: a torch
         # op launched while a peer's kernel spins can stall on a lazy module load until the
         # peer's wait times out.
         ready = {r: self._prepare(topk_ids[r], validate) for r in self.world.local_ranks}
-        for phase in [None] if self.world.concurrent else self.phases():
+        for phase in self.phases():
             self.world.run_ranks(lambda r, p=phase: self.launch(r, ready[r], p, validate=False))
         self.calls += 1
 
