@@ -55,7 +55,8 @@ def bench(shape_name: str, T: int, R: int, case: str, token_saving: bool) -> dic
     shape = preset(shape_name)
     E, K = shape.num_experts, shape.topk
     placement = Placement.contiguous(E, R)
-    cfg = PlanConfig(R, E // R, K, max_tokens=T, capacity=2 * T * K, token_saving=token_saving)
+    # capacity for the worst case (every row to one rank): skewed routings must not overflow
+    cfg = PlanConfig(R, E // R, K, max_tokens=T, capacity=R * T * K, token_saving=token_saving)
     rt, _ = routing.edge_case(case, R, T, E, K, seed=1)
     with EmulatedWorld(R, "cuda") as world:
         ws = PlanWorkspace(world, cfg, placement)
