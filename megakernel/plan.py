@@ -53,9 +53,11 @@ _GEMM1 = tl.constexpr(KIND_GEMM1)
 TASK_COLS = 4  # (kind, a, b, c): dispatch (group, unit start, unit count); gemm (tile, -, -)
 TILE_COLS = 5  # (local slot, first row, rows, src_lo, src_hi); -1 local slot = empty
 STATS = ("num_units", "num_recv", "num_tiles", "num_dispatch_tasks")
-BLOCK_ELEMS = 512  # (token, k) pairs per program of the plan kernels
+BLOCK_ELEMS = 512  # (token, k) pairs per token block of the plan kernels
 CHUNK_ELEMS = 64  # (token, k) pairs ranked at once: a [64, 64] compare stays in registers
-TABLE_BLOCK = 128  # tile/task table rows written per loop step
+TABLE_BLOCK = 128  # tile/task table rows per table item
+PAD_BLOCK = 1024  # send_units entries padded per item
+PROGRAMS_PER_SM = 4  # plan programs per SM of a rank's share (see PlanWorkspace.max_programs)
 
 
 def _pow2(n: int) -> int:
@@ -137,6 +139,7 @@ class PlanConfig:
             BLOCK_M=self.block_m,
             CHUNK=self.chunk,
             TB=TABLE_BLOCK,
+            TBP=PAD_BLOCK,
         )
 
 
@@ -332,20 +335,25 @@ def _publish_counts(
     P: tl.constexpr,
     RP: tl.constexpr,
     PP: tl.constexpr,
+    BCH: tl.constexpr,
 ):
     """Last program out: block prefixes, totals, then counts into every peer + counts_ready."""
     p = tl.arange(0, PP)
     run_all = tl.zeros([PP], tl.int32)
     run_units = tl.zeros([PP], tl.int32)
-    b = 0
-    while b < num_blocks:  # not range(): num_blocks comes from num_programs (interpreter)
-        h_all = tl.load(block_hist_ptr + (b * 2) * PP + p)
-        h_units = tl.load(block_hist_ptr + (b * 2 + 1) * PP + p)
-        tl.store(block_prefix_ptr + (b * 2) * PP + p, run_all)
-        tl.store(block_prefix_ptr + (b * 2 + 1) * PP + p, run_units)
-        run_all += h_all
-        run_units += h_units
-        b += 1
+    b0 = 0
+    while b0 < num_blocks:  # BCH blocks at a time: one [BCH, PP] cumsum instead of a serial walk
+        b = b0 + tl.arange(0, BCH)[:, None]
+        live = (b < num_blocks) & (p[None, :] < PP)
+        h_all = tl.load(block_hist_ptr + (b * 2) * PP + p[None, :], mask=live, other=0)
+        h_units = tl.load(block_hist_ptr + (b * 2 + 1) * PP + p[None, :], mask=live, other=0)
+        pre_all = run_all[None, :] + tl.cumsum(h_all, 0) - h_all
+        pre_units = run_units[None, :] + tl.cumsum(h_units, 0) - h_units
+        tl.store(block_prefix_ptr + (b * 2) * PP + p[None, :], pre_all, mask=live)
+        tl.store(block_prefix_ptr + (b * 2 + 1) * PP + p[None, :], pre_units, mask=live)
+        run_all += tl.sum(h_all, 0)
+        run_units += tl.sum(h_units, 0)
+        b0 += BCH
     tl.store(totals_ptr + p, run_all)
     tl.store(totals_ptr + PP + p, run_units)
     d = tl.arange(0, RP)
@@ -466,6 +474,7 @@ def plan_count_kernel(
             R * L,
             RP,
             PP,
+            16,
         )
 
 
@@ -565,161 +574,198 @@ def _layout_block(
 
 
 @triton.jit
-def _recv_tables(
-    all_counts_ptr,
-    recv_offset_ptr,
-    expert_start_ptr,
-    expert_rows_ptr,
-    rank,
-    R: tl.constexpr,
-    L: tl.constexpr,
-    RP: tl.constexpr,
-    LP: tl.constexpr,
+def _slot_rows(
+    counts_ptr, parity, rank, R: tl.constexpr, L: tl.constexpr, RP: tl.constexpr, LP: tl.constexpr
 ):
-    """This rank as receiver: [L, R] first row of each (local slot, source rank) block."""
+    """[LP, RP] rows this rank receives per (local slot, source rank), from the count table."""
     P: tl.constexpr = R * L
     local = tl.arange(0, LP)[:, None]
     s = tl.arange(0, RP)[None, :]
     inside = (local < L) & (s < R)
-    cnt = tl.load(all_counts_ptr + s * P + rank * L + local, mask=inside, other=0)  # [LP, RP]
-    flat = tl.reshape(cnt, [LP * RP])
-    offset = tl.reshape(_exclusive_cumsum(flat), [LP, RP])
-    tl.store(recv_offset_ptr + local * R + s, offset, mask=inside)
-    rows = tl.sum(cnt, 1)
-    start = tl.sum(tl.where(s == 0, offset, 0), 1)
-    lo = tl.arange(0, LP)
-    tl.store(expert_rows_ptr + lo, rows, mask=lo < L)
-    tl.store(expert_start_ptr + lo, start, mask=lo < L)
-    return start, rows
+    return tl.load(counts_ptr + (parity * R + s) * P + rank * L + local, mask=inside, other=0)
 
 
 @triton.jit
-def _tile_table(
-    tiles_ptr,
-    all_counts_ptr,
-    recv_offset_ptr,
-    expert_start,
-    expert_rows,
-    rank,
-    max_tiles,
-    R: tl.constexpr,
-    L: tl.constexpr,
-    RP: tl.constexpr,
-    LP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    TB: tl.constexpr,
-):
-    """Tiles of BLOCK_M rows per local slot, in slot order; returns how many there are."""
-    P: tl.constexpr = R * L
-    lo = tl.arange(0, LP)
-    n_tiles = tl.where(lo < L, tl.cdiv(expert_rows, BLOCK_M), 0)
-    tile_end = tl.cumsum(n_tiles, 0)
-    tile_begin = tile_end - n_tiles
-    num_tiles = tl.sum(n_tiles, 0)
-    s = tl.arange(0, RP)[None, :]
-    c = 0
-    while c * TB < max_tiles:  # not range(): runtime bounds (interpreter)
-        i = c * TB + tl.arange(0, TB)
-        local = tl.sum(((tile_end[None, :] <= i[:, None]) & (lo[None, :] < L)).to(tl.int32), 1)
-        local = tl.minimum(local, L - 1)
-        m = i - tl.gather(tile_begin, local, 0)
-        row0 = tl.gather(expert_start, local, 0) + m * BLOCK_M
-        rows = tl.minimum(BLOCK_M, tl.gather(expert_rows, local, 0) - m * BLOCK_M)
-        in_r = s < R
-        off = tl.load(recv_offset_ptr + local[:, None] * R + s, mask=in_r, other=0)
-        cnt = tl.load(all_counts_ptr + s * P + rank * L + local[:, None], mask=in_r, other=0)
-        ends = tl.where(in_r, off + cnt, 2147483647)
-        src_lo = tl.sum((ends <= row0[:, None]).to(tl.int32), 1)
-        src_hi = tl.sum((ends <= (row0 + rows - 1)[:, None]).to(tl.int32), 1)
-        live = i < num_tiles
-        row = tiles_ptr + i * 5
-        inside = i < max_tiles
-        tl.store(row + 0, tl.where(live, local, -1), mask=inside)
-        tl.store(row + 1, tl.where(live, row0, 0), mask=inside)
-        tl.store(row + 2, tl.where(live, rows, 0), mask=inside)
-        tl.store(row + 3, tl.where(live, src_lo, 0), mask=inside)
-        tl.store(row + 4, tl.where(live, src_hi, 0), mask=inside)
-        c += 1
-    return num_tiles
-
-
-@triton.jit
-def _task_table(
-    tasks_ptr,
-    send_units_ptr,
-    totals_ptr,
-    num_tiles,
-    max_dispatch,
-    max_tiles,
-    max_units,
-    R: tl.constexpr,
-    L: tl.constexpr,
-    PP: tl.constexpr,
-    CHUNK: tl.constexpr,
-    TB: tl.constexpr,
-):
-    """Dispatch tasks (chunks of each group's units, groups in send order), then GEMM tiles;
-    NOPs pad both regions. Also pads send_units with -1. Returns (units, dispatch tasks)."""
+def _group_units(totals_ptr, R: tl.constexpr, L: tl.constexpr, PP: tl.constexpr):
+    """[PP] units this rank sends per group g = local * R + dst (0 past G)."""
     P: tl.constexpr = R * L
     g = tl.arange(0, PP)
     units_p = tl.load(totals_ptr + PP + g)
-    units_g = tl.where(g < P, tl.gather(units_p, tl.where(g < P, (g % R) * L + g // R, 0), 0), 0)
-    unit_base = _exclusive_cumsum(units_g)
-    num_units = tl.sum(units_g, 0)
-    n_chunks = tl.cdiv(units_g, CHUNK)
-    chunk_end = tl.cumsum(n_chunks, 0)
-    chunk_begin = chunk_end - n_chunks
-    num_dispatch = tl.sum(n_chunks, 0)
-    c = 0
-    while c * TB < max_dispatch:  # not range(): runtime bounds (interpreter)
-        i = c * TB + tl.arange(0, TB)
-        grp = tl.sum(((chunk_end[None, :] <= i[:, None]) & (g[None, :] < P)).to(tl.int32), 1)
-        grp = tl.minimum(grp, P - 1)
-        m = i - tl.gather(chunk_begin, grp, 0)
-        start = tl.gather(unit_base, grp, 0) + m * CHUNK
-        count = tl.minimum(CHUNK, tl.gather(units_g, grp, 0) - m * CHUNK)
-        live = i < num_dispatch
-        row = tasks_ptr + i * 4
-        inside = i < max_dispatch
-        tl.store(row + 0, tl.where(live, _DISPATCH, 0), mask=inside)
-        tl.store(row + 1, tl.where(live, grp, 0), mask=inside)
-        tl.store(row + 2, tl.where(live, start, 0), mask=inside)
-        tl.store(row + 3, tl.where(live, count, 0), mask=inside)
-        c += 1
-    c = 0
-    while c * TB < max_tiles:  # not range(): runtime bounds (interpreter)
-        i = c * TB + tl.arange(0, TB)
-        live = i < num_tiles
-        row = tasks_ptr + (max_dispatch + i) * 4
-        inside = i < max_tiles
-        tl.store(row + 0, tl.where(live, _GEMM1, 0), mask=inside)
-        tl.store(row + 1, tl.where(live, i, 0), mask=inside)
-        tl.store(row + 2, tl.zeros([TB], tl.int32), mask=inside)
-        tl.store(row + 3, tl.zeros([TB], tl.int32), mask=inside)
-        c += 1
-    c = 0
-    while c * TB < max_units:  # not range(): runtime bounds (interpreter)
-        i = c * TB + tl.arange(0, TB)
-        tl.store(
-            send_units_ptr + i, tl.full([TB], -1, tl.int32), mask=(i >= num_units) & (i < max_units)
-        )
-        c += 1
-    return num_units, num_dispatch
+    return tl.where(g < P, tl.gather(units_p, tl.where(g < P, (g % R) * L + g // R, 0), 0), 0)
 
 
 @triton.jit
-def _receiver_item(
+def _summary_item(
+    cnt,
     all_counts,
     all_counts_ptr,
     recv_offset_ptr,
     expert_start_ptr,
     expert_rows_ptr,
+    stats_ptr,
+    totals_ptr,
+    R: tl.constexpr,
+    L: tl.constexpr,
+    RP: tl.constexpr,
+    LP: tl.constexpr,
+    PP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """The count table copy, receive offsets, per-slot rows and the call's stats."""
+    P: tl.constexpr = R * L
+    s = tl.arange(0, RP)
+    p = tl.arange(0, PP)
+    in_table = (s[:, None] < R) & (p[None, :] < P)
+    tl.store(all_counts_ptr + s[:, None] * P + p[None, :], all_counts, mask=in_table)
+    offset = tl.reshape(_exclusive_cumsum(tl.reshape(cnt, [LP * RP])), [LP, RP])
+    local = tl.arange(0, LP)
+    tl.store(
+        recv_offset_ptr + local[:, None] * R + s[None, :],
+        offset,
+        mask=(local[:, None] < L) & (s[None, :] < R),
+    )
+    rows = tl.sum(cnt, 1)
+    tl.store(expert_rows_ptr + local, rows, mask=local < L)
+    tl.store(expert_start_ptr + local, _exclusive_cumsum(rows), mask=local < L)
+    units_g = _group_units(totals_ptr, R, L, PP)
+    tl.store(stats_ptr + 0, tl.sum(units_g, 0))
+    tl.store(stats_ptr + 1, tl.sum(rows, 0))
+    tl.store(stats_ptr + 2, tl.sum(tl.cdiv(rows, BLOCK_M), 0))
+    tl.store(stats_ptr + 3, tl.sum(tl.cdiv(units_g, CHUNK), 0))
+
+
+@triton.jit
+def _tile_chunk(
+    c,
+    cnt,
+    counts_ptr,
+    parity,
+    rank,
+    tiles_ptr,
+    max_tiles,
+    R: tl.constexpr,
+    L: tl.constexpr,
+    RP: tl.constexpr,
+    LP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TB: tl.constexpr,
+):
+    """Tile table rows [c * TB, (c + 1) * TB): BLOCK_M rows per local slot, in slot order."""
+    rows_l = tl.sum(cnt, 1)
+    start_l = _exclusive_cumsum(rows_l)
+    n_tiles = tl.cdiv(rows_l, BLOCK_M)
+    tile_end = tl.cumsum(n_tiles, 0)
+    lo = tl.arange(0, LP)
+    i = c * TB + tl.arange(0, TB)
+    local = tl.sum(((tile_end[None, :] <= i[:, None]) & (lo[None, :] < L)).to(tl.int32), 1)
+    local = tl.minimum(local, L - 1)
+    m = i - tl.gather(tile_end - n_tiles, local, 0)
+    row0 = tl.gather(start_l, local, 0) + m * BLOCK_M
+    rows = tl.minimum(BLOCK_M, tl.gather(rows_l, local, 0) - m * BLOCK_M)
+    # source blocks of this slot end at start + inclusive cumsum of its per-source rows
+    # NOTE: loaded from the (read-only) count table: a 2-D tl.gather hits a Triton 3.6 assertion
+    s = tl.arange(0, RP)[None, :]
+    cnt_ptrs = counts_ptr + (parity * R + s) * (R * L) + rank * L + local[:, None]
+    cnt_rows = tl.load(cnt_ptrs, mask=s < R, other=0)  # [TB, RP]
+    ends = row0[:, None] - m[:, None] * BLOCK_M + tl.cumsum(cnt_rows, 1)
+    src_lo = tl.sum((ends <= row0[:, None]).to(tl.int32), 1)
+    src_hi = tl.sum((ends <= (row0 + rows - 1)[:, None]).to(tl.int32), 1)
+    live = i < tl.sum(n_tiles, 0)
+    row = tiles_ptr + i * 5
+    inside = i < max_tiles
+    tl.store(row + 0, tl.where(live, local, -1), mask=inside)
+    tl.store(row + 1, tl.where(live, row0, 0), mask=inside)
+    tl.store(row + 2, tl.where(live, rows, 0), mask=inside)
+    tl.store(row + 3, tl.where(live, src_lo, 0), mask=inside)
+    tl.store(row + 4, tl.where(live, src_hi, 0), mask=inside)
+
+
+@triton.jit
+def _dispatch_chunk(
+    c,
+    totals_ptr,
+    tasks_ptr,
+    max_dispatch,
+    R: tl.constexpr,
+    L: tl.constexpr,
+    PP: tl.constexpr,
+    CHUNK: tl.constexpr,
+    TB: tl.constexpr,
+):
+    """Dispatch task rows [c * TB, (c + 1) * TB): chunks of each group's units, groups in send
+    order; NOPs past the last."""
+    P: tl.constexpr = R * L
+    g = tl.arange(0, PP)
+    units_g = _group_units(totals_ptr, R, L, PP)
+    n_chunks = tl.cdiv(units_g, CHUNK)
+    chunk_end = tl.cumsum(n_chunks, 0)
+    i = c * TB + tl.arange(0, TB)
+    grp = tl.sum(((chunk_end[None, :] <= i[:, None]) & (g[None, :] < P)).to(tl.int32), 1)
+    grp = tl.minimum(grp, P - 1)
+    m = i - tl.gather(chunk_end - n_chunks, grp, 0)
+    start = tl.gather(_exclusive_cumsum(units_g), grp, 0) + m * CHUNK
+    count = tl.minimum(CHUNK, tl.gather(units_g, grp, 0) - m * CHUNK)
+    live = i < tl.sum(n_chunks, 0)
+    row = tasks_ptr + i * 4
+    inside = i < max_dispatch
+    tl.store(row + 0, tl.where(live, _DISPATCH, 0), mask=inside)
+    tl.store(row + 1, tl.where(live, grp, 0), mask=inside)
+    tl.store(row + 2, tl.where(live, start, 0), mask=inside)
+    tl.store(row + 3, tl.where(live, count, 0), mask=inside)
+
+
+@triton.jit
+def _gemm_chunk(
+    c, cnt, tasks_ptr, max_dispatch, max_tiles, BLOCK_M: tl.constexpr, TB: tl.constexpr
+):
+    """GEMM task rows: one per tile, after the dispatch region; NOPs past the last tile."""
+    num_tiles = tl.sum(tl.cdiv(tl.sum(cnt, 1), BLOCK_M), 0)
+    i = c * TB + tl.arange(0, TB)
+    live = i < num_tiles
+    row = tasks_ptr + (max_dispatch + i) * 4
+    inside = i < max_tiles
+    tl.store(row + 0, tl.where(live, _GEMM1, 0), mask=inside)
+    tl.store(row + 1, tl.where(live, i, 0), mask=inside)
+    tl.store(row + 2, tl.zeros([TB], tl.int32), mask=inside)
+    tl.store(row + 3, tl.zeros([TB], tl.int32), mask=inside)
+
+
+@triton.jit
+def _pad_chunk(
+    c,
+    totals_ptr,
+    send_units_ptr,
+    max_units,
+    R: tl.constexpr,
+    L: tl.constexpr,
+    PP: tl.constexpr,
+    TBP: tl.constexpr,
+):
+    """send_units past the last unit hold -1."""
+    num_units = tl.sum(_group_units(totals_ptr, R, L, PP), 0)
+    i = c * TBP + tl.arange(0, TBP)
+    tl.store(
+        send_units_ptr + i, tl.full([TBP], -1, tl.int32), mask=(i >= num_units) & (i < max_units)
+    )
+
+
+@triton.jit
+def _table_item(
+    j,
+    counts_ptr,
+    all_counts,
+    parity,
+    rank,
+    all_counts_ptr,
+    recv_offset_ptr,
+    expert_start_ptr,
+    expert_rows_ptr,
+    stats_ptr,
+    totals_ptr,
     tiles_ptr,
     tasks_ptr,
     send_units_ptr,
-    totals_ptr,
-    stats_ptr,
-    rank,
     max_units,
     max_dispatch,
     max_tiles,
@@ -731,51 +777,43 @@ def _receiver_item(
     BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr,
     TB: tl.constexpr,
+    TBP: tl.constexpr,
 ):
-    """This rank as receiver: count table copy, receive offsets, tile and task tables, stats."""
-    P: tl.constexpr = R * L
-    s = tl.arange(0, RP)
-    p = tl.arange(0, PP)
-    in_table = (s[:, None] < R) & (p[None, :] < P)
-    tl.store(all_counts_ptr + s[:, None] * P + p[None, :], all_counts, mask=in_table)
-    tl.debug_barrier()  # the table copy is read back by the receiver tables
-    start, rows = _recv_tables(
-        all_counts_ptr, recv_offset_ptr, expert_start_ptr, expert_rows_ptr, rank, R, L, RP, LP
-    )
-    tl.debug_barrier()  # recv_offset is read back by the tile table
-    num_tiles = _tile_table(
-        tiles_ptr,
-        all_counts_ptr,
-        recv_offset_ptr,
-        start,
-        rows,
-        rank,
-        max_tiles,
-        R,
-        L,
-        RP,
-        LP,
-        BLOCK_M,
-        TB,
-    )
-    num_units, num_dispatch = _task_table(
-        tasks_ptr,
-        send_units_ptr,
-        totals_ptr,
-        num_tiles,
-        max_dispatch,
-        max_tiles,
-        max_units,
-        R,
-        L,
-        PP,
-        CHUNK,
-        TB,
-    )
-    tl.store(stats_ptr + 0, num_units)
-    tl.store(stats_ptr + 1, tl.sum(rows, 0))
-    tl.store(stats_ptr + 2, num_tiles)
-    tl.store(stats_ptr + 3, num_dispatch)
+    """Receiver-side table item j: 0 summary, then tile chunks, dispatch-task chunks, GEMM-task
+    chunks and send_units padding chunks. Items are independent, so any program can take any."""
+    cnt = _slot_rows(counts_ptr, parity, rank, R, L, RP, LP)
+    n_tile = tl.cdiv(max_tiles, TB)
+    n_disp = tl.cdiv(max_dispatch, TB)
+    if j == 0:
+        _summary_item(
+            cnt,
+            all_counts,
+            all_counts_ptr,
+            recv_offset_ptr,
+            expert_start_ptr,
+            expert_rows_ptr,
+            stats_ptr,
+            totals_ptr,
+            R,
+            L,
+            RP,
+            LP,
+            PP,
+            BLOCK_M,
+            CHUNK,
+        )
+    elif j - 1 < n_tile:
+        _tile_chunk(
+            j - 1, cnt, counts_ptr, parity, rank, tiles_ptr, max_tiles, R, L, RP, LP, BLOCK_M, TB
+        )
+    elif j - 1 - n_tile < n_disp:
+        _dispatch_chunk(j - 1 - n_tile, totals_ptr, tasks_ptr, max_dispatch, R, L, PP, CHUNK, TB)
+    elif j - 1 - n_tile - n_disp < n_tile:
+        _gemm_chunk(j - 1 - n_tile - n_disp, cnt, tasks_ptr, max_dispatch, max_tiles, BLOCK_M, TB)
+    else:
+        _pad_chunk(
+            j - 1 - 2 * n_tile - n_disp, totals_ptr, send_units_ptr, max_units, R, L, PP, TBP
+        )
 
 
 @triton.jit(do_not_specialize=["rank", "T", "capacity", "timeout_ns"])
@@ -818,6 +856,7 @@ def plan_layout_kernel(
     BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr,
     TB: tl.constexpr,
+    TBP: tl.constexpr,
 ):
     P: tl.constexpr = R * L
     pid = tl.program_id(0)
@@ -841,21 +880,49 @@ def plan_layout_kernel(
             report_overflow(err_ptr, rank, worst_rank, worst, capacity, epoch)
         return
     num_blocks = tl.maximum(tl.cdiv(T, BT), 1)
+    num_items = num_blocks + 1 + 2 * tl.cdiv(max_tiles, TB) + tl.cdiv(max_dispatch, TB)
+    num_items += tl.cdiv(max_units, TBP)
     item = pid
-    while item < num_blocks + 1:  # persistent; item 0: receiver tables, item b + 1: block b
-        if item == 0:
-            _receiver_item(
+    while item < num_items:  # persistent; token blocks first, then receiver-side table items
+        if item < num_blocks:
+            _layout_block(
+                phys_ptr,
+                block_prefix_ptr,
+                totals_ptr,
+                slot_pos_ptr,
+                data_pos_ptr,
+                first_at_ptr,
+                send_units_ptr,
                 all_counts,
+                rank,
+                item,
+                T,
+                K,
+                R,
+                L,
+                KP,
+                RP,
+                PP,
+                BT,
+                CT,
+                TOKEN_SAVING,
+            )
+        else:
+            _table_item(
+                item - num_blocks,
+                counts_ptr,
+                all_counts,
+                epoch % 2,
+                rank,
                 all_counts_ptr,
                 recv_offset_ptr,
                 expert_start_ptr,
                 expert_rows_ptr,
+                stats_ptr,
+                totals_ptr,
                 tiles_ptr,
                 tasks_ptr,
                 send_units_ptr,
-                totals_ptr,
-                stats_ptr,
-                rank,
                 max_units,
                 max_dispatch,
                 max_tiles,
@@ -867,29 +934,7 @@ def plan_layout_kernel(
                 BLOCK_M,
                 CHUNK,
                 TB,
-            )
-        else:
-            _layout_block(
-                phys_ptr,
-                block_prefix_ptr,
-                totals_ptr,
-                slot_pos_ptr,
-                data_pos_ptr,
-                first_at_ptr,
-                send_units_ptr,
-                all_counts,
-                rank,
-                item - 1,
-                T,
-                K,
-                R,
-                L,
-                KP,
-                RP,
-                PP,
-                BT,
-                CT,
-                TOKEN_SAVING,
+                TBP,
             )
         item += tl.num_programs(0)
 
@@ -961,10 +1006,10 @@ class PlanWorkspace:
         # this rank's call counter on the device: the epoch of its current call
         self.epoch = {r: torch.zeros(1, dtype=torch.int64, device=dev) for r in world.local_ranks}
         self.calls = 0  # host mirror, counted by run()
-        # NOTE: both kernels are persistent with at most one program per SM of this rank's share:
-        # the layout kernel spins on peers' counts, and in the emulated world a grid larger than
-        # the rank's share could keep a peer's count kernel from ever being scheduled.
-        self.max_programs = world.sms_per_rank
+        # NOTE: both kernels are persistent, with a few programs per SM of this rank's share.
+        # Layout programs spin on peers' counts, which is safe because run() launches every
+        # rank's count kernel before any layout kernel.
+        self.max_programs = PROGRAMS_PER_SM * world.sms_per_rank
 
     def phases(self) -> list[int]:
         return [0, 1]
@@ -982,17 +1027,18 @@ class PlanWorkspace:
         topk_ids = self._prepare(topk_ids, validate)
         T = topk_ids.shape[0]
         self.num_tokens[rank] = T
+        cfg = self.cfg
+        blocks = max(1, triton.cdiv(T, cfg.tokens_per_block))
         if phase in (None, 0):
             self.epoch[rank].add_(1)
-            plan_count_kernel[self._grid(T)](
-                *self._count_args(rank, topk_ids), **self._count_meta()
-            )
+            grid = (min(blocks, self.max_programs),)
+            plan_count_kernel[grid](*self._count_args(rank, topk_ids), **self._count_meta())
         if phase in (None, 1):
-            grid = (self._grid(T)[0] + 1,)
-            plan_layout_kernel[grid](*self._layout_args(rank, T), **self.cfg.layout_meta())
-
-    def _grid(self, T: int) -> tuple[int]:
-        return (max(1, triton.cdiv(T, self.cfg.tokens_per_block)),)
+            items = blocks + 1 + 2 * triton.cdiv(cfg.max_tiles, TABLE_BLOCK)
+            items += triton.cdiv(cfg.max_dispatch_tasks, TABLE_BLOCK)
+            items += triton.cdiv(cfg.max_units, PAD_BLOCK)
+            grid = (min(items, self.max_programs),)
+            plan_layout_kernel[grid](*self._layout_args(rank, T), **cfg.layout_meta())
 
     def _prepare(self, topk_ids: torch.Tensor, validate: bool) -> torch.Tensor:
         if validate:

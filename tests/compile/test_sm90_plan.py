@@ -21,7 +21,7 @@ def i64():
 
 
 @pytest.mark.parametrize("token_saving", [True, False])
-@pytest.mark.parametrize("R,L,K", [(8, 32, 8), (2, 4, 2), (4, 1, 1)])
+@pytest.mark.parametrize("R,L,K", [(8, 32, 8), (2, 4, 2), (4, 1, 1), (1, 16, 4)])
 def test_plan_kernels_compile(R, L, K, token_saving):
     cfg = PlanConfig(R, L, K, max_tokens=4096, capacity=8192 * K, token_saving=token_saving)
     meta = cfg.meta()
