@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -98,9 +99,8 @@ def main() -> None:
     for case in ("uniform", "zipf"):
         for saving in (True, False):
             rows.append(bench(args.preset, args.tokens, args.ranks, case, saving))
-    sha = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    sha = os.environ.get("GIT_SHA") or git.stdout.strip() or "unknown"  # no .git on the device
     meta = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
