@@ -1137,6 +1137,17 @@ class PlanWorkspace:
             self.world.run_ranks(lambda r, p=phase: self.launch(r, ready[r], p, validate=False))
         self.calls += 1
 
+    def mismatches(self, topk_ids: list[torch.Tensor]) -> dict[int, list[str]]:
+        """Check the last call against ``plan_ref``: ``topk_ids`` is every rank's routing (the
+        global view); returns, per local rank whose plan differs, the fields that differ."""
+        phys = resolve_all_ref([ids.cpu() for ids in topk_ids], self.placement)
+        wrong = {}
+        for r in self.world.local_ranks:
+            fields_off = plan_mismatches(self.plan(r), plan_ref(phys, self.cfg, r))
+            if fields_off:
+                wrong[r] = fields_off
+        return wrong
+
     def plan(self, rank: int) -> Plan:
         """Views of ``rank``'s plan buffers (valid after its launch has run)."""
         b, T, R = self.bufs[rank], self.num_tokens[rank], self.cfg.world_size

@@ -25,7 +25,7 @@ import triton
 
 from megakernel import routing
 from megakernel.placement import Placement
-from megakernel.plan import PlanConfig, PlanWorkspace, plan_mismatches, plan_ref, resolve_all_ref
+from megakernel.plan import PlanConfig, PlanWorkspace
 from megakernel.shapes import preset
 from symm_mem import EmulatedWorld
 
@@ -65,8 +65,7 @@ def bench(shape_name: str, T: int, R: int, case: str, token_saving: bool) -> dic
         ids = {r: rt.topk_ids[r].cuda() for r in range(R)}
         ws.run(ids)
         world.check_errors()
-        phys = resolve_all_ref(rt.topk_ids, placement)
-        wrong = [r for r in range(R) if plan_mismatches(ws.plan(r), plan_ref(phys, cfg, r))]
+        wrong = ws.mismatches(rt.topk_ids)
         if wrong:
             raise SystemExit(f"plan differs from plan_ref on ranks {wrong}")
         graph = torch.cuda.CUDAGraph()
