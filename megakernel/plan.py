@@ -34,13 +34,14 @@ tasks, which never wait: every wait targets a dispatch task, so the DESIGN §5 r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 import triton
 import triton.language as tl
 
 from megakernel.placement import Placement, resolve_ref
+from megakernel.routing import Routing, edge_case
 from megakernel.validate import check_routing
 from symm_mem.buffer import World
 from symm_mem.device import globaltimer, report_overflow, wait_flags
@@ -160,7 +161,6 @@ class Plan:
     tiles: torch.Tensor  # [max_tiles, TILE_COLS] int32
     tasks: torch.Tensor  # [num_tasks, TASK_COLS] int32
     stats: torch.Tensor  # [len(STATS)] int32
-    extra: dict = field(default_factory=dict)
 
     def stat(self, name: str) -> int:
         return int(self.stats[STATS.index(name)])
@@ -278,7 +278,6 @@ def plan_ref(phys_all: list[torch.Tensor], cfg: PlanConfig, rank: int) -> Plan:
         tiles=tiles.to(i32),
         tasks=tasks.to(i32),
         stats=stats.to(i32),
-        extra={"recv_total": recv_total},
     )
 
 
@@ -1173,9 +1172,31 @@ class PlanWorkspace:
         self.world.free(self.sym_counts)
 
 
+def small_case(
+    case: str, world_size: int, token_saving: bool
+) -> tuple[Routing, Placement, PlanConfig]:
+    """A named edge case at test size: T = 37 (not a multiple of block, chunk or tile), K = 4,
+    E = max(16, 4 R) so every rank holds at least K experts."""
+    R, K, T = world_size, 4, 37
+    E = max(16, 4 * R)
+    rt, placement = edge_case(case, R, T, E, K, seed=R * 100 + len(case))
+    placement = placement or Placement.contiguous(E, R)
+    cfg = PlanConfig(
+        R,
+        placement.slots_per_rank,
+        K,
+        max_tokens=40,
+        capacity=40 * K * R,
+        block_m=8,
+        chunk=3,
+        token_saving=token_saving,
+    )
+    return rt, placement, cfg
+
+
 def plan_mismatches(got: Plan, want: Plan) -> list[str]:
     """Names of the plan fields that differ (bit for bit) between two plans."""
-    names = [f.name for f in fields(Plan) if f.name != "extra"]
+    names = [f.name for f in fields(Plan)]
     return [n for n in names if not torch.equal(getattr(got, n).cpu(), getattr(want, n).cpu())]
 
 

@@ -181,12 +181,6 @@ def report_overflow(err_ptr, rank, dst_rank, rows, capacity, epoch):
         tl.store(err_ptr + ERR_TASK, tl.cast(capacity, tl.int64))
 
 
-@triton.jit
-def poll_error(err_ptr):
-    """True when some program of this rank has already recorded an error (stop early)."""
-    return tl.load(err_ptr, volatile=True) != 0
-
-
 # ----------------------------------------------------------------------------- NVSHMEM externs
 #
 # NOTE: Triton turns an int argument equal to 1 into a constexpr, which has no `.to()`; scalars

@@ -13,6 +13,7 @@ from megakernel.plan import (
     PlanConfig,
     PlanWorkspace,
     resolve_all_ref,
+    small_case,
 )
 from megakernel.reference import recv_layout_ref
 from symm_mem import CapacityError, EmulatedWorld
@@ -31,19 +32,7 @@ def assert_plan_equal(ws, rt):
 @pytest.mark.parametrize("case", routing.EDGE_CASES)
 @pytest.mark.parametrize("token_saving", [True, False])
 def test_plan_equals_reference(R, case, token_saving):
-    E, K, T = max(16, 4 * R), 4, 37  # L >= K; T: not a multiple of block, chunk or tile
-    rt, placement = routing.edge_case(case, R, T, E, K, seed=R * 100 + len(case))
-    placement = placement or Placement.contiguous(E, R)
-    cfg = PlanConfig(
-        R,
-        placement.slots_per_rank,
-        K,
-        max_tokens=40,
-        capacity=40 * K * R,
-        block_m=8,
-        chunk=3,
-        token_saving=token_saving,
-    )
+    rt, placement, cfg = small_case(case, R, token_saving)
     with EmulatedWorld(R) as world:
         ws = PlanWorkspace(world, cfg, placement)
         run_plan(world, ws, rt)

@@ -5,7 +5,7 @@ import torch
 
 from megakernel import routing
 from megakernel.placement import Placement
-from megakernel.plan import PlanConfig, PlanWorkspace
+from megakernel.plan import PlanConfig, PlanWorkspace, small_case
 from symm_mem import EmulatedWorld
 
 pytestmark = pytest.mark.gpu
@@ -18,21 +18,9 @@ def check(ws, rt):
 @pytest.mark.parametrize("R", [1, 2, 4, 8])
 @pytest.mark.parametrize("token_saving", [True, False])
 def test_plan_edge_cases_on_gpu(R, token_saving):
-    E, K, T = max(16, 4 * R), 4, 37
     with EmulatedWorld(R, "cuda") as world:
         for case in routing.EDGE_CASES:
-            rt, placement = routing.edge_case(case, R, T, E, K, seed=R * 100 + len(case))
-            placement = placement or Placement.contiguous(E, R)
-            cfg = PlanConfig(
-                R,
-                placement.slots_per_rank,
-                K,
-                max_tokens=40,
-                capacity=40 * K * R,
-                block_m=8,
-                chunk=3,
-                token_saving=token_saving,
-            )
+            rt, placement, cfg = small_case(case, R, token_saving)
             ws = PlanWorkspace(world, cfg, placement)
             ws.warmup()
             ws.run({r: rt.topk_ids[r].cuda() for r in range(R)})
