@@ -2,7 +2,7 @@
 
 Shape legend: T tokens on this rank (at most T_max), K top-k, R ranks, L physical slots per
 rank, P = R * L physical slots (slot ``p = rank * L + local``), S receive rows on a rank
-(at most ``capacity``), U send units, G = P dispatch groups.
+(at most ``capacity``), U send units, G send groups (P with sorted dispatch, else R).
 
 Two kernels per call, one after the other on each rank's stream:
 
@@ -19,17 +19,20 @@ count table (row ``rank``, parity ``epoch % 2``) and raises ``counts_ready[rank]
     local slot, then source rank, then token (DESIGN §4.2), by a block-cooperative scan;
   - token saving: ``data_pos [T, K]`` (the row that carries the token's data at that destination,
     its first slot there) and ``first_at [T, R]`` ((token, destination) -> first slot row or -1);
-  - ``send_units [U_max]``: (token * K + k) of every unit in send order (local slot, destination,
-    token), so every sender fills expert 0 of every receiver first; padded with -1;
+  - ``send_units [U_max]``: (token * K + k) of every unit in send order: group, then token.
+    Sorted dispatch groups by (local slot, destination), ``g = local * R + dst``, so every sender
+    fills expert 0 of every receiver first; unsorted groups by destination only (``g = dst``);
+    padded with -1;
   - this rank as receiver (one extra program): ``recv_offset [L, R]``, ``expert_start/rows [L]``,
     the grouped-GEMM tile table and the task table.
 
 Task table (one call, ids in claim order): ``[0, max_dispatch_tasks)`` dispatch tasks (a chunk of
-one group's units; group ``g = local * R + dst``), padded with NOPs, then ``max_tiles`` GEMM tile
-tasks, padded with NOPs. A tile of local slot l covering source ranks [src_lo, src_hi] waits on
-``expert_ready[l', s]`` for s in that range and l' = l (l' <= l with token saving, since a row
-may point at the token's first slot, an earlier local slot). Those flags are raised by dispatch
-tasks, which never wait: every wait targets a dispatch task, so the DESIGN §5 rule holds.
+one group's units; every group has at least one task, so an empty group still raises its flags),
+padded with NOPs, then ``max_tiles`` GEMM tile tasks, padded with NOPs. A tile of local slot l
+covering source ranks [src_lo, src_hi] waits on ``expert_ready[l', s]`` for s in that range and
+l' = l (l' <= l with token saving, since a row may point at the token's first slot, an earlier
+local slot). Those flags are raised by dispatch tasks, which never wait: every wait targets a
+dispatch task, so the DESIGN §5 rule holds.
 """
 
 from __future__ import annotations
@@ -77,16 +80,24 @@ class PlanConfig:
     block_m: int = 128  # grouped-GEMM tile rows
     chunk: int = 8  # units per dispatch task
     token_saving: bool = True
+    sorted_dispatch: bool = True  # send order (local slot, dst, token); False: (dst, token)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name != "token_saving" and (not isinstance(value, int) or value < 1):
+            if f.type == "bool":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"PlanConfig.{f.name} must be a positive int, got {value!r}")
 
     @property
     def num_slots(self) -> int:
         return self.world_size * self.slots_per_rank
+
+    @property
+    def num_groups(self) -> int:
+        """G: send groups, each with its own dispatch tasks and completion flag(s)."""
+        return self.num_slots if self.sorted_dispatch else self.world_size
 
     @property
     def tokens_per_block(self) -> int:
@@ -107,8 +118,8 @@ class PlanConfig:
 
     @property
     def max_dispatch_tasks(self) -> int:
-        # full chunks, plus at most one partial chunk per group
-        return self.max_units // self.chunk + self.num_slots
+        # full chunks, plus at most one partial (or, for an empty group, one empty) per group
+        return self.max_units // self.chunk + self.num_groups
 
     @property
     def max_tiles(self) -> int:
@@ -131,6 +142,7 @@ class PlanConfig:
             PP=_pow2(self.num_slots),
             BT=self.tokens_per_block,
             TOKEN_SAVING=self.token_saving,
+            SORTED=self.sorted_dispatch,
         )
 
     def layout_meta(self) -> dict[str, int | bool]:
@@ -169,13 +181,11 @@ class Plan:
 # ----------------------------------------------------------------------------- reference
 
 
-def _groups(placement_or_cfg: PlanConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group order: g = local * R + dst. Returns (p_of_g [G], g_of_p [P])."""
-    R, L = placement_or_cfg.world_size, placement_or_cfg.slots_per_rank
-    g = torch.arange(R * L)
-    p_of_g = (g % R) * L + g // R
-    g_of_p = (g % L) * R + g // L
-    return p_of_g, g_of_p
+def group_of_slot(cfg: PlanConfig) -> torch.Tensor:
+    """[P] send group of each physical slot: ``local * R + dst`` (sorted dispatch), else ``dst``."""
+    p = torch.arange(cfg.num_slots)
+    R, L = cfg.world_size, cfg.slots_per_rank
+    return (p % L) * R + p // L if cfg.sorted_dispatch else p // L
 
 
 def _first_mask(phys: torch.Tensor, L: int) -> torch.Tensor:
@@ -220,15 +230,14 @@ def plan_ref(phys_all: list[torch.Tensor], cfg: PlanConfig, rank: int) -> Plan:
         data_pos = slot_pos.clone()
         units = valid
 
-    # send order: group g = local * R + dst, then token
-    p_of_g, g_of_p = _groups(cfg)
-    unit_p = torch.where(units, phys, -1)
+    # send order: group (g = local * R + dst, or dst when unsorted), then token
+    group = group_of_slot(cfg)
     t_idx, k_idx = units.nonzero(as_tuple=True)
-    key = g_of_p[unit_p[t_idx, k_idx]] * (T + 1) + t_idx
-    order = torch.argsort(key, stable=True)
+    unit_g = group[phys[t_idx, k_idx]]
+    order = torch.argsort(unit_g * (T + 1) + t_idx, stable=True)
     send_units = torch.full((cfg.max_units,), -1, dtype=torch.int64)
     send_units[: order.numel()] = (t_idx * K + k_idx)[order]
-    units_g = torch.bincount(g_of_p[unit_p[units]], minlength=P)
+    units_g = torch.bincount(unit_g, minlength=cfg.num_groups)
     unit_base_g = torch.cumsum(units_g, 0) - units_g
 
     # this rank as receiver
@@ -253,8 +262,8 @@ def plan_ref(phys_all: list[torch.Tensor], cfg: PlanConfig, rank: int) -> Plan:
 
     tasks = torch.zeros(cfg.num_tasks, TASK_COLS, dtype=torch.int64)
     j = 0
-    for g in range(P):
-        for m in range(triton.cdiv(int(units_g[g]), cfg.chunk)):
+    for g in range(cfg.num_groups):
+        for m in range(max(1, triton.cdiv(int(units_g[g]), cfg.chunk))):  # empty groups: 1
             start = int(unit_base_g[g]) + m * cfg.chunk
             count = min(cfg.chunk, int(units_g[g]) - m * cfg.chunk)
             tasks[j] = torch.tensor([KIND_DISPATCH, g, start, count])
@@ -308,6 +317,15 @@ def _resolve_block(
     num_rep = tl.load(num_replicas_ptr + e, mask=live, other=1)
     spread = tl.load(replica_ptr + e * MAXREP + t % num_rep, mask=live, other=-1)
     return tl.where(live, tl.where(on_rank >= 0, on_rank, spread), -1)
+
+
+@triton.jit
+def _group_of(slot, R: tl.constexpr, L: tl.constexpr, SORTED: tl.constexpr):
+    """Send group of physical slots (see ``group_of_slot``)."""
+    if SORTED:
+        return (slot % L) * R + slot // L
+    else:
+        return slot // L
 
 
 @triton.jit
@@ -378,14 +396,17 @@ def _count_block(
     block,
     T,
     K: tl.constexpr,
+    R: tl.constexpr,
     L: tl.constexpr,
     KP: tl.constexpr,
     PP: tl.constexpr,
     BT: tl.constexpr,
     MAXREP: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
+    SORTED: tl.constexpr,
 ):
-    """Resolve one block of tokens to physical slots and store its slot / unit histograms."""
+    """Resolve one block of tokens to physical slots and store its histograms: rows per slot,
+    units per send group."""
     t0 = block * BT
     phys = _resolve_block(
         ids_ptr, replica_ptr, num_replicas_ptr, on_rank_ptr, t0, T, K, KP, BT, MAXREP
@@ -400,7 +421,7 @@ def _count_block(
         units = valid
     flat = tl.reshape(tl.where(valid, phys, 0), [BT * KP])
     h_all = tl.histogram(flat, PP, mask=tl.reshape(valid, [BT * KP]))
-    h_units = tl.histogram(flat, PP, mask=tl.reshape(units, [BT * KP]))
+    h_units = tl.histogram(_group_of(flat, R, L, SORTED), PP, mask=tl.reshape(units, [BT * KP]))
     p = tl.arange(0, PP)
     tl.store(block_hist_ptr + (block * 2) * PP + p, h_all)
     tl.store(block_hist_ptr + (block * 2 + 1) * PP + p, h_units)
@@ -413,9 +434,9 @@ def plan_count_kernel(
     num_replicas_ptr,  # [E] int32
     on_rank_ptr,  # [E] int32 this rank's replica of each expert, -1 if none
     phys_ptr,  # [T, K] int32 out
-    block_hist_ptr,  # [NB, 2, PP] int32 out: per block, slot and unit histograms
+    block_hist_ptr,  # [NB, 2, PP] int32 out: per block, rows per slot and units per group
     block_prefix_ptr,  # [NB, 2, PP] int32 out: exclusive prefix over earlier blocks
-    totals_ptr,  # [2, PP] int32 out: this rank's slot and unit counts
+    totals_ptr,  # [2, PP] int32 out: this rank's rows per slot and units per group
     arrive_ptr,  # [1] int32: programs done; 0 between calls (the last one resets it)
     counts_base,  # [R] int64: every rank's sym counts [2, R, P]
     ready_base,  # [R] int64: every rank's sym counts_ready [R]
@@ -432,6 +453,7 @@ def plan_count_kernel(
     BT: tl.constexpr,
     MAXREP: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
+    SORTED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_blocks = tl.maximum(tl.cdiv(T, BT), 1)
@@ -447,12 +469,14 @@ def plan_count_kernel(
             block,
             T,
             K,
+            R,
             L,
             KP,
             PP,
             BT,
             MAXREP,
             TOKEN_SAVING,
+            SORTED,
         )
         block += tl.num_programs(0)
     tl.debug_barrier()  # this program's histogram stores before its arrival below
@@ -531,10 +555,10 @@ def _layout_block(
     BT: tl.constexpr,
     CT: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
+    SORTED: tl.constexpr,
 ):
     """Rows, data rows, first slots and send positions of tokens [pid * BT, (pid + 1) * BT),
     walked in chunks of CT tokens so the in-chunk ranking stays a small [CE, CE] compare."""
-    P: tl.constexpr = R * L
     CE: tl.constexpr = CT * KP
     p = tl.arange(0, PP)
     s = tl.arange(0, RP)
@@ -545,11 +569,8 @@ def _layout_block(
     start_in_dst -= tl.gather(start_in_dst, (p // L) * L, 0)
     before = start_in_dst + tl.sum(tl.where(s[:, None] < rank, all_counts, 0), 0)
     slot_running = before + tl.load(block_prefix_ptr + (pid * 2) * PP + p)
-    # send positions: units of earlier groups (g = local * R + dst), then earlier token blocks
-    units_p = tl.load(totals_ptr + PP + p)
-    units_g = tl.gather(units_p, tl.where(p < P, (p % R) * L + p // R, 0), 0)
-    unit_base_g = _exclusive_cumsum(tl.where(p < P, units_g, 0))
-    unit_base = tl.gather(unit_base_g, tl.where(p < P, (p % L) * R + p // L, 0), 0)
+    # send positions (indexed by group): units of earlier groups, then of earlier token blocks
+    unit_base = _exclusive_cumsum(tl.load(totals_ptr + PP + p))
     unit_running = unit_base + tl.load(block_prefix_ptr + (pid * 2 + 1) * PP + p)
 
     d = tl.arange(0, RP)[None, :]
@@ -565,7 +586,8 @@ def _layout_block(
         slot_pos = tl.where(valid, tl.reshape(rows, [CT, KP]), -1)
         tl.store(slot_pos_ptr + t * K + k, slot_pos, mask=inside)
         units = first if TOKEN_SAVING else valid
-        send, unit_running = _chunk_ranks(flat, tl.reshape(units, [CE]), unit_running, CE, PP)
+        group = _group_of(flat, R, L, SORTED)
+        send, unit_running = _chunk_ranks(group, tl.reshape(units, [CE]), unit_running, CE, PP)
         tl.store(send_units_ptr + tl.reshape(send, [CT, KP]), t * K + k, mask=units)
         data_pos, first_at = _token_rows(phys, slot_pos, first, L, RP)
         tl.store(data_pos_ptr + t * K + k, data_pos if TOKEN_SAVING else slot_pos, mask=inside)
@@ -585,12 +607,17 @@ def _slot_rows(
 
 
 @triton.jit
-def _group_units(totals_ptr, R: tl.constexpr, L: tl.constexpr, PP: tl.constexpr):
-    """[PP] units this rank sends per group g = local * R + dst (0 past G)."""
-    P: tl.constexpr = R * L
-    g = tl.arange(0, PP)
-    units_p = tl.load(totals_ptr + PP + g)
-    return tl.where(g < P, tl.gather(units_p, tl.where(g < P, (g % R) * L + g // R, 0), 0), 0)
+def _group_units(totals_ptr, PP: tl.constexpr):
+    """[PP] units this rank sends per send group (0 past the last group)."""
+    return tl.load(totals_ptr + PP + tl.arange(0, PP))
+
+
+@triton.jit
+def _group_chunks(units_g, G, CHUNK: tl.constexpr):
+    """[PP] dispatch tasks per group: one per CHUNK units, and one for an empty group (it still
+    raises the group's flag)."""
+    g = tl.arange(0, units_g.shape[0])
+    return tl.where(g < G, tl.maximum(tl.cdiv(units_g, CHUNK), 1), 0)
 
 
 @triton.jit
@@ -610,6 +637,7 @@ def _summary_item(
     PP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr,
+    SORTED: tl.constexpr,
 ):
     """The count table copy, receive offsets, per-slot rows and the call's stats."""
     P: tl.constexpr = R * L
@@ -627,11 +655,12 @@ def _summary_item(
     rows = tl.sum(cnt, 1)
     tl.store(expert_rows_ptr + local, rows, mask=local < L)
     tl.store(expert_start_ptr + local, _exclusive_cumsum(rows), mask=local < L)
-    units_g = _group_units(totals_ptr, R, L, PP)
+    units_g = _group_units(totals_ptr, PP)
     tl.store(stats_ptr + 0, tl.sum(units_g, 0))
     tl.store(stats_ptr + 1, tl.sum(rows, 0))
     tl.store(stats_ptr + 2, tl.sum(tl.cdiv(rows, BLOCK_M), 0))
-    tl.store(stats_ptr + 3, tl.sum(tl.cdiv(units_g, CHUNK), 0))
+    G: tl.constexpr = R * L if SORTED else R
+    tl.store(stats_ptr + 3, tl.sum(_group_chunks(units_g, G, CHUNK), 0))
 
 
 @triton.jit
@@ -691,17 +720,18 @@ def _dispatch_chunk(
     PP: tl.constexpr,
     CHUNK: tl.constexpr,
     TB: tl.constexpr,
+    SORTED: tl.constexpr,
 ):
     """Dispatch task rows [c * TB, (c + 1) * TB): chunks of each group's units, groups in send
     order; NOPs past the last."""
-    P: tl.constexpr = R * L
+    G: tl.constexpr = R * L if SORTED else R
     g = tl.arange(0, PP)
-    units_g = _group_units(totals_ptr, R, L, PP)
-    n_chunks = tl.cdiv(units_g, CHUNK)
+    units_g = _group_units(totals_ptr, PP)
+    n_chunks = _group_chunks(units_g, G, CHUNK)
     chunk_end = tl.cumsum(n_chunks, 0)
     i = c * TB + tl.arange(0, TB)
-    grp = tl.sum(((chunk_end[None, :] <= i[:, None]) & (g[None, :] < P)).to(tl.int32), 1)
-    grp = tl.minimum(grp, P - 1)
+    grp = tl.sum(((chunk_end[None, :] <= i[:, None]) & (g[None, :] < G)).to(tl.int32), 1)
+    grp = tl.minimum(grp, G - 1)
     m = i - tl.gather(chunk_end - n_chunks, grp, 0)
     start = tl.gather(_exclusive_cumsum(units_g), grp, 0) + m * CHUNK
     count = tl.minimum(CHUNK, tl.gather(units_g, grp, 0) - m * CHUNK)
@@ -742,7 +772,7 @@ def _pad_chunk(
     TBP: tl.constexpr,
 ):
     """send_units past the last unit hold -1."""
-    num_units = tl.sum(_group_units(totals_ptr, R, L, PP), 0)
+    num_units = tl.sum(_group_units(totals_ptr, PP), 0)
     i = c * TBP + tl.arange(0, TBP)
     tl.store(
         send_units_ptr + i, tl.full([TBP], -1, tl.int32), mask=(i >= num_units) & (i < max_units)
@@ -777,6 +807,7 @@ def _table_item(
     CHUNK: tl.constexpr,
     TB: tl.constexpr,
     TBP: tl.constexpr,
+    SORTED: tl.constexpr,
 ):
     """Receiver-side table item j: 0 summary, then tile chunks, dispatch-task chunks, GEMM-task
     chunks and send_units padding chunks. Items are independent, so any program can take any."""
@@ -800,13 +831,16 @@ def _table_item(
             PP,
             BLOCK_M,
             CHUNK,
+            SORTED,
         )
     elif j - 1 < n_tile:
         _tile_chunk(
             j - 1, cnt, counts_ptr, parity, rank, tiles_ptr, max_tiles, R, L, RP, LP, BLOCK_M, TB
         )
     elif j - 1 - n_tile < n_disp:
-        _dispatch_chunk(j - 1 - n_tile, totals_ptr, tasks_ptr, max_dispatch, R, L, PP, CHUNK, TB)
+        _dispatch_chunk(
+            j - 1 - n_tile, totals_ptr, tasks_ptr, max_dispatch, R, L, PP, CHUNK, TB, SORTED
+        )
     elif j - 1 - n_tile - n_disp < n_tile:
         _gemm_chunk(j - 1 - n_tile - n_disp, cnt, tasks_ptr, max_dispatch, max_tiles, BLOCK_M, TB)
     else:
@@ -852,6 +886,7 @@ def plan_layout_kernel(
     BT: tl.constexpr,
     CT: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
+    SORTED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr,
     TB: tl.constexpr,
@@ -905,6 +940,7 @@ def plan_layout_kernel(
                 BT,
                 CT,
                 TOKEN_SAVING,
+                SORTED,
             )
         else:
             _table_item(
@@ -934,6 +970,7 @@ def plan_layout_kernel(
                 CHUNK,
                 TB,
                 TBP,
+                SORTED,
             )
         item += tl.num_programs(0)
 

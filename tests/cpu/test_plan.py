@@ -1,5 +1,7 @@
 """The plan kernels (interpreter, emulated world) against plan_ref, bit for bit."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -37,6 +39,21 @@ def test_plan_equals_reference(R, case, token_saving):
         ws = PlanWorkspace(world, cfg, placement)
         run_plan(world, ws, rt)
         assert_plan_equal(ws, rt)
+
+
+@pytest.mark.parametrize("case", routing.EDGE_CASES)
+@pytest.mark.parametrize("token_saving", [True, False])
+def test_unsorted_plan_equals_reference(case, token_saving):
+    """Unsorted dispatch: units grouped by destination only, one task chain per destination."""
+    rt, placement, cfg = small_case(case, 4, token_saving)
+    cfg = dataclasses.replace(cfg, sorted_dispatch=False)
+    with EmulatedWorld(4) as world:
+        ws = PlanWorkspace(world, cfg, placement)
+        run_plan(world, ws, rt)
+        assert_plan_equal(ws, rt)
+        plan = ws.plan(0)
+        groups = plan.tasks[: plan.stat("num_dispatch_tasks"), 1]
+        assert set(groups.tolist()) == set(range(4)), "every destination has a task, even empty"
 
 
 @pytest.mark.parametrize("R,E,K", [(2, 2, 1), (4, 4, 1), (4, 4, 4), (8, 8, 2), (2, 16, 1)])
