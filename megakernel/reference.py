@@ -132,3 +132,18 @@ def combine_ref(
             acc += topk_weights[s][:, k].float().unsqueeze(1) * per_slot[s][:, k]
         outs.append(acc)
     return outs
+
+
+def expert_act_ref(
+    recv: torch.Tensor, layout: RecvLayout, w13_local: torch.Tensor, swiglu: bool = True
+) -> torch.Tensor:
+    """The experts' first GEMM on one rank's receive buffer, fp32: ``recv [S, H]`` in the order of
+    ``layout``, ``w13_local [L, 2I, H]`` -> ``silu(x @ w_gate^T) * (x @ w_up^T)`` ``[S, I]``, or
+    ``x @ w13^T`` ``[S, 2I]`` without SwiGLU."""
+    ffn = w13_local.shape[1] // 2
+    out = torch.zeros(recv.shape[0], ffn if swiglu else 2 * ffn, device=recv.device)
+    for local in range(w13_local.shape[0]):
+        start, rows = int(layout.expert_start[local]), int(layout.expert_rows[local])
+        h = recv[start : start + rows].float() @ w13_local[local].float().t()
+        out[start : start + rows] = F.silu(h[:, :ffn]) * h[:, ffn:] if swiglu else h
+    return out

@@ -1,0 +1,80 @@
+"""Inputs and checks shared by the tests, the benchmark and the multi-GPU workers.
+
+Shape legend: T tokens per rank, H hidden, I expert FFN width, E experts, L local slots, K top-k,
+R ranks, S rows a rank received.
+
+Global view (pplx-kernels style): one seed builds every rank's tokens and every expert's weights,
+so each rank can compute its own expected output without communication.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megakernel.kernel import DispatchHandle
+from megakernel.placement import Placement
+from megakernel.plan import resolve_all_ref
+from megakernel.reference import dispatch_ref, expert_act_ref
+from megakernel.shapes import MoEShape
+
+# |got - want| <= atol + rtol * |want| for the GEMM outputs (DESIGN §8); fp32 runs through tf32
+# on the GPU, hence its loose bound
+TOLERANCE = {
+    torch.float32: (2e-2, 2e-2),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+
+def make_tokens(shape: MoEShape, counts: list[int], seed: int, device: str | torch.device):
+    """Every rank's ``x [T_r, H]``, from one seed."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(t, shape.hidden, generator=g).to(device, shape.dtype) for t in counts]
+
+
+def make_w13(shape: MoEShape, seed: int, device: str | torch.device) -> torch.Tensor:
+    """``w13 [E, 2I, H]`` scaled so activations stay O(1)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    w = torch.randn(shape.num_experts, 2 * shape.ffn, shape.hidden, generator=g)
+    return (w / shape.hidden**0.5).to(device, shape.dtype)
+
+
+def poison(ws, rank: int) -> None:
+    """Fill the outputs of ``rank`` with values no correct call leaves behind."""
+    bad = float("nan") if ws.shape.dtype.is_floating_point else -1
+    ws.sym_recv_x.peer(rank).fill_(bad)
+    ws.sym_recv_src.peer(rank).fill_(-1)
+    ws.act[rank].fill_(bad)
+
+
+def check_call(
+    handle: DispatchHandle,
+    xs: list[torch.Tensor],
+    topk_ids: list[torch.Tensor],
+    w13: torch.Tensor,
+    placement: Placement,
+    mode: str,
+    swiglu: bool = True,
+) -> list[str]:
+    """What is wrong with one rank's call (empty: nothing). Dispatch must be bit-exact; the GEMM
+    output within ``TOLERANCE``. ``xs``, ``topk_ids``: every rank's inputs; ``w13 [E, 2I, H]``."""
+    d = handle.rank
+    phys = resolve_all_ref([ids.cpu() for ids in topk_ids], placement)
+    recv_want, layout = dispatch_ref([x.cpu() for x in xs], phys, placement)[d]
+    n = handle.num_recv()
+    if n != layout.num_rows:
+        return [f"rank {d}: received {n} rows, expected {layout.num_rows}"]
+    problems = []
+    recv_got = handle.recv_x[:n].cpu() if mode == "dispatch" else handle.resolved().cpu()
+    if not torch.equal(recv_got.view(torch.uint8), recv_want.view(torch.uint8)):
+        bad = (recv_got != recv_want).any(1).nonzero().squeeze(1)
+        problems.append(f"rank {d}: {bad.numel()} of {n} received rows differ (first {bad[:5]})")
+    if mode == "gemm":
+        w_local = placement.local_weights(w13.cpu(), d)
+        want = expert_act_ref(recv_want, layout, w_local, swiglu)
+        got = handle.act[:n].float().cpu()
+        rtol, atol = TOLERANCE[xs[0].dtype]
+        if not torch.allclose(got, want, rtol=rtol, atol=atol):
+            err = (got - want).abs().nan_to_num(float("inf")).max().item()
+            problems.append(f"rank {d}: act differs from expert_act_ref, max abs error {err:.3g}")
+    return problems

@@ -1,0 +1,159 @@
+"""The dispatch + GEMM1 megakernel under the interpreter, EmulatedWorld, phase by phase.
+
+Dispatch is checked bit for bit against dispatch_ref, the GEMM against expert_act_ref; every
+output is poisoned first.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from megakernel import routing
+from megakernel.kernel import DispatchGemm, KernelConfig, dispatch_gemm
+from megakernel.placement import Placement
+from megakernel.shapes import PRESETS
+from megakernel.verify import check_call, make_tokens, make_w13, poison
+from symm_mem import CapacityError, EmulatedWorld
+
+SHAPE = PRESETS["small"]  # H 64, I 32, E 16, K 4, fp32
+T = 21  # not a multiple of the tile (16) or the chunk (4)
+SWITCHES = list(itertools.product([True, False], repeat=3))
+
+
+def small_config(token_saving=True, sorted_dispatch=True, per_tile_flags=True, **kw):
+    knobs = dict(block_m=16, block_n=16, block_k=16, block_h=32, chunk=4)
+    knobs.update(kw)
+    return KernelConfig(
+        token_saving=token_saving,
+        sorted_dispatch=sorted_dispatch,
+        per_tile_flags=per_tile_flags,
+        **knobs,
+    )
+
+
+def call_and_check(ws, rt, placement, mode, seed, shape=SHAPE, swiglu=True):
+    R = ws.world.world_size
+    xs = make_tokens(shape, [ids.shape[0] for ids in rt.topk_ids], seed, "cpu")
+    w13 = make_w13(shape, seed, "cpu")
+    for r in range(R):
+        poison(ws, r)
+    handles = ws.run(
+        dict(enumerate(xs)),
+        dict(enumerate(rt.topk_ids)),
+        dict(enumerate(rt.topk_weights)),
+        {r: placement.local_weights(w13, r) for r in range(R)},
+        mode=mode,
+    )
+    ws.check_errors()
+    problems = [
+        p
+        for r in range(R)
+        for p in check_call(handles[r], xs, rt.topk_ids, w13, placement, mode, swiglu)
+    ]
+    assert problems == []
+    return handles
+
+
+@pytest.mark.parametrize("R", [2, 4])
+@pytest.mark.parametrize("token_saving,sorted_dispatch,per_tile_flags", SWITCHES)
+def test_every_switch_combination(R, token_saving, sorted_dispatch, per_tile_flags):
+    rt = routing.drop(routing.zipf(R, T, SHAPE.num_experts, SHAPE.topk, 1.2, seed=R), 0.2, R)
+    placement = Placement.contiguous(SHAPE.num_experts, R)
+    cfg = small_config(token_saving, sorted_dispatch, per_tile_flags)
+    with EmulatedWorld(R) as world:
+        ws = DispatchGemm(world, SHAPE, config=cfg)
+        call_and_check(ws, rt, placement, "dispatch", seed=1)
+        call_and_check(ws, rt, placement, "gemm", seed=2)
+
+
+@pytest.mark.parametrize("R", [2, 4])
+@pytest.mark.parametrize("case", routing.EDGE_CASES)
+def test_edge_case_routings(R, case):
+    E = max(SHAPE.num_experts, 4 * R)
+    rt, placement = routing.edge_case(case, R, T, E, SHAPE.topk, seed=len(case))
+    placement = placement or Placement.contiguous(E, R)
+    shape = SHAPE if E == SHAPE.num_experts else SHAPE.__class__(64, 32, E, 4, 100, torch.float32)
+    with EmulatedWorld(R) as world:
+        ws = DispatchGemm(world, shape, placement=placement, config=small_config())
+        call_and_check(ws, rt, placement, "gemm", seed=3, shape=shape)
+
+
+def test_fp16_without_swiglu_and_few_dispatch_programs():
+    R = 2
+    shape = SHAPE.__class__(64, 32, 8, 2, 100, torch.float16)
+    rt = routing.uniform(R, T, shape.num_experts, shape.topk, seed=5)
+    placement = Placement.contiguous(shape.num_experts, R)
+    cfg = small_config(dispatch_ctas=1, num_ctas=2)
+    with EmulatedWorld(R) as world:
+        ws = DispatchGemm(world, shape, config=cfg, swiglu=False)
+        assert ws.act[0].shape == (ws.capacity, 2 * shape.ffn)
+        call_and_check(ws, rt, placement, "gemm", seed=6, shape=shape, swiglu=False)
+
+
+def test_back_to_back_calls_alternate_buffers():
+    R = 2
+    placement = Placement.contiguous(SHAPE.num_experts, R)
+    with EmulatedWorld(R) as world:
+        ws = DispatchGemm(world, SHAPE, config=small_config())
+        parities = []
+        for call in range(3):
+            rt = routing.zipf(R, [T, T - 2 * call], SHAPE.num_experts, SHAPE.topk, call, call)
+            handles = call_and_check(ws, rt, placement, "gemm", seed=10 + call)
+            parities.append(handles[0].recv_x.data_ptr())
+            assert handles[0].epoch == call + 1
+        assert parities[0] == parities[2] != parities[1], "calls alternate the receive buffers"
+        assert ws.counters[0].tolist() == [0, 0, 0], "the last program out reset the counters"
+
+
+def test_overflow_raises_on_every_rank_and_dispatches_nothing():
+    R = 2
+    rt = routing.all_to_one_rank(R, T, SHAPE.num_experts, SHAPE.topk, dst=1, seed=0)
+    placement = Placement.contiguous(SHAPE.num_experts, R)
+    with EmulatedWorld(R) as world:
+        ws = DispatchGemm(world, SHAPE, config=small_config(), capacity=50)  # needs 168 rows
+        for r in range(R):
+            poison(ws, r)
+        x = make_tokens(SHAPE, [T] * R, 0, "cpu")
+        w13 = placement.local_weights(make_w13(SHAPE, 0, "cpu"), 0)
+        ws.run(dict(enumerate(x)), dict(enumerate(rt.topk_ids)), None, {0: w13, 1: w13})
+        records = torch.stack([world.error_record(r).clone() for r in range(R)])
+        assert records[:, 0].tolist() == [2, 2], "both ranks report the overflow"
+        with pytest.raises(
+            CapacityError, match="168 rows to rank 1, whose receive buffer holds 50"
+        ):
+            ws.check_errors()
+        assert ws.sym_recv_x.peer(1).isnan().all(), "nothing was dispatched"
+
+
+def test_input_validation():
+    R = 2
+    with EmulatedWorld(R) as world:
+        ws = DispatchGemm(world, SHAPE, config=small_config())
+        ids = torch.zeros(4, SHAPE.topk, dtype=torch.int32)
+        x = torch.zeros(4, SHAPE.hidden)
+        w13 = torch.zeros(8, 2 * SHAPE.ffn, SHAPE.hidden)
+        bad = {
+            r"x has shape \(4, 63\)": dict(x=torch.zeros(4, 63)),
+            "x is torch.float16 but the layer is torch.float32": dict(x=x.half()),
+            r"w13 has shape \(7, 64, 64\), expected \(8, 64, 64\)": dict(w13=w13[:7]),
+            "expert 16 but the layer has 16 experts": dict(ids=ids + 16),
+            "topk_weights has shape": dict(weights=torch.zeros(4, 3)),
+        }
+        for message, change in bad.items():
+            args = dict(x=x, ids=ids, weights=None, w13=w13) | change
+            with pytest.raises(ValueError, match=message):
+                ws.run(
+                    {r: args["x"] for r in range(R)},
+                    {r: args["ids"] for r in range(R)},
+                    {r: args["weights"] for r in range(R)},
+                    {r: args["w13"] for r in range(R)},
+                )
+        with pytest.raises(ValueError, match="runs one rank"):
+            dispatch_gemm(x, ids, None, w13, workspace=ws)
+        with pytest.raises(ValueError, match="mode must be one of"):
+            ws.run({}, {}, None, {}, mode="combine")
+    with pytest.raises(ValueError, match="chunk must be a power of two"):
+        KernelConfig(chunk=3)
+    with EmulatedWorld(1) as world, pytest.raises(ValueError, match="not a multiple of block_k"):
+        DispatchGemm(world, SHAPE, config=small_config(block_k=128))
