@@ -27,14 +27,14 @@ epochs and are never reset; counters are reset by the last program out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import triton
 import triton.language as tl
 
 from megakernel.placement import Placement
-from megakernel.plan import PlanConfig, PlanWorkspace, _pow2
+from megakernel.plan import STATS, Plan, PlanConfig, PlanWorkspace, _pow2
 from megakernel.shapes import MoEShape
 from megakernel.tiles import tile_dispatch_put, tile_expert_gemm, tile_resolve_rows
 from megakernel.validate import check_routing
@@ -48,6 +48,7 @@ COUNTER_DISPATCH = tl.constexpr(0)
 COUNTER_TILE = tl.constexpr(1)
 COUNTER_EXIT = tl.constexpr(2)
 MODES = ("gemm", "dispatch")  # dispatch + GEMM1 fused, or dispatch + resolve only
+STAGES = ("all", "dispatch", "tiles")  # run() parts, for timing each alone
 
 
 @dataclass(frozen=True)
@@ -453,12 +454,25 @@ class DispatchHandle:
     act: torch.Tensor  # [C, I]
     recv_x: torch.Tensor  # [C, H] this call's receive rows (indirect rows unresolved in "gemm")
     recv_src: torch.Tensor  # [C] int32 row holding each row's data
+    stats: torch.Tensor  # [4] int32 the plan's stats (megakernel.plan.STATS)
     topk_weights: torch.Tensor | None  # [T, K]
-    plan: object  # megakernel.plan.Plan of this call
+    plan: Plan | None  # this call's plan (views, overwritten by the next call)
 
     def num_recv(self) -> int:
         """Rows this rank received (reads the plan's stats back: one sync)."""
-        return self.plan.stat("num_recv")
+        return int(self.stats[STATS.index("num_recv")])
+
+    def snapshot(self) -> DispatchHandle:
+        """A copy of the outputs, made on the current stream (no sync), that later calls do not
+        overwrite. The copy has no plan."""
+        return replace(
+            self,
+            act=self.act.clone(),
+            recv_x=self.recv_x.clone(),
+            recv_src=self.recv_src.clone(),
+            stats=self.stats.clone(),
+            plan=None,
+        )
 
     def resolved(self) -> torch.Tensor:
         """``[num_recv, H]`` the received rows with every indirect row resolved (torch gather)."""
@@ -644,9 +658,13 @@ class DispatchGemm:
         mode: str = "gemm",
         overlap: bool | None = None,
         validate: bool = True,
+        stage: str = "all",
     ) -> dict[int, DispatchHandle]:
         """One call on every local rank (inputs keyed by rank). ``mode``: "gemm" (dispatch +
         GEMM1, fused) or "dispatch" (dispatch, then resolve every indirect row).
+
+        ``stage`` (for timing the parts alone): "all"; "dispatch" (plan and dispatch tasks only);
+        "tiles" (no plan, no dispatch: rerun the last call's tile tasks on its received rows).
 
         ``overlap`` (default: when the world runs ranks concurrently) runs each rank's whole task
         range in one launch; otherwise every rank's dispatch tasks run first, then every rank's
@@ -654,23 +672,30 @@ class DispatchGemm:
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        if stage == "tiles" and min(self.epoch.values()) == 0:
+            raise ValueError('stage="tiles" reruns the last call\'s tiles: make a full call first')
         ranks = self.world.local_ranks
         weights = topk_weights or {r: None for r in ranks}
         ready = {
             r: self._prepare(r, x[r], topk_ids[r], weights[r], w13[r], validate) for r in ranks
         }
         self.warmup(mode)
-        for phase in self.plan_ws.phases():
-            self.world.run_ranks(
-                lambda r, p=phase: self.plan_ws.launch(r, ready[r][1], p, validate=False)
-            )
+        if stage != "tiles":
+            for phase in self.plan_ws.phases():
+                self.world.run_ranks(
+                    lambda r, p=phase: self.plan_ws.launch(r, ready[r][1], p, validate=False)
+                )
         n_dispatch, n_tiles = self.num_tasks(mode)
         overlap = self.world.concurrent if overlap is None else overlap
-        ranges = (
-            [(0, n_dispatch + n_tiles)]
+        ranges = {
+            "dispatch": [(0, n_dispatch)],
+            "tiles": [(n_dispatch, n_dispatch + n_tiles)],
+            "all": [(0, n_dispatch + n_tiles)]
             if overlap
-            else [(0, n_dispatch), (n_dispatch, n_dispatch + n_tiles)]
-        )
+            else [(0, n_dispatch), (n_dispatch, n_dispatch + n_tiles)],
+        }[stage]
         meta = self._meta(mode)
         for begin, end in ranges:
 
@@ -683,7 +708,7 @@ class DispatchGemm:
             self.world.run_ranks(launch)
         handles = {}
         for r in ranks:
-            self.epoch[r] += 1
+            self.epoch[r] += stage != "tiles"
             parity = self.epoch[r] % 2
             handles[r] = DispatchHandle(
                 rank=r,
@@ -691,6 +716,7 @@ class DispatchGemm:
                 act=self.act[r],
                 recv_x=self.sym_recv_x.peer(r)[parity],
                 recv_src=self.sym_recv_src.peer(r)[parity],
+                stats=self.plan_ws.bufs[r]["stats"],
                 topk_weights=ready[r][2],
                 plan=self.plan_ws.plan(r),
             )

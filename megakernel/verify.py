@@ -60,19 +60,20 @@ def check_call(
     output within ``TOLERANCE``. ``xs``, ``topk_ids``: every rank's inputs; ``w13 [E, 2I, H]``."""
     d = handle.rank
     phys = resolve_all_ref([ids.cpu() for ids in topk_ids], placement)
-    recv_want, layout = dispatch_ref([x.cpu() for x in xs], phys, placement)[d]
+    dev = handle.recv_x.device  # the references run where the data is (fp32 GEMMs on the GPU)
+    recv_want, layout = dispatch_ref([x.to(dev) for x in xs], phys, placement)[d]
     n = handle.num_recv()
     if n != layout.num_rows:
         return [f"rank {d}: received {n} rows, expected {layout.num_rows}"]
     problems = []
-    recv_got = handle.recv_x[:n].cpu() if mode == "dispatch" else handle.resolved().cpu()
+    recv_got = handle.recv_x[:n] if mode == "dispatch" else handle.resolved()
     if not torch.equal(recv_got.view(torch.uint8), recv_want.view(torch.uint8)):
-        bad = (recv_got != recv_want).any(1).nonzero().squeeze(1)
+        bad = (recv_got != recv_want).any(1).nonzero().squeeze(1).cpu()
         problems.append(f"rank {d}: {bad.numel()} of {n} received rows differ (first {bad[:5]})")
     if mode == "gemm":
-        w_local = placement.local_weights(w13.cpu(), d)
+        w_local = placement.local_weights(w13.to(dev), d)
         want = expert_act_ref(recv_want, layout, w_local, swiglu)
-        got = handle.act[:n].float().cpu()
+        got = handle.act[:n].float()
         rtol, atol = TOLERANCE[xs[0].dtype]
         if not torch.allclose(got, want, rtol=rtol, atol=atol):
             err = (got - want).abs().nan_to_num(float("inf")).max().item()

@@ -1,0 +1,123 @@
+"""The dispatch + GEMM1 megakernel on one GPU: EmulatedWorld(R, "cuda"), bf16, against the refs."""
+
+import itertools
+
+import pytest
+import torch
+
+from megakernel import routing
+from megakernel.kernel import DispatchGemm, KernelConfig
+from megakernel.placement import Placement
+from megakernel.shapes import PRESETS, MoEShape
+from megakernel.verify import check_call, make_tokens, make_w13, poison
+from symm_mem import CapacityError, EmulatedWorld
+
+pytestmark = pytest.mark.gpu
+
+MEDIUM = MoEShape(hidden=1024, ffn=512, num_experts=64, topk=6, max_tokens_per_rank=700)
+
+
+def call(ws, rt, placement, w13, xs, mode, overlap=None):
+    R = ws.world.world_size
+    for r in range(R):
+        poison(ws, r)
+    handles = ws.run(
+        dict(enumerate(xs)),
+        dict(enumerate(rt.topk_ids)),
+        dict(enumerate(rt.topk_weights)),
+        {r: placement.local_weights(w13, r) for r in range(R)},
+        mode=mode,
+        overlap=overlap,
+    )
+    ws.check_errors()
+    return handles
+
+
+def check(ws, rt, placement, seed, mode="gemm", overlap=None, shape=MEDIUM):
+    xs = make_tokens(shape, [ids.shape[0] for ids in rt.topk_ids], seed, "cuda")
+    w13 = make_w13(shape, seed, "cuda")
+    rt = rt.to("cuda")
+    handles = call(ws, rt, placement, w13, xs, mode, overlap)
+    problems = [
+        p
+        for r in ws.world.local_ranks
+        for p in check_call(handles[r], xs, rt.topk_ids, w13, placement, mode)
+    ]
+    assert problems == []
+
+
+@pytest.mark.parametrize("R", [2, 4, 8])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_bf16_emulated_ranks(R, overlap):
+    placement = Placement.contiguous(MEDIUM.num_experts, R)
+    with EmulatedWorld(R, "cuda") as world:
+        ws = DispatchGemm(world, MEDIUM)
+        for seed, case in enumerate(["uniform", "zipf", "dropped", "ragged"]):
+            rt, _ = routing.edge_case(case, R, 700 - seed, MEDIUM.num_experts, MEDIUM.topk, seed)
+            check(ws, rt, placement, seed, "dispatch", overlap)
+            check(ws, rt, placement, seed, "gemm", overlap)
+
+
+@pytest.mark.parametrize("switches", list(itertools.product([True, False], repeat=3)))
+def test_every_switch_combination(switches):
+    R = 4
+    saving, sort, per_tile = switches
+    cfg = KernelConfig(token_saving=saving, sorted_dispatch=sort, per_tile_flags=per_tile)
+    placement = Placement.contiguous(MEDIUM.num_experts, R)
+    rt = routing.zipf(R, 600, MEDIUM.num_experts, MEDIUM.topk, 1.0, seed=3)
+    with EmulatedWorld(R, "cuda") as world:
+        ws = DispatchGemm(world, MEDIUM, config=cfg)
+        check(ws, rt, placement, 3, "dispatch", overlap=True)
+        check(ws, rt, placement, 4, "gemm", overlap=True)
+
+
+@pytest.mark.parametrize("case", routing.EDGE_CASES)
+def test_edge_cases(case):
+    R, E = 4, MEDIUM.num_experts
+    rt, placement = routing.edge_case(case, R, 333, E, MEDIUM.topk, seed=9)
+    placement = placement or Placement.contiguous(E, R)
+    with EmulatedWorld(R, "cuda") as world:
+        ws = DispatchGemm(world, MEDIUM, placement=placement)
+        check(ws, rt, placement, 9, "gemm", overlap=True)
+
+
+def test_dsv3_8_ranks():
+    shape, R = PRESETS["dsv3"], 8
+    placement = Placement.contiguous(shape.num_experts, R)
+    rt = routing.uniform(R, 4096, shape.num_experts, shape.topk, seed=11)
+    with EmulatedWorld(R, "cuda") as world:
+        ws = DispatchGemm(world, shape)
+        check(ws, rt, placement, 11, "gemm", overlap=True, shape=shape)
+
+
+def test_back_to_back_without_sync_then_overflow():
+    R, calls = 4, 20
+    placement = Placement.contiguous(MEDIUM.num_experts, R)
+    w13 = make_w13(MEDIUM, 0, "cuda")
+    w_local = {r: placement.local_weights(w13, r) for r in range(R)}
+    inputs = [  # made up front, so nothing between the calls syncs with the host
+        (
+            routing.zipf(R, 700, MEDIUM.num_experts, MEDIUM.topk, 0.1 * i, seed=i).to("cuda"),
+            make_tokens(MEDIUM, [700] * R, i, "cuda"),
+        )
+        for i in range(calls)
+    ]
+    with EmulatedWorld(R, "cuda") as world:
+        ws = DispatchGemm(world, MEDIUM, capacity=4000)
+        ws.warmup()
+        torch.cuda.synchronize()
+        outputs = []
+        for rt, xs in inputs:
+            handles = ws.run(
+                dict(enumerate(xs)), dict(enumerate(rt.topk_ids)), None, w_local, validate=False
+            )
+            outputs.append({r: h.snapshot() for r, h in handles.items()})
+        ws.check_errors()
+        for (rt, xs), handles in zip(inputs, outputs, strict=True):
+            for h in handles.values():
+                assert check_call(h, xs, rt.topk_ids, w13, placement, "gemm") == []
+        assert [h.epoch for h in outputs[-1].values()] == [calls] * R
+        rt = routing.all_to_one_rank(R, 700, MEDIUM.num_experts, MEDIUM.topk, dst=2, seed=0)
+        xs = make_tokens(MEDIUM, [700] * R, 0, "cuda")
+        with pytest.raises(CapacityError, match="rank 2, whose receive buffer holds 4000"):
+            call(ws, rt.to("cuda"), placement, w13, xs, "gemm")
