@@ -32,11 +32,30 @@ def make_tokens(shape: MoEShape, counts: list[int], seed: int, device: str | tor
     return [torch.randn(t, shape.hidden, generator=g).to(device, shape.dtype) for t in counts]
 
 
+def expert_w13(shape: MoEShape, seed: int, expert: int, device: str | torch.device):
+    """Expert ``expert``'s ``w13 [2I, H]``, scaled so activations stay O(1). Each expert has its
+    own generator, so a rank can build just the experts it holds."""
+    g = torch.Generator(device=device).manual_seed(seed * 100_003 + expert)
+    w = torch.randn(2 * shape.ffn, shape.hidden, generator=g, device=device)
+    return (w / shape.hidden**0.5).to(shape.dtype)
+
+
 def make_w13(shape: MoEShape, seed: int, device: str | torch.device) -> torch.Tensor:
-    """``w13 [E, 2I, H]`` scaled so activations stay O(1)."""
-    g = torch.Generator().manual_seed(seed + 1)
-    w = torch.randn(shape.num_experts, 2 * shape.ffn, shape.hidden, generator=g)
-    return (w / shape.hidden**0.5).to(device, shape.dtype)
+    """Every expert's ``w13 [E, 2I, H]``."""
+    return torch.stack([expert_w13(shape, seed, e, device) for e in range(shape.num_experts)])
+
+
+def local_w13(
+    shape: MoEShape, placement: Placement, rank: int, seed: int, device: str | torch.device
+) -> torch.Tensor:
+    """Rank ``rank``'s ``w13 [L, 2I, H]`` (zeros for an unused slot); equals
+    ``placement.local_weights(make_w13(...), rank)`` without building the other ranks' experts."""
+    L = placement.slots_per_rank
+    out = torch.zeros(L, 2 * shape.ffn, shape.hidden, dtype=shape.dtype, device=device)
+    for local, e in enumerate(placement.slot_expert()[rank * L : (rank + 1) * L]):
+        if e >= 0:
+            out[local] = expert_w13(shape, seed, e, device)
+    return out
 
 
 def poison(ws, rank: int) -> None:
@@ -51,13 +70,14 @@ def check_call(
     handle: DispatchHandle,
     xs: list[torch.Tensor],
     topk_ids: list[torch.Tensor],
-    w13: torch.Tensor,
+    w13_local: torch.Tensor,
     placement: Placement,
     mode: str,
     swiglu: bool = True,
 ) -> list[str]:
     """What is wrong with one rank's call (empty: nothing). Dispatch must be bit-exact; the GEMM
-    output within ``TOLERANCE``. ``xs``, ``topk_ids``: every rank's inputs; ``w13 [E, 2I, H]``."""
+    output within ``TOLERANCE``. ``xs``, ``topk_ids``: every rank's inputs; ``w13_local
+    [L, 2I, H]``: the weights of the handle's rank."""
     d = handle.rank
     phys = resolve_all_ref([ids.cpu() for ids in topk_ids], placement)
     dev = handle.recv_x.device  # the references run where the data is (fp32 GEMMs on the GPU)
@@ -71,8 +91,7 @@ def check_call(
         bad = (recv_got != recv_want).any(1).nonzero().squeeze(1).cpu()
         problems.append(f"rank {d}: {bad.numel()} of {n} received rows differ (first {bad[:5]})")
     if mode == "gemm":
-        w_local = placement.local_weights(w13.to(dev), d)
-        want = expert_act_ref(recv_want, layout, w_local, swiglu)
+        want = expert_act_ref(recv_want, layout, w13_local.to(dev), swiglu)
         got = handle.act[:n].float()
         rtol, atol = TOLERANCE[xs[0].dtype]
         if not torch.allclose(got, want, rtol=rtol, atol=atol):

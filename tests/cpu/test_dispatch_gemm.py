@@ -49,7 +49,9 @@ def call_and_check(ws, rt, placement, mode, seed, shape=SHAPE, swiglu=True):
     problems = [
         p
         for r in range(R)
-        for p in check_call(handles[r], xs, rt.topk_ids, w13, placement, mode, swiglu)
+        for p in check_call(
+            handles[r], xs, rt.topk_ids, placement.local_weights(w13, r), placement, mode, swiglu
+        )
     ]
     assert problems == []
     return handles

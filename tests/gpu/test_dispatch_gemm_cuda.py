@@ -41,7 +41,9 @@ def check(ws, rt, placement, seed, mode="gemm", overlap=None, shape=MEDIUM):
     problems = [
         p
         for r in ws.world.local_ranks
-        for p in check_call(handles[r], xs, rt.topk_ids, w13, placement, mode)
+        for p in check_call(
+            handles[r], xs, rt.topk_ids, placement.local_weights(w13, r), placement, mode
+        )
     ]
     assert problems == []
 
@@ -114,8 +116,8 @@ def test_back_to_back_without_sync_then_overflow():
             outputs.append({r: h.snapshot() for r, h in handles.items()})
         ws.check_errors()
         for (rt, xs), handles in zip(inputs, outputs, strict=True):
-            for h in handles.values():
-                assert check_call(h, xs, rt.topk_ids, w13, placement, "gemm") == []
+            for r, h in handles.items():
+                assert check_call(h, xs, rt.topk_ids, w_local[r], placement, "gemm") == []
         assert [h.epoch for h in outputs[-1].values()] == [calls] * R
         rt = routing.all_to_one_rank(R, 700, MEDIUM.num_experts, MEDIUM.topk, dst=2, seed=0)
         xs = make_tokens(MEDIUM, [700] * R, 0, "cuda")

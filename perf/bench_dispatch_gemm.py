@@ -1,0 +1,296 @@
+"""Dispatch + GEMM1: ``python -m perf.bench_dispatch_gemm [--preset dsv3] [--tokens 4096]``.
+
+Relaunches itself under torchrun on every visible GPU (NVSHMEM world); ``--emulate R`` runs R
+ranks in one process on one GPU instead (the baseline then needs R = 1: no NCCL there).
+
+Per switch variant (token saving, sorted dispatch, per-tile flags): correctness against the
+references first, then, on the same inputs, CUDA events around graph-replayed calls (median and
+p20/p80 over repeats, max over ranks):
+  dispatch   plan + dispatch tasks; wire GB/s = rows sent to other ranks x H x 2 B / t,
+             logical GB/s (DeepEP's) = (token, rank) rows received, own included, x H x 2 B / t
+  gemm       the tile tasks alone, on that call's received rows; TFLOP/s = 2 S H (2I) / t
+  fused      plan + dispatch + GEMM1 in one launch; overlap = max(dispatch, gemm) / fused
+and once: ``torch._grouped_mm`` + SwiGLU on the same received rows, and the baseline (permute,
+NCCL ``all_to_all_single`` with its host-side split sizes, permute to expert-major,
+``torch._grouped_mm``, SwiGLU), timed eagerly. Table on rank 0, JSON under perf/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import triton
+
+from megakernel import routing
+from megakernel.kernel import DispatchGemm, KernelConfig
+from megakernel.placement import Placement
+from megakernel.plan import resolve_all_ref
+from megakernel.shapes import MoEShape, preset
+from megakernel.traffic import traffic_model
+from megakernel.verify import check_call, local_w13, make_tokens, poison
+from symm_mem import EmulatedWorld, World
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = {  # name -> KernelConfig switches
+    "ours": {},
+    "no_token_saving": {"token_saving": False},
+    "unsorted": {"sorted_dispatch": False},
+    "per_expert_flags": {"per_tile_flags": False},
+}
+
+
+def quantiles(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {"median": statistics.median(xs), "p20": pick(0.2), "p80": pick(0.8)}
+
+
+def time_us(world: World, fn, repeats: int = 10, inner: int = 10) -> dict[str, float]:
+    """Per-call microseconds of ``fn``, max over ranks of each repeat's mean."""
+    fn()
+    out = []
+    for _ in range(repeats):
+        barrier(world)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        out.append(max_over_ranks(world, start.elapsed_time(end) * 1e3 / inner))
+    return quantiles(out)
+
+
+def barrier(world: World) -> None:
+    torch.cuda.synchronize()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def max_over_ranks(world: World, value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def graphed(fn):
+    """``fn`` captured in a CUDA graph (one replay per call)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def baseline(x, ids, w13, shape: MoEShape, R: int, rank: int):
+    """permute -> NCCL all_to_all_single -> permute -> torch._grouped_mm -> SwiGLU (one rank)."""
+    E, K, L = shape.num_experts, shape.topk, shape.num_experts // R
+    flat = ids.reshape(-1).long()
+    key = torch.where(flat >= 0, flat, E)
+    order = torch.argsort(key, stable=True)
+    n_send = int((flat >= 0).sum())
+    send = x[order[:n_send] // K]
+    per_expert = torch.bincount(flat[flat >= 0], minlength=E).int()  # [E]
+    if R > 1:
+        got = torch.empty(R * L, dtype=torch.int32, device=x.device)
+        dist.all_to_all_single(got, per_expert)
+    else:
+        got = per_expert
+    got = got.view(R, L)  # rows from source s for local expert l
+    in_splits = per_expert.view(R, L).sum(1).tolist()
+    out_splits = got.sum(1).tolist()
+    recv = torch.empty(sum(out_splits), x.shape[1], dtype=x.dtype, device=x.device)
+    if R > 1:
+        dist.all_to_all_single(recv, send, out_splits, in_splits)
+    else:
+        recv.copy_(send)
+    local = torch.repeat_interleave(
+        torch.arange(L, device=x.device).repeat(R), got.reshape(-1).long()
+    )
+    recv = recv[torch.argsort(local, stable=True)]
+    offs = torch.cumsum(got.sum(0), 0).int()
+    h = torch._grouped_mm(recv, w13.transpose(1, 2), offs=offs)
+    return F.silu(h[:, : shape.ffn]) * h[:, shape.ffn :]
+
+
+def run_variant(world, shape, placement, rt, xs, w_local, name, switches, tiles_cfg):
+    cfg = dataclasses.replace(tiles_cfg, **switches)
+    ws = DispatchGemm(world, shape, placement=placement, config=cfg)
+    ranks = world.local_ranks
+    ids = {r: rt.topk_ids[r] for r in ranks}
+    x = {r: xs[r] for r in ranks}
+    w = {r: w_local[r] for r in ranks}
+    for r in ranks:
+        poison(ws, r)
+    handles = ws.run(x, ids, None, w)
+    ws.check_errors()
+    problems = [
+        p
+        for r in ranks
+        for p in check_call(handles[r], xs, rt.topk_ids, w_local[r], placement, "gemm")
+    ]
+    if problems:
+        raise SystemExit(f"{name}: wrong results: {problems[:4]}")
+    n_recv = {r: handles[r].num_recv() for r in ranks}
+    # torch._grouped_mm gets the same received rows (the layout is already expert-major)
+    gmm = {
+        r: (
+            handles[r].resolved(),
+            w[r].transpose(1, 2),
+            torch.cumsum(handles[r].plan.expert_rows, 0).int(),
+        )
+        for r in ranks
+    }
+    row = {"variant": name, "config": dataclasses.asdict(cfg), "num_recv": n_recv}
+    call = lambda stage: lambda: ws.run(x, ids, None, w, validate=False, stage=stage)  # noqa: E731
+    row["dispatch_us"] = time_us(world, graphed(call("dispatch")))
+    ws.run(x, ids, None, w)  # the tiles stage reruns the last full call's tiles
+    row["gemm_us"] = time_us(world, graphed(call("tiles")))
+    row["fused_us"] = time_us(world, graphed(call("all")))
+    ws.check_errors()
+
+    def grouped_mm():
+        for r in ranks:
+            h = torch._grouped_mm(*gmm[r][:2], offs=gmm[r][2])
+            F.silu(h[:, : shape.ffn]) * h[:, shape.ffn :]
+
+    row["grouped_mm_us"] = time_us(world, grouped_mm)
+    ws.close()
+    return row
+
+
+def bench(world: World, args) -> dict:
+    shape = preset(args.preset).with_tokens(args.tokens)
+    R, E, K, T = world.world_size, shape.num_experts, shape.topk, args.tokens
+    placement = Placement.contiguous(E, R)
+    rt, _ = routing.edge_case(args.routing, R, T, E, K, seed=args.seed)
+    rt = rt.to(world.device)
+    xs = make_tokens(shape, [T] * R, args.seed, world.device)
+    w_local = {
+        r: local_w13(shape, placement, r, args.seed, world.device) for r in world.local_ranks
+    }
+    tiles_cfg = KernelConfig(num_ctas=args.ctas)
+    rows = [
+        run_variant(world, shape, placement, rt, xs, w_local, name, sw, tiles_cfg)
+        for name, sw in VARIANTS.items()
+        if name in args.variants
+    ]
+    phys = resolve_all_ref([ids.cpu() for ids in rt.topk_ids], placement)
+    traffic = traffic_model(phys, placement.slots_per_rank)
+    can_baseline = dist.is_initialized() or R == 1
+    base = None
+    if can_baseline:
+        r = world.local_ranks[0]
+        base = time_us(world, lambda: baseline(xs[r], rt.topk_ids[r], w_local[r], shape, R, r))
+    row_bytes = shape.hidden * shape.dtype.itemsize
+    for row in rows:
+        saving = row["config"]["token_saving"]
+        wire = max(traffic.bytes(row_bytes, saving))  # the busiest sender
+        # DeepEP's convention: every (token, destination rank) row received, local ones included
+        logical = max(traffic.rows_saved[s] + traffic.tokens[s] for s in range(R)) * row_bytes
+        n = max(row["num_recv"].values())
+        flops = 2 * n * shape.hidden * 2 * shape.ffn
+        d, g, f = (row[k]["median"] for k in ("dispatch_us", "gemm_us", "fused_us"))
+        row.update(
+            wire_GBps=wire / d / 1e3,
+            logical_GBps=logical / d / 1e3,
+            gemm_TFLOPs=flops / g / 1e6,
+            grouped_mm_TFLOPs=flops / row["grouped_mm_us"]["median"] / 1e6,
+            overlap=max(d, g) / f,
+            vs_baseline=base["median"] / f if base else None,
+        )
+    return {
+        "preset": args.preset,
+        "tokens_per_rank": T,
+        "ranks": R,
+        "world": type(world).__name__,
+        "routing": args.routing,
+        "remote_ranks_per_token": traffic.remote_ranks,
+        "baseline_us": base,
+        "variants": rows,
+    }
+
+
+def report(result: dict, args) -> None:
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "git": os.environ.get("GIT_SHA") or git.stdout.strip() or "unknown",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    gpu = re.sub(r"[^a-z0-9]+", "_", meta["gpu"].lower()).strip("_")
+    R = result["ranks"]
+    name = f"dispatch_gemm_{args.preset}_T{args.tokens}_R{R}_{result['world']}_{gpu}.json"
+    (RESULTS / name).write_text(json.dumps({"meta": meta, **result}, indent=1))
+    base = result["baseline_us"]
+    print(
+        f"\ndispatch + GEMM1, {args.preset}, T={args.tokens}, {R} ranks ({result['world']}), "
+        f"{args.routing} routing, {meta['gpu']}; baseline "
+        + (f"{base['median']:.0f} us" if base else "not run (needs NCCL or one rank)")
+    )
+    head = (
+        f"{'variant':<17} {'dispatch us':>11} {'wire GB/s':>9} {'logic GB/s':>10} {'gemm us':>8} "
+        f"{'TFLOP/s':>7} {'gmm TF/s':>8} {'fused us':>8} {'overlap':>7} {'vs base':>7}"
+    )
+    print(head)
+    for v in result["variants"]:
+        vs = f"{v['vs_baseline']:.2f}x" if v["vs_baseline"] else "-"
+        print(
+            f"{v['variant']:<17} {v['dispatch_us']['median']:11.1f} {v['wire_GBps']:9.1f} "
+            f"{v['logical_GBps']:10.1f} {v['gemm_us']['median']:8.1f} {v['gemm_TFLOPs']:7.1f} "
+            f"{v['grouped_mm_TFLOPs']:8.1f} {v['fused_us']['median']:8.1f} {v['overlap']:7.2f} "
+            f"{vs:>7}"
+        )
+    print(f"wrote perf/results/{name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="dsv3")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--routing", default="uniform", choices=routing.EDGE_CASES)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--emulate", type=int, default=0, help="R ranks on one GPU instead")
+    parser.add_argument("--ctas", type=int, default=0, help="programs per rank (0: SM share)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--symmetric-size", default="4G")
+    args = parser.parse_args()
+    if args.emulate:
+        with EmulatedWorld(args.emulate, "cuda") as world:
+            report(bench(world, args), args)
+        return
+    if "RANK" not in os.environ:
+        from symm_mem.launch import run
+
+        sys.exit(run(None, ["-m", "perf.bench_dispatch_gemm", *sys.argv[1:]], args.symmetric_size))
+    import symm_mem
+
+    world = symm_mem.init_world()
+    try:
+        result = bench(world, args)
+        if world.rank == 0:
+            report(result, args)
+    finally:
+        world.close()
+
+
+if __name__ == "__main__":
+    main()
