@@ -1,10 +1,10 @@
 """GEMM tile sweep: ``python -m perf.sweep_gemm [--preset dsv3] [--ranks 2]``.
 
 One GPU, ``EmulatedWorld(1, "cuda")`` holding the experts one rank of an R-rank world would
-hold (``E / R``) and the rows it would receive under uniform routing (T tokens from each of R
-ranks, top-K of E), so the grouped GEMM has the real per-expert row counts. For each tile
-configuration: one call checked against ``expert_act_ref``, then the tile tasks alone (CUDA
-graph replays), against ``torch._grouped_mm`` + SwiGLU on the same rows. Prints a table; the
+hold (``E / R``) and about the rows it would receive under uniform routing (T K rows: T tokens
+routed top-K over those experts), so the grouped GEMM has the real per-expert row counts. For
+each tile configuration: one call checked against ``expert_act_ref``, then the tile tasks alone
+(CUDA graph replays), against ``torch._grouped_mm`` + SwiGLU on the same rows. Prints a table; the
 best row is the preset ``KernelConfig`` default cites.
 """
 
@@ -43,11 +43,11 @@ def main() -> None:
     args = parser.parse_args()
     full = preset(args.preset)
     R, T = args.ranks, args.tokens
-    # one rank's share: E / R experts, the R * T tokens of the world routed over them
-    shape = dataclasses.replace(full, num_experts=full.num_experts // R, max_tokens_per_rank=R * T)
-    rt = routing.uniform(1, R * T, shape.num_experts, shape.topk, seed=1).to("cuda")
+    # one rank's share: E / R experts receiving T K rows (what R ranks send it on average)
+    shape = dataclasses.replace(full, num_experts=full.num_experts // R, max_tokens_per_rank=T)
+    rt = routing.uniform(1, T, shape.num_experts, shape.topk, seed=1).to("cuda")
     placement = Placement.contiguous(shape.num_experts, 1)
-    xs = make_tokens(shape, [R * T], 1, "cuda")
+    xs = make_tokens(shape, [T], 1, "cuda")
     w = local_w13(shape, placement, 0, 1, "cuda")
     rows = []
     with EmulatedWorld(1, "cuda") as world:
@@ -55,7 +55,7 @@ def main() -> None:
             cfg = KernelConfig(
                 block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages
             )
-            ws = DispatchGemm(world, shape, config=cfg, capacity=R * T * shape.topk)
+            ws = DispatchGemm(world, shape, config=cfg, capacity=T * shape.topk)
             poison(ws, 0)
             h = ws.run({0: xs[0]}, {0: rt.topk_ids[0]}, None, {0: w})[0]
             ws.check_errors()
