@@ -99,13 +99,13 @@ def test_back_to_back_without_sync_then_overflow():
     w_local = {r: placement.local_weights(w13, r) for r in range(R)}
     inputs = [  # made up front, so nothing between the calls syncs with the host
         (
-            routing.zipf(R, 700, MEDIUM.num_experts, MEDIUM.topk, 0.1 * i, seed=i).to("cuda"),
+            routing.zipf(R, 700, MEDIUM.num_experts, MEDIUM.topk, 0.08 * i, seed=i).to("cuda"),
             make_tokens(MEDIUM, [700] * R, i, "cuda"),
         )
         for i in range(calls)
     ]
     with EmulatedWorld(R, "cuda") as world:
-        ws = DispatchGemm(world, MEDIUM, capacity=8000)
+        ws = DispatchGemm(world, MEDIUM, capacity=12000)
         ws.warmup()
         torch.cuda.synchronize()
         outputs = []
@@ -121,5 +121,5 @@ def test_back_to_back_without_sync_then_overflow():
         assert [h.epoch for h in outputs[-1].values()] == [calls] * R
         rt = routing.all_to_one_rank(R, 700, MEDIUM.num_experts, MEDIUM.topk, dst=2, seed=0)
         xs = make_tokens(MEDIUM, [700] * R, 0, "cuda")
-        with pytest.raises(CapacityError, match="rank 2, whose receive buffer holds 8000"):
+        with pytest.raises(CapacityError, match="rank 2, whose receive buffer holds 12000"):
             call(ws, rt.to("cuda"), placement, w13, xs, "gemm")
