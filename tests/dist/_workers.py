@@ -23,9 +23,12 @@ def need_gpus(n: int):
         pytest.skip("needs nvshmem4py (pip install --no-deps nvshmem4py-cu13==0.4.1)")
 
 
-def run_workers(nproc: int, worker: str, *args: str, timeout: float = 600) -> str:
+def run_workers(
+    nproc: int, worker: str, *args: str, timeout: float = 600, symmetric_size: str | None = None
+) -> str:
     """Run tests/dist/<worker> on ``nproc`` ranks; return its output, failing on a non-zero exit."""
-    cmd = [sys.executable, "-m", "symm_mem.launch", "--nproc", str(nproc),
+    size = ["--symmetric-size", symmetric_size] if symmetric_size else []
+    cmd = [sys.executable, "-m", "symm_mem.launch", "--nproc", str(nproc), *size,
            str(REPO / "tests" / "dist" / worker), *args]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
