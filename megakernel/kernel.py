@@ -55,8 +55,10 @@ STAGES = ("all", "dispatch", "tiles")  # run() parts, for timing each alone
 class KernelConfig:
     """Switches and tile knobs of the dispatch + GEMM1 megakernel.
 
-    The defaults are a starting point for Hopper (bf16, 128 x 128 tiles with the gate and up
-    halves side by side, 8 warps); ``perf/`` sweeps replace them.
+    GEMM defaults from ``python -m perf.sweep_gemm --ranks 2`` on an H100 (2026-11-24, dsv3 as
+    one of 2 ranks: 128 experts x 256 rows): BM 128, BN 128 (gate and up side by side, so 256
+    accumulator columns), BK 64, 8 warps, 3 stages gave 441 TFLOP/s; the next best 420, and
+    ``torch._grouped_mm`` 383 on the same rows (perf/NOTES.md).
     """
 
     token_saving: bool = True  # one copy of a token per destination rank

@@ -88,7 +88,8 @@ def overflow(world) -> bool:
     shape = PRESETS["qwen3_30b"].with_tokens(512)
     E, K, T = shape.num_experts, shape.topk, 512
     placement = Placement.contiguous(E, R)
-    ws = DispatchGemm(world, shape, placement=placement, capacity=T * K)
+    # R T K rows go to the last rank; half of T K overflows at any R, R = 1 included
+    ws = DispatchGemm(world, shape, placement=placement, capacity=T * K // 2)
     rt = routing.all_to_one_rank(R, T, E, K, dst=R - 1, seed=0).to(world.device)
     xs = make_tokens(shape, [T] * R, 0, world.device)
     w = local_w13(shape, placement, rank, 0, world.device)
