@@ -5,4 +5,7 @@ rank, K top-k, R ranks, S receive slots on a rank. The layer is being built on t
 ``symm_mem`` foundation; see ../README.md for what exists today.
 """
 
+from megakernel.kernel import DispatchGemm, DispatchHandle, KernelConfig, dispatch_gemm
+
+__all__ = ["DispatchGemm", "DispatchHandle", "KernelConfig", "dispatch_gemm"]
 __version__ = "0.1.0"
