@@ -440,7 +440,7 @@ def plan_count_kernel(
     arrive_ptr,  # [1] int32: programs done; 0 between calls (the last one resets it)
     counts_base,  # [R] int64: every rank's sym counts [2, R, P]
     ready_base,  # [R] int64: every rank's sym counts_ready [R]
-    epoch_ptr,  # [1] int64: this call's epoch (bumped on the device: graph-capturable)
+    epoch_ptr,  # [1] int64: the last call's epoch; the last program out bumps it
     rank,
     T,
     K: tl.constexpr,
@@ -483,7 +483,10 @@ def plan_count_kernel(
     ticket = tl.atomic_add(arrive_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == tl.num_programs(0) - 1:
         tl.store(arrive_ptr, 0)
-        epoch = tl.load(epoch_ptr)
+        # this call's epoch: bumped here, by the one program that publishes (saves a launch);
+        # the layout kernel and the megakernel read it after this kernel, in stream order
+        epoch = tl.load(epoch_ptr) + 1
+        tl.store(epoch_ptr, epoch)
         _publish_counts(
             block_hist_ptr,
             block_prefix_ptr,
@@ -1057,7 +1060,7 @@ class PlanWorkspace:
         None: both). ``topk_ids [T, K]`` logical experts (-1 dropped). ``validate`` checks them on
         the host first (one sync); without it, ids must already be valid.
 
-        NOTE: the epoch lives in device memory and is bumped on the rank's stream, so a captured
+        NOTE: the epoch lives in device memory and the count kernel bumps it, so a captured
         CUDA graph replays with a fresh epoch each time and flags are never reset.
         """
         topk_ids = self._prepare(topk_ids, validate)
@@ -1066,7 +1069,6 @@ class PlanWorkspace:
         cfg = self.cfg
         blocks = max(1, triton.cdiv(T, cfg.tokens_per_block))
         if phase in (None, 0):
-            self.epoch[rank].add_(1)
             grid = (min(blocks, self.max_programs),)
             plan_count_kernel[grid](*self._count_args(rank, topk_ids), **self._count_meta())
         if phase in (None, 1):
@@ -1155,7 +1157,6 @@ class PlanWorkspace:
             )
             count._init_handles()
             layout._init_handles()
-            self.epoch[r].add_(0)  # loads the epoch bump's module too
 
     def run(self, topk_ids: dict[int, torch.Tensor], validate: bool = True) -> None:
         """Plan the next call on every local rank (``topk_ids[rank] [T, K]``): every rank's count
