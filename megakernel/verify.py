@@ -98,3 +98,47 @@ def check_call(
             err = (got - want).abs().nan_to_num(float("inf")).max().item()
             problems.append(f"rank {d}: act differs from expert_act_ref, max abs error {err:.3g}")
     return problems
+
+
+def run_poisoned(
+    ws,
+    xs: list[torch.Tensor],
+    topk_ids: list[torch.Tensor],
+    w13_local: dict[int, torch.Tensor],
+    mode: str = "gemm",
+    topk_weights: list[torch.Tensor] | None = None,
+    **run_kw,
+) -> dict[int, DispatchHandle]:
+    """One ``ws.run`` on this process's ranks, their outputs poisoned first, errors raised.
+    ``xs``, ``topk_ids`` (``topk_weights``): every rank's inputs (global view); ``w13_local``: by
+    local rank."""
+    ranks = ws.world.local_ranks
+    for r in ranks:
+        poison(ws, r)
+    handles = ws.run(
+        {r: xs[r] for r in ranks},
+        {r: topk_ids[r] for r in ranks},
+        {r: topk_weights[r] for r in ranks} if topk_weights else None,
+        {r: w13_local[r] for r in ranks},
+        mode=mode,
+        **run_kw,
+    )
+    ws.check_errors()
+    return handles
+
+
+def check_calls(
+    handles: dict[int, DispatchHandle],
+    xs: list[torch.Tensor],
+    topk_ids: list[torch.Tensor],
+    w13_local: dict[int, torch.Tensor],
+    placement: Placement,
+    mode: str,
+    swiglu: bool = True,
+) -> list[str]:
+    """``check_call`` for every handle (keyed by rank)."""
+    return [
+        p
+        for r, h in handles.items()
+        for p in check_call(h, xs, topk_ids, w13_local[r], placement, mode, swiglu)
+    ]

@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +38,8 @@ from megakernel.placement import Placement
 from megakernel.plan import resolve_all_ref
 from megakernel.shapes import MoEShape, preset
 from megakernel.traffic import traffic_model
-from megakernel.verify import check_call, local_w13, make_tokens, poison
+from megakernel.verify import check_calls, local_w13, make_tokens, run_poisoned
+from perf.timing import graphed, time_us
 from symm_mem import EmulatedWorld, World
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,52 +49,6 @@ VARIANTS = {  # name -> KernelConfig switches
     "unsorted": {"sorted_dispatch": False},
     "per_expert_flags": {"per_tile_flags": False},
 }
-
-
-def quantiles(xs: list[float]) -> dict[str, float]:
-    xs = sorted(xs)
-    pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
-    return {"median": statistics.median(xs), "p20": pick(0.2), "p80": pick(0.8)}
-
-
-def time_us(world: World, fn, repeats: int = 10, inner: int = 10) -> dict[str, float]:
-    """Per-call microseconds of ``fn``, max over ranks of each repeat's mean."""
-    fn()
-    out = []
-    for _ in range(repeats):
-        barrier(world)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        out.append(max_over_ranks(world, start.elapsed_time(end) * 1e3 / inner))
-    return quantiles(out)
-
-
-def barrier(world: World) -> None:
-    torch.cuda.synchronize()
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def max_over_ranks(world: World, value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], device="cuda")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
-
-
-def graphed(fn):
-    """``fn`` captured in a CUDA graph (one replay per call)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def baseline(x, ids, w13, shape: MoEShape, R: int, rank: int):
@@ -135,15 +89,8 @@ def run_variant(world, shape, placement, rt, xs, w_local, name, switches, tiles_
     ids = {r: rt.topk_ids[r] for r in ranks}
     x = {r: xs[r] for r in ranks}
     w = {r: w_local[r] for r in ranks}
-    for r in ranks:
-        poison(ws, r)
-    handles = ws.run(x, ids, None, w)
-    ws.check_errors()
-    problems = [
-        p
-        for r in ranks
-        for p in check_call(handles[r], xs, rt.topk_ids, w_local[r], placement, "gemm")
-    ]
+    handles = run_poisoned(ws, xs, rt.topk_ids, w_local, "gemm")
+    problems = check_calls(handles, xs, rt.topk_ids, w_local, placement, "gemm")
     if problems:
         raise SystemExit(f"{name}: wrong results: {problems[:4]}")
     n_recv = {r: handles[r].num_recv() for r in ranks}
@@ -158,10 +105,10 @@ def run_variant(world, shape, placement, rt, xs, w_local, name, switches, tiles_
     }
     row = {"variant": name, "config": dataclasses.asdict(cfg), "num_recv": n_recv}
     call = lambda stage: lambda: ws.run(x, ids, None, w, validate=False, stage=stage)  # noqa: E731
-    row["dispatch_us"] = time_us(world, graphed(call("dispatch")))
+    row["dispatch_us"] = time_us(graphed(call("dispatch")))
     ws.run(x, ids, None, w)  # the tiles stage reruns the last full call's tiles
-    row["gemm_us"] = time_us(world, graphed(call("tiles")))
-    row["fused_us"] = time_us(world, graphed(call("all")))
+    row["gemm_us"] = time_us(graphed(call("tiles")))
+    row["fused_us"] = time_us(graphed(call("all")))
     ws.check_errors()
 
     def grouped_mm():
@@ -169,7 +116,7 @@ def run_variant(world, shape, placement, rt, xs, w_local, name, switches, tiles_
             h = torch._grouped_mm(*gmm[r][:2], offs=gmm[r][2])
             F.silu(h[:, : shape.ffn]) * h[:, shape.ffn :]
 
-    row["grouped_mm_us"] = time_us(world, grouped_mm)
+    row["grouped_mm_us"] = time_us(grouped_mm)
     ws.close()
     return row
 
@@ -196,7 +143,7 @@ def bench(world: World, args) -> dict:
     base = None
     if can_baseline:
         r = world.local_ranks[0]
-        base = time_us(world, lambda: baseline(xs[r], rt.topk_ids[r], w_local[r], shape, R, r))
+        base = time_us(lambda: baseline(xs[r], rt.topk_ids[r], w_local[r], shape, R, r))
     row_bytes = shape.hidden * shape.dtype.itemsize
     for row in rows:
         saving = row["config"]["token_saving"]

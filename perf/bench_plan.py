@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import re
-import statistics
 import subprocess
 from pathlib import Path
 
@@ -27,29 +26,10 @@ from megakernel import routing
 from megakernel.placement import Placement
 from megakernel.plan import PlanConfig, PlanWorkspace
 from megakernel.shapes import preset
+from perf.timing import time_us
 from symm_mem import EmulatedWorld
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _quantiles(xs: list[float]) -> dict[str, float]:
-    xs = sorted(xs)
-    pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
-    return {"median": statistics.median(xs), "p20": pick(0.2), "p80": pick(0.8)}
-
-
-def time_us(fn, repeats: int, inner: int) -> dict[str, float]:
-    """Per-call microseconds: ``inner`` calls between two events, ``repeats`` times."""
-    out = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        out.append(start.elapsed_time(end) * 1e3 / inner)
-    return _quantiles(out)
 
 
 def bench(shape_name: str, T: int, R: int, case: str, token_saving: bool) -> dict:

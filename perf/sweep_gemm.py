@@ -19,8 +19,8 @@ from megakernel import routing
 from megakernel.kernel import DispatchGemm, KernelConfig
 from megakernel.placement import Placement
 from megakernel.shapes import preset
-from megakernel.verify import check_call, local_w13, make_tokens, poison
-from perf.bench_dispatch_gemm import graphed, time_us
+from megakernel.verify import check_call, local_w13, make_tokens, run_poisoned
+from perf.timing import graphed, time_us
 from symm_mem import EmulatedWorld
 
 CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
@@ -56,14 +56,11 @@ def main() -> None:
                 block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages
             )
             ws = DispatchGemm(world, shape, config=cfg, capacity=T * shape.topk)
-            poison(ws, 0)
-            h = ws.run({0: xs[0]}, {0: rt.topk_ids[0]}, None, {0: w})[0]
-            ws.check_errors()
+            h = run_poisoned(ws, xs, rt.topk_ids, {0: w})[0]
             problems = check_call(h, xs, rt.topk_ids, w, placement, "gemm")
             n = h.num_recv()
             flops = 2 * n * shape.hidden * 2 * shape.ffn
             tiles = time_us(
-                world,
                 graphed(
                     lambda ws=ws: ws.run(
                         {0: xs[0]}, {0: rt.topk_ids[0]}, None, {0: w}, validate=False, stage="tiles"
@@ -79,7 +76,7 @@ def main() -> None:
             hh = torch._grouped_mm(recv, w.transpose(1, 2), offs=offs)
             torch.nn.functional.silu(hh[:, : shape.ffn]) * hh[:, shape.ffn :]
 
-        ref = time_us(world, gmm)["median"]
+        ref = time_us(gmm)["median"]
     print(
         f"\nGEMM1 sweep, {args.preset} as one of {R} ranks: {shape.num_experts} experts, "
         f"{n} rows ({n / shape.num_experts:.0f} per expert), {torch.cuda.get_device_name()}"

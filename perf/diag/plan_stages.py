@@ -17,7 +17,7 @@ from megakernel import plan as plan_mod
 from megakernel import routing
 from megakernel.placement import Placement
 from megakernel.plan import PlanConfig, PlanWorkspace
-from perf.bench_dispatch_gemm import graphed, time_us
+from perf.timing import graphed, time_us
 from symm_mem import EmulatedWorld
 
 
@@ -43,16 +43,16 @@ def main() -> None:
                 lambda: world.run_ranks(lambda r: ws.launch(r, ids[r], 0, validate=False))
             ),
         }
-        rows = {name: time_us(world, fn, 20, 50)["median"] for name, fn in rows.items()}
+        rows = {name: time_us(fn, 20, 50)["median"] for name, fn in rows.items()}
         ws.run(ids)
         world.check_errors()
         ws.max_programs = args.programs_per_sm * sms  # rank 0 alone owns the GPU
         # layout first: its replays keep the epoch, so the published counts satisfy its waits;
         # the count replays after it bump rank 0's epoch alone (nothing waits on them)
         layout = graphed(lambda: ws.launch(0, ids[0], 1, validate=False))
-        rows["rank 0 layout, whole GPU"] = time_us(world, layout, 20, 50)["median"]
+        rows["rank 0 layout, whole GPU"] = time_us(layout, 20, 50)["median"]
         count = graphed(lambda: ws.launch(0, ids[0], 0, validate=False))
-        rows["rank 0 count, whole GPU"] = time_us(world, count, 20, 50)["median"]
+        rows["rank 0 count, whole GPU"] = time_us(count, 20, 50)["median"]
         world.check_errors()
     print(
         f"\nplan stages, dsv3 T={T} R={R} emulated, {torch.cuda.get_device_name()}, "

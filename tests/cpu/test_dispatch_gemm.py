@@ -13,7 +13,7 @@ from megakernel import routing
 from megakernel.kernel import DispatchGemm, KernelConfig, dispatch_gemm
 from megakernel.placement import Placement
 from megakernel.shapes import PRESETS
-from megakernel.verify import check_call, make_tokens, make_w13, poison
+from megakernel.verify import check_calls, make_tokens, make_w13, poison, run_poisoned
 from symm_mem import CapacityError, EmulatedWorld
 
 SHAPE = PRESETS["small"]  # H 64, I 32, E 16, K 4, fp32
@@ -33,27 +33,11 @@ def small_config(token_saving=True, sorted_dispatch=True, per_tile_flags=True, *
 
 
 def call_and_check(ws, rt, placement, mode, seed, shape=SHAPE, swiglu=True):
-    R = ws.world.world_size
     xs = make_tokens(shape, [ids.shape[0] for ids in rt.topk_ids], seed, "cpu")
     w13 = make_w13(shape, seed, "cpu")
-    for r in range(R):
-        poison(ws, r)
-    handles = ws.run(
-        dict(enumerate(xs)),
-        dict(enumerate(rt.topk_ids)),
-        dict(enumerate(rt.topk_weights)),
-        {r: placement.local_weights(w13, r) for r in range(R)},
-        mode=mode,
-    )
-    ws.check_errors()
-    problems = [
-        p
-        for r in range(R)
-        for p in check_call(
-            handles[r], xs, rt.topk_ids, placement.local_weights(w13, r), placement, mode, swiglu
-        )
-    ]
-    assert problems == []
+    w_local = {r: placement.local_weights(w13, r) for r in ws.world.local_ranks}
+    handles = run_poisoned(ws, xs, rt.topk_ids, w_local, mode, rt.topk_weights)
+    assert check_calls(handles, xs, rt.topk_ids, w_local, placement, mode, swiglu) == []
     return handles
 
 

@@ -17,15 +17,13 @@ from megakernel import routing
 from megakernel.kernel import DispatchGemm
 from megakernel.placement import Placement
 from megakernel.shapes import PRESETS
-from megakernel.verify import check_call, local_w13, make_tokens, poison
+from megakernel.verify import check_call, check_calls, local_w13, make_tokens, run_poisoned
 
 
 def one_call(ws, world, rt, xs, w, placement):
-    rank = world.rank
-    poison(ws, rank)
-    handle = ws.run({rank: xs[rank]}, {rank: rt.topk_ids[rank]}, None, {rank: w})[rank]
-    ws.check_errors()
-    return check_call(handle, xs, rt.topk_ids, w, placement, "gemm")
+    w_local = {world.rank: w}
+    handles = run_poisoned(ws, xs, rt.topk_ids, w_local, "gemm")
+    return check_calls(handles, xs, rt.topk_ids, w_local, placement, "gemm")
 
 
 def presets(world) -> bool:

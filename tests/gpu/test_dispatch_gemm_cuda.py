@@ -9,7 +9,7 @@ from megakernel import routing
 from megakernel.kernel import DispatchGemm, KernelConfig
 from megakernel.placement import Placement
 from megakernel.shapes import PRESETS, MoEShape
-from megakernel.verify import check_call, make_tokens, make_w13, poison
+from megakernel.verify import check_call, check_calls, make_tokens, make_w13, run_poisoned
 from symm_mem import CapacityError, EmulatedWorld
 
 pytestmark = pytest.mark.gpu
@@ -18,34 +18,17 @@ MEDIUM = MoEShape(hidden=1024, ffn=512, num_experts=64, topk=6, max_tokens_per_r
 
 
 def call(ws, rt, placement, w13, xs, mode, overlap=None):
-    R = ws.world.world_size
-    for r in range(R):
-        poison(ws, r)
-    handles = ws.run(
-        dict(enumerate(xs)),
-        dict(enumerate(rt.topk_ids)),
-        dict(enumerate(rt.topk_weights)),
-        {r: placement.local_weights(w13, r) for r in range(R)},
-        mode=mode,
-        overlap=overlap,
-    )
-    ws.check_errors()
-    return handles
+    w_local = {r: placement.local_weights(w13, r) for r in ws.world.local_ranks}
+    handles = run_poisoned(ws, xs, rt.topk_ids, w_local, mode, rt.topk_weights, overlap=overlap)
+    return handles, w_local
 
 
 def check(ws, rt, placement, seed, mode="gemm", overlap=None, shape=MEDIUM):
     xs = make_tokens(shape, [ids.shape[0] for ids in rt.topk_ids], seed, "cuda")
     w13 = make_w13(shape, seed, "cuda")
     rt = rt.to("cuda")
-    handles = call(ws, rt, placement, w13, xs, mode, overlap)
-    problems = [
-        p
-        for r in ws.world.local_ranks
-        for p in check_call(
-            handles[r], xs, rt.topk_ids, placement.local_weights(w13, r), placement, mode
-        )
-    ]
-    assert problems == []
+    handles, w_local = call(ws, rt, placement, w13, xs, mode, overlap)
+    assert check_calls(handles, xs, rt.topk_ids, w_local, placement, mode) == []
 
 
 @pytest.mark.parametrize("R", [2, 4, 8])
