@@ -12,6 +12,7 @@ import torch
 import symm_mem
 from symm_mem import WaitTimeoutError
 from symm_mem.check import (
+    shared_seed,
     Exchange,
     nvshmem_put_kernel,
     nvshmem_wait_kernel,
@@ -78,8 +79,8 @@ def timeout_path(world):
 
 
 def main():
-    seed = random.randrange(1 << 20)
     world = symm_mem.init_world()
+    seed = shared_seed()  # every rank must build the same payloads
     rank, R = world.rank, world.world_size
     ok = check(rank, "init", (world.rank, world.world_size) == (rank, R),
                f"{R} ranks, libnvshmem {world.libnvshmem_version}, {world.init_seconds:.2f} s")
