@@ -36,24 +36,41 @@ import triton.language as tl
 from megakernel.placement import Placement
 from megakernel.plan import STATS, Plan, PlanConfig, PlanWorkspace, _pow2
 from megakernel.shapes import MoEShape
-from megakernel.tiles import tile_dispatch_put, tile_expert_gemm, tile_resolve_rows
+from megakernel.tiles import (
+    tile_combine_put,
+    tile_dispatch_put,
+    tile_down_gemm,
+    tile_expert_gemm,
+    tile_resolve_rows,
+    tile_topk_reduce,
+)
 from megakernel.validate import check_routing
 from symm_mem.buffer import World
-from symm_mem.device import globaltimer, peer_ptr, wait_flags
+from symm_mem.device import globaltimer, peer_ptr, signal_flag, wait_flag, wait_flags
 
-# error-record flag ids of the tile waits: FLAG_EXPERT_READY + local * RP + source rank
-FLAG_EXPERT_READY = tl.constexpr(1 << 20)
+# error-record flag ids of the waits (below 1 << 20: the plan's counts_ready[source rank])
+FLAG_EXPERT_READY = tl.constexpr(1 << 20)  # + local * RP + source rank
+FLAG_ACT_READY = tl.constexpr(2 << 20)  # + tile
+FLAG_COMBINE = tl.constexpr(3 << 20)  # + token block
 # the kernel's counters: [3] int32 per rank
 COUNTER_DISPATCH = tl.constexpr(0)
-COUNTER_TILE = tl.constexpr(1)
+COUNTER_COMPUTE = tl.constexpr(1)
 COUNTER_EXIT = tl.constexpr(2)
-MODES = ("gemm", "dispatch")  # dispatch + GEMM1 fused, or dispatch + resolve only
-STAGES = ("all", "dispatch", "tiles")  # run() parts, for timing each alone
+# "layer": the whole MoE layer; "gemm": dispatch + GEMM1; "dispatch": dispatch + resolve only
+MODES = ("layer", "gemm", "dispatch")
+# tokens per step of a top-k reduce task: [16, reduce_h] fp32 accumulators stay in registers
+REDUCE_ROWS = 16
+# timing probes of mode "layer" (KernelConfig has none: run(stage=...) picks them)
+PROBE_OFF = tl.constexpr(0)
+PROBE_COMM = tl.constexpr(1)  # every task but no GEMM math: plan, dispatch, combine, reduce
+PROBE_COMPUTE = tl.constexpr(2)  # both GEMMs on the last call's rows, outputs kept local
+# run() parts, for timing each alone: see Megakernel.run
+STAGES = ("all", "dispatch", "tiles", "comm", "compute")
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Switches and tile knobs of the dispatch + GEMM1 megakernel.
+    """Switches and tile knobs of the megakernel.
 
     GEMM defaults from ``python -m perf.sweep_gemm --ranks 2`` on an H100 (2026-11-24, dsv3 as
     one of 2 ranks: 128 experts x 256 rows): BM 128, BN 128 (gate and up side by side, so 256
@@ -67,6 +84,10 @@ class KernelConfig:
     block_m: int = 128  # rows per GEMM tile (the plan's tile height)
     block_n: int = 128  # output columns per GEMM task (of I with SwiGLU)
     block_k: int = 64  # reduction step over H
+    down_block_n: int = 128  # output columns (of H) per down-projection task
+    down_block_k: int = 64  # reduction step over I
+    combine_block: int = 128  # tokens per combine counter (and per top-k reduce task)
+    reduce_h: int = 1024  # columns per top-k reduce task
     block_h: int = 1024  # columns per dispatch copy step
     chunk: int = 8  # units per dispatch task
     num_warps: int = 8
@@ -82,7 +103,17 @@ class KernelConfig:
             low = 0 if f.name in ("num_ctas", "dispatch_ctas") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"KernelConfig.{f.name} must be an int >= {low}, got {value!r}")
-        for name in ("block_m", "block_n", "block_k", "block_h", "chunk"):
+        for name in (
+            "block_m",
+            "block_n",
+            "block_k",
+            "down_block_n",
+            "down_block_k",
+            "combine_block",
+            "reduce_h",
+            "block_h",
+            "chunk",
+        ):
             value = getattr(self, name)
             if value & (value - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
@@ -112,9 +143,11 @@ def _dispatch_task(
     data_pos_ptr,
     recv_x_base,
     recv_src_base,
+    recv_tag_base,
     ready_base,
     recv_x_ptr,
     recv_src_ptr,
+    recv_tag_ptr,
     ready_ptr,
     rank,
     epoch,
@@ -126,10 +159,12 @@ def _dispatch_task(
     PP: tl.constexpr,
     H: tl.constexpr,
     C: tl.constexpr,
+    TK: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_H: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
     SORTED: tl.constexpr,
+    LAYER: tl.constexpr,
 ):
     """Run dispatch task ``d``; the group's last task raises its flag(s) on the destination."""
     g = tl.load(tasks_ptr + d * 4 + 1)
@@ -142,6 +177,7 @@ def _dispatch_task(
     parity = epoch % 2
     recv_x_dst = peer_ptr(recv_x_base, dst, recv_x_ptr) + parity * (C * H)
     recv_src_dst = peer_ptr(recv_src_base, dst, recv_src_ptr) + parity * C
+    recv_tag_dst = peer_ptr(recv_tag_base, dst, recv_tag_ptr) + parity * C
     tile_dispatch_put(
         x_ptr,
         send_units_ptr,
@@ -150,6 +186,8 @@ def _dispatch_task(
         data_pos_ptr,
         recv_x_dst,
         recv_src_dst,
+        recv_tag_dst,
+        rank * TK,
         start,
         count,
         dst,
@@ -160,6 +198,7 @@ def _dispatch_task(
         CHUNK,
         BLOCK_H,
         TOKEN_SAVING,
+        LAYER,
     )
     tl.debug_barrier()  # every thread's puts before the arrival below
     num_chunks = tl.maximum(tl.cdiv(tl.load(totals_ptr + PP + g), CHUNK), 1)
@@ -186,6 +225,8 @@ def _tile_task(
     recv_src_ptr,
     w13_ptr,
     act_ptr,
+    act_done_ptr,
+    act_ready_ptr,
     err_ptr,
     rank,
     epoch,
@@ -207,9 +248,12 @@ def _tile_task(
     SWIGLU: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
     PER_TILE: tl.constexpr,
+    LAYER: tl.constexpr,
+    PROBE: tl.constexpr,
     TASK_BASE: tl.constexpr,
 ):
-    """Tile task ``j``: wait for the tile's rows, then GEMM column block ``j % NB`` (or resolve)."""
+    """Tile task ``j``: wait for the tile's rows, then GEMM column block ``j % NB`` (or resolve).
+    In the layer, the tile's last column block out publishes ``act_ready[tile] = epoch``."""
     tile = j // NB
     local = tl.load(tiles_ptr + tile * 5)
     row0 = tl.load(tiles_ptr + tile * 5 + 1)
@@ -239,31 +283,155 @@ def _tile_task(
         recv_x = recv_x_ptr + parity * (C * H)
         recv_src = recv_src_ptr + parity * C
         if GEMM:
-            tile_expert_gemm(
-                recv_x,
-                recv_src,
-                w13_ptr,
-                act_ptr,
-                local,
-                row0,
-                rows,
-                j % NB,
-                H,
-                I,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_K,
-                SWIGLU,
-            )
+            if PROBE != PROBE_COMM:
+                tile_expert_gemm(
+                    recv_x,
+                    recv_src,
+                    w13_ptr,
+                    act_ptr,
+                    local,
+                    row0,
+                    rows,
+                    j % NB,
+                    H,
+                    I,
+                    BLOCK_M,
+                    BLOCK_N,
+                    BLOCK_K,
+                    SWIGLU,
+                )
+            if LAYER:
+                tl.debug_barrier()  # every thread's activations before the arrival
+                if tl.atomic_add(act_done_ptr + tile, 1, sem="acq_rel", scope="gpu") == NB - 1:
+                    tl.store(act_done_ptr + tile, 0)  # nobody else touches it again this call
+                    signal_flag(act_ready_ptr + tile, epoch)
         else:
             tile_resolve_rows(recv_x, recv_src, row0, rows, H, CHUNK, BLOCK_H, BLOCK_M)
 
 
-@triton.jit(do_not_specialize=["rank", "task_begin", "task_end", "timeout_ns"])
-def moe_dispatch_gemm_kernel(
+@triton.jit
+def _down_task(
+    j,
+    tiles_ptr,
+    act_ready_ptr,
+    act_ptr,
+    w2_ptr,
+    recv_tag_ptr,
+    combine_base,
+    count_base,
+    combine_ptr,
+    err_ptr,
+    rank,
+    epoch,
+    deadline,
+    H: tl.constexpr,
+    I: tl.constexpr,  # noqa: E741 (the shape legend's I)
+    C: tl.constexpr,
+    K: tl.constexpr,
+    TK: tl.constexpr,
+    CB: tl.constexpr,
+    NCB: tl.constexpr,
+    NB2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N2: tl.constexpr,
+    BLOCK_K2: tl.constexpr,
+    PROBE: tl.constexpr,
+    TASK_BASE: tl.constexpr,
+):
+    """Down-projection task ``j``: wait for the tile's activations (GEMM1 tasks of this rank with
+    lower ids), GEMM column block ``j % NB2`` of H and put the rows to their source ranks."""
+    tile = j // NB2
+    ready = wait_flag(
+        act_ready_ptr + tile, epoch, deadline, err_ptr, rank, FLAG_ACT_READY + tile, TASK_BASE + j
+    )
+    if ready:
+        local = tl.load(tiles_ptr + tile * 5)
+        row0 = tl.load(tiles_ptr + tile * 5 + 1)
+        rows = tl.load(tiles_ptr + tile * 5 + 2)
+        if PROBE == PROBE_COMM:
+            acc = tl.zeros([BLOCK_M, BLOCK_N2], dtype=tl.float32)
+        else:
+            acc = tile_down_gemm(
+                act_ptr, w2_ptr, local, row0, rows, j % NB2, H, I, BLOCK_M, BLOCK_N2, BLOCK_K2
+            )
+        tile_combine_put(
+            acc,
+            recv_tag_ptr + (epoch % 2) * C,
+            combine_base,
+            count_base,
+            combine_ptr,
+            row0,
+            rows,
+            j % NB2,
+            H,
+            K,
+            TK,
+            CB,
+            NCB,
+            BLOCK_M,
+            BLOCK_N2,
+            PROBE != PROBE_COMPUTE,
+        )
+
+
+@triton.jit
+def _reduce_task(
+    j,
+    num_tokens,
+    phys_ptr,
+    weights_ptr,
+    combine_ptr,
+    count_ptr,
+    out_ptr,
+    err_ptr,
+    rank,
+    deadline,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    CB: tl.constexpr,
+    NB2: tl.constexpr,
+    NRH: tl.constexpr,
+    RT: tl.constexpr,
+    RH: tl.constexpr,
+    TASK_BASE: tl.constexpr,
+):
+    """Top-k reduce task ``j``: token block ``j // NRH``, columns ``(j % NRH) * RH``. Waits until
+    the block's counter holds every piece its tokens' kept slots get (NB2 per slot)."""
+    block = j // NRH
+    t0 = block * CB
+    t = t0 + tl.arange(0, CB)[:, None]
+    k = tl.arange(0, KP)[None, :]
+    in_block = (t < num_tokens) & (k < K)
+    kept = in_block & (tl.load(phys_ptr + t * K + k, mask=in_block, other=-1) >= 0)
+    expected = tl.sum(tl.sum(kept.to(tl.int32), axis=1), axis=0) * NB2
+    ready = wait_flag(
+        count_ptr + block, expected, deadline, err_ptr, rank, FLAG_COMBINE + block, TASK_BASE + j
+    )
+    if ready:
+        t_end = tl.minimum(t0 + CB, num_tokens)
+        tile_topk_reduce(
+            combine_ptr, weights_ptr, phys_ptr, out_ptr, t0, t_end, (j % NRH) * RH, H, K, CB, RT, RH
+        )
+
+
+@triton.jit
+def _share(task_begin, task_end, base, active):
+    """The part of task region ``[base, base + active)`` inside ``[task_begin, task_end)``, as
+    (first index in the region, count)."""
+    lo = tl.minimum(tl.maximum(task_begin - base, 0), active)
+    hi = tl.minimum(tl.maximum(task_end - base, 0), active)
+    return lo, hi - lo
+
+
+@triton.jit(do_not_specialize=["rank", "num_tokens", "task_begin", "task_end", "timeout_ns"])
+def moe_megakernel(
     x_ptr,  # [T, H] this rank's tokens
     w13_ptr,  # [L, 2I, H] this rank's experts
+    w2_ptr,  # [L, H, I] (LAYER)
+    weights_ptr,  # [T, K] fp32 routing weights (LAYER)
     act_ptr,  # [C, I] (or [C, 2I] without SwiGLU) out: expert activations, receive order
+    out_ptr,  # [T, H] out: the layer's output (LAYER)
     tasks_ptr,  # plan: [num_tasks, 4] int32
     tiles_ptr,  # plan: [max_tiles, 5] int32
     stats_ptr,  # plan: [4] int32
@@ -274,15 +442,24 @@ def moe_dispatch_gemm_kernel(
     data_pos_ptr,  # plan: [T, K] int32
     recv_x_base,  # [R] int64: every rank's sym recv_x [2, C, H]
     recv_src_base,  # [R] int64: every rank's sym recv_src [2, C] int32
+    recv_tag_base,  # [R] int64: every rank's sym recv_tag [2, C] int32 (LAYER)
     ready_base,  # [R] int64: every rank's sym expert_ready [L, R] int64
+    combine_base,  # [R] int64: every rank's sym combine_y [T_max * K, H] (LAYER)
+    count_base,  # [R] int64: every rank's sym combine_count [NCB] int32 (LAYER)
     recv_x_ptr,  # this rank's recv_x
     recv_src_ptr,  # this rank's recv_src
+    recv_tag_ptr,  # this rank's recv_tag
     ready_ptr,  # this rank's expert_ready
+    combine_ptr,  # this rank's combine_y
+    count_ptr,  # this rank's combine_count
     group_done_ptr,  # [PP] int32: arrivals per send group (0 between calls)
-    counters_ptr,  # [3] int32: dispatch, tile and exit counters (0 between launches)
+    act_done_ptr,  # [max_tiles] int32: GEMM1 arrivals per tile (0 between calls)
+    act_ready_ptr,  # [max_tiles] int64 flags: tile -> epoch of its activations
+    counters_ptr,  # [3] int32: dispatch, compute and exit counters (0 between launches)
     err_ptr,  # [ERR_WORDS] int64 error record of this rank
     epoch_ptr,  # [1] int64: this call's epoch (the plan bumped it)
     rank,
+    num_tokens,
     task_begin,
     task_end,
     timeout_ns,
@@ -296,35 +473,55 @@ def moe_dispatch_gemm_kernel(
     H: tl.constexpr,
     I: tl.constexpr,  # noqa: E741 (the shape legend's I)
     C: tl.constexpr,
+    TK: tl.constexpr,
     MAX_DISPATCH: tl.constexpr,
+    BASE_DOWN: tl.constexpr,
+    BASE_REDUCE: tl.constexpr,
+    MAX_REDUCE: tl.constexpr,
     NB: tl.constexpr,
+    NB2: tl.constexpr,
+    CB: tl.constexpr,
+    NCB: tl.constexpr,
+    NCBP: tl.constexpr,
+    NRH: tl.constexpr,
+    RT: tl.constexpr,
+    RH: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_N2: tl.constexpr,
+    BLOCK_K2: tl.constexpr,
     DISPATCH_CTAS: tl.constexpr,
     GEMM: tl.constexpr,
     SWIGLU: tl.constexpr,
+    LAYER: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
     SORTED: tl.constexpr,
     PER_TILE: tl.constexpr,
+    PROBE: tl.constexpr,
 ):
     epoch = tl.load(epoch_ptr)
     deadline = globaltimer() + timeout_ns
     # this launch's share of each task region (the CPU emulation runs them as separate phases)
-    d_lo = tl.maximum(task_begin, 0)
-    d_hi = tl.minimum(task_end, tl.load(stats_ptr + 3))
-    t_lo = tl.maximum(task_begin - MAX_DISPATCH, 0)
-    t_hi = tl.minimum(task_end - MAX_DISPATCH, tl.load(stats_ptr + 2) * NB)
-    if tl.load(err_ptr) != 0:  # the plan failed (overflow) or a wait timed out: run nothing
-        d_hi = d_lo
-        t_hi = t_lo
+    # (none at all when the plan failed (overflow) or an earlier wait timed out)
+    ok = tl.load(err_ptr) == 0
+    num_tiles = tl.where(ok, tl.load(stats_ptr + 2), 0)
+    num_down = 0
+    num_reduce = 0
+    if LAYER:
+        num_down = num_tiles * NB2
+        num_reduce = tl.where(ok, tl.cdiv(num_tokens, CB) * NRH, 0)
+    d_lo, d_count = _share(task_begin, task_end, 0, tl.where(ok, tl.load(stats_ptr + 3), 0))
+    g_lo, g_count = _share(task_begin, task_end, MAX_DISPATCH, num_tiles * NB)
+    n_lo, n_count = _share(task_begin, task_end, BASE_DOWN, num_down)
+    r_lo, r_count = _share(task_begin, task_end, BASE_REDUCE, num_reduce)
     if tl.program_id(0) < DISPATCH_CTAS:
-        d = d_lo + tl.atomic_add(counters_ptr + COUNTER_DISPATCH, 1, sem="relaxed")
-        while d < d_hi:
+        d = tl.atomic_add(counters_ptr + COUNTER_DISPATCH, 1, sem="relaxed")
+        while d < d_count:
             _dispatch_task(
-                d,
+                d_lo + d,
                 tasks_ptr,
                 totals_ptr,
                 group_done_ptr,
@@ -335,9 +532,11 @@ def moe_dispatch_gemm_kernel(
                 data_pos_ptr,
                 recv_x_base,
                 recv_src_base,
+                recv_tag_base,
                 ready_base,
                 recv_x_ptr,
                 recv_src_ptr,
+                recv_tag_ptr,
                 ready_ptr,
                 rank,
                 epoch,
@@ -349,52 +548,119 @@ def moe_dispatch_gemm_kernel(
                 PP,
                 H,
                 C,
+                TK,
                 CHUNK,
                 BLOCK_H,
                 TOKEN_SAVING,
                 SORTED,
+                LAYER,
             )
-            d = d_lo + tl.atomic_add(counters_ptr + COUNTER_DISPATCH, 1, sem="relaxed")
-    j = t_lo + tl.atomic_add(counters_ptr + COUNTER_TILE, 1, sem="relaxed")
-    while j < t_hi:
-        _tile_task(
-            j,
-            tiles_ptr,
-            ready_ptr,
-            recv_x_ptr,
-            recv_src_ptr,
-            w13_ptr,
-            act_ptr,
-            err_ptr,
-            rank,
-            epoch,
-            deadline,
-            R,
-            L,
-            RP,
-            LP,
-            H,
-            I,
-            C,
-            NB,
-            CHUNK,
-            BLOCK_H,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            GEMM,
-            SWIGLU,
-            TOKEN_SAVING,
-            PER_TILE,
-            MAX_DISPATCH,
-        )
-        j = t_lo + tl.atomic_add(counters_ptr + COUNTER_TILE, 1, sem="relaxed")
+            d = tl.atomic_add(counters_ptr + COUNTER_DISPATCH, 1, sem="relaxed")
+    # compute tasks in id order: GEMM1 (or resolve), then down projection + combine put, then
+    # top-k reduce; a task only waits on lower ids here or on dispatch / down tasks of peers
+    q = tl.atomic_add(counters_ptr + COUNTER_COMPUTE, 1, sem="relaxed")
+    while q < g_count + n_count + r_count:
+        if q < g_count:
+            _tile_task(
+                g_lo + q,
+                tiles_ptr,
+                ready_ptr,
+                recv_x_ptr,
+                recv_src_ptr,
+                w13_ptr,
+                act_ptr,
+                act_done_ptr,
+                act_ready_ptr,
+                err_ptr,
+                rank,
+                epoch,
+                deadline,
+                R,
+                L,
+                RP,
+                LP,
+                H,
+                I,
+                C,
+                NB,
+                CHUNK,
+                BLOCK_H,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                GEMM,
+                SWIGLU,
+                TOKEN_SAVING,
+                PER_TILE,
+                LAYER,
+                PROBE,
+                MAX_DISPATCH,
+            )
+        elif LAYER:
+            if q < g_count + n_count:
+                _down_task(
+                    n_lo + q - g_count,
+                    tiles_ptr,
+                    act_ready_ptr,
+                    act_ptr,
+                    w2_ptr,
+                    recv_tag_ptr,
+                    combine_base,
+                    count_base,
+                    combine_ptr,
+                    err_ptr,
+                    rank,
+                    epoch,
+                    deadline,
+                    H,
+                    I,
+                    C,
+                    K,
+                    TK,
+                    CB,
+                    NCB,
+                    NB2,
+                    BLOCK_M,
+                    BLOCK_N2,
+                    BLOCK_K2,
+                    PROBE,
+                    BASE_DOWN,
+                )
+            else:
+                _reduce_task(
+                    r_lo + q - g_count - n_count,
+                    num_tokens,
+                    phys_ptr,
+                    weights_ptr,
+                    combine_ptr,
+                    count_ptr,
+                    out_ptr,
+                    err_ptr,
+                    rank,
+                    deadline,
+                    H,
+                    K,
+                    KP,
+                    CB,
+                    NB2,
+                    NRH,
+                    RT,
+                    RH,
+                    BASE_REDUCE,
+                )
+        q = tl.atomic_add(counters_ptr + COUNTER_COMPUTE, 1, sem="relaxed")
     # the last program out resets the counters for the next launch (stream-ordered after it)
     tl.debug_barrier()
     if tl.atomic_add(counters_ptr + COUNTER_EXIT, 1, sem="acq_rel") == tl.num_programs(0) - 1:
         tl.store(counters_ptr + COUNTER_DISPATCH, 0)
-        tl.store(counters_ptr + COUNTER_TILE, 0)
+        tl.store(counters_ptr + COUNTER_COMPUTE, 0)
         tl.store(counters_ptr + COUNTER_EXIT, 0)
+        if LAYER:
+            # NOTE: every reduce task of this call has consumed its block's pieces, and no peer
+            # puts pieces for the next call before this rank dispatches it: safe to clear
+            if (task_begin <= BASE_REDUCE) & (task_end >= BASE_REDUCE + MAX_REDUCE):
+                b = tl.arange(0, NCBP)
+                tl.store(count_ptr + b, tl.zeros([NCBP], tl.int32), mask=b < NCB)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -408,11 +674,21 @@ def kernel_meta(
     swiglu: bool,
     num_ctas: int,
     mode: str,
+    probe: int = 0,
 ) -> dict[str, int | bool]:
-    """Compile-time constants and launch options of ``moe_dispatch_gemm_kernel``."""
+    """Compile-time constants and launch options of ``moe_megakernel`` (``probe``: one of the
+    PROBE_* timing probes of mode "layer")."""
     cfg, pc = config, plan_cfg
-    gemm = mode == "gemm"
+    gemm, layer = mode in ("gemm", "layer"), mode == "layer"
     width = shape.ffn if swiglu else 2 * shape.ffn
+    T, H = shape.max_tokens_per_rank, shape.hidden
+    nb = triton.cdiv(width, cfg.block_n) if gemm else 1
+    nb2 = triton.cdiv(H, cfg.down_block_n) if layer else 1
+    ncb = triton.cdiv(T, cfg.combine_block)
+    rh = min(cfg.reduce_h, _pow2(H))
+    nrh = triton.cdiv(H, rh)
+    base_down = pc.max_dispatch_tasks + pc.max_tiles * nb
+    base_reduce = base_down + (pc.max_tiles * nb2 if layer else 0)
     return dict(
         K=pc.topk,
         KP=_pow2(pc.topk),
@@ -424,19 +700,34 @@ def kernel_meta(
         H=shape.hidden,
         I=shape.ffn,
         C=capacity,
+        TK=T * pc.topk,
         MAX_DISPATCH=pc.max_dispatch_tasks,
-        NB=triton.cdiv(width, cfg.block_n) if gemm else 1,
+        BASE_DOWN=base_down,
+        BASE_REDUCE=base_reduce,
+        MAX_REDUCE=ncb * nrh if layer else 0,
+        NB=nb,
+        NB2=nb2,
+        CB=cfg.combine_block,
+        NCB=ncb,
+        NCBP=_pow2(ncb),
+        NRH=nrh,
+        RT=min(REDUCE_ROWS, cfg.combine_block),
+        RH=rh,
         CHUNK=cfg.chunk,
         BLOCK_H=min(cfg.block_h, _pow2(shape.hidden)),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
+        BLOCK_N2=cfg.down_block_n,
+        BLOCK_K2=cfg.down_block_k,
         DISPATCH_CTAS=min(cfg.dispatch_ctas or num_ctas, num_ctas),
         GEMM=gemm,
         SWIGLU=swiglu,
+        LAYER=layer,
         TOKEN_SAVING=cfg.token_saving,
         SORTED=cfg.sorted_dispatch,
         PER_TILE=cfg.per_tile_flags,
+        PROBE=probe,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -444,10 +735,11 @@ def kernel_meta(
 
 @dataclass
 class DispatchHandle:
-    """One rank's result of ``dispatch_gemm``: what the combine needs, as device views.
+    """One rank's result of a call, as device views.
 
     ``act [C, I]`` (``[C, 2I]`` without SwiGLU) holds the expert activations of rows
-    ``[0, num_recv)`` in the receive order (DESIGN §4); rows past that are stale. Valid until the
+    ``[0, num_recv)`` in the receive order (DESIGN §4); rows past that are stale. ``out [T, H]``
+    is the layer's output (mode "layer"; a fresh tensor per call). The views are valid until the
     workspace's next call on this rank.
     """
 
@@ -459,6 +751,7 @@ class DispatchHandle:
     stats: torch.Tensor  # [4] int32 the plan's stats (megakernel.plan.STATS)
     topk_weights: torch.Tensor | None  # [T, K]
     plan: Plan | None  # this call's plan (views, overwritten by the next call)
+    out: torch.Tensor | None = None  # [T, H] mode "layer"
 
     def num_recv(self) -> int:
         """Rows this rank received (reads the plan's stats back: one sync)."""
@@ -482,14 +775,22 @@ class DispatchHandle:
         return self.recv_x[self.recv_src[:n].long()]
 
 
-class DispatchGemm:
-    """Workspace of the dispatch + GEMM1 megakernel for every rank this process runs.
+class Megakernel:
+    """Workspace of the megakernel for every rank this process runs.
 
     Owns the plan workspace and the symmetric buffers (``sizes()`` lists them):
-      ``recv_x [2, C, H]``  receive rows, double-buffered by epoch parity;
-      ``recv_src [2, C]``   int32, the row holding each row's data;
-      ``expert_ready [L, R]`` int64 flags: (local slot, source rank) -> epoch;
-    and per rank ``act [C, I]``, ``group_done [PP]`` and the task counters.
+      ``recv_x [2, C, H]``      receive rows, double-buffered by epoch parity;
+      ``recv_src [2, C]``       int32, the row holding each row's data;
+      ``expert_ready [L, R]``   int64 flags: (local slot, source rank) -> epoch;
+    with ``combine`` (what mode "layer" needs) also
+      ``recv_tag [2, C]``       int32, each row's (source rank, token, k): where its output goes;
+      ``combine_y [T * K, H]``  the expert outputs of this rank's tokens, one row per (token, k);
+      ``combine_count [NCB]``   int32 pieces arrived per block of ``combine_block`` tokens;
+    and per rank ``act [C, I]``, ``act_ready`` / ``act_done`` per tile, ``group_done [PP]`` and
+    the task counters.
+
+    ``combine_y`` needs no second buffer: a peer puts call n + 1's rows only after this rank
+    dispatched call n + 1, which its stream orders after call n's top-k reduce.
     """
 
     def __init__(
@@ -501,21 +802,27 @@ class DispatchGemm:
         config: KernelConfig | None = None,
         capacity: int | None = None,
         swiglu: bool = True,
+        combine: bool = True,
     ) -> None:
         R = world.world_size
         self.world, self.shape = world, shape
         self.placement = placement or Placement.contiguous(shape.num_experts, R)
         self.config = cfg = config or KernelConfig()
-        self.swiglu = swiglu
+        self.swiglu, self.combine = swiglu, combine
         L, H, I = self.placement.slots_per_rank, shape.hidden, shape.ffn  # noqa: E741
+        T, K = shape.max_tokens_per_rank, shape.topk
         if H % cfg.block_k:
             raise ValueError(f"hidden size {H} is not a multiple of block_k {cfg.block_k}")
+        if combine and not swiglu:
+            raise ValueError("the combine (mode 'layer') runs on SwiGLU activations: swiglu=True")
+        if combine and I % cfg.down_block_k:
+            raise ValueError(f"ffn size {I} is not a multiple of down_block_k {cfg.down_block_k}")
         C = capacity or default_capacity(shape, R, L)
         self.plan_cfg = PlanConfig(
             R,
             L,
-            shape.topk,
-            max_tokens=shape.max_tokens_per_rank,
+            K,
+            max_tokens=T,
             capacity=C,
             block_m=cfg.block_m,
             chunk=cfg.chunk,
@@ -527,17 +834,23 @@ class DispatchGemm:
         self.sym_recv_x = world.alloc((2, C, H), shape.dtype)
         self.sym_recv_src = world.alloc((2, C), torch.int32)
         self.sym_ready = world.alloc((L, R), torch.int64)
-        dev, PP = world.device, _pow2(R * L)
+        self._sym = [self.sym_recv_x, self.sym_recv_src, self.sym_ready]
+        if combine:
+            self.sym_recv_tag = world.alloc((2, C), torch.int32)
+            self.sym_combine = world.alloc((T * K, H), shape.dtype)
+            self.sym_count = world.alloc((triton.cdiv(T, cfg.combine_block),), torch.int32)
+            self._sym += [self.sym_recv_tag, self.sym_combine, self.sym_count]
+        dev, PP, MT = world.device, _pow2(R * L), self.plan_cfg.max_tiles
         width = I if swiglu else 2 * I
-        self.act = {
-            r: torch.zeros(C, width, dtype=shape.dtype, device=dev) for r in world.local_ranks
-        }
-        self.group_done = {
-            r: torch.zeros(PP, dtype=torch.int32, device=dev) for r in world.local_ranks
-        }
-        self.counters = {
-            r: torch.zeros(3, dtype=torch.int32, device=dev) for r in world.local_ranks
-        }
+
+        def per_rank(*size: int, dtype: torch.dtype = torch.int32) -> dict[int, torch.Tensor]:
+            return {r: torch.zeros(size, dtype=dtype, device=dev) for r in world.local_ranks}
+
+        self.act = per_rank(C, width, dtype=shape.dtype)
+        self.group_done = per_rank(PP)
+        self.act_done = per_rank(MT)
+        self.act_ready = per_rank(MT, dtype=torch.int64)
+        self.counters = per_rank(3)
         self.epoch = {r: 0 for r in world.local_ranks}  # host mirror of the plan's device epoch
         self.num_ctas = cfg.num_ctas or world.sms_per_rank
         self._warm: set[str] = set()
@@ -546,13 +859,16 @@ class DispatchGemm:
 
     def sizes(self) -> dict[str, int]:
         """Bytes per rank of each buffer this workspace owns."""
-        sym = {
-            "recv_x (sym)": self.sym_recv_x.nbytes,
-            "recv_src (sym)": self.sym_recv_src.nbytes,
-            "expert_ready (sym)": self.sym_ready.nbytes,
-        }
+        names = ["recv_x", "recv_src", "expert_ready", "recv_tag", "combine_y", "combine_count"]
+        sym = {f"{name} (sym)": t.nbytes for name, t in zip(names, self._sym, strict=False)}
         r = self.world.local_ranks[0]
-        local = {"act": self.act[r].numel() * self.act[r].element_size()}
+        local = {
+            "act": self.act[r].numel() * self.act[r].element_size(),
+            "flags, counters": sum(
+                t[r].numel() * t[r].element_size()
+                for t in (self.group_done, self.act_done, self.act_ready, self.counters)
+            ),
+        }
         plan = sum(b.numel() * b.element_size() for b in self.plan_ws.bufs[r].values())
         plan += self.plan_ws.sym_counts.nbytes + self.plan_ws.sym_ready.nbytes
         return {**sym, **local, "plan": plan}
@@ -561,27 +877,51 @@ class DispatchGemm:
         rows = [f"  {name:<20} {size / 2**20:10.2f} MiB" for name, size in self.sizes().items()]
         total = sum(self.sizes().values()) / 2**20
         return "\n".join(
-            [f"DispatchGemm workspace per rank (capacity {self.capacity} rows):", *rows]
+            [f"Megakernel workspace per rank (capacity {self.capacity} rows):", *rows]
             + [f"  {'total':<20} {total:10.2f} MiB"]
         )
 
     # -- launching ------------------------------------------------------------------------
 
-    def _meta(self, mode: str) -> dict[str, int | bool]:
+    def _meta(self, mode: str, probe: int = 0) -> dict[str, int | bool]:
         return kernel_meta(
-            self.shape, self.plan_cfg, self.config, self.capacity, self.swiglu, self.num_ctas, mode
+            self.shape,
+            self.plan_cfg,
+            self.config,
+            self.capacity,
+            self.swiglu,
+            self.num_ctas,
+            mode,
+            probe,
         )
 
-    def num_tasks(self, mode: str) -> tuple[int, int]:
-        """(dispatch task ids, tile task ids) of one call."""
-        return self.plan_cfg.max_dispatch_tasks, self.plan_cfg.max_tiles * self._meta(mode)["NB"]
+    def task_regions(self, mode: str) -> dict[str, tuple[int, int]]:
+        """The task id range ``[begin, end)`` of each task kind of one call, in id order."""
+        meta = self._meta(mode)
+        bounds = {
+            "dispatch": (0, meta["MAX_DISPATCH"]),
+            "gemm1": (meta["MAX_DISPATCH"], meta["BASE_DOWN"]),
+            "down": (meta["BASE_DOWN"], meta["BASE_REDUCE"]),
+            "reduce": (meta["BASE_REDUCE"], meta["BASE_REDUCE"] + meta["MAX_REDUCE"]),
+        }
+        return {kind: (b, e) for kind, (b, e) in bounds.items() if e > b}
 
-    def _args(self, rank: int, x: torch.Tensor, w13: torch.Tensor, begin: int, end: int) -> tuple:
+    def _args(self, rank: int, inputs: tuple, begin: int, end: int) -> tuple:
+        x, _, weights, w13, w2, out = inputs
         b = self.plan_ws.bufs[rank]
+        # without the combine buffers the kernel never touches these arguments (LAYER is off)
+        tag, comb, count = (
+            (self.sym_recv_tag, self.sym_combine, self.sym_count)
+            if self.combine
+            else (self.sym_recv_src, self.sym_recv_x, self.sym_recv_src)
+        )
         return (
             x,
             w13,
+            w13 if w2 is None else w2,
+            x if weights is None else weights,
             self.act[rank],
+            x if out is None else out,
             b["tasks"],
             b["tiles"],
             b["stats"],
@@ -592,37 +932,70 @@ class DispatchGemm:
             b["data_pos"],
             self.sym_recv_x.peer_base,
             self.sym_recv_src.peer_base,
+            tag.peer_base,
             self.sym_ready.peer_base,
+            comb.peer_base,
+            count.peer_base,
             self.sym_recv_x.peer(rank),
             self.sym_recv_src.peer(rank),
+            tag.peer(rank),
             self.sym_ready.peer(rank),
+            comb.peer(rank),
+            count.peer(rank),
             self.group_done[rank],
+            self.act_done[rank],
+            self.act_ready[rank],
             self.counters[rank],
             self.world.error_record(rank),
             self.plan_ws.epoch[rank],
             rank,
+            x.shape[0],
             begin,
             end,
             self.world.timeout_ns(),
         )
 
-    def warmup(self, mode: str = "gemm") -> None:
+    def _dummy_inputs(self) -> tuple:
+        dev, shape, L = self.world.device, self.shape, self.plan_cfg.slots_per_rank
+        H, I, K = shape.hidden, shape.ffn, shape.topk  # noqa: E741
+        x = torch.zeros(2, H, dtype=shape.dtype, device=dev)
+        w13 = torch.zeros(L, 2 * I, H, dtype=shape.dtype, device=dev)
+        w2 = torch.zeros(L, H, I, dtype=shape.dtype, device=dev)
+        weights = torch.zeros(2, K, dtype=torch.float32, device=dev)
+        return x, None, weights, w13, w2, torch.zeros_like(x)
+
+    def warmup(self, mode: str = "gemm", probe: int = 0) -> None:
         """Compile and load the plan kernels and the megakernel before anything spins."""
-        if mode in self._warm or self.world.device.type != "cuda":
+        if (mode, probe) in self._warm or self.world.device.type != "cuda":
             return
         self.plan_ws.warmup()
         r = self.world.local_ranks[0]
-        dev, shape, L = self.world.device, self.shape, self.plan_cfg.slots_per_rank
-        x = torch.zeros(1, shape.hidden, dtype=shape.dtype, device=dev)
-        w13 = torch.zeros(L, 2 * shape.ffn, shape.hidden, dtype=shape.dtype, device=dev)
-        kernel = moe_dispatch_gemm_kernel.warmup(
-            *self._args(r, x, w13, 0, 0), **self._meta(mode), grid=(1,)
+        kernel = moe_megakernel.warmup(
+            *self._args(r, self._dummy_inputs(), 0, 0), **self._meta(mode, probe), grid=(1,)
         )
         kernel._init_handles()
-        self._warm.add(mode)
+        self._warm.add((mode, probe))
 
-    def _prepare(self, rank: int, x, topk_ids, topk_weights, w13, validate: bool):
+    def _check_tensor(self, rank: int, name: str, t: object, want: tuple, dtype) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != want:
+            raise ValueError(f"rank {rank}: {name} has shape {tuple(t.shape)}, expected {want}")
+        if t.dtype != dtype:
+            raise ValueError(f"{name} is {t.dtype} but the layer is {dtype}")
+        if t.device != self.world.device:
+            raise ValueError(f"{name} is on {t.device}, the layer on {self.world.device}")
+
+    def _prepare(
+        self, rank: int, x, topk_ids, topk_weights, w13, w2, out, mode: str, validate: bool
+    ):
         shape, L, dev = self.shape, self.plan_cfg.slots_per_rank, self.world.device
+        H, I = shape.hidden, shape.ffn  # noqa: E741
+        layer = mode == "layer"
+        if layer and topk_weights is None:
+            raise ValueError('mode "layer" needs topk_weights')
+        if layer and w2 is None:
+            raise ValueError('mode "layer" needs w2 [L, H, I]')
         if validate:
             check_routing(
                 topk_ids,
@@ -631,24 +1004,28 @@ class DispatchGemm:
                 topk=shape.topk,
                 max_tokens=shape.max_tokens_per_rank,
                 device=dev,
+                # NOTE: no host read-back while a CUDA graph is being captured
+                check_values=dev.type != "cuda" or not torch.cuda.is_current_stream_capturing(),
             )
-            want = {"x": (topk_ids.shape[0], shape.hidden), "w13": (L, 2 * shape.ffn, shape.hidden)}
-            for name, t in (("x", x), ("w13", w13)):
-                if not isinstance(t, torch.Tensor):
-                    raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-                if tuple(t.shape) != want[name]:
-                    raise ValueError(
-                        f"rank {rank}: {name} has shape {tuple(t.shape)}, expected {want[name]}"
-                    )
-                if t.dtype != shape.dtype:
-                    raise ValueError(f"{name} is {t.dtype} but the layer is {shape.dtype}")
-                if t.device != dev:
-                    raise ValueError(f"{name} is on {t.device}, the layer on {dev}")
+            self._check_tensor(rank, "x", x, (topk_ids.shape[0], H), shape.dtype)
+            self._check_tensor(rank, "w13", w13, (L, 2 * I, H), shape.dtype)
+            if layer:
+                self._check_tensor(rank, "w2", w2, (L, H, I), shape.dtype)
+            if out is not None:
+                self._check_tensor(rank, "out", out, (x.shape[0], H), shape.dtype)
+                if not out.is_contiguous():
+                    raise ValueError("out must be contiguous")
         # NOTE: a misaligned view would compile a new kernel variant at launch, while peers spin
-        x, w13 = (
-            t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone() for t in (x, w13)
+        x, w13, w2 = (
+            t if t is None or (t.is_contiguous() and t.data_ptr() % 16 == 0) else t.clone()
+            for t in (x, w13, w2)
         )
-        return x, self.plan_ws._prepare(topk_ids, validate=False), topk_weights, w13
+        if layer:
+            topk_weights = topk_weights.to(torch.float32).contiguous()
+            if out is None:
+                out = torch.empty(x.shape[0], H, dtype=shape.dtype, device=dev)
+        ids = self.plan_ws._prepare(topk_ids, validate=False)
+        return x, ids, topk_weights, w13, w2, out
 
     def run(
         self,
@@ -656,61 +1033,77 @@ class DispatchGemm:
         topk_ids: dict[int, torch.Tensor],
         topk_weights: dict[int, torch.Tensor] | None,
         w13: dict[int, torch.Tensor],
+        w2: dict[int, torch.Tensor] | None = None,
         *,
+        out: dict[int, torch.Tensor] | None = None,
         mode: str = "gemm",
         overlap: bool | None = None,
+        split: bool = False,
         validate: bool = True,
         stage: str = "all",
     ) -> dict[int, DispatchHandle]:
-        """One call on every local rank (inputs keyed by rank). ``mode``: "gemm" (dispatch +
-        GEMM1, fused) or "dispatch" (dispatch, then resolve every indirect row).
+        """One call on every local rank (inputs keyed by rank). ``mode``: "layer" (the whole MoE
+        layer: needs ``topk_weights`` and ``w2``; writes ``out [T, H]`` when given, else a new
+        tensor), "gemm" (dispatch + GEMM1, fused) or "dispatch"
+        (dispatch, then resolve every indirect row).
 
-        ``stage`` (for timing the parts alone): "all"; "dispatch" (plan and dispatch tasks only);
-        "tiles" (no plan, no dispatch: rerun the last call's tile tasks on its received rows).
+        ``split`` runs the layer as two kernels (dispatch + GEMM1, then down projection + combine
+        + top-k reduce) instead of one.
 
-        ``overlap`` (default: when the world runs ranks concurrently) runs each rank's whole task
-        range in one launch; otherwise every rank's dispatch tasks run first, then every rank's
-        tile tasks (the CPU interpreter must; on one GPU it isolates a hang from a race).
+        ``stage`` times parts alone. Modes "gemm" and "dispatch": "dispatch" (plan and dispatch
+        tasks only); "tiles" (no plan, no dispatch: rerun the last call's tile tasks on its
+        received rows). Mode "layer": "comm" (a whole call without the GEMM math: communication,
+        flags and the top-k reduce; the outputs are junk); "compute" (both GEMMs rerun on the
+        last call's rows, outputs kept on this rank). "all": the real call.
+
+        ``overlap`` (default: when the world runs ranks concurrently) runs each rank's task range
+        in one launch (two with ``split``); otherwise each task kind runs on every rank before the
+        next kind starts (the CPU interpreter must; on one GPU it isolates a hang from a race).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        if stage == "tiles" and min(self.epoch.values()) == 0:
-            raise ValueError('stage="tiles" reruns the last call\'s tiles: make a full call first')
+        if mode == "layer" and not self.combine:
+            raise ValueError('mode "layer" needs a workspace built with combine=True')
+        layer_stages = ("all", "comm", "compute")
+        if (mode == "layer") != (stage in layer_stages) and stage != "all":
+            raise ValueError(f'stage {stage!r} is not one of mode "{mode}"')
+        rerun = stage in ("tiles", "compute")
+        if rerun and min(self.epoch.values()) == 0:
+            raise ValueError(
+                f"stage={stage!r} reruns the last call's tiles: make a full call first"
+            )
+        probe = {"comm": PROBE_COMM, "compute": PROBE_COMPUTE}.get(stage, PROBE_OFF).value
         ranks = self.world.local_ranks
         weights = topk_weights or {r: None for r in ranks}
+        w2 = w2 or {r: None for r in ranks}
+        out = out or {r: None for r in ranks}
         ready = {
-            r: self._prepare(r, x[r], topk_ids[r], weights[r], w13[r], validate) for r in ranks
+            r: self._prepare(
+                r, x[r], topk_ids[r], weights[r], w13[r], w2[r], out[r], mode, validate
+            )
+            for r in ranks
         }
-        self.warmup(mode)
-        if stage != "tiles":
+        self.warmup(mode, probe)
+        if rerun:
+            for r in ranks:  # the rerun's down tasks wait for its own GEMM1 tasks
+                self.act_ready[r].zero_()
+        else:
             for phase in self.plan_ws.phases():
                 self.world.run_ranks(
                     lambda r, p=phase: self.plan_ws.launch(r, ready[r][1], p, validate=False)
                 )
-        n_dispatch, n_tiles = self.num_tasks(mode)
-        overlap = self.world.concurrent if overlap is None else overlap
-        ranges = {
-            "dispatch": [(0, n_dispatch)],
-            "tiles": [(n_dispatch, n_dispatch + n_tiles)],
-            "all": [(0, n_dispatch + n_tiles)]
-            if overlap
-            else [(0, n_dispatch), (n_dispatch, n_dispatch + n_tiles)],
-        }[stage]
-        meta = self._meta(mode)
-        for begin, end in ranges:
+        meta = self._meta(mode, probe)
+        for begin, end in self._ranges(mode, stage, overlap, split):
 
             def launch(r: int, begin: int = begin, end: int = end) -> None:
-                xr, _, _, wr = ready[r]
-                moe_dispatch_gemm_kernel[(self.num_ctas,)](
-                    *self._args(r, xr, wr, begin, end), **meta
-                )
+                moe_megakernel[(self.num_ctas,)](*self._args(r, ready[r], begin, end), **meta)
 
             self.world.run_ranks(launch)
         handles = {}
         for r in ranks:
-            self.epoch[r] += stage != "tiles"
+            self.epoch[r] += not rerun
             parity = self.epoch[r] % 2
             handles[r] = DispatchHandle(
                 rank=r,
@@ -721,14 +1114,39 @@ class DispatchGemm:
                 stats=self.plan_ws.bufs[r]["stats"],
                 topk_weights=ready[r][2],
                 plan=self.plan_ws.plan(r),
+                out=ready[r][5],
             )
         return handles
 
+    def _ranges(
+        self, mode: str, stage: str, overlap: bool | None, split: bool
+    ) -> list[tuple[int, int]]:
+        """The task id ranges to launch, in order (each one launch per rank)."""
+        regions = self.task_regions(mode)
+        if stage == "dispatch":
+            return [regions["dispatch"]]
+        if stage == "tiles":
+            return [(regions["gemm1"][0], max(e for _, e in regions.values()))]
+        if stage == "compute":
+            return [(regions["gemm1"][0], regions["down"][1])]
+        overlap = self.world.concurrent if overlap is None else overlap
+        if not overlap:
+            return list(regions.values())
+        end = max(e for _, e in regions.values())
+        if split and "down" in regions:
+            cut = regions["down"][0]
+            return [(0, cut), (cut, end)]
+        return [(0, end)]
+
     def flag_name(self, flag: int) -> str:
         """Names the flag of a ``WaitTimeoutError`` raised by ``world.check_errors``."""
-        base = FLAG_EXPERT_READY.value
-        if flag >= base:
-            local, src = divmod(flag - base, _pow2(self.plan_cfg.world_size))
+        if flag >= FLAG_COMBINE.value:
+            block = flag - FLAG_COMBINE.value
+            return f"combine_count[token block {block}] (pieces from the experts' ranks)"
+        if flag >= FLAG_ACT_READY.value:
+            return f"act_ready[tile {flag - FLAG_ACT_READY.value}]"
+        if flag >= FLAG_EXPERT_READY.value:
+            local, src = divmod(flag - FLAG_EXPERT_READY.value, _pow2(self.plan_cfg.world_size))
             return f"expert_ready[local slot {local}, source rank {src}]"
         return f"counts_ready[source rank {flag}]"
 
@@ -739,7 +1157,7 @@ class DispatchGemm:
     def close(self) -> None:
         """Free the symmetric buffers (collective, in allocation order)."""
         self.plan_ws.close()
-        for t in (self.sym_recv_x, self.sym_recv_src, self.sym_ready):
+        for t in self._sym:
             self.world.free(t)
 
 
@@ -749,7 +1167,7 @@ def dispatch_gemm(
     topk_weights: torch.Tensor | None,
     w13: torch.Tensor,
     *,
-    workspace: DispatchGemm,
+    workspace: Megakernel,
     mode: str = "gemm",
 ) -> tuple[torch.Tensor, DispatchHandle]:
     """This rank's tokens ``x [T, H]`` routed by ``topk_ids [T, K]`` to the experts, whose
@@ -763,7 +1181,7 @@ def dispatch_gemm(
     if len(ranks) != 1:
         raise ValueError(
             f"dispatch_gemm runs one rank; this world runs {len(ranks)} in one process: use "
-            "DispatchGemm.run with inputs keyed by rank"
+            "Megakernel.run with inputs keyed by rank"
         )
     (r,) = ranks
     handle = workspace.run({r: x}, {r: topk_ids}, {r: topk_weights}, {r: w13}, mode=mode)[r]

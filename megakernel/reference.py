@@ -10,6 +10,7 @@ one of its slots, ordered by local slot, then source rank, then token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,17 +34,27 @@ def moe_ref(
     w2: torch.Tensor,
 ) -> torch.Tensor:
     """``x [T, H]`` -> ``[T, H]`` (x.dtype): sum over k of ``w_k * FFN_{e_k}(x)``, fp32
-    accumulate in k order; dropped slots (id -1) contribute nothing."""
-    T, K = topk_ids.shape
-    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
-    for k in range(K):
-        ids = topk_ids[:, k]
-        contrib = torch.zeros_like(out)
-        for e in ids[ids >= 0].unique().tolist():
-            rows = (ids == e).nonzero().squeeze(1)
-            contrib[rows] = expert_ffn_ref(x[rows], w13[e], w2[e])
-        out += topk_weights[:, k].float().unsqueeze(1) * contrib
-    return out.to(x.dtype)
+    accumulate; dropped slots (id -1) contribute nothing. ``w13 [E, 2I, H]``, ``w2 [E, H, I]``."""
+    return moe_ref_by_expert(x, topk_ids, topk_weights, lambda e: (w13[e], w2[e])).to(x.dtype)
+
+
+def moe_ref_by_expert(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    expert_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """``moe_ref`` in fp32, asking ``expert_weights(e) -> (w13 [2I, H], w2 [H, I])`` for one
+    expert at a time, only for the experts the tokens picked: a rank can check its output without
+    holding every expert (dsv3: 22 GB of weights)."""
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    ids = topk_ids.to(x.device).long()
+    weights = topk_weights.to(x.device).float()
+    for e in ids[ids >= 0].unique().tolist():
+        t, k = (ids == e).nonzero(as_tuple=True)
+        w13_e, w2_e = expert_weights(e)
+        out.index_add_(0, t, weights[t, k].unsqueeze(1) * expert_ffn_ref(x[t], w13_e, w2_e))
+    return out
 
 
 @dataclass

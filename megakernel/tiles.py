@@ -33,6 +33,8 @@ def tile_dispatch_put(
     data_pos_ptr,  # [T, K] row that carries the token's data there
     recv_x_dst,  # destination's recv_x [C, H] (peer address, this call's parity)
     recv_src_dst,  # destination's recv_src [C] (peer address, this call's parity)
+    recv_tag_dst,  # destination's recv_tag [C] (peer address, this call's parity), if TAG
+    tag_base,  # this rank * T_max * K: tags name (source rank, token * K + k)
     start,
     count,
     dst,
@@ -43,8 +45,10 @@ def tile_dispatch_put(
     CHUNK: tl.constexpr,
     BLOCK_H: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
+    TAG: tl.constexpr,
 ):
-    """Put units ``send_units[start : start + count]`` (all bound for rank ``dst``)."""
+    """Put units ``send_units[start : start + count]`` (all bound for rank ``dst``). With ``TAG``
+    every slot fed also gets its tag, which tells the combine where the slot's output goes."""
     i = tl.arange(0, CHUNK)
     live = i < count
     unit = tl.load(send_units_ptr + start + i, mask=live, other=0)
@@ -61,6 +65,8 @@ def tile_dispatch_put(
         feeds = in_k & (pair == unit[:, None])
     slot_row = tl.load(slot_pos_ptr + pair, mask=feeds, other=0)
     tl.store(recv_src_dst + slot_row, tl.broadcast_to(row[:, None], (CHUNK, KP)), mask=feeds)
+    if TAG:
+        tl.store(recv_tag_dst + slot_row, tag_base + pair, mask=feeds)
     src = x_ptr + token.to(tl.int64)[:, None] * H
     out = recv_x_dst + row.to(tl.int64)[:, None] * H
     for h0 in tl.range(0, H, BLOCK_H):
@@ -146,3 +152,122 @@ def tile_expert_gemm(
         acc = acc * tl.sigmoid(acc) * acc_up
     out = out_ptr + (row0 + r).to(tl.int64)[:, None] * WIDTH + n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=live[:, None] & n_ok)
+
+
+@triton.jit
+def tile_down_gemm(
+    act_ptr,  # [C, I] expert activations in the receive order
+    w2_ptr,  # [L, H, I] down projections of every local slot
+    local,
+    row0,
+    rows,
+    n_block,
+    H: tl.constexpr,
+    I: tl.constexpr,  # noqa: E741 (the shape legend's I)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The fp32 ``[BM, BN]`` block ``act[row0 : row0 + rows] @ w2[local, n_block * BN : +BN]^T``
+    (rows past ``rows`` are 0). NOTE: I must be a multiple of BLOCK_K (checked on the host)."""
+    r = tl.arange(0, BLOCK_M)
+    live = r < rows
+    kk = tl.arange(0, BLOCK_K)
+    a_ptrs = act_ptr + (row0 + r).to(tl.int64)[:, None] * I + kk[None, :]
+    n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = (n < H)[None, :]
+    # B = w2^T as a [BLOCK_K, BLOCK_N] view of the [H, I] weight (I contiguous)
+    b_ptrs = w2_ptr + tl.cast(local, tl.int64) * (H * I) + n.to(tl.int64)[None, :] * I + kk[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for _ in tl.range(0, I // BLOCK_K):
+        a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+        acc = tl.dot(a, tl.load(b_ptrs, mask=n_ok, other=0.0), acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def tile_combine_put(
+    acc,  # [BM, BN] fp32 expert outputs of rows [row0, row0 + rows), columns of n_block
+    recv_tag_ptr,  # [C] int32 (this call's parity): source rank * T_max * K + token * K + k
+    combine_base,  # [R] int64: every rank's sym combine_y [T_max * K, H]
+    count_base,  # [R] int64: every rank's sym combine_count [NCB] int32
+    combine_ptr,  # this rank's combine_y (gives the element type)
+    row0,
+    rows,
+    n_block,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    TK: tl.constexpr,  # T_max * K
+    CB: tl.constexpr,  # tokens per combine counter
+    NCB: tl.constexpr,  # counters per rank
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    REMOTE: tl.constexpr = True,
+):
+    """Store each row of ``acc`` into its source rank's ``combine_y[token * K + k]``, then add, with
+    release at system scope, the number of (row, column block) pieces each of that rank's token
+    blocks got: ``combine_count[token // CB]``. One add per distinct (source, block) in the tile.
+
+    ``REMOTE=False`` (a timing probe: compute alone) stores the rows into this rank's own
+    ``combine_y`` instead and counts nothing."""
+    r = tl.arange(0, BLOCK_M)
+    live = r < rows
+    tag = tl.load(recv_tag_ptr + row0 + r, mask=live, other=0)
+    src = tag // TK
+    pair = tag % TK
+    n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = live[:, None] & (n < H)[None, :]
+    y = acc.to(combine_ptr.dtype.element_ty)
+    if not REMOTE:
+        tl.store(combine_ptr + pair.to(tl.int64)[:, None] * H + n[None, :], y, mask=n_ok)
+        return
+    y_rows = tl.load(combine_base + src, mask=live, other=0).to(
+        tl.pointer_type(combine_ptr.dtype.element_ty)
+    )
+    tl.store(y_rows[:, None] + pair.to(tl.int64)[:, None] * H + n[None, :], y, mask=n_ok)
+    tl.debug_barrier()  # every thread's rows before the releases below
+    block = pair // K // CB
+    key = src * NCB + block
+    same = (key[:, None] == key[None, :]) & live[None, :]  # [BM, BM]
+    pieces = tl.sum(same.to(tl.int32), axis=1)
+    earlier = tl.sum((same & (r[None, :] < r[:, None])).to(tl.int32), axis=1)
+    first = live & (earlier == 0)
+    counters = tl.load(count_base + src, mask=first, other=0).to(tl.pointer_type(tl.int32))
+    tl.atomic_add(counters + block, pieces, mask=first, sem="release", scope="sys")
+
+
+@triton.jit
+def tile_topk_reduce(
+    combine_ptr,  # [T_max * K, H] this rank's combine_y: expert output of (token, k)
+    weights_ptr,  # [T, K] fp32 routing weights
+    phys_ptr,  # [T, K] physical slot of every (token, k), -1 dropped
+    out_ptr,  # [T, H]
+    t0,
+    t_end,
+    h0,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    CB: tl.constexpr,
+    RT: tl.constexpr,
+    RH: tl.constexpr,
+):
+    """``out[t, h0 : h0 + RH] = sum_k w[t, k] * y[t, k]`` for tokens ``[t0, t_end)`` (at most CB),
+    in fp32, k in order: the same inputs give bitwise the same output. Dropped slots add
+    nothing."""
+    h = h0 + tl.arange(0, RH)
+    h_ok = (h < H)[None, :]
+    for s0 in tl.range(0, CB, RT):
+        t = t0 + s0 + tl.arange(0, RT)
+        t_ok = t < t_end
+        acc = tl.zeros([RT, RH], dtype=tl.float32)
+        for k in tl.static_range(K):
+            pair = t * K + k
+            used = t_ok & (tl.load(phys_ptr + pair, mask=t_ok, other=-1) >= 0)
+            w = tl.load(weights_ptr + pair, mask=used, other=0.0)
+            y_ptrs = combine_ptr + pair.to(tl.int64)[:, None] * H + h[None, :]
+            y = tl.load(y_ptrs, mask=used[:, None] & h_ok, other=0.0)
+            acc += w[:, None] * y.to(tl.float32)
+        out = out_ptr + t.to(tl.int64)[:, None] * H + h[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & h_ok)

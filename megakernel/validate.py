@@ -13,9 +13,11 @@ def check_routing(
     topk: int,
     max_tokens: int,
     device: torch.device,
+    check_values: bool = True,
 ) -> None:
     """``topk_ids [T, K]`` int32/int64 in [-1, E) (-1 = dropped), ``topk_weights [T, K]`` float,
-    both on ``device``, T <= ``max_tokens``. Reads the id range back to the host (one sync)."""
+    both on ``device``, T <= ``max_tokens``. ``check_values`` reads the id range back to the host
+    (one sync; skip it while a CUDA graph is being captured)."""
     if not isinstance(topk_ids, torch.Tensor):
         raise ValueError(f"topk_ids must be a torch.Tensor, got {type(topk_ids).__name__}")
     if topk_ids.dtype not in (torch.int32, torch.int64):
@@ -40,7 +42,7 @@ def check_routing(
             raise ValueError(
                 f"topk_weights is on {topk_weights.device}, topk_ids on {topk_ids.device}"
             )
-    if topk_ids.numel():
+    if check_values and topk_ids.numel():
         low, high = int(topk_ids.min()), int(topk_ids.max())
         if high >= num_experts:
             raise ValueError(f"topk_ids has expert {high} but the layer has {num_experts} experts")

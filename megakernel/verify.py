@@ -14,9 +14,10 @@ import torch
 from megakernel.kernel import DispatchHandle
 from megakernel.placement import Placement
 from megakernel.plan import resolve_all_ref
-from megakernel.reference import dispatch_ref, expert_act_ref
+from megakernel.reference import dispatch_ref, expert_act_ref, moe_ref_by_expert
 from megakernel.shapes import MoEShape
 
+W2_SEED_OFFSET = 50_021  # w2 generators: seeds apart from every w13 one (E < 50_021)
 # |got - want| <= atol + rtol * |want| for the GEMM outputs (DESIGN §8); fp32 runs through tf32
 # on the GPU, hence its loose bound
 TOLERANCE = {
@@ -45,17 +46,73 @@ def make_w13(shape: MoEShape, seed: int, device: str | torch.device) -> torch.Te
     return torch.stack([expert_w13(shape, seed, e, device) for e in range(shape.num_experts)])
 
 
+def expert_w2(shape: MoEShape, seed: int, expert: int, device: str | torch.device):
+    """Expert ``expert``'s ``w2 [H, I]``, scaled like ``expert_w13``, from its own generator."""
+    g = torch.Generator(device=device).manual_seed(seed * 100_003 + W2_SEED_OFFSET + expert)
+    w = torch.randn(shape.hidden, shape.ffn, generator=g, device=device)
+    return (w / shape.ffn**0.5).to(shape.dtype)
+
+
+def make_w2(shape: MoEShape, seed: int, device: str | torch.device) -> torch.Tensor:
+    """Every expert's ``w2 [E, H, I]``."""
+    return torch.stack([expert_w2(shape, seed, e, device) for e in range(shape.num_experts)])
+
+
+def _local(expert_fn, shape: MoEShape, placement: Placement, rank: int, seed: int, device):
+    L = placement.slots_per_rank
+    experts = placement.slot_expert()[rank * L : (rank + 1) * L]
+    some = expert_fn(shape, seed, 0, device)
+    out = torch.zeros(L, *some.shape, dtype=shape.dtype, device=device)
+    for local, e in enumerate(experts):
+        if e >= 0:
+            out[local] = expert_fn(shape, seed, e, device)
+    return out
+
+
 def local_w13(
     shape: MoEShape, placement: Placement, rank: int, seed: int, device: str | torch.device
 ) -> torch.Tensor:
     """Rank ``rank``'s ``w13 [L, 2I, H]`` (zeros for an unused slot); equals
     ``placement.local_weights(make_w13(...), rank)`` without building the other ranks' experts."""
-    L = placement.slots_per_rank
-    out = torch.zeros(L, 2 * shape.ffn, shape.hidden, dtype=shape.dtype, device=device)
-    for local, e in enumerate(placement.slot_expert()[rank * L : (rank + 1) * L]):
-        if e >= 0:
-            out[local] = expert_w13(shape, seed, e, device)
-    return out
+    return _local(expert_w13, shape, placement, rank, seed, device)
+
+
+def local_w2(
+    shape: MoEShape, placement: Placement, rank: int, seed: int, device: str | torch.device
+) -> torch.Tensor:
+    """Rank ``rank``'s ``w2 [L, H, I]``, like ``local_w13``."""
+    return _local(expert_w2, shape, placement, rank, seed, device)
+
+
+def check_layer_output(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    shape: MoEShape,
+    seed: int,
+    rank: int,
+) -> list[str]:
+    """What is wrong with one rank's layer output ``out [T, H]`` (empty: nothing), against
+    ``moe_ref`` on experts rebuilt from ``seed`` one at a time, within ``TOLERANCE``."""
+    dev = out.device
+
+    def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return expert_w13(shape, seed, e, dev), expert_w2(shape, seed, e, dev)
+
+    want = moe_ref_by_expert(x.to(dev), topk_ids, topk_weights, expert)
+    got = out.float()
+    if got.shape != want.shape:
+        return [f"rank {rank}: output has shape {tuple(got.shape)}, expected {tuple(want.shape)}"]
+    rtol, atol = TOLERANCE[shape.dtype]
+    if not torch.allclose(got, want, rtol=rtol, atol=atol):
+        err = (got - want).abs().nan_to_num(float("inf"))
+        bad = (err > atol + rtol * want.abs()).any(1).nonzero().squeeze(1).cpu()
+        return [
+            f"rank {rank}: output differs from moe_ref in {bad.numel()} of {got.shape[0]} "
+            f"tokens (first {bad[:5].tolist()}), max abs error {err.max().item():.3g}"
+        ]
+    return []
 
 
 def poison(ws, rank: int) -> None:
@@ -64,6 +121,8 @@ def poison(ws, rank: int) -> None:
     ws.sym_recv_x.peer(rank).fill_(bad)
     ws.sym_recv_src.peer(rank).fill_(-1)
     ws.act[rank].fill_(bad)
+    if ws.combine:
+        ws.sym_combine.peer(rank).fill_(bad)
 
 
 def check_call(
@@ -86,11 +145,11 @@ def check_call(
     if n != layout.num_rows:
         return [f"rank {d}: received {n} rows, expected {layout.num_rows}"]
     problems = []
-    recv_got = handle.recv_x[:n] if mode == "dispatch" else handle.resolved()
+    recv_got = handle.recv_x[:n] if mode == "dispatch" else handle.resolved()  # "gemm", "layer"
     if not torch.equal(recv_got.view(torch.uint8), recv_want.view(torch.uint8)):
         bad = (recv_got != recv_want).any(1).nonzero().squeeze(1).cpu()
         problems.append(f"rank {d}: {bad.numel()} of {n} received rows differ (first {bad[:5]})")
-    if mode == "gemm":
+    if mode != "dispatch":
         want = expert_act_ref(recv_want, layout, w13_local.to(dev), swiglu)
         got = handle.act[:n].float()
         rtol, atol = TOLERANCE[xs[0].dtype]
@@ -115,6 +174,17 @@ def run_poisoned(
     ranks = ws.world.local_ranks
     for r in ranks:
         poison(ws, r)
+    if mode == "layer":
+        H, dtype = ws.shape.hidden, ws.shape.dtype
+        run_kw.setdefault(
+            "out",
+            {
+                r: torch.full(
+                    (xs[r].shape[0], H), float("nan"), dtype=dtype, device=ws.world.device
+                )
+                for r in ranks
+            },
+        )
     handles = ws.run(
         {r: xs[r] for r in ranks},
         {r: topk_ids[r] for r in ranks},

@@ -33,12 +33,13 @@ import torch.nn.functional as F
 import triton
 
 from megakernel import routing
-from megakernel.kernel import DispatchGemm, KernelConfig
+from megakernel.kernel import KernelConfig, Megakernel
 from megakernel.placement import Placement
 from megakernel.plan import resolve_all_ref
-from megakernel.shapes import MoEShape, preset
+from megakernel.shapes import preset
 from megakernel.traffic import traffic_model
 from megakernel.verify import check_calls, local_w13, make_tokens, run_poisoned
+from perf.baseline import baseline_moe
 from perf.timing import graphed, time_us
 from symm_mem import EmulatedWorld, World
 
@@ -51,40 +52,9 @@ VARIANTS = {  # name -> KernelConfig switches
 }
 
 
-def baseline(x, ids, w13, shape: MoEShape, R: int, rank: int):
-    """permute -> NCCL all_to_all_single -> permute -> torch._grouped_mm -> SwiGLU (one rank)."""
-    E, K, L = shape.num_experts, shape.topk, shape.num_experts // R
-    flat = ids.reshape(-1).long()
-    key = torch.where(flat >= 0, flat, E)
-    order = torch.argsort(key, stable=True)
-    n_send = int((flat >= 0).sum())
-    send = x[order[:n_send] // K]
-    per_expert = torch.bincount(flat[flat >= 0], minlength=E).int()  # [E]
-    if R > 1:
-        got = torch.empty(R * L, dtype=torch.int32, device=x.device)
-        dist.all_to_all_single(got, per_expert)
-    else:
-        got = per_expert
-    got = got.view(R, L)  # rows from source s for local expert l
-    in_splits = per_expert.view(R, L).sum(1).tolist()
-    out_splits = got.sum(1).tolist()
-    recv = torch.empty(sum(out_splits), x.shape[1], dtype=x.dtype, device=x.device)
-    if R > 1:
-        dist.all_to_all_single(recv, send, out_splits, in_splits)
-    else:
-        recv.copy_(send)
-    local = torch.repeat_interleave(
-        torch.arange(L, device=x.device).repeat(R), got.reshape(-1).long()
-    )
-    recv = recv[torch.argsort(local, stable=True)]
-    offs = torch.cumsum(got.sum(0), 0).int()
-    h = torch._grouped_mm(recv, w13.transpose(1, 2), offs=offs)
-    return F.silu(h[:, : shape.ffn]) * h[:, shape.ffn :]
-
-
 def run_variant(world, shape, placement, rt, xs, w_local, name, switches, tiles_cfg):
     cfg = dataclasses.replace(tiles_cfg, **switches)
-    ws = DispatchGemm(world, shape, placement=placement, config=cfg)
+    ws = Megakernel(world, shape, placement=placement, config=cfg)
     ranks = world.local_ranks
     ids = {r: rt.topk_ids[r] for r in ranks}
     x = {r: xs[r] for r in ranks}
@@ -143,7 +113,8 @@ def bench(world: World, args) -> dict:
     base = None
     if can_baseline:
         r = world.local_ranks[0]
-        base = time_us(lambda: baseline(xs[r], rt.topk_ids[r], w_local[r], shape, R, r))
+        args = (xs[r], rt.topk_ids[r], None, w_local[r], None, shape, R)
+        base = time_us(lambda: baseline_moe(*args, layer=False))
     row_bytes = shape.hidden * shape.dtype.itemsize
     for row in rows:
         saving = row["config"]["token_saving"]

@@ -16,7 +16,7 @@ import dataclasses
 import torch
 
 from megakernel import routing
-from megakernel.kernel import DispatchGemm, KernelConfig
+from megakernel.kernel import KernelConfig, Megakernel
 from megakernel.placement import Placement
 from megakernel.shapes import preset
 from megakernel.verify import check_call, local_w13, make_tokens, run_poisoned
@@ -55,7 +55,7 @@ def main() -> None:
             cfg = KernelConfig(
                 block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages
             )
-            ws = DispatchGemm(world, shape, config=cfg, capacity=T * shape.topk)
+            ws = Megakernel(world, shape, config=cfg, capacity=T * shape.topk)
             h = run_poisoned(ws, xs, rt.topk_ids, {0: w})[0]
             problems = check_call(h, xs, rt.topk_ids, w, placement, "gemm")
             n = h.num_recv()

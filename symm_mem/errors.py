@@ -2,7 +2,8 @@
 
 A kernel whose bounded wait runs out writes one record (``symm_mem.device`` defines the layout)
 and leaves. After the launch the host reads the records of every rank it owns and raises
-``WaitTimeoutError`` naming the rank, the flag, the epoch it waited for and what it saw.
+``WaitTimeoutError`` naming the rank, the flag, the value it waited for (an epoch, or for a
+counter the count) and what it saw.
 """
 
 from __future__ import annotations
@@ -31,9 +32,8 @@ class WaitTimeoutError(RuntimeError):
     ) -> None:
         self.rank, self.flag, self.epoch, self.seen, self.task = rank, flag, epoch, seen, task
         super().__init__(
-            f"rank {rank} timed out after {timeout_s:g} s waiting on {flag_name} for epoch {epoch} "
-            f"(task {task}); the flag held {seen}: a peer did not arrive, or arrived for an older "
-            "call"
+            f"rank {rank} timed out after {timeout_s:g} s waiting for {flag_name} to reach {epoch} "
+            f"(task {task}); it held {seen}: a peer did not arrive, or arrived for an older call"
         )
 
 

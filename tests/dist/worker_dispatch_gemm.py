@@ -14,7 +14,7 @@ import torch
 
 import symm_mem
 from megakernel import routing
-from megakernel.kernel import DispatchGemm
+from megakernel.kernel import Megakernel
 from megakernel.placement import Placement
 from megakernel.shapes import PRESETS
 from megakernel.verify import check_call, check_calls, local_w13, make_tokens, run_poisoned
@@ -33,7 +33,7 @@ def presets(world) -> bool:
         E, K, T = shape.num_experts, shape.topk, 4096
         placement = Placement.contiguous(E, R)
         w = local_w13(shape, placement, rank, 7, world.device)
-        ws = DispatchGemm(world, shape, placement=placement)
+        ws = Megakernel(world, shape, placement=placement)
         problems = []
         for seed, case in enumerate(["uniform", "zipf", "dropped"]):
             rt, _ = routing.edge_case(case, R, T, E, K, seed=seed)
@@ -61,7 +61,7 @@ def back_to_back(world, calls: int = 100) -> bool:
         )
         for i in range(calls)
     ]
-    ws = DispatchGemm(world, shape, placement=placement)
+    ws = Megakernel(world, shape, placement=placement)
     ws.warmup()
     world.barrier()
     outputs = []
@@ -87,7 +87,7 @@ def overflow(world) -> bool:
     E, K, T = shape.num_experts, shape.topk, 512
     placement = Placement.contiguous(E, R)
     # R T K rows go to the last rank; half of T K overflows at any R, R = 1 included
-    ws = DispatchGemm(world, shape, placement=placement, capacity=T * K // 2)
+    ws = Megakernel(world, shape, placement=placement, capacity=T * K // 2)
     rt = routing.all_to_one_rank(R, T, E, K, dst=R - 1, seed=0).to(world.device)
     xs = make_tokens(shape, [T] * R, 0, world.device)
     w = local_w13(shape, placement, rank, 0, world.device)

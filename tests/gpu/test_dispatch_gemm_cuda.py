@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megakernel import routing
-from megakernel.kernel import DispatchGemm, KernelConfig
+from megakernel.kernel import KernelConfig, Megakernel
 from megakernel.placement import Placement
 from megakernel.shapes import PRESETS, MoEShape
 from megakernel.verify import check_call, check_calls, make_tokens, make_w13, run_poisoned
@@ -36,7 +36,7 @@ def check(ws, rt, placement, seed, mode="gemm", overlap=None, shape=MEDIUM):
 def test_bf16_emulated_ranks(R, overlap):
     placement = Placement.contiguous(MEDIUM.num_experts, R)
     with EmulatedWorld(R, "cuda") as world:
-        ws = DispatchGemm(world, MEDIUM)
+        ws = Megakernel(world, MEDIUM)
         for seed, case in enumerate(["uniform", "zipf", "dropped", "ragged"]):
             rt, _ = routing.edge_case(case, R, 700 - seed, MEDIUM.num_experts, MEDIUM.topk, seed)
             check(ws, rt, placement, seed, "dispatch", overlap)
@@ -51,7 +51,7 @@ def test_every_switch_combination(switches):
     placement = Placement.contiguous(MEDIUM.num_experts, R)
     rt = routing.zipf(R, 600, MEDIUM.num_experts, MEDIUM.topk, 1.0, seed=3)
     with EmulatedWorld(R, "cuda") as world:
-        ws = DispatchGemm(world, MEDIUM, config=cfg)
+        ws = Megakernel(world, MEDIUM, config=cfg)
         check(ws, rt, placement, 3, "dispatch", overlap=True)
         check(ws, rt, placement, 4, "gemm", overlap=True)
 
@@ -62,7 +62,7 @@ def test_edge_cases(case):
     rt, placement = routing.edge_case(case, R, 333, E, MEDIUM.topk, seed=9)
     placement = placement or Placement.contiguous(E, R)
     with EmulatedWorld(R, "cuda") as world:
-        ws = DispatchGemm(world, MEDIUM, placement=placement)
+        ws = Megakernel(world, MEDIUM, placement=placement)
         check(ws, rt, placement, 9, "gemm", overlap=True)
 
 
@@ -71,7 +71,7 @@ def test_dsv3_8_ranks():
     placement = Placement.contiguous(shape.num_experts, R)
     rt = routing.uniform(R, 4096, shape.num_experts, shape.topk, seed=11)
     with EmulatedWorld(R, "cuda") as world:
-        ws = DispatchGemm(world, shape)
+        ws = Megakernel(world, shape)
         check(ws, rt, placement, 11, "gemm", overlap=True, shape=shape)
 
 
@@ -88,7 +88,7 @@ def test_back_to_back_without_sync_then_overflow():
         for i in range(calls)
     ]
     with EmulatedWorld(R, "cuda") as world:
-        ws = DispatchGemm(world, MEDIUM, capacity=12000)
+        ws = Megakernel(world, MEDIUM, capacity=12000)
         ws.warmup()
         torch.cuda.synchronize()
         outputs = []

@@ -1,0 +1,230 @@
+"""``FusedEPMoE``: the expert-parallel MoE layer as one ``nn.Module`` (DESIGN §2, §6).
+
+Shape legend: T tokens on a rank, H hidden, I expert FFN width, E experts, L physical slots per
+rank, K top-k, R ranks.
+
+Each rank holds the experts of its slots (``w13 [L, 2I, H]``, ``w2 [L, H, I]``, placed by a
+``Placement``) and calls the layer with its own tokens; one persistent kernel per rank then
+dispatches them, runs both expert GEMMs and combines the results, with no host synchronisation
+(``megakernel.kernel``). Errors found on the device (a peer that never arrived, a receive buffer
+that would overflow) surface at ``check_errors()``, or at once with ``check_every_call=True``.
+
+Worlds: with one rank per process (``NvshmemWorld`` under torchrun) tensors are passed plainly;
+a world that runs several ranks in one process (``EmulatedWorld``) takes and returns dicts keyed
+by rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from megakernel.kernel import KernelConfig, Megakernel
+from megakernel.placement import Placement
+from megakernel.routing import route_topk
+from megakernel.shapes import MoEShape
+from symm_mem.buffer import World
+
+Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x -> (weights, ids)
+
+
+class TopKRouter(nn.Module):
+    """Softmax top-k gate: ``logits = x @ gate^T`` (``gate [E, H]``), then
+    ``megakernel.routing.route_topk``. Returns (``topk_weights [T, K]`` fp32, ``topk_ids [T, K]``
+    int32)."""
+
+    def __init__(self, gate: torch.Tensor, topk: int, renormalize: bool = True) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(gate, requires_grad=False)
+        self.topk, self.renormalize = topk, renormalize
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return route_topk(x @ self.gate.t(), self.topk, self.renormalize)
+
+
+class FusedEPMoE(nn.Module):
+    """This process's ranks of an expert-parallel MoE layer.
+
+    ``w13`` / ``w2``: this rank's experts (``[L, 2I, H]`` / ``[L, H, I]``), or a dict keyed by
+    rank in a world that runs several. ``from_dense`` shards a single-process MoE's ``[E, ...]``
+    weights instead. ``router`` maps ``x`` to (``topk_weights``, ``topk_ids``) when a call gives
+    none. The symmetric workspace is allocated once here (``describe()`` prints its buffers) and
+    freed by ``close()``, which every rank calls.
+
+    Calls need no host synchronisation and can be captured in a CUDA graph (make one call first,
+    so every kernel is compiled). After a ``WaitTimeoutError`` the ranks no longer agree on the
+    call count: close the layer and build a new one.
+    """
+
+    def __init__(
+        self,
+        world: World,
+        shape: MoEShape,
+        w13: torch.Tensor | Mapping[int, torch.Tensor],
+        w2: torch.Tensor | Mapping[int, torch.Tensor],
+        *,
+        placement: Placement | None = None,
+        config: KernelConfig | None = None,
+        capacity: int | None = None,
+        router: Router | None = None,
+        split: bool = False,
+        check_every_call: bool = False,
+    ) -> None:
+        super().__init__()
+        self.world, self.shape = world, shape
+        self.placement = placement or Placement.contiguous(shape.num_experts, world.world_size)
+        if self.placement.world_size != world.world_size:
+            raise ValueError(
+                f"the placement is for {self.placement.world_size} ranks, the world has "
+                f"{world.world_size}"
+            )
+        if self.placement.num_experts != shape.num_experts:
+            raise ValueError(
+                f"the placement has {self.placement.num_experts} experts, the shape "
+                f"{shape.num_experts}"
+            )
+        L, H, I = self.placement.slots_per_rank, shape.hidden, shape.ffn  # noqa: E741
+        self.w13 = self._weights("w13", w13, (L, 2 * I, H))
+        self.w2 = self._weights("w2", w2, (L, H, I))
+        self.router = router
+        self.split, self.check_every_call = split, check_every_call
+        self.workspace = Megakernel(
+            world, shape, placement=self.placement, config=config, capacity=capacity
+        )
+
+    @classmethod
+    def from_dense(
+        cls,
+        world: World,
+        shape: MoEShape,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        **kw: object,
+    ) -> FusedEPMoE:
+        """Shard every expert's ``w13 [E, 2I, H]`` / ``w2 [E, H, I]`` (any device) onto this
+        process's ranks by the placement (``kw`` as for the constructor)."""
+        E, H, I = shape.num_experts, shape.hidden, shape.ffn  # noqa: E741
+        for name, t, want in (("w13", w13, (E, 2 * I, H)), ("w2", w2, (E, H, I))):
+            if tuple(t.shape) != want:
+                raise ValueError(f"dense {name} has shape {tuple(t.shape)}, expected {want}")
+        placement = kw.pop("placement", None) or Placement.contiguous(E, world.world_size)
+        dev = world.device
+        local = {
+            name: {r: placement.local_weights(t, r).to(dev, shape.dtype) for r in world.local_ranks}
+            for name, t in (("w13", w13), ("w2", w2))
+        }
+        return cls(world, shape, local["w13"], local["w2"], placement=placement, **kw)
+
+    def _weights(self, name: str, w, want: tuple[int, ...]) -> nn.ParameterDict:
+        ranks = self.world.local_ranks
+        if isinstance(w, torch.Tensor):
+            if len(ranks) != 1:
+                raise ValueError(
+                    f"this world runs ranks {ranks} in one process: give {name} as a dict keyed "
+                    "by rank"
+                )
+            w = {ranks[0]: w}
+        if set(w) != set(ranks):
+            raise ValueError(f"{name} is given for ranks {sorted(w)}, this process runs {ranks}")
+        params = {}
+        for r, t in w.items():
+            if tuple(t.shape) != want:
+                hint = (
+                    ": that is every expert; FusedEPMoE.from_dense shards dense weights"
+                    if t.dim() == 3 and t.shape[0] == self.shape.num_experts != want[0]
+                    else ""
+                )
+                raise ValueError(
+                    f"{name} of rank {r} has shape {tuple(t.shape)}, expected {want}{hint}"
+                )
+            if t.dtype != self.shape.dtype:
+                raise ValueError(f"{name} of rank {r} is {t.dtype}, the layer {self.shape.dtype}")
+            if t.device != self.world.device:
+                raise ValueError(
+                    f"{name} of rank {r} is on {t.device}, but rank {r} runs on {self.world.device}"
+                )
+            params[str(r)] = nn.Parameter(t.contiguous(), requires_grad=False)
+        return nn.ParameterDict(params)
+
+    # -- calls ----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: torch.Tensor | Mapping[int, torch.Tensor],
+        topk_ids: torch.Tensor | Mapping[int, torch.Tensor] | None = None,
+        topk_weights: torch.Tensor | Mapping[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor | dict[int, torch.Tensor]:
+        """``x [T, H]`` -> ``[T, H]``: sum over k of ``topk_weights[t, k] * FFN_{topk_ids[t, k]}
+        (x[t])``. Without ids the router picks them. Dicts keyed by rank in a world running
+        several ranks per process."""
+        ranks = self.world.local_ranks
+        plain = isinstance(x, torch.Tensor)
+        xs, ids, weights = (
+            self._by_rank(name, v)
+            for name, v in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights))
+        )
+        if ids is None:
+            if weights is not None:
+                raise ValueError("topk_weights without topk_ids: give both, or neither")
+            if self.router is None:
+                raise ValueError("no topk_ids given and the layer has no router")
+            routed = {r: self.router(xs[r]) for r in ranks}
+            weights = {r: w for r, (w, _) in routed.items()}
+            ids = {r: i for r, (_, i) in routed.items()}
+        elif weights is None:
+            raise ValueError("topk_ids without topk_weights: the layer needs both")
+        for r in ranks:
+            if not xs[r].is_contiguous():
+                raise ValueError(f"x of rank {r} is not contiguous: pass x.contiguous()")
+        handles = self.workspace.run(
+            xs,
+            ids,
+            weights,
+            {r: self.w13[str(r)] for r in ranks},
+            {r: self.w2[str(r)] for r in ranks},
+            mode="layer",
+            split=self.split,
+        )
+        if self.check_every_call:
+            self.check_errors()
+        outs = {r: h.out for r, h in handles.items()}
+        return outs[ranks[0]] if plain else outs
+
+    def _by_rank(self, name: str, value) -> dict[int, torch.Tensor] | None:
+        ranks = self.world.local_ranks
+        if value is None:
+            return None
+        if isinstance(value, torch.Tensor):
+            if len(ranks) != 1:
+                raise ValueError(
+                    f"this world runs ranks {ranks} in one process: give {name} as a dict keyed "
+                    "by rank"
+                )
+            return {ranks[0]: value}
+        if not isinstance(value, Mapping) or set(value) != set(ranks):
+            got = sorted(value) if isinstance(value, Mapping) else type(value).__name__
+            raise ValueError(f"{name} must be a tensor per rank of {ranks}, got {got}")
+        return dict(value)
+
+    # -- workspace ------------------------------------------------------------------------
+
+    def check_errors(self) -> None:
+        """Wait for the device; raise ``WaitTimeoutError`` / ``CapacityError`` if a call failed."""
+        self.workspace.check_errors()
+
+    def describe(self) -> str:
+        """Per-buffer sizes of the workspace, per rank."""
+        return self.workspace.describe()
+
+    def close(self) -> None:
+        """Free the symmetric workspace (collective: every rank calls it)."""
+        self.workspace.close()
+
+    def extra_repr(self) -> str:
+        s = self.shape
+        return (
+            f"H={s.hidden}, I={s.ffn}, E={s.num_experts}, K={s.topk}, "
+            f"R={self.world.world_size}, L={self.placement.slots_per_rank}, split={self.split}"
+        )

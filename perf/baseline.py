@@ -1,0 +1,68 @@
+"""The unfused baseline the benchmarks time ours against: permute + NCCL all-to-all +
+``torch._grouped_mm`` + SwiGLU (+ ``torch._grouped_mm`` + all-to-all back + weighted sum).
+
+Shape legend: T tokens on this rank, H hidden, I expert FFN width, E experts, L = E / R experts
+per rank, K top-k, R ranks, S rows this rank receives. Contiguous placement; one rank per process
+(NCCL), or R = 1. The split sizes go through the host, as in a plain PyTorch implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megakernel.shapes import MoEShape
+
+
+def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits=None, in_splits=None) -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_to_all_single(out, inp, out_splits, in_splits)
+    else:
+        out.copy_(inp)
+
+
+def baseline_moe(
+    x: torch.Tensor,  # [T, H]
+    topk_ids: torch.Tensor,  # [T, K] logical expert ids, -1 dropped
+    topk_weights: torch.Tensor | None,  # [T, K]
+    w13: torch.Tensor,  # [L, 2I, H] this rank's experts
+    w2: torch.Tensor | None,  # [L, H, I]
+    shape: MoEShape,
+    world_size: int,
+    layer: bool = True,
+) -> torch.Tensor:
+    """One rank's share of the MoE layer (``layer``: ``[T, H]``) or of dispatch + GEMM1 (the
+    activations ``[S, I]`` in expert-major order)."""
+    R, E, K, H = world_size, shape.num_experts, shape.topk, shape.hidden
+    L, T = E // R, x.shape[0]
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(torch.where(flat >= 0, flat, E), stable=True)  # destination-major
+    n_send = int((flat >= 0).sum())
+    send = x[order[:n_send] // K]
+    per_expert = torch.bincount(flat[flat >= 0], minlength=E).int()  # [E]
+    got = torch.empty(R * L, dtype=torch.int32, device=x.device)
+    _all_to_all(got, per_expert)
+    got = got.view(R, L)  # rows from source s for local expert l
+    in_splits = per_expert.view(R, L).sum(1).tolist()
+    out_splits = got.sum(1).tolist()
+    recv = torch.empty(sum(out_splits), H, dtype=x.dtype, device=x.device)
+    _all_to_all(recv, send, out_splits, in_splits)
+    local = torch.repeat_interleave(
+        torch.arange(L, device=x.device).repeat(R), got.reshape(-1).long()
+    )
+    expert_major = torch.argsort(local, stable=True)
+    offs = torch.cumsum(got.sum(0), 0).int()
+    h = torch._grouped_mm(recv[expert_major], w13.transpose(1, 2), offs=offs)
+    act = F.silu(h[:, : shape.ffn]) * h[:, shape.ffn :]
+    if not layer:
+        return act
+    y = torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)  # [S, H]
+    source_major = torch.empty_like(y)
+    source_major[expert_major] = y
+    back = torch.empty(n_send, H, dtype=x.dtype, device=x.device)
+    _all_to_all(back, source_major, in_splits, out_splits)
+    per_slot = torch.zeros(T * K, H, dtype=x.dtype, device=x.device)
+    per_slot[order[:n_send]] = back
+    weighted = per_slot.view(T, K, H).float() * topk_weights.float().unsqueeze(2)
+    return weighted.sum(1).to(x.dtype)

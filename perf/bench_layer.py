@@ -1,0 +1,209 @@
+"""The whole MoE layer: ``python -m perf.bench_layer [--presets dsv3 qwen3_235b] [--tokens 4096]``.
+
+Relaunches itself under torchrun on every visible GPU (NVSHMEM world); ``--emulate R`` runs R
+ranks in one process on one GPU instead (the baseline then needs R = 1: no NCCL there).
+
+Per preset, after checking ours and the baseline against ``moe_ref``, on the same inputs
+(CUDA events around graph-replayed calls for ours, eager calls for the baseline; median and
+p20/p80 over repeats, max over ranks):
+  layer      ``FusedEPMoE``: plan + dispatch + GEMM1 + GEMM2 + combine + top-k reduce, one kernel
+  split      the same as two kernels (dispatch + GEMM1, then GEMM2 + combine + reduce)
+  comm       the layer without the GEMM math (plan, dispatch, combine puts, flags, reduce)
+  compute    both GEMMs alone, rerun on the received rows, outputs kept local;
+             TFLOP/s = 6 S H I / t (S rows received)
+  overlap    max(comm, compute) / layer
+  torch      ``torch._grouped_mm`` GEMM1 + SwiGLU + GEMM2 on the same received rows
+  baseline   permute + NCCL all-to-all + grouped_mm + SwiGLU + grouped_mm + all-to-all back +
+             weighted sum (perf/baseline.py), host-side split sizes
+Table on rank 0, JSON under perf/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import triton
+
+from megakernel import FusedEPMoE, routing
+from megakernel.kernel import KernelConfig
+from megakernel.placement import Placement
+from megakernel.shapes import preset
+from megakernel.verify import check_layer_output, local_w2, local_w13, make_tokens
+from perf.baseline import baseline_moe
+from perf.timing import graphed, time_us
+from symm_mem import EmulatedWorld, World
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def bench_preset(world: World, name: str, args) -> dict:
+    shape = preset(name).with_tokens(args.tokens)
+    R, E, K, T = world.world_size, shape.num_experts, shape.topk, args.tokens
+    ranks, dev = world.local_ranks, world.device
+    placement = Placement.contiguous(E, R)
+    rt, _ = routing.edge_case(args.routing, R, T, E, K, seed=args.seed)
+    rt = rt.to(dev)
+    xs = make_tokens(shape, [T] * R, args.seed, dev)
+    w13 = {r: local_w13(shape, placement, r, args.seed, dev) for r in ranks}
+    w2 = {r: local_w2(shape, placement, r, args.seed, dev) for r in ranks}
+    layer = FusedEPMoE(
+        world, shape, w13, w2, placement=placement, config=KernelConfig(num_ctas=args.ctas)
+    )
+    ws = layer.workspace
+    x = {r: xs[r] for r in ranks}
+    ids = {r: rt.topk_ids[r] for r in ranks}
+    weights = {r: rt.topk_weights[r] for r in ranks}
+    problems = []
+    for split in (False, True):
+        layer.split = split
+        out = layer(x, ids, weights)
+        layer.check_errors()
+        for r in ranks:
+            found = check_layer_output(out[r], xs[r], ids[r], weights[r], shape, args.seed, r)
+            problems += [f"ours split={split}: {p}" for p in found]
+    can_baseline = dist.is_initialized() or R == 1
+    r0 = ranks[0]
+    base_args = (xs[r0], ids[r0], weights[r0], w13[r0], w2[r0], shape, R)
+    if can_baseline:
+        found = check_layer_output(
+            baseline_moe(*base_args), xs[r0], ids[r0], weights[r0], shape, args.seed, r0
+        )
+        problems += [f"baseline: {p}" for p in found]
+    if problems:
+        raise SystemExit(f"{name}: wrong results: {problems[:4]}")
+
+    def call(stage: str = "all", split: bool = False):
+        return lambda: ws.run(
+            x, ids, weights, w13, w2, mode="layer", stage=stage, split=split, validate=False
+        )
+
+    handles = ws.run(x, ids, weights, w13, w2, mode="layer")
+    n_recv = {r: handles[r].num_recv() for r in ranks}
+    row = {"preset": name, "num_recv": n_recv}
+    row["layer_us"] = time_us(graphed(call()))
+    row["split_us"] = time_us(graphed(call(split=True)))
+    row["comm_us"] = time_us(graphed(call("comm")))
+    ws.run(x, ids, weights, w13, w2, mode="layer")  # compute reruns the last real call's rows
+    row["compute_us"] = time_us(graphed(call("compute")))
+    ws.check_errors()
+
+    handles = ws.run(x, ids, weights, w13, w2, mode="layer")
+    gmm = {
+        r: (handles[r].resolved(), torch.cumsum(handles[r].plan.expert_rows, 0).int())
+        for r in ranks
+    }
+
+    def torch_gemms():
+        for r in ranks:
+            rows, offs = gmm[r]
+            h = torch._grouped_mm(rows, w13[r].transpose(1, 2), offs=offs)
+            act = F.silu(h[:, : shape.ffn]) * h[:, shape.ffn :]
+            torch._grouped_mm(act, w2[r].transpose(1, 2), offs=offs)
+
+    row["torch_gemms_us"] = time_us(torch_gemms)
+    row["baseline_us"] = time_us(lambda: baseline_moe(*base_args)) if can_baseline else None
+    layer.close()
+    flops = 6 * max(n_recv.values()) * shape.hidden * shape.ffn
+    t = {k: row[f"{k}_us"]["median"] for k in ("layer", "split", "comm", "compute")}
+    row.update(
+        compute_TFLOPs=flops / t["compute"] / 1e6,
+        torch_TFLOPs=flops / row["torch_gemms_us"]["median"] / 1e6,
+        overlap=max(t["comm"], t["compute"]) / t["layer"],
+        overlap_split=max(t["comm"], t["compute"]) / t["split"],
+        vs_baseline=row["baseline_us"]["median"] / t["layer"] if can_baseline else None,
+        split_vs_baseline=row["baseline_us"]["median"] / t["split"] if can_baseline else None,
+    )
+    return row
+
+
+def report(result: dict, args) -> None:
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "git": os.environ.get("GIT_SHA") or git.stdout.strip() or "unknown",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    gpu = re.sub(r"[^a-z0-9]+", "_", meta["gpu"].lower()).strip("_")
+    R = result["ranks"]
+    name = f"layer_T{args.tokens}_R{R}_{result['world']}_{gpu}.json"
+    (RESULTS / name).write_text(json.dumps({"meta": meta, **result}, indent=1))
+    print(
+        f"\nMoE layer, T={args.tokens}, {R} ranks ({result['world']}), {args.routing} routing, "
+        f"{meta['gpu']}, git {meta['git']}"
+    )
+    print(
+        f"{'preset':<11} {'layer us':>9} {'split us':>9} {'comm us':>8} {'compute us':>10} "
+        f"{'TFLOP/s':>7} {'torch TF/s':>10} {'overlap':>7} {'baseline us':>11} {'vs base':>7} "
+        f"{'split vs':>8}"
+    )
+    for v in result["presets"]:
+        base = v["baseline_us"]
+        fmt = lambda q: f"{q:.2f}x" if q else "-"  # noqa: E731
+        print(
+            f"{v['preset']:<11} {v['layer_us']['median']:9.1f} {v['split_us']['median']:9.1f} "
+            f"{v['comm_us']['median']:8.1f} {v['compute_us']['median']:10.1f} "
+            f"{v['compute_TFLOPs']:7.1f} {v['torch_TFLOPs']:10.1f} {v['overlap']:7.2f} "
+            f"{base['median'] if base else float('nan'):11.1f} {fmt(v['vs_baseline']):>7} "
+            f"{fmt(v['split_vs_baseline']):>8}"
+        )
+    print(f"wrote perf/results/{name}")
+
+
+def bench(world: World, args) -> dict:
+    rows = []
+    for name in args.presets:
+        rows.append(bench_preset(world, name, args))
+        torch.cuda.empty_cache()
+    return {
+        "tokens_per_rank": args.tokens,
+        "ranks": world.world_size,
+        "world": type(world).__name__,
+        "routing": args.routing,
+        "presets": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["dsv3", "qwen3_235b"])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--routing", default="uniform", choices=routing.EDGE_CASES)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--emulate", type=int, default=0, help="R ranks on one GPU instead")
+    parser.add_argument("--ctas", type=int, default=0, help="programs per rank (0: SM share)")
+    parser.add_argument("--symmetric-size", default="8G")
+    args = parser.parse_args()
+    if args.emulate:
+        with EmulatedWorld(args.emulate, "cuda") as world:
+            report(bench(world, args), args)
+        return
+    if "RANK" not in os.environ:
+        from symm_mem.launch import run
+
+        sys.exit(run(None, ["-m", "perf.bench_layer", *sys.argv[1:]], args.symmetric_size))
+    import symm_mem
+
+    world = symm_mem.init_world()
+    try:
+        result = bench(world, args)
+        if world.rank == 0:
+            report(result, args)
+    finally:
+        world.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The whole MoE layer (mode "layer" and FusedEPMoE) under the interpreter, EmulatedWorld.
+
+Every call is checked three ways: dispatch bit for bit against dispatch_ref, the first GEMM
+against expert_act_ref and the output against moe_ref; outputs are poisoned first. The
+interpreter runs each task kind on every rank before the next kind, so the one- and two-kernel
+modes launch the same phases here; the GPU tests run them as written.
+"""
+
+import time
+
+import pytest
+import torch
+
+from megakernel import FusedEPMoE, TopKRouter, routing
+from megakernel.kernel import KernelConfig, Megakernel
+from megakernel.placement import Placement
+from megakernel.shapes import PRESETS, MoEShape
+from megakernel.verify import (
+    check_calls,
+    check_layer_output,
+    make_tokens,
+    make_w2,
+    make_w13,
+    run_poisoned,
+)
+from symm_mem import EmulatedWorld, WaitTimeoutError
+
+SHAPE = PRESETS["small"]  # H 64, I 32, E 16, K 4, fp32
+T = 21  # not a multiple of the tile (16), the combine block (8) or the chunk (4)
+
+
+def small_config(**kw) -> KernelConfig:
+    knobs = dict(block_m=16, block_n=16, block_k=16, down_block_n=32, down_block_k=16)
+    knobs |= dict(combine_block=8, reduce_h=32, block_h=32, chunk=4)
+    return KernelConfig(**(knobs | kw))
+
+
+def layer_call(ws, rt, placement, seed, shape, split=False):
+    """One poisoned layer call on every rank, checked against all three references."""
+    xs = make_tokens(shape, [ids.shape[0] for ids in rt.topk_ids], seed, "cpu")
+    w13, w2 = make_w13(shape, seed, "cpu"), make_w2(shape, seed, "cpu")
+    ranks = ws.world.local_ranks
+    w13_local = {r: placement.local_weights(w13, r) for r in ranks}
+    w2_local = {r: placement.local_weights(w2, r) for r in ranks}
+    handles = run_poisoned(
+        ws, xs, rt.topk_ids, w13_local, "layer", rt.topk_weights, w2=w2_local, split=split
+    )
+    problems = check_calls(handles, xs, rt.topk_ids, w13_local, placement, "layer")
+    for r, h in handles.items():
+        problems += check_layer_output(
+            h.out, xs[r], rt.topk_ids[r], rt.topk_weights[r], shape, seed, r
+        )
+    assert problems == []
+    return handles
+
+
+@pytest.mark.parametrize("R", [2, 4])
+@pytest.mark.parametrize("case", routing.EDGE_CASES)
+def test_layer_edge_case_routings(R, case):
+    E = max(SHAPE.num_experts, 4 * R)
+    rt, placement = routing.edge_case(case, R, T, E, SHAPE.topk, seed=len(case))
+    placement = placement or Placement.contiguous(E, R)
+    shape = MoEShape(64, 32, E, 4, 100, torch.float32)
+    split = len(case) % 2 == 1  # both launch modes over the cases
+    with EmulatedWorld(R) as world:
+        ws = Megakernel(world, shape, placement=placement, config=small_config())
+        layer_call(ws, rt, placement, seed=3, shape=shape, split=split)
+        assert all(ws.sym_count.peer(r).eq(0).all() for r in range(R)), "counters cleared"
+
+
+def test_layer_top1_one_expert_per_rank_fp16_switches_off():
+    R = 2
+    shape = MoEShape(64, 32, R, 1, 100, torch.float16)  # K = 1, E = R
+    rt = routing.drop(routing.uniform(R, T, R, 1, seed=4), 0.2, seed=5)
+    placement = Placement.contiguous(R, R)
+    cfg = small_config(token_saving=False, sorted_dispatch=False, per_tile_flags=False)
+    with EmulatedWorld(R) as world:
+        ws = Megakernel(world, shape, config=cfg)
+        layer_call(ws, rt, placement, seed=6, shape=shape)
+
+
+def test_module_back_to_back_with_router_is_deterministic():
+    R = 2
+    g = torch.Generator().manual_seed(7)
+    w13, w2 = make_w13(SHAPE, 8, "cpu"), make_w2(SHAPE, 8, "cpu")
+    gate = torch.randn(SHAPE.num_experts, SHAPE.hidden, generator=g)
+    router = TopKRouter(gate, SHAPE.topk)
+    with EmulatedWorld(R) as world:
+        layer = FusedEPMoE.from_dense(world, SHAPE, w13, w2, config=small_config(), router=router)
+        assert "combine_y (sym)" in layer.describe()
+        outs = []
+        for call in range(3):
+            xs = make_tokens(SHAPE, [T - 3 * call, T], seed=20 + call, device="cpu")
+            got = layer({r: xs[r] for r in range(R)})
+            layer.check_errors()
+            for r in range(R):
+                weights, ids = router(xs[r])
+                assert check_layer_output(got[r], xs[r], ids, weights, SHAPE, 8, r) == []
+            outs.append(got)
+        again = layer({r: xs[r] for r in range(R)})
+        assert all(torch.equal(again[r], outs[-1][r]) for r in range(R)), "bitwise repeatable"
+        layer.close()
+
+
+def test_module_input_validation():
+    R = 2
+    w13, w2 = make_w13(SHAPE, 0, "cpu"), make_w2(SHAPE, 0, "cpu")
+    L = SHAPE.num_experts // R
+    with EmulatedWorld(R) as world:
+        with pytest.raises(ValueError, match="that is every expert; FusedEPMoE.from_dense"):
+            FusedEPMoE(world, SHAPE, {0: w13, 1: w13}, {0: w2[:L], 1: w2[:L]})
+        with pytest.raises(ValueError, match="give w13 as a dict keyed by rank"):
+            FusedEPMoE(world, SHAPE, w13[:L], w2[:L])
+        with pytest.raises(ValueError, match=r"w2 is given for ranks \[0\]"):
+            FusedEPMoE(world, SHAPE, {0: w13[:L], 1: w13[L:]}, {0: w2[:L]})
+        with pytest.raises(ValueError, match="w13 of rank 1 is torch.float16"):
+            FusedEPMoE(world, SHAPE, {0: w13[:L], 1: w13[L:].half()}, {0: w2[:L], 1: w2[L:]})
+        layer = FusedEPMoE.from_dense(world, SHAPE, w13, w2, config=small_config())
+        x = torch.zeros(4, SHAPE.hidden)
+        ids = torch.zeros(4, SHAPE.topk, dtype=torch.int32)
+        w = torch.full((4, SHAPE.topk), 0.25)
+        bad = {
+            r"x has shape \(4, 63\)": dict(x=torch.zeros(4, 63)),
+            "x is torch.float16 but the layer is torch.float32": dict(x=x.half()),
+            "x of rank 0 is not contiguous": dict(x=torch.zeros(SHAPE.hidden, 4).t()),
+            "expert 16 but the layer has 16 experts": dict(ids=ids + 16),
+            "only negative id allowed is -1": dict(ids=ids - 2),
+            "101 tokens but max_tokens_per_rank is 100": dict(
+                x=torch.zeros(101, SHAPE.hidden),
+                ids=torch.zeros(101, SHAPE.topk, dtype=torch.int32),
+                w=torch.zeros(101, SHAPE.topk),
+            ),
+            "topk_weights has shape": dict(w=torch.zeros(4, 3)),
+            "topk_ids without topk_weights": dict(w=None),
+            "no topk_ids given and the layer has no router": dict(ids=None, w=None),
+        }
+        for message, change in bad.items():
+            args = dict(x=x, ids=ids, w=w) | change
+            per_rank = [
+                None if args[k] is None else {r: args[k] for r in range(R)} for k in ("x", "ids")
+            ] + [None if args["w"] is None else {r: args["w"] for r in range(R)}]
+            with pytest.raises(ValueError, match=message):
+                layer(*per_rank)
+        with pytest.raises(ValueError, match="give x as a dict keyed by rank"):
+            layer(x, ids, w)
+        layer.close()
+
+
+def test_a_rank_that_never_calls_makes_the_others_raise_in_time():
+    R = 2
+    rt = routing.uniform(R, T, SHAPE.num_experts, SHAPE.topk, seed=9)
+    with EmulatedWorld(R, timeout_s=0.5) as world:
+        layer = FusedEPMoE.from_dense(
+            world, SHAPE, make_w13(SHAPE, 0, "cpu"), make_w2(SHAPE, 0, "cpu"), config=small_config()
+        )
+        launch_all = world.run_ranks
+        world.run_ranks = lambda launch: launch(0)  # rank 1 never calls the layer
+        xs = make_tokens(SHAPE, [T, T], seed=1, device="cpu")
+        start = time.monotonic()
+        layer(dict(enumerate(xs)), dict(enumerate(rt.topk_ids)), dict(enumerate(rt.topk_weights)))
+        with pytest.raises(WaitTimeoutError, match="rank 0 timed out after 0.5 s waiting for"):
+            layer.check_errors()
+        assert time.monotonic() - start < 30, "every later wait fails at the same deadline"
+        world.run_ranks = launch_all
+        layer.close()
+
+
+def test_timing_probes():
+    """stage="compute" recomputes the same activations; stage="comm" moves zeros end to end."""
+    R = 2
+    rt = routing.uniform(R, T, SHAPE.num_experts, SHAPE.topk, seed=11)
+    pl = Placement.contiguous(SHAPE.num_experts, R)
+    with EmulatedWorld(R) as world:
+        ws = Megakernel(world, SHAPE, config=small_config())
+        handles = layer_call(ws, rt, pl, seed=12, shape=SHAPE)
+        act = {r: h.act[: h.num_recv()].clone() for r, h in handles.items()}
+        xs = make_tokens(SHAPE, [T] * R, 12, "cpu")
+        args = (
+            dict(enumerate(xs)),
+            dict(enumerate(rt.topk_ids)),
+            dict(enumerate(rt.topk_weights)),
+            {r: pl.local_weights(make_w13(SHAPE, 12, "cpu"), r) for r in range(R)},
+            {r: pl.local_weights(make_w2(SHAPE, 12, "cpu"), r) for r in range(R)},
+        )
+        for r in range(R):
+            ws.act[r].fill_(float("nan"))
+        ws.run(*args, mode="layer", stage="compute")
+        ws.check_errors()
+        assert all(torch.equal(ws.act[r][: len(act[r])], act[r]) for r in range(R))
+        probe = ws.run(*args, mode="layer", stage="comm")
+        ws.check_errors()
+        assert all(probe[r].out.eq(0).all() for r in range(R))
+        with pytest.raises(ValueError, match="stage 'tiles' is not one of mode \"layer\""):
+            ws.run(*args, mode="layer", stage="tiles")
+
+
+def test_the_benchmark_baseline_computes_the_layer():
+    from megakernel.reference import moe_ref
+    from perf.baseline import baseline_moe
+
+    rt = routing.drop(routing.uniform(1, T, SHAPE.num_experts, SHAPE.topk, seed=1), 0.2, 2)
+    x = make_tokens(SHAPE, [T], 1, "cpu")[0]
+    w13, w2 = make_w13(SHAPE, 1, "cpu"), make_w2(SHAPE, 1, "cpu")
+    ids, w = rt.topk_ids[0], rt.topk_weights[0]
+    got = baseline_moe(x, ids, w, w13, w2, SHAPE, world_size=1)
+    assert torch.allclose(got, moe_ref(x, ids, w, w13, w2), rtol=1e-5, atol=1e-5)
