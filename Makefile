@@ -28,7 +28,7 @@ $(VENV)/.ready: pyproject.toml
 	touch $@
 
 run: $(READY)
-	$(PY) -m symm_mem.check
+	$(PY) -m megakernel
 
 lint: $(READY)
 	@if $(PY) -c "import ruff" 2>/dev/null; then \

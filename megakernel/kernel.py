@@ -75,7 +75,9 @@ class KernelConfig:
     GEMM defaults from ``python -m perf.sweep_gemm --ranks 2`` on an H100 (2026-11-24, dsv3 as
     one of 2 ranks: 128 experts x 256 rows): BM 128, BN 128 (gate and up side by side, so 256
     accumulator columns), BK 64, 8 warps, 3 stages gave 441 TFLOP/s; the next best 420, and
-    ``torch._grouped_mm`` 383 on the same rows (perf/NOTES.md).
+    ``torch._grouped_mm`` 383 on the same rows (perf/NOTES.md). Down projection from
+    ``python -m perf.sweep_gemm --gemm down --ranks 2`` (H100, 2026-11-24, 32768 rows): BN 256,
+    BK 64 gave 395 TFLOP/s; BN 128 / BK 128 331, BN 128 / BK 64 287; ``torch._grouped_mm`` 435.
     """
 
     token_saving: bool = True  # one copy of a token per destination rank
@@ -84,7 +86,7 @@ class KernelConfig:
     block_m: int = 128  # rows per GEMM tile (the plan's tile height)
     block_n: int = 128  # output columns per GEMM task (of I with SwiGLU)
     block_k: int = 64  # reduction step over H
-    down_block_n: int = 128  # output columns (of H) per down-projection task
+    down_block_n: int = 256  # output columns (of H) per down-projection task
     down_block_k: int = 64  # reduction step over I
     combine_block: int = 128  # tokens per combine counter (and per top-k reduce task)
     reduce_h: int = 1024  # columns per top-k reduce task

@@ -6,6 +6,11 @@ routed top-K over those experts), so the grouped GEMM has the real per-expert ro
 each tile configuration: one call checked against ``expert_act_ref``, then the tile tasks alone
 (CUDA graph replays), against ``torch._grouped_mm`` + SwiGLU on the same rows. Prints a table; the
 best row is the preset ``KernelConfig`` default cites.
+
+``--gemm down`` sweeps the down projection's tile (``down_block_n``, ``down_block_k``) instead,
+GEMM1 at its default: each configuration makes one layer call (checked against ``moe_ref``),
+then times both GEMMs alone (``stage="compute"``); the down GEMM's share is that minus GEMM1
+alone (``stage="tiles"`` of mode "gemm"), against ``torch._grouped_mm`` on the same activations.
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ from megakernel import routing
 from megakernel.kernel import KernelConfig, Megakernel
 from megakernel.placement import Placement
 from megakernel.shapes import preset
-from megakernel.verify import check_call, local_w13, make_tokens, run_poisoned
+from megakernel.verify import (
+    check_call,
+    check_layer_output,
+    local_w2,
+    local_w13,
+    make_tokens,
+    run_poisoned,
+)
 from perf.timing import graphed, time_us
 from symm_mem import EmulatedWorld
 
@@ -35,11 +47,55 @@ CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
 ]
 
 
+DOWN_CONFIGS = [(128, 64), (256, 64), (128, 128), (256, 32), (64, 64)]  # (block_n, block_k)
+
+
+def sweep_down(shape, rt, xs, w13, placement) -> None:
+    w2 = local_w2(shape, placement, 0, 1, "cuda")
+    T, K = shape.max_tokens_per_rank, shape.topk
+    x, ids, weights = {0: xs[0]}, {0: rt.topk_ids[0]}, {0: rt.topk_weights[0]}
+    rows = []
+    with EmulatedWorld(1, "cuda") as world:
+        for bn, bk in DOWN_CONFIGS:
+            ws = Megakernel(
+                world, shape, config=KernelConfig(down_block_n=bn, down_block_k=bk), capacity=T * K
+            )
+            h = ws.run(x, ids, weights, {0: w13}, {0: w2}, mode="layer")[0]
+            ws.check_errors()
+            problems = check_layer_output(h.out, xs[0], ids[0], weights[0], shape, 1, 0)
+            n = h.num_recv()
+
+            def stage(mode, name, ws=ws):
+                return lambda: ws.run(
+                    x, ids, weights, {0: w13}, {0: w2}, mode=mode, stage=name, validate=False
+                )
+
+            both = time_us(graphed(stage("layer", "compute")))["median"]
+            ws.run(x, ids, weights, {0: w13}, mode="gemm")
+            up = time_us(graphed(stage("gemm", "tiles")))["median"]
+            act, offs = h.act[:n].clone(), torch.cumsum(h.plan.expert_rows, 0).int()
+            rows.append((bn, bk, both, up, both - up, problems))
+            ws.close()
+    flops = 2 * n * shape.hidden * shape.ffn
+    ref = time_us(lambda: torch._grouped_mm(act, w2.transpose(1, 2), offs=offs))["median"]
+    print(
+        f"\ndown GEMM sweep: {shape.num_experts} experts, {n} rows, {torch.cuda.get_device_name()}"
+    )
+    print(f"torch._grouped_mm: {ref:.1f} us, {flops / ref / 1e6:.1f} TFLOP/s")
+    print(f"{'BN':>4} {'BK':>4} {'both us':>8} {'gemm1 us':>8} {'down us':>8} {'TFLOP/s':>8} ok")
+    for bn, bk, both, up, down, problems in rows:
+        print(
+            f"{bn:4d} {bk:4d} {both:8.1f} {up:8.1f} {down:8.1f} {flops / down / 1e6:8.1f} "
+            f"{'yes' if not problems else problems[0]}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="dsv3")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--ranks", type=int, default=2, help="R of the world being modelled")
+    parser.add_argument("--gemm", default="up", choices=["up", "down"])
     args = parser.parse_args()
     full = preset(args.preset)
     R, T = args.ranks, args.tokens
@@ -49,6 +105,9 @@ def main() -> None:
     placement = Placement.contiguous(shape.num_experts, 1)
     xs = make_tokens(shape, [T], 1, "cuda")
     w = local_w13(shape, placement, 0, 1, "cuda")
+    if args.gemm == "down":
+        sweep_down(shape, rt, xs, w, placement)
+        return
     rows = []
     with EmulatedWorld(1, "cuda") as world:
         for bm, bn, bk, warps, stages in CONFIGS:
