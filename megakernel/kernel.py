@@ -46,7 +46,7 @@ from megakernel.tiles import (
 )
 from megakernel.validate import check_routing
 from symm_mem.buffer import World
-from symm_mem.device import globaltimer, peer_ptr, signal_flag, wait_flag, wait_flags
+from symm_mem.device import globaltimer, peer_ptr, signal_flag, smid, wait_flag, wait_flags
 
 # error-record flag ids of the waits (below 1 << 20: the plan's counts_ready[source rank])
 FLAG_EXPERT_READY = tl.constexpr(1 << 20)  # + local * RP + source rank
@@ -60,6 +60,12 @@ COUNTER_EXIT = tl.constexpr(2)
 MODES = ("layer", "gemm", "dispatch")
 # tokens per step of a top-k reduce task: [16, reduce_h] fp32 accumulators stay in registers
 REDUCE_ROWS = 16
+# task kinds in trace records (megakernel.profiler names them)
+KIND_DISPATCH = tl.constexpr(0)
+KIND_GEMM1 = tl.constexpr(1)
+KIND_RESOLVE = tl.constexpr(2)
+KIND_DOWN = tl.constexpr(3)
+KIND_REDUCE = tl.constexpr(4)
 # timing probes of mode "layer" (KernelConfig has none: run(stage=...) picks them)
 PROBE_OFF = tl.constexpr(0)
 PROBE_COMM = tl.constexpr(1)  # every task but no GEMM math: plan, dispatch, combine, reduce
@@ -96,6 +102,8 @@ class KernelConfig:
     num_stages: int = 3
     num_ctas: int = 0  # programs per rank; 0: the world's SM share
     dispatch_ctas: int = 0  # programs that take dispatch tasks first; 0: all of them
+    trace: bool = False  # record every task per program (megakernel.profiler); off: no code
+    trace_events: int = 1024  # events each program can record per call
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -252,10 +260,12 @@ def _tile_task(
     PER_TILE: tl.constexpr,
     LAYER: tl.constexpr,
     PROBE: tl.constexpr,
+    TRACE: tl.constexpr,
     TASK_BASE: tl.constexpr,
 ):
     """Tile task ``j``: wait for the tile's rows, then GEMM column block ``j % NB`` (or resolve).
-    In the layer, the tile's last column block out publishes ``act_ready[tile] = epoch``."""
+    In the layer, the tile's last column block out publishes ``act_ready[tile] = epoch``.
+    Returns the nanoseconds it waited (with TRACE; else 0)."""
     tile = j // NB
     local = tl.load(tiles_ptr + tile * 5)
     row0 = tl.load(tiles_ptr + tile * 5 + 1)
@@ -270,6 +280,9 @@ def _tile_task(
         want = want & (s >= tl.load(tiles_ptr + tile * 5 + 3))
         want = want & (s <= tl.load(tiles_ptr + tile * 5 + 4))
     flags = tl.reshape(ready_ptr + lo * R + s, [LP * RP])
+    waited = tl.zeros((), tl.int64)
+    if TRACE:
+        waited = globaltimer()
     arrived = wait_flags(
         flags,
         tl.reshape(want, [LP * RP]),
@@ -280,6 +293,8 @@ def _tile_task(
         FLAG_EXPERT_READY,
         TASK_BASE + j,
     )
+    if TRACE:
+        waited = globaltimer() - waited
     if arrived:
         parity = epoch % 2
         recv_x = recv_x_ptr + parity * (C * H)
@@ -309,6 +324,7 @@ def _tile_task(
                     signal_flag(act_ready_ptr + tile, epoch)
         else:
             tile_resolve_rows(recv_x, recv_src, row0, rows, H, CHUNK, BLOCK_H, BLOCK_M)
+    return waited
 
 
 @triton.jit
@@ -338,14 +354,20 @@ def _down_task(
     BLOCK_N2: tl.constexpr,
     BLOCK_K2: tl.constexpr,
     PROBE: tl.constexpr,
+    TRACE: tl.constexpr,
     TASK_BASE: tl.constexpr,
 ):
     """Down-projection task ``j``: wait for the tile's activations (GEMM1 tasks of this rank with
     lower ids), GEMM column block ``j % NB2`` of H and put the rows to their source ranks."""
     tile = j // NB2
+    waited = tl.zeros((), tl.int64)
+    if TRACE:
+        waited = globaltimer()
     ready = wait_flag(
         act_ready_ptr + tile, epoch, deadline, err_ptr, rank, FLAG_ACT_READY + tile, TASK_BASE + j
     )
+    if TRACE:
+        waited = globaltimer() - waited
     if ready:
         local = tl.load(tiles_ptr + tile * 5)
         row0 = tl.load(tiles_ptr + tile * 5 + 1)
@@ -374,6 +396,7 @@ def _down_task(
             BLOCK_N2,
             PROBE != PROBE_COMPUTE,
         )
+    return waited
 
 
 @triton.jit
@@ -396,6 +419,7 @@ def _reduce_task(
     NRH: tl.constexpr,
     RT: tl.constexpr,
     RH: tl.constexpr,
+    TRACE: tl.constexpr,
     TASK_BASE: tl.constexpr,
 ):
     """Top-k reduce task ``j``: token block ``j // NRH``, columns ``(j % NRH) * RH``. Waits until
@@ -407,14 +431,63 @@ def _reduce_task(
     in_block = (t < num_tokens) & (k < K)
     kept = in_block & (tl.load(phys_ptr + t * K + k, mask=in_block, other=-1) >= 0)
     expected = tl.sum(tl.sum(kept.to(tl.int32), axis=1), axis=0) * NB2
+    waited = tl.zeros((), tl.int64)
+    if TRACE:
+        waited = globaltimer()
     ready = wait_flag(
         count_ptr + block, expected, deadline, err_ptr, rank, FLAG_COMBINE + block, TASK_BASE + j
     )
+    if TRACE:
+        waited = globaltimer() - waited
     if ready:
         t_end = tl.minimum(t0 + CB, num_tokens)
         tile_topk_reduce(
             combine_ptr, weights_ptr, phys_ptr, out_ptr, t0, t_end, (j % NRH) * RH, H, K, CB, RT, RH
         )
+    return waited
+
+
+@triton.jit
+def _now(TRACE: tl.constexpr):
+    if TRACE:
+        return globaltimer()
+    return tl.zeros((), tl.int64)
+
+
+@triton.jit
+def _trace_begin(trace_ptr, TRACE: tl.constexpr, CAP: tl.constexpr):
+    """Events this program recorded in earlier launches of this call (header word 2)."""
+    n = tl.zeros((), tl.int32)
+    if TRACE:
+        n = tl.load(trace_ptr + tl.program_id(0) * (CAP + 1) * 4 + 2).to(tl.int32)
+    return n
+
+
+@triton.jit
+def _trace_task(trace_ptr, n, kind, task, start, waited, TRACE: tl.constexpr, CAP: tl.constexpr):
+    """Record event ``n`` of this program: (kind << 32 | task id, start, end, ns waited), unless
+    the buffer is full (the header's count still grows, so the host sees the overflow)."""
+    if TRACE:
+        end = globaltimer()
+        if n < CAP:
+            i = tl.arange(0, 4)
+            row = trace_ptr + (tl.program_id(0) * (CAP + 1) + 1 + n) * 4
+            tag = (tl.cast(kind, tl.int64) << 32) | tl.cast(task, tl.int64)
+            word = tl.where(i == 0, tag, tl.where(i == 1, start, tl.where(i == 2, end, waited)))
+            tl.store(row + i, word)
+        n += 1
+    return n
+
+
+@triton.jit
+def _trace_end(trace_ptr, n, rank, TRACE: tl.constexpr, CAP: tl.constexpr):
+    """The program's header: (SM id, rank, events recorded or dropped, 0)."""
+    if TRACE:
+        i = tl.arange(0, 4)
+        sm = tl.cast(smid(), tl.int64)
+        word = tl.where(i == 0, sm, tl.where(i == 1, tl.cast(rank, tl.int64), 0))
+        word = tl.where(i == 2, tl.cast(n, tl.int64), word)
+        tl.store(trace_ptr + tl.program_id(0) * (CAP + 1) * 4 + i, word)
 
 
 @triton.jit
@@ -460,6 +533,7 @@ def moe_megakernel(
     counters_ptr,  # [3] int32: dispatch, compute and exit counters (0 between launches)
     err_ptr,  # [ERR_WORDS] int64 error record of this rank
     epoch_ptr,  # [1] int64: this call's epoch (the plan bumped it)
+    trace_ptr,  # TRACE: [programs, 1 + TRACE_CAP, 4] int64 (megakernel.profiler), zeroed per call
     rank,
     num_tokens,
     task_begin,
@@ -503,6 +577,8 @@ def moe_megakernel(
     SORTED: tl.constexpr,
     PER_TILE: tl.constexpr,
     PROBE: tl.constexpr,
+    TRACE: tl.constexpr,
+    TRACE_CAP: tl.constexpr,
 ):
     epoch = tl.load(epoch_ptr)
     deadline = globaltimer() + timeout_ns
@@ -519,9 +595,12 @@ def moe_megakernel(
     g_lo, g_count = _share(task_begin, task_end, MAX_DISPATCH, num_tiles * NB)
     n_lo, n_count = _share(task_begin, task_end, BASE_DOWN, num_down)
     r_lo, r_count = _share(task_begin, task_end, BASE_REDUCE, num_reduce)
+    # TRACE: this program's events so far this call (earlier launches of it appended theirs)
+    n_events = _trace_begin(trace_ptr, TRACE, TRACE_CAP)
     if tl.program_id(0) < DISPATCH_CTAS:
         d = tl.atomic_add(counters_ptr + COUNTER_DISPATCH, 1, sem="relaxed")
         while d < d_count:
+            start = _now(TRACE)
             _dispatch_task(
                 d_lo + d,
                 tasks_ptr,
@@ -557,13 +636,22 @@ def moe_megakernel(
                 SORTED,
                 LAYER,
             )
+            n_events = _trace_task(
+                trace_ptr, n_events, KIND_DISPATCH, d_lo + d, start, 0, TRACE, TRACE_CAP
+            )
             d = tl.atomic_add(counters_ptr + COUNTER_DISPATCH, 1, sem="relaxed")
     # compute tasks in id order: GEMM1 (or resolve), then down projection + combine put, then
     # top-k reduce; a task only waits on lower ids here or on dispatch / down tasks of peers
     q = tl.atomic_add(counters_ptr + COUNTER_COMPUTE, 1, sem="relaxed")
     while q < g_count + n_count + r_count:
+        start = _now(TRACE)
+        waited = tl.zeros((), tl.int64)
+        kind = tl.full((), KIND_RESOLVE, tl.int32)
+        if GEMM:
+            kind = tl.full((), KIND_GEMM1, tl.int32)
+        task = MAX_DISPATCH + g_lo + q
         if q < g_count:
-            _tile_task(
+            waited = _tile_task(
                 g_lo + q,
                 tiles_ptr,
                 ready_ptr,
@@ -596,11 +684,14 @@ def moe_megakernel(
                 PER_TILE,
                 LAYER,
                 PROBE,
+                TRACE,
                 MAX_DISPATCH,
             )
         elif LAYER:
             if q < g_count + n_count:
-                _down_task(
+                kind = tl.full((), KIND_DOWN, tl.int32)
+                task = BASE_DOWN + n_lo + q - g_count
+                waited = _down_task(
                     n_lo + q - g_count,
                     tiles_ptr,
                     act_ready_ptr,
@@ -626,10 +717,13 @@ def moe_megakernel(
                     BLOCK_N2,
                     BLOCK_K2,
                     PROBE,
+                    TRACE,
                     BASE_DOWN,
                 )
             else:
-                _reduce_task(
+                kind = tl.full((), KIND_REDUCE, tl.int32)
+                task = BASE_REDUCE + r_lo + q - g_count - n_count
+                waited = _reduce_task(
                     r_lo + q - g_count - n_count,
                     num_tokens,
                     phys_ptr,
@@ -648,9 +742,12 @@ def moe_megakernel(
                     NRH,
                     RT,
                     RH,
+                    TRACE,
                     BASE_REDUCE,
                 )
+        n_events = _trace_task(trace_ptr, n_events, kind, task, start, waited, TRACE, TRACE_CAP)
         q = tl.atomic_add(counters_ptr + COUNTER_COMPUTE, 1, sem="relaxed")
+    _trace_end(trace_ptr, n_events, rank, TRACE, TRACE_CAP)
     # the last program out resets the counters for the next launch (stream-ordered after it)
     tl.debug_barrier()
     if tl.atomic_add(counters_ptr + COUNTER_EXIT, 1, sem="acq_rel") == tl.num_programs(0) - 1:
@@ -730,6 +827,8 @@ def kernel_meta(
         SORTED=cfg.sorted_dispatch,
         PER_TILE=cfg.per_tile_flags,
         PROBE=probe,
+        TRACE=cfg.trace,
+        TRACE_CAP=cfg.trace_events,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -754,6 +853,7 @@ class DispatchHandle:
     topk_weights: torch.Tensor | None  # [T, K]
     plan: Plan | None  # this call's plan (views, overwritten by the next call)
     out: torch.Tensor | None = None  # [T, H] mode "layer"
+    trace: torch.Tensor | None = None  # KernelConfig(trace=True): this call's trace records
 
     def num_recv(self) -> int:
         """Rows this rank received (reads the plan's stats back: one sync)."""
@@ -853,8 +953,11 @@ class Megakernel:
         self.act_done = per_rank(MT)
         self.act_ready = per_rank(MT, dtype=torch.int64)
         self.counters = per_rank(3)
-        self.epoch = {r: 0 for r in world.local_ranks}  # host mirror of the plan's device epoch
         self.num_ctas = cfg.num_ctas or world.sms_per_rank
+        # [programs, 1 + events, 4] int64: a header, then (kind << 32 | task, start, end, waited)
+        trace_shape = (self.num_ctas, cfg.trace_events + 1, 4) if cfg.trace else (4,)
+        self.trace = per_rank(*trace_shape, dtype=torch.int64)
+        self.epoch = {r: 0 for r in world.local_ranks}  # host mirror of the plan's device epoch
         self._warm: set[str] = set()
 
     # -- sizes ----------------------------------------------------------------------------
@@ -871,6 +974,8 @@ class Megakernel:
                 for t in (self.group_done, self.act_done, self.act_ready, self.counters)
             ),
         }
+        if self.config.trace:
+            local["trace"] = self.trace[r].numel() * 8
         plan = sum(b.numel() * b.element_size() for b in self.plan_ws.bufs[r].values())
         plan += self.plan_ws.sym_counts.nbytes + self.plan_ws.sym_ready.nbytes
         return {**sym, **local, "plan": plan}
@@ -950,6 +1055,7 @@ class Megakernel:
             self.counters[rank],
             self.world.error_record(rank),
             self.plan_ws.epoch[rank],
+            self.trace[rank],
             rank,
             x.shape[0],
             begin,
@@ -1097,6 +1203,9 @@ class Megakernel:
                     lambda r, p=phase: self.plan_ws.launch(r, ready[r][1], p, validate=False)
                 )
         meta = self._meta(mode, probe)
+        if self.config.trace:
+            for r in ranks:
+                self.trace[r].zero_()
         for begin, end in self._ranges(mode, stage, overlap, split):
 
             def launch(r: int, begin: int = begin, end: int = end) -> None:
@@ -1117,6 +1226,7 @@ class Megakernel:
                 topk_weights=ready[r][2],
                 plan=self.plan_ws.plan(r),
                 out=ready[r][5],
+                trace=self.trace[r] if self.config.trace else None,
             )
         return handles
 

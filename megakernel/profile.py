@@ -1,0 +1,158 @@
+"""Trace one call of the megakernel: ``python -m megakernel.profile [--preset dsv3] [--tokens
+4096] [--emulate R] [--out DIR]``.
+
+On GPUs it relaunches itself on every visible GPU (NVSHMEM world, one rank each); ``--emulate R``
+runs R ranks on one GPU; without a GPU it runs a small layer on 2 emulated ranks under the Triton
+interpreter (host-clock times). It makes one untraced warm-up call, then a traced one (each
+checked against ``moe_ref``), aligns the ranks' clocks, and writes to ``--out``:
+``trace.json`` (open in https://ui.perfetto.dev or chrome://tracing), ``timeline.png`` and
+``summary.txt``. ``--overhead`` also times the call with and without tracing (CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "perf" / "results"
+
+
+def profile(world, args) -> None:
+    import torch
+
+    from megakernel import KernelConfig, Megakernel, profiler, routing
+    from megakernel.placement import Placement
+    from megakernel.shapes import MoEShape, preset
+    from megakernel.verify import check_layer_output, local_w2, local_w13, make_tokens
+
+    cpu = world.device.type == "cpu"
+    if cpu:
+        shape = MoEShape(64, 32, 16, 4, 64, torch.float32)
+        config = KernelConfig(
+            block_m=16, block_n=16, block_k=16, down_block_n=32, down_block_k=16,
+            combine_block=16, reduce_h=64, block_h=64, chunk=4,
+        )  # fmt: skip
+        T = 40
+    else:
+        shape = preset(args.preset).with_tokens(args.tokens)
+        config, T = KernelConfig(), args.tokens
+    R, ranks, dev = world.world_size, world.local_ranks, world.device
+    placement = Placement.contiguous(shape.num_experts, R)
+    rt, _ = routing.edge_case(args.routing, R, T, shape.num_experts, shape.topk, seed=1)
+    rt = rt.to(dev)
+    xs = make_tokens(shape, [T] * R, 1, dev)
+    w13 = {r: local_w13(shape, placement, r, 1, dev) for r in ranks}
+    w2 = {r: local_w2(shape, placement, r, 1, dev) for r in ranks}
+    inputs = (
+        {r: xs[r] for r in ranks},
+        {r: rt.topk_ids[r] for r in ranks},
+        {r: rt.topk_weights[r] for r in ranks},
+        w13,
+        w2,
+    )
+    timings = {}
+    for trace in (False, True) if args.overhead or not cpu else (True,):
+        cfg = replace(config, trace=trace, trace_events=args.events)
+        ws = Megakernel(world, shape, placement=placement, config=cfg)
+        for _ in range(2):  # a warm-up call, then the one that is kept
+            handles = ws.run(*inputs, mode="layer", split=args.split)
+        ws.check_errors()
+        for r in ranks:
+            problems = check_layer_output(
+                handles[r].out, xs[r], rt.topk_ids[r], rt.topk_weights[r], shape, 1, r
+            )
+            if problems:
+                raise SystemExit(f"wrong layer output: {problems}")
+        if trace:
+            records, dropped = [], 0
+            for r in ranks:
+                got, lost = profiler.decode(handles[r].trace, r)
+                records += got
+                dropped += lost
+        if args.overhead and not cpu:
+            from perf.timing import graphed, time_us
+
+            call = lambda ws=ws: ws.run(*inputs, mode="layer", split=args.split, validate=False)  # noqa: E731
+            timings[trace] = time_us(graphed(call))["median"]
+        ws.close()
+    records = profiler.gather_records(world, records)
+    offsets = profiler.clock_offsets(world)
+    if world.rank != 0:
+        return
+    records = profiler.align(records, offsets)
+    out = Path(args.out) / f"trace_{'cpu' if cpu else args.preset}_R{R}_{type(world).__name__}"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = profiler.summarize(records, dropped)
+    title = (
+        f"{'small layer' if cpu else args.preset}, T={T}, {R} ranks ({type(world).__name__}), "
+        f"{'two kernels' if args.split else 'one kernel'}"
+    )
+    text = [title, f"clock offsets against rank 0 (ns): {offsets}", summary.text()]
+    if timings:
+        over = timings[True] / timings[False] - 1
+        text.append(
+            f"layer call: {timings[False]:.1f} us untraced, {timings[True]:.1f} us traced "
+            f"({100 * over:+.1f}%)"
+        )
+    (out / "summary.txt").write_text("\n".join(text) + "\n")
+    profiler.write_chrome_trace(records, out / "trace.json")
+    written = ["trace.json", "summary.txt"]
+    try:
+        profiler.draw_timeline(records, out / "timeline.png", title)
+        written.append("timeline.png")
+    except ImportError:
+        text.append("timeline.png not drawn: pip install matplotlib")
+    print("\n".join(text))
+    print(f"wrote {', '.join(written)} to {out}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="dsv3")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--routing", default="uniform")
+    parser.add_argument("--emulate", type=int, default=0, help="R ranks on one GPU")
+    parser.add_argument("--split", action="store_true", help="the two-kernel mode")
+    parser.add_argument("--events", type=int, default=1024, help="trace events per program")
+    parser.add_argument("--overhead", action="store_true", help="also time untraced vs traced")
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--symmetric-size", default="8G")
+    args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            env = {**os.environ, "TRITON_INTERPRET": "1"}
+            os.execve(
+                sys.executable, [sys.executable, "-m", "megakernel.profile", *sys.argv[1:]], env
+            )
+        from symm_mem import EmulatedWorld
+
+        with EmulatedWorld(2) as world:
+            profile(world, args)
+        return 0
+    if args.emulate:
+        from symm_mem import EmulatedWorld
+
+        with EmulatedWorld(args.emulate, "cuda") as world:
+            profile(world, args)
+        return 0
+    if "RANK" not in os.environ:
+        from symm_mem.launch import run
+
+        return run(None, ["-m", "megakernel.profile", *sys.argv[1:]], args.symmetric_size)
+    import symm_mem
+
+    world = symm_mem.init_world()
+    try:
+        profile(world, args)
+    finally:
+        world.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
