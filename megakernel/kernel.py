@@ -37,6 +37,7 @@ from megakernel.placement import Placement
 from megakernel.plan import STATS, Plan, PlanConfig, PlanWorkspace, _pow2
 from megakernel.shapes import MoEShape
 from megakernel.tiles import (
+    flush_pieces,
     tile_combine_put,
     tile_dispatch_put,
     tile_down_gemm,
@@ -46,7 +47,7 @@ from megakernel.tiles import (
 )
 from megakernel.validate import check_routing
 from symm_mem.buffer import World
-from symm_mem.device import globaltimer, peer_ptr, signal_flag, smid, wait_flag, wait_flags
+from symm_mem.device import globaltimer, peer_ptr, smid, wait_flag, wait_flags
 
 # error-record flag ids of the waits (below 1 << 20: the plan's counts_ready[source rank])
 FLAG_EXPERT_READY = tl.constexpr(1 << 20)  # + local * RP + source rank
@@ -321,7 +322,9 @@ def _tile_task(
                 tl.debug_barrier()  # every thread's activations before the arrival
                 if tl.atomic_add(act_done_ptr + tile, 1, sem="acq_rel", scope="gpu") == NB - 1:
                     tl.store(act_done_ptr + tile, 0)  # nobody else touches it again this call
-                    signal_flag(act_ready_ptr + tile, epoch)
+                    # a local flag: release at GPU scope is enough (and cheaper than system)
+                    value = tl.cast(epoch, tl.int64)
+                    tl.atomic_xchg(act_ready_ptr + tile, value, sem="release", scope="gpu")
         else:
             tile_resolve_rows(recv_x, recv_src, row0, rows, H, CHUNK, BLOCK_H, BLOCK_M)
     return waited
@@ -336,7 +339,7 @@ def _down_task(
     w2_ptr,
     recv_tag_ptr,
     combine_base,
-    count_base,
+    pending_ptr,
     combine_ptr,
     err_ptr,
     rank,
@@ -382,7 +385,7 @@ def _down_task(
             acc,
             recv_tag_ptr + (epoch % 2) * C,
             combine_base,
-            count_base,
+            pending_ptr,
             combine_ptr,
             row0,
             rows,
@@ -530,6 +533,7 @@ def moe_megakernel(
     group_done_ptr,  # [PP] int32: arrivals per send group (0 between calls)
     act_done_ptr,  # [max_tiles] int32: GEMM1 arrivals per tile (0 between calls)
     act_ready_ptr,  # [max_tiles] int64 flags: tile -> epoch of its activations
+    pending_ptr,  # [programs, RNCBP] int32: combine pieces not yet added (0 between calls)
     counters_ptr,  # [3] int32: dispatch, compute and exit counters (0 between launches)
     err_ptr,  # [ERR_WORDS] int64 error record of this rank
     epoch_ptr,  # [1] int64: this call's epoch (the plan bumped it)
@@ -559,6 +563,7 @@ def moe_megakernel(
     CB: tl.constexpr,
     NCB: tl.constexpr,
     NCBP: tl.constexpr,
+    RNCBP: tl.constexpr,
     NRH: tl.constexpr,
     RT: tl.constexpr,
     RH: tl.constexpr,
@@ -642,6 +647,8 @@ def moe_megakernel(
             d = tl.atomic_add(counters_ptr + COUNTER_DISPATCH, 1, sem="relaxed")
     # compute tasks in id order: GEMM1 (or resolve), then down projection + combine put, then
     # top-k reduce; a task only waits on lower ids here or on dispatch / down tasks of peers
+    pending_row = pending_ptr + tl.program_id(0) * RNCBP
+    flushed = tl.zeros((), tl.int32)
     q = tl.atomic_add(counters_ptr + COUNTER_COMPUTE, 1, sem="relaxed")
     while q < g_count + n_count + r_count:
         start = _now(TRACE)
@@ -699,7 +706,7 @@ def moe_megakernel(
                     w2_ptr,
                     recv_tag_ptr,
                     combine_base,
-                    count_base,
+                    pending_row,
                     combine_ptr,
                     err_ptr,
                     rank,
@@ -721,6 +728,10 @@ def moe_megakernel(
                     BASE_DOWN,
                 )
             else:
+                # NOTE: publish this program's combine pieces before it waits on anybody's
+                if flushed == 0:
+                    flush_pieces(pending_row, count_base, R, NCB, RNCBP)
+                    flushed += 1
                 kind = tl.full((), KIND_REDUCE, tl.int32)
                 task = BASE_REDUCE + r_lo + q - g_count - n_count
                 waited = _reduce_task(
@@ -747,6 +758,9 @@ def moe_megakernel(
                 )
         n_events = _trace_task(trace_ptr, n_events, kind, task, start, waited, TRACE, TRACE_CAP)
         q = tl.atomic_add(counters_ptr + COUNTER_COMPUTE, 1, sem="relaxed")
+    if LAYER:
+        if flushed == 0:
+            flush_pieces(pending_row, count_base, R, NCB, RNCBP)
     _trace_end(trace_ptr, n_events, rank, TRACE, TRACE_CAP)
     # the last program out resets the counters for the next launch (stream-ordered after it)
     tl.debug_barrier()
@@ -809,6 +823,7 @@ def kernel_meta(
         CB=cfg.combine_block,
         NCB=ncb,
         NCBP=_pow2(ncb),
+        RNCBP=_pow2(pc.world_size * ncb),
         NRH=nrh,
         RT=min(REDUCE_ROWS, cfg.combine_block),
         RH=rh,
@@ -953,6 +968,8 @@ class Megakernel:
         self.act_done = per_rank(MT)
         self.act_ready = per_rank(MT, dtype=torch.int64)
         self.counters = per_rank(3)
+        ncb = triton.cdiv(T, cfg.combine_block)
+        self.pending = per_rank(cfg.num_ctas or world.sms_per_rank, _pow2(R * ncb))
         self.num_ctas = cfg.num_ctas or world.sms_per_rank
         # [programs, 1 + events, 4] int64: a header, then (kind << 32 | task, start, end, waited)
         trace_shape = (self.num_ctas, cfg.trace_events + 1, 4) if cfg.trace else (4,)
@@ -971,7 +988,13 @@ class Megakernel:
             "act": self.act[r].numel() * self.act[r].element_size(),
             "flags, counters": sum(
                 t[r].numel() * t[r].element_size()
-                for t in (self.group_done, self.act_done, self.act_ready, self.counters)
+                for t in (
+                    self.group_done,
+                    self.act_done,
+                    self.act_ready,
+                    self.pending,
+                    self.counters,
+                )
             ),
         }
         if self.config.trace:
@@ -1052,6 +1075,7 @@ class Megakernel:
             self.group_done[rank],
             self.act_done[rank],
             self.act_ready[rank],
+            self.pending[rank],
             self.counters[rank],
             self.world.error_record(rank),
             self.plan_ws.epoch[rank],

@@ -60,7 +60,10 @@ def profile(world, args) -> None:
         for _ in range(2):  # a warm-up call, then the one that is kept
             handles = ws.run(*inputs, mode="layer", split=args.split)
         ws.check_errors()
-        for r in ranks:
+        if args.stage != "all":  # a timing probe (its outputs are junk): trace it instead
+            handles = ws.run(*inputs, mode="layer", stage=args.stage)
+            ws.check_errors()
+        for r in ranks if args.stage == "all" else ():
             problems = check_layer_output(
                 handles[r].out, xs[r], rt.topk_ids[r], rt.topk_weights[r], shape, 1, r
             )
@@ -83,12 +86,16 @@ def profile(world, args) -> None:
     if world.rank != 0:
         return
     records = profiler.align(records, offsets)
-    out = Path(args.out) / f"trace_{'cpu' if cpu else args.preset}_R{R}_{type(world).__name__}"
+    probe = "" if args.stage == "all" else f"_{args.stage}"
+    out = (
+        Path(args.out) / f"trace_{'cpu' if cpu else args.preset}_R{R}_{type(world).__name__}{probe}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     summary = profiler.summarize(records, dropped)
     title = (
         f"{'small layer' if cpu else args.preset}, T={T}, {R} ranks ({type(world).__name__}), "
         f"{'two kernels' if args.split else 'one kernel'}"
+        + ("" if args.stage == "all" else f", probe {args.stage!r}")
     )
     text = [title, f"clock offsets against rank 0 (ns): {offsets}", summary.text()]
     if timings:
@@ -118,6 +125,9 @@ def main() -> int:
     parser.add_argument("--split", action="store_true", help="the two-kernel mode")
     parser.add_argument("--events", type=int, default=1024, help="trace events per program")
     parser.add_argument("--overhead", action="store_true", help="also time untraced vs traced")
+    parser.add_argument(
+        "--stage", default="all", choices=["all", "comm", "compute"], help="trace a timing probe"
+    )
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--symmetric-size", default="8G")
     args = parser.parse_args()

@@ -192,7 +192,7 @@ def tile_combine_put(
     acc,  # [BM, BN] fp32 expert outputs of rows [row0, row0 + rows), columns of n_block
     recv_tag_ptr,  # [C] int32 (this call's parity): source rank * T_max * K + token * K + k
     combine_base,  # [R] int64: every rank's sym combine_y [T_max * K, H]
-    count_base,  # [R] int64: every rank's sym combine_count [NCB] int32
+    pending_ptr,  # [R * NCB] int32: this program's pieces not yet added to the source ranks
     combine_ptr,  # this rank's combine_y (gives the element type)
     row0,
     rows,
@@ -206,9 +206,10 @@ def tile_combine_put(
     BLOCK_N: tl.constexpr,
     REMOTE: tl.constexpr = True,
 ):
-    """Store each row of ``acc`` into its source rank's ``combine_y[token * K + k]``, then add, with
-    release at system scope, the number of (row, column block) pieces each of that rank's token
-    blocks got: ``combine_count[token // CB]``. One add per distinct (source, block) in the tile.
+    """Store each row of ``acc`` into its source rank's ``combine_y[token * K + k]`` and count, in
+    this program's ``pending[source rank * NCB + token // CB]``, the (row, column block) pieces
+    each token block got: one add per distinct (source, block) in the tile. ``flush_pieces``
+    later adds them to the source ranks' counters with one release for many tasks.
 
     ``REMOTE=False`` (a timing probe: compute alone) stores the rows into this rank's own
     ``combine_y`` instead and counts nothing."""
@@ -227,15 +228,35 @@ def tile_combine_put(
         tl.pointer_type(combine_ptr.dtype.element_ty)
     )
     tl.store(y_rows[:, None] + pair.to(tl.int64)[:, None] * H + n[None, :], y, mask=n_ok)
-    tl.debug_barrier()  # every thread's rows before the releases below
     block = pair // K // CB
     key = src * NCB + block
     same = (key[:, None] == key[None, :]) & live[None, :]  # [BM, BM]
     pieces = tl.sum(same.to(tl.int32), axis=1)
     earlier = tl.sum((same & (r[None, :] < r[:, None])).to(tl.int32), axis=1)
     first = live & (earlier == 0)
-    counters = tl.load(count_base + src, mask=first, other=0).to(tl.pointer_type(tl.int32))
-    tl.atomic_add(counters + block, pieces, mask=first, sem="release", scope="sys")
+    tl.atomic_add(pending_ptr + key, pieces, mask=first, sem="relaxed", scope="cta")
+
+
+@triton.jit
+def flush_pieces(
+    pending_ptr,  # [R * NCB] int32: this program's pieces per (source rank, token block)
+    count_base,  # [R] int64: every rank's sym combine_count [NCB] int32
+    R: tl.constexpr,
+    NCB: tl.constexpr,
+    RNCBP: tl.constexpr,  # R * NCB rounded up to a power of two
+):
+    """Add this program's pending pieces to the source ranks' ``combine_count``, with release at
+    system scope (so the rows put before are visible first), and clear them.
+
+    NOTE: a release at system scope waits until this program's stores reached the peers; paid
+    once per flush instead of once per task, it no longer stalls every down task."""
+    tl.debug_barrier()  # every thread's rows and pending adds before the releases
+    i = tl.arange(0, RNCBP)
+    pieces = tl.load(pending_ptr + i, mask=i < R * NCB, other=0)
+    some = pieces != 0
+    counters = tl.load(count_base + i // NCB, mask=some, other=0).to(tl.pointer_type(tl.int32))
+    tl.atomic_add(counters + i % NCB, pieces, mask=some, sem="release", scope="sys")
+    tl.store(pending_ptr + i, tl.zeros([RNCBP], tl.int32), mask=some)
 
 
 @triton.jit
