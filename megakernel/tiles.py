@@ -227,6 +227,7 @@ def tile_combine_put(
     y_rows = tl.load(combine_base + src, mask=live, other=0).to(
         tl.pointer_type(combine_ptr.dtype.element_ty)
     )
+    y_rows = tl.multiple_of(y_rows, [16])  # NOTE: symmetric buffers are aligned (see peer_ptr)
     tl.store(y_rows[:, None] + pair.to(tl.int64)[:, None] * H + n[None, :], y, mask=n_ok)
     block = pair // K // CB
     key = src * NCB + block
