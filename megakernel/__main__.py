@@ -17,10 +17,9 @@ import time
 
 
 def run_cpu() -> int:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        # NOTE: importing the package set its kernels up for a GPU driver: start over interpreted
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        os.execve(sys.executable, [sys.executable, "-m", "megakernel", *sys.argv[1:]], env)
+    from symm_mem.launch import rerun_interpreted
+
+    rerun_interpreted("megakernel")
     import torch
 
     from megakernel import FusedEPMoE, KernelConfig, routing

@@ -952,10 +952,11 @@ class Megakernel:
         self.sym_recv_src = world.alloc((2, C), torch.int32)
         self.sym_ready = world.alloc((L, R), torch.int64)
         self._sym = [self.sym_recv_x, self.sym_recv_src, self.sym_ready]
+        ncb = triton.cdiv(T, cfg.combine_block)  # combine counters (token blocks) per rank
         if combine:
             self.sym_recv_tag = world.alloc((2, C), torch.int32)
             self.sym_combine = world.alloc((T * K, H), shape.dtype)
-            self.sym_count = world.alloc((triton.cdiv(T, cfg.combine_block),), torch.int32)
+            self.sym_count = world.alloc((ncb,), torch.int32)
             self._sym += [self.sym_recv_tag, self.sym_combine, self.sym_count]
         dev, PP, MT = world.device, _pow2(R * L), self.plan_cfg.max_tiles
         width = I if swiglu else 2 * I
@@ -968,14 +969,13 @@ class Megakernel:
         self.act_done = per_rank(MT)
         self.act_ready = per_rank(MT, dtype=torch.int64)
         self.counters = per_rank(3)
-        ncb = triton.cdiv(T, cfg.combine_block)
-        self.pending = per_rank(cfg.num_ctas or world.sms_per_rank, _pow2(R * ncb))
         self.num_ctas = cfg.num_ctas or world.sms_per_rank
+        self.pending = per_rank(self.num_ctas, _pow2(R * ncb))
         # [programs, 1 + events, 4] int64: a header, then (kind << 32 | task, start, end, waited)
         trace_shape = (self.num_ctas, cfg.trace_events + 1, 4) if cfg.trace else (4,)
         self.trace = per_rank(*trace_shape, dtype=torch.int64)
         self.epoch = {r: 0 for r in world.local_ranks}  # host mirror of the plan's device epoch
-        self._warm: set[str] = set()
+        self._warm: set[tuple[str, int]] = set()  # (mode, probe) compiled and loaded
 
     # -- sizes ----------------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ checked against ``moe_ref``), aligns the ranks' clocks, and writes to ``--out``:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -133,35 +132,19 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
+    from symm_mem.launch import rerun_interpreted, run_in_world
+
     if not torch.cuda.is_available():
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            env = {**os.environ, "TRITON_INTERPRET": "1"}
-            os.execve(
-                sys.executable, [sys.executable, "-m", "megakernel.profile", *sys.argv[1:]], env
-            )
+        rerun_interpreted("megakernel.profile")
         from symm_mem import EmulatedWorld
 
         with EmulatedWorld(2) as world:
             profile(world, args)
         return 0
-    if args.emulate:
-        from symm_mem import EmulatedWorld
-
-        with EmulatedWorld(args.emulate, "cuda") as world:
-            profile(world, args)
-        return 0
-    if "RANK" not in os.environ:
-        from symm_mem.launch import run
-
-        return run(None, ["-m", "megakernel.profile", *sys.argv[1:]], args.symmetric_size)
-    import symm_mem
-
-    world = symm_mem.init_world()
-    try:
-        profile(world, args)
-    finally:
-        world.close()
-    return 0
+    job = lambda world: profile(world, args)  # noqa: E731
+    return run_in_world(
+        "megakernel.profile", job, emulate=args.emulate, symmetric_size=args.symmetric_size
+    )
 
 
 if __name__ == "__main__":

@@ -19,18 +19,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
-import os
-import re
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import triton
 
 from megakernel import routing
 from megakernel.kernel import KernelConfig, Megakernel
@@ -40,10 +33,11 @@ from megakernel.shapes import preset
 from megakernel.traffic import traffic_model
 from megakernel.verify import check_calls, local_w13, make_tokens, run_poisoned
 from perf.baseline import baseline_moe
+from perf.record import write_result
 from perf.timing import graphed, time_us
-from symm_mem import EmulatedWorld, World
+from symm_mem import World
+from symm_mem.launch import run_in_world
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {  # name -> KernelConfig switches
     "ours": {},
     "no_token_saving": {"token_saving": False},
@@ -145,19 +139,10 @@ def bench(world: World, args) -> dict:
 
 
 def report(result: dict, args) -> None:
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "git": os.environ.get("GIT_SHA") or git.stdout.strip() or "unknown",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    RESULTS.mkdir(exist_ok=True)
-    gpu = re.sub(r"[^a-z0-9]+", "_", meta["gpu"].lower()).strip("_")
     R = result["ranks"]
-    name = f"dispatch_gemm_{args.preset}_T{args.tokens}_R{R}_{result['world']}_{gpu}.json"
-    (RESULTS / name).write_text(json.dumps({"meta": meta, **result}, indent=1))
+    name, meta = write_result(
+        f"dispatch_gemm_{args.preset}_T{args.tokens}_R{R}_{result['world']}", result
+    )
     base = result["baseline_us"]
     print(
         f"\ndispatch + GEMM1, {args.preset}, T={args.tokens}, {R} ranks ({result['world']}), "
@@ -191,23 +176,20 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--symmetric-size", default="4G")
     args = parser.parse_args()
-    if args.emulate:
-        with EmulatedWorld(args.emulate, "cuda") as world:
-            report(bench(world, args), args)
-        return
-    if "RANK" not in os.environ:
-        from symm_mem.launch import run
 
-        sys.exit(run(None, ["-m", "perf.bench_dispatch_gemm", *sys.argv[1:]], args.symmetric_size))
-    import symm_mem
-
-    world = symm_mem.init_world()
-    try:
+    def job(world: World) -> None:
         result = bench(world, args)
         if world.rank == 0:
             report(result, args)
-    finally:
-        world.close()
+
+    sys.exit(
+        run_in_world(
+            "perf.bench_dispatch_gemm",
+            job,
+            emulate=args.emulate,
+            symmetric_size=args.symmetric_size,
+        )
+    )
 
 
 if __name__ == "__main__":

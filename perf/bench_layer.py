@@ -21,18 +21,11 @@ Table on rank 0, JSON under perf/results/.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import re
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import triton
 
 from megakernel import FusedEPMoE, routing
 from megakernel.kernel import KernelConfig
@@ -40,10 +33,10 @@ from megakernel.placement import Placement
 from megakernel.shapes import preset
 from megakernel.verify import check_layer_output, local_w2, local_w13, make_tokens
 from perf.baseline import baseline_moe
+from perf.record import write_result
 from perf.timing import graphed, time_us
-from symm_mem import EmulatedWorld, World
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from symm_mem import World
+from symm_mem.launch import run_in_world
 
 
 def bench_preset(world: World, name: str, args) -> dict:
@@ -127,19 +120,8 @@ def bench_preset(world: World, name: str, args) -> dict:
 
 
 def report(result: dict, args) -> None:
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "git": os.environ.get("GIT_SHA") or git.stdout.strip() or "unknown",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    RESULTS.mkdir(exist_ok=True)
-    gpu = re.sub(r"[^a-z0-9]+", "_", meta["gpu"].lower()).strip("_")
     R = result["ranks"]
-    name = f"layer_T{args.tokens}_R{R}_{result['world']}_{gpu}.json"
-    (RESULTS / name).write_text(json.dumps({"meta": meta, **result}, indent=1))
+    name, meta = write_result(f"layer_T{args.tokens}_R{R}_{result['world']}", result)
     print(
         f"\nMoE layer, T={args.tokens}, {R} ranks ({result['world']}), {args.routing} routing, "
         f"{meta['gpu']}, git {meta['git']}"
@@ -186,23 +168,17 @@ def main() -> None:
     parser.add_argument("--ctas", type=int, default=0, help="programs per rank (0: SM share)")
     parser.add_argument("--symmetric-size", default="8G")
     args = parser.parse_args()
-    if args.emulate:
-        with EmulatedWorld(args.emulate, "cuda") as world:
-            report(bench(world, args), args)
-        return
-    if "RANK" not in os.environ:
-        from symm_mem.launch import run
 
-        sys.exit(run(None, ["-m", "perf.bench_layer", *sys.argv[1:]], args.symmetric_size))
-    import symm_mem
-
-    world = symm_mem.init_world()
-    try:
+    def job(world: World) -> None:
         result = bench(world, args)
         if world.rank == 0:
             report(result, args)
-    finally:
-        world.close()
+
+    sys.exit(
+        run_in_world(
+            "perf.bench_layer", job, emulate=args.emulate, symmetric_size=args.symmetric_size
+        )
+    )
 
 
 if __name__ == "__main__":

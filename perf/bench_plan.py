@@ -12,24 +12,16 @@ launch overhead included), median and p20/p80 over repeats. Correctness is check
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import re
-import subprocess
-from pathlib import Path
 
 import torch
-import triton
 
 from megakernel import routing
 from megakernel.placement import Placement
 from megakernel.plan import PlanConfig, PlanWorkspace
 from megakernel.shapes import preset
+from perf.record import write_result
 from perf.timing import time_us
 from symm_mem import EmulatedWorld
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def bench(shape_name: str, T: int, R: int, case: str, token_saving: bool) -> dict:
@@ -78,19 +70,7 @@ def main() -> None:
     for case in ("uniform", "zipf"):
         for saving in (True, False):
             rows.append(bench(args.preset, args.tokens, args.ranks, case, saving))
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    sha = os.environ.get("GIT_SHA") or git.stdout.strip() or "unknown"  # no .git on the device
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "git": sha,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    RESULTS.mkdir(exist_ok=True)
-    gpu = re.sub(r"[^a-z0-9]+", "_", meta["gpu"].lower()).strip("_")
-    name = f"plan_{args.preset}_T{args.tokens}_R{args.ranks}_{gpu}.json"
-    (RESULTS / name).write_text(json.dumps({"meta": meta, "cases": rows}, indent=1))
+    name, meta = write_result(f"plan_{args.preset}_T{args.tokens}_R{args.ranks}", {"cases": rows})
     print(
         f"\nplan time per call, {args.preset}, T={args.tokens}, R={args.ranks} emulated on one "
         f"{meta['gpu']} ({rows[0]['sms_per_rank']} SMs per rank); bound: 30 us"

@@ -10,7 +10,9 @@ import argparse
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
+from symm_mem.buffer import World
 from symm_mem.runtime import nvshmem_env
 
 
@@ -46,6 +48,44 @@ def run(nproc: int | None, target: list[str], symmetric_size: str | None = None)
     if nproc < 1:
         raise SystemExit("symm_mem.launch: no GPU is visible; pass --nproc or use EmulatedWorld")
     return subprocess.call(torchrun_command(nproc, target), env=launch_env(symmetric_size))
+
+
+def run_in_world(
+    module: str,
+    job: Callable[[World], None],
+    *,
+    emulate: int = 0,
+    symmetric_size: str | None = None,
+) -> int:
+    """Run ``job(world)`` on the GPUs, for a ``python -m module`` entry point: ``emulate`` > 0
+    runs that many ranks on one GPU (``EmulatedWorld``); otherwise a plain process relaunches
+    ``python -m module`` with its own arguments under torchrun on every visible GPU, and each
+    rank runs ``job`` in the NVSHMEM world. Returns an exit code."""
+    if emulate:
+        from symm_mem.emulated import EmulatedWorld
+
+        with EmulatedWorld(emulate, "cuda") as world:
+            job(world)
+        return 0
+    if "RANK" not in os.environ:
+        return run(None, ["-m", module, *sys.argv[1:]], symmetric_size)
+    from symm_mem.runtime import init_world
+
+    world = init_world()
+    try:
+        job(world)
+    finally:
+        world.close()
+    return 0
+
+
+def rerun_interpreted(module: str) -> None:
+    """Restart ``python -m module`` (same arguments) under the Triton interpreter, unless this
+    process already runs under it. NOTE: kernels are set up for a GPU driver when their module is
+    imported, so the variable must be set before the process starts."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
 
 
 def _split_target(argv: list[str]) -> tuple[list[str], list[str]]:

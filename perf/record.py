@@ -1,0 +1,38 @@
+"""Where benchmark results go: one JSON per run under perf/results/, with the run's metadata."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+import triton
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_meta() -> dict[str, str]:
+    """GPU, versions, git commit (``GIT_SHA`` where the checkout has no .git) and UTC date."""
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "git": os.environ.get("GIT_SHA") or git.stdout.strip() or "unknown",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_result(stem: str, payload: dict) -> tuple[str, dict[str, str]]:
+    """Write ``{"meta": run_meta(), **payload}`` to perf/results/<stem>_<gpu>.json; returns the
+    file name and the metadata."""
+    meta = run_meta()
+    gpu = re.sub(r"[^a-z0-9]+", "_", meta["gpu"].lower()).strip("_")
+    name = f"{stem}_{gpu}.json"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / name).write_text(json.dumps({"meta": meta, **payload}, indent=1))
+    return name, meta
