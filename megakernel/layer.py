@@ -118,18 +118,8 @@ class FusedEPMoE(nn.Module):
         return cls(world, shape, local["w13"], local["w2"], placement=placement, **kw)
 
     def _weights(self, name: str, w, want: tuple[int, ...]) -> nn.ParameterDict:
-        ranks = self.world.local_ranks
-        if isinstance(w, torch.Tensor):
-            if len(ranks) != 1:
-                raise ValueError(
-                    f"this world runs ranks {ranks} in one process: give {name} as a dict keyed "
-                    "by rank"
-                )
-            w = {ranks[0]: w}
-        if set(w) != set(ranks):
-            raise ValueError(f"{name} is given for ranks {sorted(w)}, this process runs {ranks}")
         params = {}
-        for r, t in w.items():
+        for r, t in self._by_rank(name, w).items():
             if tuple(t.shape) != want:
                 hint = (
                     ": that is every expert; FusedEPMoE.from_dense shards dense weights"
@@ -193,6 +183,8 @@ class FusedEPMoE(nn.Module):
         return outs[ranks[0]] if plain else outs
 
     def _by_rank(self, name: str, value) -> dict[int, torch.Tensor] | None:
+        """``value`` as {rank: tensor} for this process's ranks: a plain tensor where the process
+        runs one rank, else a dict with exactly its ranks."""
         ranks = self.world.local_ranks
         if value is None:
             return None
@@ -203,9 +195,14 @@ class FusedEPMoE(nn.Module):
                     "by rank"
                 )
             return {ranks[0]: value}
-        if not isinstance(value, Mapping) or set(value) != set(ranks):
-            got = sorted(value) if isinstance(value, Mapping) else type(value).__name__
-            raise ValueError(f"{name} must be a tensor per rank of {ranks}, got {got}")
+        if not isinstance(value, Mapping):
+            raise ValueError(
+                f"{name} must be a tensor or a dict keyed by rank, got {type(value).__name__}"
+            )
+        if set(value) != set(ranks):
+            raise ValueError(
+                f"{name} is given for ranks {sorted(value)}, this process runs {ranks}"
+            )
         return dict(value)
 
     # -- workspace ------------------------------------------------------------------------

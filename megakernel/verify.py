@@ -84,6 +84,42 @@ def local_w2(
     return _local(expert_w2, shape, placement, rank, seed, device)
 
 
+def layer_ref(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    shape: MoEShape,
+    seed: int,
+) -> torch.Tensor:
+    """``moe_ref`` (fp32, ``[T, H]``, on x's device) on experts rebuilt from ``seed`` one at a
+    time: a rank checks its output without holding every expert."""
+    dev = x.device
+
+    def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return expert_w13(shape, seed, e, dev), expert_w2(shape, seed, e, dev)
+
+    return moe_ref_by_expert(x, topk_ids, topk_weights, expert)
+
+
+def compare_layer_output(
+    out: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, rank: int
+) -> list[str]:
+    """What is wrong with one rank's layer output ``out [T, H]`` against ``want`` (``layer_ref``)
+    within ``TOLERANCE[dtype]`` (empty: nothing)."""
+    got = out.float()
+    if got.shape != want.shape:
+        return [f"rank {rank}: output has shape {tuple(got.shape)}, expected {tuple(want.shape)}"]
+    rtol, atol = TOLERANCE[dtype]
+    if not torch.allclose(got, want, rtol=rtol, atol=atol):
+        err = (got - want).abs().nan_to_num(float("inf"))
+        bad = (err > atol + rtol * want.abs()).any(1).nonzero().squeeze(1).cpu()
+        return [
+            f"rank {rank}: output differs from moe_ref in {bad.numel()} of {got.shape[0]} "
+            f"tokens (first {bad[:5].tolist()}), max abs error {err.max().item():.3g}"
+        ]
+    return []
+
+
 def check_layer_output(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -93,26 +129,9 @@ def check_layer_output(
     seed: int,
     rank: int,
 ) -> list[str]:
-    """What is wrong with one rank's layer output ``out [T, H]`` (empty: nothing), against
-    ``moe_ref`` on experts rebuilt from ``seed`` one at a time, within ``TOLERANCE``."""
-    dev = out.device
-
-    def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return expert_w13(shape, seed, e, dev), expert_w2(shape, seed, e, dev)
-
-    want = moe_ref_by_expert(x.to(dev), topk_ids, topk_weights, expert)
-    got = out.float()
-    if got.shape != want.shape:
-        return [f"rank {rank}: output has shape {tuple(got.shape)}, expected {tuple(want.shape)}"]
-    rtol, atol = TOLERANCE[shape.dtype]
-    if not torch.allclose(got, want, rtol=rtol, atol=atol):
-        err = (got - want).abs().nan_to_num(float("inf"))
-        bad = (err > atol + rtol * want.abs()).any(1).nonzero().squeeze(1).cpu()
-        return [
-            f"rank {rank}: output differs from moe_ref in {bad.numel()} of {got.shape[0]} "
-            f"tokens (first {bad[:5].tolist()}), max abs error {err.max().item():.3g}"
-        ]
-    return []
+    """``compare_layer_output`` against ``layer_ref`` computed where ``out`` lives."""
+    want = layer_ref(x.to(out.device), topk_ids, topk_weights, shape, seed)
+    return compare_layer_output(out, want, shape.dtype, rank)
 
 
 def poison(ws, rank: int) -> None:
@@ -212,3 +231,26 @@ def check_calls(
         for r, h in handles.items()
         for p in check_call(h, xs, topk_ids, w13_local[r], placement, mode, swiglu)
     ]
+
+
+def run_layer_checked(
+    ws, rt_global, placement: Placement, seed: int, shape: MoEShape, device, **run_kw
+):
+    """One poisoned mode-"layer" call of ``ws`` on every local rank, with tokens and experts
+    from ``seed`` and ``rt_global`` (global view), checked three ways: dispatch bit for bit, GEMM1
+    and the layer output. Returns (handles, problems)."""
+    xs = make_tokens(shape, [ids.shape[0] for ids in rt_global.topk_ids], seed, device)
+    w13, w2 = make_w13(shape, seed, device), make_w2(shape, seed, device)
+    rt = rt_global.to(device)
+    ranks = ws.world.local_ranks
+    w13_local = {r: placement.local_weights(w13, r) for r in ranks}
+    w2_local = {r: placement.local_weights(w2, r) for r in ranks}
+    handles = run_poisoned(
+        ws, xs, rt.topk_ids, w13_local, "layer", rt.topk_weights, w2=w2_local, **run_kw
+    )
+    problems = check_calls(handles, xs, rt.topk_ids, w13_local, placement, "layer")
+    for r, h in handles.items():
+        problems += check_layer_output(
+            h.out, xs[r], rt.topk_ids[r], rt.topk_weights[r], shape, seed, r
+        )
+    return handles, problems

@@ -16,12 +16,11 @@ from megakernel.kernel import KernelConfig, Megakernel
 from megakernel.placement import Placement
 from megakernel.shapes import PRESETS, MoEShape
 from megakernel.verify import (
-    check_calls,
     check_layer_output,
     make_tokens,
     make_w2,
     make_w13,
-    run_poisoned,
+    run_layer_checked,
 )
 from symm_mem import EmulatedWorld, WaitTimeoutError
 
@@ -37,19 +36,7 @@ def small_config(**kw) -> KernelConfig:
 
 def layer_call(ws, rt, placement, seed, shape, split=False):
     """One poisoned layer call on every rank, checked against all three references."""
-    xs = make_tokens(shape, [ids.shape[0] for ids in rt.topk_ids], seed, "cpu")
-    w13, w2 = make_w13(shape, seed, "cpu"), make_w2(shape, seed, "cpu")
-    ranks = ws.world.local_ranks
-    w13_local = {r: placement.local_weights(w13, r) for r in ranks}
-    w2_local = {r: placement.local_weights(w2, r) for r in ranks}
-    handles = run_poisoned(
-        ws, xs, rt.topk_ids, w13_local, "layer", rt.topk_weights, w2=w2_local, split=split
-    )
-    problems = check_calls(handles, xs, rt.topk_ids, w13_local, placement, "layer")
-    for r, h in handles.items():
-        problems += check_layer_output(
-            h.out, xs[r], rt.topk_ids[r], rt.topk_weights[r], shape, seed, r
-        )
+    handles, problems = run_layer_checked(ws, rt, placement, seed, shape, "cpu", split=split)
     assert problems == []
     return handles
 
