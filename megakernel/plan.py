@@ -4,26 +4,34 @@ Shape legend: T tokens on this rank (at most T_max), K top-k, R ranks, L physica
 rank, P = R * L physical slots (slot ``p = rank * L + local``), S receive rows on a rank
 (at most ``capacity``), U send units, G send groups (P with sorted dispatch, else R).
 
-Two kernels per call, one after the other on each rank's stream:
+Three kernels per call, one after the other on each rank's stream. The unit of work is a
+*chunk* of CT tokens (64 (token, k) pairs), so a rank with a whole GPU spreads a call of 4096
+tokens over ~500 programs at once; every step is latency-bound, not bandwidth-bound.
 
 ``plan_count_kernel`` (never waits): resolves every (token, k) to a physical slot through the
-placement tables, histograms each block of tokens (all slots, and the *units*: with token saving
-the first slot of each (token, destination rank)), and the last program to finish sums the block
-histograms into exclusive block prefixes, writes this rank's counts into every peer's symmetric
-count table (row ``rank``, parity ``epoch % 2``) and raises ``counts_ready[rank] = epoch`` there.
+placement tables and histograms each chunk: rows per slot, and *units* per send group (with token
+saving, the first slot of each (token, destination rank)).
+
+``plan_scan_kernel`` (never waits): an exclusive scan of the chunk histograms down the chunks,
+column-parallel (each program scans a few of the 2 * P columns), in place, giving every chunk its
+rows and units before it. The last program out writes this rank's counts into every peer's
+symmetric count table (row ``rank``, parity ``epoch % 2``) and raises ``counts_ready[rank] =
+epoch`` there.
 
 ``plan_layout_kernel`` (waits for every rank's counts, bounded): from the all-ranks count table
 ``[R, P]`` and its own resolved slots it computes, with no host round trip:
   - overflow: if any rank would receive more than ``capacity`` rows, every rank reports it;
   - ``slot_pos [T, K]``: the row of each (token, k) in its destination's receive buffer, ordered
-    local slot, then source rank, then token (DESIGN §4.2), by a block-cooperative scan;
+    local slot, then source rank, then token (DESIGN §4.2): the slot's base at its rank, plus the
+    chunk's prefix from the scan, plus its rank within the chunk (a [64, 64] compare);
   - token saving: ``data_pos [T, K]`` (the row that carries the token's data at that destination,
     its first slot there) and ``first_at [T, R]`` ((token, destination) -> first slot row or -1);
   - ``send_units [U_max]``: (token * K + k) of every unit in send order: group, then token.
     Sorted dispatch groups by (local slot, destination), ``g = local * R + dst``, so every sender
     fills expert 0 of every receiver first; unsorted groups by destination only (``g = dst``);
     padded with -1;
-  - this rank as receiver (one extra program): ``recv_offset [L, R]``, ``expert_start/rows [L]``,
+  - this rank as receiver (table items any program takes): ``recv_offset [L, R]``,
+    ``expert_start/rows [L]``,
     the grouped-GEMM tile table and the task table.
 
 Task table (one call, ids in claim order): ``[0, max_dispatch_tasks)`` dispatch tasks (a chunk of
@@ -57,8 +65,9 @@ _GEMM1 = tl.constexpr(KIND_GEMM1)
 TASK_COLS = 4  # (kind, a, b, c): dispatch (group, unit start, unit count); gemm (tile, -, -)
 TILE_COLS = 5  # (local slot, first row, rows, src_lo, src_hi); -1 local slot = empty
 STATS = ("num_units", "num_recv", "num_tiles", "num_dispatch_tasks")
-BLOCK_ELEMS = 512  # (token, k) pairs per token block of the plan kernels
-CHUNK_ELEMS = 64  # (token, k) pairs ranked at once: a [64, 64] compare stays in registers
+CHUNK_ELEMS = 64  # (token, k) pairs per chunk, the plan's unit of work: a [64, 64] compare
+SCAN_COLS = 8  # histogram columns per scan program
+SCAN_ROWS = 512  # chunks per step of a scan program
 TABLE_BLOCK = 128  # tile/task table rows per table item
 PAD_BLOCK = 1024  # send_units entries padded per item
 PROGRAMS_PER_SM = 4  # plan programs per SM of a rank's share (see PlanWorkspace.max_programs)
@@ -100,16 +109,12 @@ class PlanConfig:
         return self.num_slots if self.sorted_dispatch else self.world_size
 
     @property
-    def tokens_per_block(self) -> int:
-        return max(1, BLOCK_ELEMS // _pow2(self.topk))
-
-    @property
     def tokens_per_chunk(self) -> int:
-        return max(1, min(self.tokens_per_block, CHUNK_ELEMS // _pow2(self.topk)))
+        return max(1, CHUNK_ELEMS // _pow2(self.topk))
 
     @property
-    def max_blocks(self) -> int:
-        return triton.cdiv(self.max_tokens, self.tokens_per_block)
+    def max_chunks(self) -> int:
+        return triton.cdiv(self.max_tokens, self.tokens_per_chunk)
 
     @property
     def max_units(self) -> int:
@@ -140,7 +145,7 @@ class PlanConfig:
             RP=_pow2(self.world_size),
             LP=_pow2(self.slots_per_rank),
             PP=_pow2(self.num_slots),
-            BT=self.tokens_per_block,
+            CT=self.tokens_per_chunk,
             TOKEN_SAVING=self.token_saving,
             SORTED=self.sorted_dispatch,
         )
@@ -148,7 +153,6 @@ class PlanConfig:
     def layout_meta(self) -> dict[str, int | bool]:
         return dict(
             self.meta(),
-            CT=self.tokens_per_chunk,
             BLOCK_M=self.block_m,
             CHUNK=self.chunk,
             TB=TABLE_BLOCK,
@@ -303,12 +307,12 @@ def _resolve_block(
     T,
     K: tl.constexpr,
     KP: tl.constexpr,
-    BT: tl.constexpr,
+    CT: tl.constexpr,
     MAXREP: tl.constexpr,
 ):
-    """[BT, KP] physical slots of tokens [t0, t0 + BT): this rank's replica if it has one, else
+    """[CT, KP] physical slots of tokens [t0, t0 + CT): this rank's replica if it has one, else
     replica ``token % num_replicas``; -1 for dropped and padding."""
-    t = t0 + tl.arange(0, BT)[:, None]
+    t = t0 + tl.arange(0, CT)[:, None]
     k = tl.arange(0, KP)[None, :]
     inside = (t < T) & (k < K)
     e = tl.load(ids_ptr + t * K + k, mask=inside, other=-1)
@@ -330,7 +334,7 @@ def _group_of(slot, R: tl.constexpr, L: tl.constexpr, SORTED: tl.constexpr):
 
 @triton.jit
 def _first_slots(phys, L: tl.constexpr):
-    """[BT, KP] True where (t, k) is the token's lowest slot at its destination rank."""
+    """[CT, KP] True where (t, k) is the token's lowest slot at its destination rank."""
     valid = phys >= 0
     dst = tl.where(valid, phys // L, -1)
     same = (dst[:, :, None] == dst[:, None, :]) & valid[:, None, :]
@@ -339,79 +343,32 @@ def _first_slots(phys, L: tl.constexpr):
 
 
 @triton.jit
-def _publish_counts(
-    block_hist_ptr,
-    block_prefix_ptr,
-    totals_ptr,
-    counts_base,
-    ready_base,
-    rank,
-    epoch,
-    num_blocks,
-    R: tl.constexpr,
-    P: tl.constexpr,
-    RP: tl.constexpr,
-    PP: tl.constexpr,
-    BCH: tl.constexpr,
-):
-    """Last program out: block prefixes, totals, then counts into every peer + counts_ready."""
-    p = tl.arange(0, PP)
-    run_all = tl.zeros([PP], tl.int32)
-    run_units = tl.zeros([PP], tl.int32)
-    b0 = 0
-    while b0 < num_blocks:  # BCH blocks at a time: one [BCH, PP] cumsum instead of a serial walk
-        b = b0 + tl.arange(0, BCH)[:, None]
-        live = (b < num_blocks) & (p[None, :] < PP)
-        h_all = tl.load(block_hist_ptr + (b * 2) * PP + p[None, :], mask=live, other=0)
-        h_units = tl.load(block_hist_ptr + (b * 2 + 1) * PP + p[None, :], mask=live, other=0)
-        pre_all = run_all[None, :] + tl.cumsum(h_all, 0) - h_all
-        pre_units = run_units[None, :] + tl.cumsum(h_units, 0) - h_units
-        tl.store(block_prefix_ptr + (b * 2) * PP + p[None, :], pre_all, mask=live)
-        tl.store(block_prefix_ptr + (b * 2 + 1) * PP + p[None, :], pre_units, mask=live)
-        run_all += tl.sum(h_all, 0)
-        run_units += tl.sum(h_units, 0)
-        b0 += BCH
-    tl.store(totals_ptr + p, run_all)
-    tl.store(totals_ptr + PP + p, run_units)
-    d = tl.arange(0, RP)
-    row = (epoch % 2) * R + rank  # parity double-buffers the table (see PlanWorkspace)
-    dst = tl.load(counts_base + d, mask=d < R, other=0).to(tl.pointer_type(tl.int32))
-    ptrs = dst[:, None] + row * P + p[None, :]
-    tl.store(
-        ptrs, tl.broadcast_to(run_all[None, :], (RP, PP)), mask=(d[:, None] < R) & (p[None, :] < P)
-    )
-    tl.debug_barrier()  # every thread's count stores before the releases below
-    ready = tl.load(ready_base + d, mask=d < R, other=0).to(tl.pointer_type(tl.int64)) + rank
-    tl.atomic_xchg(ready, tl.cast(epoch, tl.int64), mask=d < R, sem="release", scope="sys")
-
-
-@triton.jit
-def _count_block(
+def _count_chunk(
     ids_ptr,
     replica_ptr,
     num_replicas_ptr,
     on_rank_ptr,
     phys_ptr,
-    block_hist_ptr,
-    block,
+    chunk_rows_ptr,
+    c,
     T,
     K: tl.constexpr,
     R: tl.constexpr,
     L: tl.constexpr,
     KP: tl.constexpr,
     PP: tl.constexpr,
-    BT: tl.constexpr,
+    CT: tl.constexpr,
     MAXREP: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
     SORTED: tl.constexpr,
 ):
-    """Resolve one block of tokens to physical slots and store its histograms: rows per slot,
-    units per send group."""
-    t0 = block * BT
+    """Resolve chunk c's tokens to physical slots and store its two histograms: rows per slot
+    and units per send group."""
+    t0 = c * CT
     phys = _resolve_block(
-        ids_ptr, replica_ptr, num_replicas_ptr, on_rank_ptr, t0, T, K, KP, BT, MAXREP
+        ids_ptr, replica_ptr, num_replicas_ptr, on_rank_ptr, t0, T, K, KP, CT, MAXREP
     )
-    t = t0 + tl.arange(0, BT)[:, None]
+    t = t0 + tl.arange(0, CT)[:, None]
     k = tl.arange(0, KP)[None, :]
     tl.store(phys_ptr + t * K + k, phys, mask=(t < T) & (k < K))
     valid = phys >= 0
@@ -419,29 +376,22 @@ def _count_block(
         units = _first_slots(phys, L)
     else:
         units = valid
-    flat = tl.reshape(tl.where(valid, phys, 0), [BT * KP])
-    h_all = tl.histogram(flat, PP, mask=tl.reshape(valid, [BT * KP]))
-    h_units = tl.histogram(_group_of(flat, R, L, SORTED), PP, mask=tl.reshape(units, [BT * KP]))
+    flat = tl.reshape(tl.where(valid, phys, 0), [CT * KP])
+    h_all = tl.histogram(flat, PP, mask=tl.reshape(valid, [CT * KP]))
+    h_units = tl.histogram(_group_of(flat, R, L, SORTED), PP, mask=tl.reshape(units, [CT * KP]))
     p = tl.arange(0, PP)
-    tl.store(block_hist_ptr + (block * 2) * PP + p, h_all)
-    tl.store(block_hist_ptr + (block * 2 + 1) * PP + p, h_units)
+    tl.store(chunk_rows_ptr + (c * 2) * PP + p, h_all)
+    tl.store(chunk_rows_ptr + (c * 2 + 1) * PP + p, h_units)
 
 
-@triton.jit(do_not_specialize=["rank", "T"])
+@triton.jit(do_not_specialize=["T"])
 def plan_count_kernel(
     ids_ptr,  # [T, K] int32 logical experts, -1 dropped
     replica_ptr,  # [E, MAXREP] int32 physical slots of each expert
     num_replicas_ptr,  # [E] int32
     on_rank_ptr,  # [E] int32 this rank's replica of each expert, -1 if none
     phys_ptr,  # [T, K] int32 out
-    block_hist_ptr,  # [NB, 2, PP] int32 out: per block, rows per slot and units per group
-    block_prefix_ptr,  # [NB, 2, PP] int32 out: exclusive prefix over earlier blocks
-    totals_ptr,  # [2, PP] int32 out: this rank's rows per slot and units per group
-    arrive_ptr,  # [1] int32: programs done; 0 between calls (the last one resets it)
-    counts_base,  # [R] int64: every rank's sym counts [2, R, P]
-    ready_base,  # [R] int64: every rank's sym counts_ready [R]
-    epoch_ptr,  # [1] int64: the last call's epoch; the last program out bumps it
-    rank,
+    chunk_rows_ptr,  # [NC, 2, PP] int32 out: per chunk, rows per slot and units per group
     T,
     K: tl.constexpr,
     R: tl.constexpr,
@@ -450,36 +400,99 @@ def plan_count_kernel(
     RP: tl.constexpr,
     LP: tl.constexpr,
     PP: tl.constexpr,
-    BT: tl.constexpr,
+    CT: tl.constexpr,
     MAXREP: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
     SORTED: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_blocks = tl.maximum(tl.cdiv(T, BT), 1)
-    block = pid
-    while block < num_blocks:  # persistent: the grid may be smaller than the block count
-        _count_block(
+    c = tl.program_id(0)
+    num_chunks = tl.maximum(tl.cdiv(T, CT), 1)
+    while c < num_chunks:  # persistent: the grid may be smaller than the chunk count
+        _count_chunk(
             ids_ptr,
             replica_ptr,
             num_replicas_ptr,
             on_rank_ptr,
             phys_ptr,
-            block_hist_ptr,
-            block,
+            chunk_rows_ptr,
+            c,
             T,
             K,
             R,
             L,
             KP,
             PP,
-            BT,
+            CT,
             MAXREP,
             TOKEN_SAVING,
             SORTED,
         )
+        c += tl.num_programs(0)
+
+
+@triton.jit
+def _publish_counts(
+    totals_ptr,
+    counts_base,
+    ready_base,
+    rank,
+    epoch,
+    R: tl.constexpr,
+    P: tl.constexpr,
+    RP: tl.constexpr,
+    PP: tl.constexpr,
+):
+    """This rank's rows per slot into every peer's count table, then ``counts_ready`` there."""
+    p = tl.arange(0, PP)
+    rows = tl.load(totals_ptr + p)
+    d = tl.arange(0, RP)
+    row = (epoch % 2) * R + rank  # parity double-buffers the table (see PlanWorkspace)
+    dst = tl.load(counts_base + d, mask=d < R, other=0).to(tl.pointer_type(tl.int32))
+    ptrs = dst[:, None] + row * P + p[None, :]
+    tl.store(
+        ptrs, tl.broadcast_to(rows[None, :], (RP, PP)), mask=(d[:, None] < R) & (p[None, :] < P)
+    )
+    tl.debug_barrier()  # every thread's count stores before the releases below
+    ready = tl.load(ready_base + d, mask=d < R, other=0).to(tl.pointer_type(tl.int64)) + rank
+    tl.atomic_xchg(ready, tl.cast(epoch, tl.int64), mask=d < R, sem="release", scope="sys")
+
+
+@triton.jit(do_not_specialize=["rank", "T"])
+def plan_scan_kernel(
+    chunk_rows_ptr,  # [NC, 2, PP] int32: histograms in, exclusive prefixes over chunks out
+    totals_ptr,  # [2, PP] int32 out: this rank's rows per slot and units per group
+    arrive_ptr,  # [1] int32: programs done; 0 between calls (the last one resets it)
+    counts_base,  # [R] int64: every rank's sym counts [2, R, P]
+    ready_base,  # [R] int64: every rank's sym counts_ready [R]
+    epoch_ptr,  # [1] int64: the last call's epoch; the last program out bumps it
+    rank,
+    T,
+    R: tl.constexpr,
+    L: tl.constexpr,
+    RP: tl.constexpr,
+    PP: tl.constexpr,
+    CT: tl.constexpr,
+    CB: tl.constexpr,
+    SR: tl.constexpr,
+):
+    """Column-parallel exclusive scan of the chunk histograms (CB columns of the 2 * PP per
+    program, SR chunks per step), in place; then the last program out publishes the counts."""
+    num_chunks = tl.maximum(tl.cdiv(T, CT), 1)
+    block = tl.program_id(0)
+    while block < (2 * PP) // CB:
+        col = block * CB + tl.arange(0, CB)[None, :]
+        running = tl.zeros([CB], tl.int32)
+        c0 = 0
+        while c0 < num_chunks:
+            c = c0 + tl.arange(0, SR)[:, None]
+            ptrs = chunk_rows_ptr + c * (2 * PP) + col
+            h = tl.load(ptrs, mask=c < num_chunks, other=0)
+            tl.store(ptrs, running[None, :] + tl.cumsum(h, 0) - h, mask=c < num_chunks)
+            running += tl.sum(h, 0)
+            c0 += SR
+        tl.store(totals_ptr + block * CB + tl.arange(0, CB), running)
         block += tl.num_programs(0)
-    tl.debug_barrier()  # this program's histogram stores before its arrival below
+    tl.debug_barrier()  # this program's stores before its arrival below
     ticket = tl.atomic_add(arrive_ptr, 1, sem="acq_rel", scope="gpu")
     if ticket == tl.num_programs(0) - 1:
         tl.store(arrive_ptr, 0)
@@ -487,21 +500,7 @@ def plan_count_kernel(
         # the layout kernel and the megakernel read it after this kernel, in stream order
         epoch = tl.load(epoch_ptr) + 1
         tl.store(epoch_ptr, epoch)
-        _publish_counts(
-            block_hist_ptr,
-            block_prefix_ptr,
-            totals_ptr,
-            counts_base,
-            ready_base,
-            rank,
-            epoch,
-            num_blocks,
-            R,
-            R * L,
-            RP,
-            PP,
-            16,
-        )
+        _publish_counts(totals_ptr, counts_base, ready_base, rank, epoch, R, R * L, RP, PP)
 
 
 # ----------------------------------------------------------------------------- layout kernel
@@ -513,19 +512,21 @@ def _exclusive_cumsum(x):
 
 
 @triton.jit
-def _chunk_ranks(slot, member, running, CE: tl.constexpr, PP: tl.constexpr):
-    """Rows of a chunk's members in token order: ``running[slot]`` (rows before this chunk)
-    plus the members of the same slot earlier in the chunk. Returns (rows, updated running)."""
-    i = tl.arange(0, CE)
-    same = (slot[:, None] == slot[None, :]) & member[None, :] & (i[None, :] < i[:, None])
+def _chunk_ranks(slot, member, base, CE: tl.constexpr):
+    """Rows of a chunk's members in token order: ``base[slot]`` (rows before this chunk) plus
+    the members of the same slot earlier in the chunk."""
+    # one key per member, slot-major: the same slot's earlier members hold the keys in
+    # [slot * CE, own key), so the [CE, CE] compare needs two operands, not three (registers)
     slot = tl.where(member, slot, 0)
-    rows = tl.gather(running, slot, 0) + tl.sum(same.to(tl.int32), 1)
-    return rows, running + tl.histogram(slot, PP, mask=member)
+    key = tl.where(member, slot * CE + tl.arange(0, CE), -1)
+    # [j, i]: the reduction runs down axis 0, which Triton keeps within a thread's registers
+    earlier = (key[:, None] >= (slot * CE)[None, :]) & (key[:, None] < key[None, :])
+    return tl.gather(base, slot, 0) + tl.sum(earlier.to(tl.int32), 0)
 
 
 @triton.jit
 def _token_rows(phys, slot_pos, first, L: tl.constexpr, RP: tl.constexpr):
-    """data_pos [BT, KP] (the first slot's row at the same destination) and first_at [BT, RP]."""
+    """data_pos [CT, KP] (the first slot's row at the same destination) and first_at [CT, RP]."""
     valid = phys >= 0
     dst = tl.where(valid, phys // L, -1)
     same_first = (dst[:, :, None] == dst[:, None, :]) & first[:, None, :] & valid[:, :, None]
@@ -537,17 +538,31 @@ def _token_rows(phys, slot_pos, first, L: tl.constexpr, RP: tl.constexpr):
 
 
 @triton.jit
-def _layout_block(
+def _row_bases(all_counts, totals_ptr, rank, L: tl.constexpr, RP: tl.constexpr, PP: tl.constexpr):
+    """Per slot p, the rows of p at its rank before this rank's first (every (local slot,
+    source rank) block before this rank's, DESIGN §4.2); per send group, the units of the
+    groups before it."""
+    p = tl.arange(0, PP)
+    s = tl.arange(0, RP)
+    rows_p = tl.sum(all_counts, 0)
+    start_in_dst = _exclusive_cumsum(rows_p)
+    start_in_dst -= tl.gather(start_in_dst, (p // L) * L, 0)
+    slot_base = start_in_dst + tl.sum(tl.where(s[:, None] < rank, all_counts, 0), 0)
+    unit_base = _exclusive_cumsum(tl.load(totals_ptr + PP + p))
+    return slot_base, unit_base
+
+
+@triton.jit
+def _layout_chunk(
     phys_ptr,
-    block_prefix_ptr,
-    totals_ptr,
+    chunk_rows_ptr,
     slot_pos_ptr,
     data_pos_ptr,
     first_at_ptr,
     send_units_ptr,
-    all_counts,
-    rank,
-    pid,
+    slot_base,
+    unit_base,
+    c,
     T,
     K: tl.constexpr,
     R: tl.constexpr,
@@ -555,46 +570,33 @@ def _layout_block(
     KP: tl.constexpr,
     RP: tl.constexpr,
     PP: tl.constexpr,
-    BT: tl.constexpr,
     CT: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
     SORTED: tl.constexpr,
 ):
-    """Rows, data rows, first slots and send positions of tokens [pid * BT, (pid + 1) * BT),
-    walked in chunks of CT tokens so the in-chunk ranking stays a small [CE, CE] compare."""
+    """Rows, data rows, first slots and send positions of chunk c's tokens: the bases plus the
+    chunk's prefix from the scan, plus the ranks within the chunk (a [CE, CE] compare)."""
     CE: tl.constexpr = CT * KP
     p = tl.arange(0, PP)
-    s = tl.arange(0, RP)
-    # rows of slot p already taken at its rank: every (local slot, source rank) block before
-    # this rank's, then this rank's earlier token blocks (DESIGN §4.2)
-    rows_p = tl.sum(all_counts, 0)
-    start_in_dst = _exclusive_cumsum(rows_p)
-    start_in_dst -= tl.gather(start_in_dst, (p // L) * L, 0)
-    before = start_in_dst + tl.sum(tl.where(s[:, None] < rank, all_counts, 0), 0)
-    slot_running = before + tl.load(block_prefix_ptr + (pid * 2) * PP + p)
-    # send positions (indexed by group): units of earlier groups, then of earlier token blocks
-    unit_base = _exclusive_cumsum(tl.load(totals_ptr + PP + p))
-    unit_running = unit_base + tl.load(block_prefix_ptr + (pid * 2 + 1) * PP + p)
-
+    slot_first = slot_base + tl.load(chunk_rows_ptr + (c * 2) * PP + p)
+    unit_first = unit_base + tl.load(chunk_rows_ptr + (c * 2 + 1) * PP + p)
+    t = c * CT + tl.arange(0, CT)[:, None]
+    k = tl.arange(0, KP)[None, :]
+    inside = (t < T) & (k < K)
+    phys = tl.load(phys_ptr + t * K + k, mask=inside, other=-1)
+    valid = phys >= 0
+    first = _first_slots(phys, L)
+    flat = tl.reshape(phys, [CE])
+    rows = _chunk_ranks(flat, tl.reshape(valid, [CE]), slot_first, CE)
+    slot_pos = tl.where(valid, tl.reshape(rows, [CT, KP]), -1)
+    tl.store(slot_pos_ptr + t * K + k, slot_pos, mask=inside)
+    units = first if TOKEN_SAVING else valid
+    send = _chunk_ranks(_group_of(flat, R, L, SORTED), tl.reshape(units, [CE]), unit_first, CE)
+    tl.store(send_units_ptr + tl.reshape(send, [CT, KP]), t * K + k, mask=units)
+    data_pos, first_at = _token_rows(phys, slot_pos, first, L, RP)
+    tl.store(data_pos_ptr + t * K + k, data_pos if TOKEN_SAVING else slot_pos, mask=inside)
     d = tl.arange(0, RP)[None, :]
-    for c in range(BT // CT):
-        t = pid * BT + c * CT + tl.arange(0, CT)[:, None]
-        k = tl.arange(0, KP)[None, :]
-        inside = (t < T) & (k < K)
-        phys = tl.load(phys_ptr + t * K + k, mask=inside, other=-1)
-        valid = phys >= 0
-        first = _first_slots(phys, L)
-        flat = tl.reshape(phys, [CE])
-        rows, slot_running = _chunk_ranks(flat, tl.reshape(valid, [CE]), slot_running, CE, PP)
-        slot_pos = tl.where(valid, tl.reshape(rows, [CT, KP]), -1)
-        tl.store(slot_pos_ptr + t * K + k, slot_pos, mask=inside)
-        units = first if TOKEN_SAVING else valid
-        group = _group_of(flat, R, L, SORTED)
-        send, unit_running = _chunk_ranks(group, tl.reshape(units, [CE]), unit_running, CE, PP)
-        tl.store(send_units_ptr + tl.reshape(send, [CT, KP]), t * K + k, mask=units)
-        data_pos, first_at = _token_rows(phys, slot_pos, first, L, RP)
-        tl.store(data_pos_ptr + t * K + k, data_pos if TOKEN_SAVING else slot_pos, mask=inside)
-        tl.store(first_at_ptr + t * R + d, first_at, mask=(t < T) & (d < R))
+    tl.store(first_at_ptr + t * R + d, first_at, mask=(t < T) & (d < R))
 
 
 @triton.jit
@@ -626,7 +628,8 @@ def _group_chunks(units_g, G, CHUNK: tl.constexpr):
 @triton.jit
 def _summary_item(
     cnt,
-    all_counts,
+    counts_ptr,
+    parity,
     all_counts_ptr,
     recv_offset_ptr,
     expert_start_ptr,
@@ -647,7 +650,8 @@ def _summary_item(
     s = tl.arange(0, RP)
     p = tl.arange(0, PP)
     in_table = (s[:, None] < R) & (p[None, :] < P)
-    tl.store(all_counts_ptr + s[:, None] * P + p[None, :], all_counts, mask=in_table)
+    table = tl.load(counts_ptr + (parity * R + s[:, None]) * P + p[None, :], mask=in_table)
+    tl.store(all_counts_ptr + s[:, None] * P + p[None, :], table, mask=in_table)
     offset = tl.reshape(_exclusive_cumsum(tl.reshape(cnt, [LP * RP])), [LP, RP])
     local = tl.arange(0, LP)
     tl.store(
@@ -664,6 +668,20 @@ def _summary_item(
     tl.store(stats_ptr + 2, tl.sum(tl.cdiv(rows, BLOCK_M), 0))
     G: tl.constexpr = R * L if SORTED else R
     tl.store(stats_ptr + 3, tl.sum(_group_chunks(units_g, G, CHUNK), 0))
+
+
+@triton.jit
+def _count_at_most(ends, x, N: tl.constexpr):
+    """For each x, how many of the non-decreasing ``ends [N]`` are <= x: a binary search of
+    log2(N) + 1 gathers (an [x, N] compare would hold x * N values in registers)."""
+    pos = tl.zeros(x.shape, tl.int32)
+    step = tl.full((), N, tl.int32)
+    while step > 0:
+        probe = pos + step
+        hit = (probe <= N) & (tl.gather(ends, tl.minimum(probe, N) - 1, 0) <= x)
+        pos = tl.where(hit, probe, pos)
+        step = step // 2
+    return pos
 
 
 @triton.jit
@@ -689,7 +707,7 @@ def _tile_chunk(
     tile_end = tl.cumsum(n_tiles, 0)
     lo = tl.arange(0, LP)
     i = c * TB + tl.arange(0, TB)
-    local = tl.sum(((tile_end[None, :] <= i[:, None]) & (lo[None, :] < L)).to(tl.int32), 1)
+    local = _count_at_most(tl.where(lo < L, tile_end, 2**31 - 1), i, LP)
     local = tl.minimum(local, L - 1)
     m = i - tl.gather(tile_end - n_tiles, local, 0)
     row0 = tl.gather(start_l, local, 0) + m * BLOCK_M
@@ -733,8 +751,7 @@ def _dispatch_chunk(
     n_chunks = _group_chunks(units_g, G, CHUNK)
     chunk_end = tl.cumsum(n_chunks, 0)
     i = c * TB + tl.arange(0, TB)
-    grp = tl.sum(((chunk_end[None, :] <= i[:, None]) & (g[None, :] < G)).to(tl.int32), 1)
-    grp = tl.minimum(grp, G - 1)
+    grp = tl.minimum(_count_at_most(tl.where(g < G, chunk_end, 2**31 - 1), i, PP), G - 1)
     m = i - tl.gather(chunk_end - n_chunks, grp, 0)
     start = tl.gather(_exclusive_cumsum(units_g), grp, 0) + m * CHUNK
     count = tl.minimum(CHUNK, tl.gather(units_g, grp, 0) - m * CHUNK)
@@ -786,7 +803,6 @@ def _pad_chunk(
 def _table_item(
     j,
     counts_ptr,
-    all_counts,
     parity,
     rank,
     all_counts_ptr,
@@ -820,7 +836,8 @@ def _table_item(
     if j == 0:
         _summary_item(
             cnt,
-            all_counts,
+            counts_ptr,
+            parity,
             all_counts_ptr,
             recv_offset_ptr,
             expert_start_ptr,
@@ -855,7 +872,7 @@ def _table_item(
 @triton.jit(do_not_specialize=["rank", "T", "capacity", "timeout_ns"])
 def plan_layout_kernel(
     phys_ptr,  # [T, K] int32 (from plan_count_kernel)
-    block_prefix_ptr,  # [NB, 2, PP] int32
+    chunk_rows_ptr,  # [NC, 2, PP] int32: per chunk, rows and units before it (plan_scan_kernel)
     totals_ptr,  # [2, PP] int32
     counts_ptr,  # this rank's sym counts [2, R, P]
     ready_ptr,  # this rank's sym counts_ready [R] int64
@@ -886,7 +903,6 @@ def plan_layout_kernel(
     RP: tl.constexpr,
     LP: tl.constexpr,
     PP: tl.constexpr,
-    BT: tl.constexpr,
     CT: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
     SORTED: tl.constexpr,
@@ -916,22 +932,22 @@ def plan_layout_kernel(
             worst_rank = tl.argmax(tl.where(d < R, recv_total, 0), 0)
             report_overflow(err_ptr, rank, worst_rank, worst, capacity, epoch)
         return
-    num_blocks = tl.maximum(tl.cdiv(T, BT), 1)
-    num_items = num_blocks + 1 + 2 * tl.cdiv(max_tiles, TB) + tl.cdiv(max_dispatch, TB)
+    slot_base, unit_base = _row_bases(all_counts, totals_ptr, rank, L, RP, PP)
+    num_chunks = tl.maximum(tl.cdiv(T, CT), 1)
+    num_items = num_chunks + 1 + 2 * tl.cdiv(max_tiles, TB) + tl.cdiv(max_dispatch, TB)
     num_items += tl.cdiv(max_units, TBP)
     item = pid
-    while item < num_items:  # persistent; token blocks first, then receiver-side table items
-        if item < num_blocks:
-            _layout_block(
+    while item < num_items:  # persistent; token chunks first, then receiver-side table items
+        if item < num_chunks:
+            _layout_chunk(
                 phys_ptr,
-                block_prefix_ptr,
-                totals_ptr,
+                chunk_rows_ptr,
                 slot_pos_ptr,
                 data_pos_ptr,
                 first_at_ptr,
                 send_units_ptr,
-                all_counts,
-                rank,
+                slot_base,
+                unit_base,
                 item,
                 T,
                 K,
@@ -940,16 +956,14 @@ def plan_layout_kernel(
                 KP,
                 RP,
                 PP,
-                BT,
                 CT,
                 TOKEN_SAVING,
                 SORTED,
             )
         else:
             _table_item(
-                item - num_blocks,
+                item - num_chunks,
                 counts_ptr,
-                all_counts,
                 epoch % 2,
                 rank,
                 all_counts_ptr,
@@ -1025,8 +1039,7 @@ class PlanWorkspace:
             self.bufs[r] = dict(
                 on_rank=on_rank.to(dev),
                 phys=i32(T, cfg.topk),
-                block_hist=i32(cfg.max_blocks, 2, PP),
-                block_prefix=i32(cfg.max_blocks, 2, PP),
+                chunk_rows=i32(cfg.max_chunks, 2, PP),
                 totals=i32(2, PP),
                 arrive=i32(1),
                 all_counts=i32(R, P),
@@ -1067,12 +1080,14 @@ class PlanWorkspace:
         T = topk_ids.shape[0]
         self.num_tokens[rank] = T
         cfg = self.cfg
-        blocks = max(1, triton.cdiv(T, cfg.tokens_per_block))
+        chunks = max(1, triton.cdiv(T, cfg.tokens_per_chunk))
         if phase in (None, 0):
-            grid = (min(blocks, self.max_programs),)
+            grid = (min(chunks, self.max_programs),)
             plan_count_kernel[grid](*self._count_args(rank, topk_ids), **self._count_meta())
+            grid = (min(self._scan_blocks(), self.max_programs),)
+            plan_scan_kernel[grid](*self._scan_args(rank, T), **self._scan_meta())
         if phase in (None, 1):
-            items = blocks + 1 + 2 * triton.cdiv(cfg.max_tiles, TABLE_BLOCK)
+            items = chunks + 1 + 2 * triton.cdiv(cfg.max_tiles, TABLE_BLOCK)
             items += triton.cdiv(cfg.max_dispatch_tasks, TABLE_BLOCK)
             items += triton.cdiv(cfg.max_units, PAD_BLOCK)
             grid = (min(items, self.max_programs),)
@@ -1101,22 +1116,44 @@ class PlanWorkspace:
             self.num_replicas,
             b["on_rank"],
             b["phys"],
-            b["block_hist"],
-            b["block_prefix"],
+            b["chunk_rows"],
+            topk_ids.shape[0],
+        )
+
+    def _scan_blocks(self) -> int:
+        return 2 * _pow2(self.cfg.num_slots) // self._scan_meta()["CB"]
+
+    def _scan_meta(self) -> dict[str, int]:
+        cfg = self.cfg
+        PP = _pow2(cfg.num_slots)
+        return dict(
+            R=cfg.world_size,
+            L=cfg.slots_per_rank,
+            RP=_pow2(cfg.world_size),
+            PP=PP,
+            CT=cfg.tokens_per_chunk,
+            CB=min(SCAN_COLS, 2 * PP),
+            SR=min(SCAN_ROWS, _pow2(cfg.max_chunks)),
+        )
+
+    def _scan_args(self, rank: int, T: int) -> tuple:
+        b = self.bufs[rank]
+        return (
+            b["chunk_rows"],
             b["totals"],
             b["arrive"],
             self.sym_counts.peer_base,
             self.sym_ready.peer_base,
             self.epoch[rank],
             rank,
-            topk_ids.shape[0],
+            T,
         )
 
     def _layout_args(self, rank: int, T: int) -> tuple:
         b, cfg = self.bufs[rank], self.cfg
         return (
             b["phys"],
-            b["block_prefix"],
+            b["chunk_rows"],
             b["totals"],
             self.sym_counts.peer(rank),
             self.sym_ready.peer(rank),
@@ -1149,14 +1186,17 @@ class PlanWorkspace:
             return
         ids = torch.zeros(1, self.cfg.topk, dtype=torch.int32, device=self.world.device)
         for r in self.world.local_ranks:
-            count = plan_count_kernel.warmup(
-                *self._count_args(r, ids), **self._count_meta(), grid=(1,)
-            )
-            layout = plan_layout_kernel.warmup(
-                *self._layout_args(r, 1), **self.cfg.layout_meta(), grid=(1,)
-            )
-            count._init_handles()
-            layout._init_handles()
+            kernels = [
+                plan_count_kernel.warmup(
+                    *self._count_args(r, ids), **self._count_meta(), grid=(1,)
+                ),
+                plan_scan_kernel.warmup(*self._scan_args(r, 1), **self._scan_meta(), grid=(1,)),
+                plan_layout_kernel.warmup(
+                    *self._layout_args(r, 1), **self.cfg.layout_meta(), grid=(1,)
+                ),
+            ]
+            for kernel in kernels:
+                kernel._init_handles()
 
     def run(self, topk_ids: dict[int, torch.Tensor], validate: bool = True) -> None:
         """Plan the next call on every local rank (``topk_ids[rank] [T, K]``): every rank's count

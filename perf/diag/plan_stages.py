@@ -1,10 +1,11 @@
-"""Where the plan time goes: ``python -m perf.diag.plan_stages [--programs-per-sm N]``.
+"""Where the plan time goes: ``python -m perf.diag.plan_stages [--programs-per-sm N]
+[--layout-maxnreg N]``.
 
 dsv3, T = 4096, R = 8 emulated on one GPU, uniform routing, CUDA-graph replays (median us):
-  all ranks    every rank's count kernel, then every rank's layout kernel (as perf.bench_plan)
-  all count    every rank's count kernel only
-  rank 0 alone with the whole GPU (as on a real node, one rank per GPU): its count kernel, and its
-               layout kernel replayed on counts already published (no wait), each alone
+  all ranks         every rank's count + scan kernels, then every rank's layout (as perf.bench_plan)
+  all count / scan  every rank's count kernel; every rank's count and scan kernels
+  rank 0 alone with the whole GPU (as on a real node, one rank per GPU): its count, scan and
+                    layout kernels, each alone; the layout replays on counts already published
 """
 
 from __future__ import annotations
@@ -21,15 +22,37 @@ from perf.timing import graphed, time_us
 from symm_mem import EmulatedWorld
 
 
+class _WithOptions:
+    """A jitted kernel whose launches add compile options (``maxnreg``)."""
+
+    def __init__(self, kernel, **options):
+        self.kernel, self.options = kernel, options
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.kernel[grid](*args, **meta, **self.options)
+
+    def warmup(self, *args, **meta):
+        return self.kernel.warmup(*args, **meta, **self.options)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--programs-per-sm", type=int, default=plan_mod.PROGRAMS_PER_SM)
+    parser.add_argument("--layout-maxnreg", type=int, default=None)
     args = parser.parse_args()
+    if args.layout_maxnreg:
+        plan_mod.plan_layout_kernel = _WithOptions(
+            plan_mod.plan_layout_kernel, maxnreg=args.layout_maxnreg
+        )
     R, E, K, T = 8, 256, 8, 4096
     rt, _ = routing.edge_case("uniform", R, T, E, K, seed=7)
     cfg = PlanConfig(R, E // R, K, max_tokens=T, capacity=R * T * K)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    with EmulatedWorld(R, "cuda") as world:
+    print(
+        f"plan stages, dsv3 T={T} R={R} emulated, {torch.cuda.get_device_name()}, "
+        f"{args.programs_per_sm} programs per SM, layout maxnreg {args.layout_maxnreg}"
+    )
+    with EmulatedWorld(R, "cuda", timeout_s=2.0) as world:
         ws = PlanWorkspace(world, cfg, Placement.contiguous(E, R))
         ws.max_programs = args.programs_per_sm * world.sms_per_rank
         ws.warmup()
@@ -37,29 +60,47 @@ def main() -> None:
         ws.run(ids)
         world.check_errors()
         assert ws.mismatches(rt.topk_ids) == {}
+
+        def count(r: int) -> None:
+            grid = (min(triton_cdiv(T, cfg.tokens_per_chunk), ws.max_programs),)
+            plan_mod.plan_count_kernel[grid](*ws._count_args(r, ids[r]), **ws._count_meta())
+
+        def scan(r: int) -> None:
+            grid = (min(ws._scan_blocks(), ws.max_programs),)
+            plan_mod.plan_scan_kernel[grid](*ws._scan_args(r, T), **ws._scan_meta())
+
         rows = {
             "all ranks": graphed(lambda: ws.run(ids, validate=False)),
-            "all count": graphed(
+            "all count": graphed(lambda: world.run_ranks(count)),
+            "all count + scan": graphed(
                 lambda: world.run_ranks(lambda r: ws.launch(r, ids[r], 0, validate=False))
             ),
         }
-        rows = {name: time_us(fn, 20, 50)["median"] for name, fn in rows.items()}
+        rows = {name: _timed(name, fn) for name, fn in rows.items()}
         ws.run(ids)
         world.check_errors()
         ws.max_programs = args.programs_per_sm * sms  # rank 0 alone owns the GPU
         # layout first: its replays keep the epoch, so the published counts satisfy its waits;
-        # the count replays after it bump rank 0's epoch alone (nothing waits on them)
+        # the count / scan replays after it bump rank 0's epoch alone (nothing waits on them)
         layout = graphed(lambda: ws.launch(0, ids[0], 1, validate=False))
-        rows["rank 0 layout, whole GPU"] = time_us(layout, 20, 50)["median"]
-        count = graphed(lambda: ws.launch(0, ids[0], 0, validate=False))
-        rows["rank 0 count, whole GPU"] = time_us(count, 20, 50)["median"]
+        rows["rank 0 layout, whole GPU"] = _timed("rank 0 layout, whole GPU", layout)
+        alone = {  # built after the layout's replays: their warm-up calls bump the epoch
+            "rank 0 count, whole GPU": lambda: count(0),
+            "rank 0 scan, whole GPU": lambda: scan(0),
+            "rank 0 count + scan, whole GPU": lambda: ws.launch(0, ids[0], 0, validate=False),
+        }
+        rows.update({name: _timed(name, graphed(fn)) for name, fn in alone.items()})
         world.check_errors()
-    print(
-        f"\nplan stages, dsv3 T={T} R={R} emulated, {torch.cuda.get_device_name()}, "
-        f"{args.programs_per_sm} programs per SM"
-    )
-    for name, us in rows.items():
-        print(f"  {name:<26} {us:7.1f} us")
+
+
+def _timed(name: str, fn) -> float:
+    us = time_us(fn, 20, 50)["median"]
+    print(f"  {name:<32} {us:7.1f} us", flush=True)
+    return us
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import pytest
 import torch
 from _aot import compile_sm90, signature_of
 
-from megakernel.plan import PlanConfig, plan_count_kernel, plan_layout_kernel
+from megakernel.plan import PlanConfig, plan_count_kernel, plan_layout_kernel, plan_scan_kernel
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("compiles real kernels: run without TRITON_INTERPRET", allow_module_level=True)
@@ -31,8 +31,12 @@ def test_plan_kernels_compile(R, L, K, token_saving):
         num_replicas_ptr=i32(),
         on_rank_ptr=i32(),
         phys_ptr=i32(),
-        block_hist_ptr=i32(),
-        block_prefix_ptr=i32(),
+        chunk_rows_ptr=i32(),
+        T=4096,
+    )
+    compile_sm90(plan_count_kernel, signature_of(count_args), dict(meta, MAXREP=1))
+    scan_args = dict(
+        chunk_rows_ptr=i32(),
         totals_ptr=i32(),
         arrive_ptr=i32(),
         counts_base=i64(),
@@ -41,11 +45,13 @@ def test_plan_kernels_compile(R, L, K, token_saving):
         rank=3,
         T=4096,
     )
-    ptx = compile_sm90(plan_count_kernel, signature_of(count_args), dict(meta, MAXREP=1)).asm["ptx"]
+    PP = meta["PP"]
+    scan_meta = dict(R=R, L=L, RP=meta["RP"], PP=PP, CT=meta["CT"], CB=min(8, 2 * PP), SR=512)
+    ptx = compile_sm90(plan_scan_kernel, signature_of(scan_args), scan_meta).asm["ptx"]
     assert "atom" in ptx
     layout_args = dict(
         phys_ptr=i32(),
-        block_prefix_ptr=i32(),
+        chunk_rows_ptr=i32(),
         totals_ptr=i32(),
         counts_ptr=i32(),
         ready_ptr=i64(),
