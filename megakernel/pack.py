@@ -34,6 +34,7 @@ import triton.language as tl
 
 from megakernel.plan import _chunk_ranks, _count_at_most
 from megakernel.tiles import tile_expert_gemm
+from megakernel.validate import check_routing
 
 STRATEGIES = ("sort", "atomic", "scan", "gather")
 CHUNK_ELEMS = 64  # (token, k) pairs per chunk of the scan strategy
@@ -53,21 +54,19 @@ class Packed:
 
 
 def _check(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> None:
+    """x [T, H] beside topk_ids [T, K]; the ids themselves as every entry point checks them."""
     if x.dim() != 2 or topk_ids.dim() != 2 or x.shape[0] != topk_ids.shape[0]:
         raise ValueError(
             f"x must be [T, H] and topk_ids [T, K]; got {list(x.shape)} and {list(topk_ids.shape)}"
         )
-    if topk_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
-    if x.device != topk_ids.device:
-        raise ValueError(f"x is on {x.device} but topk_ids on {topk_ids.device}")
-    if topk_ids.numel():
-        lo, hi = int(topk_ids.min()), int(topk_ids.max())
-        if lo < -1 or hi >= num_experts:
-            bad = lo if lo < -1 else hi
-            raise ValueError(
-                f"topk_ids holds expert {bad}; experts are 0..{num_experts - 1} (-1 drops)"
-            )
+    check_routing(
+        topk_ids,
+        None,
+        num_experts=num_experts,
+        topk=topk_ids.shape[1],
+        max_tokens=x.shape[0],
+        device=x.device,
+    )
 
 
 def pack_ref(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> Packed:

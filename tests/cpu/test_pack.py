@@ -77,7 +77,7 @@ def test_bad_input():
     x = torch.zeros(4, H, dtype=torch.float16)
     with pytest.raises(ValueError, match="strategy must be one of"):
         pack(x, torch.zeros(4, K, dtype=torch.int32), E, "radix")
-    with pytest.raises(ValueError, match="expert 16; experts are 0..15"):
+    with pytest.raises(ValueError, match="expert 16 but the layer has 16 experts"):
         pack(x, torch.full((4, K), 16), E, "scan")
     with pytest.raises(ValueError, match=r"x must be \[T, H\]"):
         pack(x, torch.zeros(5, K, dtype=torch.int32), E, "scan")
