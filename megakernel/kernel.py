@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from megakernel.pack import choose_strategy
 from megakernel.placement import Placement
 from megakernel.plan import STATS, Plan, PlanConfig, PlanWorkspace, _pow2
 from megakernel.shapes import MoEShape
@@ -53,6 +54,7 @@ from symm_mem.device import globaltimer, peer_ptr, smid, wait_flag, wait_flags
 FLAG_EXPERT_READY = tl.constexpr(1 << 20)  # + local * RP + source rank
 FLAG_ACT_READY = tl.constexpr(2 << 20)  # + tile
 FLAG_COMBINE = tl.constexpr(3 << 20)  # + token block
+FLAG_ROWS_RESOLVED = tl.constexpr(4 << 20)  # + tile (KernelConfig.pack = "scan")
 # the kernel's counters: [3] int32 per rank
 COUNTER_DISPATCH = tl.constexpr(0)
 COUNTER_COMPUTE = tl.constexpr(1)
@@ -73,6 +75,8 @@ PROBE_COMM = tl.constexpr(1)  # every task but no GEMM math: plan, dispatch, com
 PROBE_COMPUTE = tl.constexpr(2)  # both GEMMs on the last call's rows, outputs kept local
 # run() parts, for timing each alone: see Megakernel.run
 STAGES = ("all", "dispatch", "tiles", "comm", "compute")
+# KernelConfig.pack: how GEMM1 reads rows that token saving left as references (see gather_a)
+PACK_MODES = ("auto", "gather", "scan")
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class KernelConfig:
     token_saving: bool = True  # one copy of a token per destination rank
     sorted_dispatch: bool = True  # send expert-major (local slot, dst), else per dst in token order
     per_tile_flags: bool = True  # a tile waits for its own source ranks, else for all of them
+    pack: str = "auto"  # GEMM1's A rows: one of PACK_MODES (see gather_a)
     block_m: int = 128  # rows per GEMM tile (the plan's tile height)
     block_n: int = 128  # output columns per GEMM task (of I with SwiGLU)
     block_k: int = 64  # reduction step over H
@@ -107,9 +112,15 @@ class KernelConfig:
     trace_events: int = 1024  # events each program can record per call
 
     def __post_init__(self) -> None:
+        if self.pack not in PACK_MODES:
+            raise ValueError(
+                f"KernelConfig.pack must be one of {PACK_MODES}, got {self.pack!r}: the plan "
+                "fixes the receive order (DESIGN §4), so the pack study's 'sort' and 'atomic' "
+                "do not apply to the layer"
+            )
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type == "bool":
+            if f.type in ("bool", "str"):
                 continue
             low = 0 if f.name in ("num_ctas", "dispatch_ctas") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -128,6 +139,18 @@ class KernelConfig:
             value = getattr(self, name)
             if value & (value - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
+
+    def gather_a(self, shape: MoEShape) -> bool:
+        """Whether GEMM1 gathers its A rows through ``recv_src`` (``pack`` "gather") or reads
+        them in place after its tile's indirect rows were copied there ("scan": the plan's count
+        + scan already put every row at its place, token saving leaves the copies). "auto" asks
+        ``megakernel.pack.choose_strategy`` for pack + GEMM with this rank's T * K pairs, which
+        the packing sweep answers with "gather" at every point it measured."""
+        pack = self.pack
+        if pack == "auto":
+            T, K, E = shape.max_tokens_per_rank, shape.topk, shape.num_experts
+            pack = choose_strategy(T, K, E, materialize=False)
+        return pack == "gather"
 
 
 def default_capacity(shape: MoEShape, world_size: int, slots_per_rank: int) -> int:
@@ -238,6 +261,7 @@ def _tile_task(
     act_ptr,
     act_done_ptr,
     act_ready_ptr,
+    resolved_ptr,
     err_ptr,
     rank,
     epoch,
@@ -257,6 +281,7 @@ def _tile_task(
     BLOCK_K: tl.constexpr,
     GEMM: tl.constexpr,
     SWIGLU: tl.constexpr,
+    GATHER_A: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
     PER_TILE: tl.constexpr,
     LAYER: tl.constexpr,
@@ -266,7 +291,9 @@ def _tile_task(
 ):
     """Tile task ``j``: wait for the tile's rows, then GEMM column block ``j % NB`` (or resolve).
     In the layer, the tile's last column block out publishes ``act_ready[tile] = epoch``.
-    Returns the nanoseconds it waited (with TRACE; else 0)."""
+    Without ``GATHER_A`` (and with token saving) column block 0 first resolves the tile's rows in
+    place and publishes ``resolved[tile] = epoch``, which the tile's other blocks (higher ids on
+    this rank) wait for. Returns the nanoseconds it waited (with TRACE; else 0)."""
     tile = j // NB
     local = tl.load(tiles_ptr + tile * 5)
     row0 = tl.load(tiles_ptr + tile * 5 + 1)
@@ -300,6 +327,31 @@ def _tile_task(
         parity = epoch % 2
         recv_x = recv_x_ptr + parity * (C * H)
         recv_src = recv_src_ptr + parity * C
+        if GEMM and TOKEN_SAVING and not GATHER_A:
+            # rows that take their data from the token's first slot get a copy of it first
+            if j % NB == 0:
+                tile_resolve_rows(recv_x, recv_src, row0, rows, H, CHUNK, BLOCK_H, BLOCK_M)
+                tl.debug_barrier()  # every thread's copies before the release
+                value = tl.cast(epoch, tl.int64)
+                tl.atomic_xchg(resolved_ptr + tile, value, sem="release", scope="gpu")
+            else:
+                if TRACE:
+                    waited -= globaltimer()
+                arrived = wait_flag(
+                    resolved_ptr + tile,
+                    epoch,
+                    deadline,
+                    err_ptr,
+                    rank,
+                    FLAG_ROWS_RESOLVED + tile,
+                    TASK_BASE + j,
+                )
+                if TRACE:
+                    waited += globaltimer()
+    if arrived:
+        parity = epoch % 2
+        recv_x = recv_x_ptr + parity * (C * H)
+        recv_src = recv_src_ptr + parity * C
         if GEMM:
             if PROBE != PROBE_COMM:
                 tile_expert_gemm(
@@ -317,6 +369,7 @@ def _tile_task(
                     BLOCK_N,
                     BLOCK_K,
                     SWIGLU,
+                    GATHER_A,
                 )
             if LAYER:
                 tl.debug_barrier()  # every thread's activations before the arrival
@@ -533,6 +586,7 @@ def moe_megakernel(
     group_done_ptr,  # [PP] int32: arrivals per send group (0 between calls)
     act_done_ptr,  # [max_tiles] int32: GEMM1 arrivals per tile (0 between calls)
     act_ready_ptr,  # [max_tiles] int64 flags: tile -> epoch of its activations
+    resolved_ptr,  # [max_tiles] int64 flags: tile -> epoch its rows were resolved (not GATHER_A)
     pending_ptr,  # [programs, RNCBP] int32: combine pieces not yet added (0 between calls)
     counters_ptr,  # [3] int32: dispatch, compute and exit counters (0 between launches)
     err_ptr,  # [ERR_WORDS] int64 error record of this rank
@@ -577,6 +631,7 @@ def moe_megakernel(
     DISPATCH_CTAS: tl.constexpr,
     GEMM: tl.constexpr,
     SWIGLU: tl.constexpr,
+    GATHER_A: tl.constexpr,
     LAYER: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
     SORTED: tl.constexpr,
@@ -668,6 +723,7 @@ def moe_megakernel(
                 act_ptr,
                 act_done_ptr,
                 act_ready_ptr,
+                resolved_ptr,
                 err_ptr,
                 rank,
                 epoch,
@@ -687,6 +743,7 @@ def moe_megakernel(
                 BLOCK_K,
                 GEMM,
                 SWIGLU,
+                GATHER_A,
                 TOKEN_SAVING,
                 PER_TILE,
                 LAYER,
@@ -837,6 +894,7 @@ def kernel_meta(
         DISPATCH_CTAS=min(cfg.dispatch_ctas or num_ctas, num_ctas),
         GEMM=gemm,
         SWIGLU=swiglu,
+        GATHER_A=cfg.gather_a(shape),
         LAYER=layer,
         TOKEN_SAVING=cfg.token_saving,
         SORTED=cfg.sorted_dispatch,
@@ -903,8 +961,8 @@ class Megakernel:
       ``recv_tag [2, C]``       int32, each row's (source rank, token, k): where its output goes;
       ``combine_y [T * K, H]``  the expert outputs of this rank's tokens, one row per (token, k);
       ``combine_count [NCB]``   int32 pieces arrived per block of ``combine_block`` tokens;
-    and per rank ``act [C, I]``, ``act_ready`` / ``act_done`` per tile, ``group_done [PP]`` and
-    the task counters.
+    and per rank ``act [C, I]``, ``act_ready`` / ``act_done`` / ``resolved`` per tile,
+    ``group_done [PP]`` and the task counters.
 
     ``combine_y`` needs no second buffer: a peer puts call n + 1's rows only after this rank
     dispatched call n + 1, which its stream orders after call n's top-k reduce.
@@ -968,6 +1026,7 @@ class Megakernel:
         self.group_done = per_rank(PP)
         self.act_done = per_rank(MT)
         self.act_ready = per_rank(MT, dtype=torch.int64)
+        self.resolved = per_rank(MT, dtype=torch.int64)
         self.counters = per_rank(3)
         self.num_ctas = cfg.num_ctas or world.sms_per_rank
         self.pending = per_rank(self.num_ctas, _pow2(R * ncb))
@@ -992,6 +1051,7 @@ class Megakernel:
                     self.group_done,
                     self.act_done,
                     self.act_ready,
+                    self.resolved,
                     self.pending,
                     self.counters,
                 )
@@ -1075,6 +1135,7 @@ class Megakernel:
             self.group_done[rank],
             self.act_done[rank],
             self.act_ready[rank],
+            self.resolved[rank],
             self.pending[rank],
             self.counters[rank],
             self.world.error_record(rank),
@@ -1219,8 +1280,9 @@ class Megakernel:
         }
         self.warmup(mode, probe)
         if rerun:
-            for r in ranks:  # the rerun's down tasks wait for its own GEMM1 tasks
+            for r in ranks:  # the rerun's tasks wait for its own GEMM1 tasks and resolves
                 self.act_ready[r].zero_()
+                self.resolved[r].zero_()
         else:
             for phase in self.plan_ws.phases():
                 self.world.run_ranks(
@@ -1276,6 +1338,8 @@ class Megakernel:
 
     def flag_name(self, flag: int) -> str:
         """Names the flag of a ``WaitTimeoutError`` raised by ``world.check_errors``."""
+        if flag >= FLAG_ROWS_RESOLVED.value:
+            return f"resolved[tile {flag - FLAG_ROWS_RESOLVED.value}] (its column block 0)"
         if flag >= FLAG_COMBINE.value:
             block = flag - FLAG_COMBINE.value
             return f"combine_count[token block {block}] (pieces from the experts' ranks)"

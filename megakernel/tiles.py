@@ -120,8 +120,10 @@ def tile_expert_gemm(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SWIGLU: tl.constexpr,
+    GATHER: tl.constexpr = True,
 ):
     """Output columns ``[n_block * BLOCK_N, +BLOCK_N)`` of rows ``[row0, row0 + rows)``.
+    ``GATHER``: A row ``r`` is ``recv_x[recv_src[r]]``; off: ``recv_x[r]`` (rows resolved first).
 
     NOTE: H must be a multiple of BLOCK_K (checked on the host); rows past ``rows`` read row 0's
     source harmlessly (masked to 0) and are not stored.
@@ -129,7 +131,10 @@ def tile_expert_gemm(
     WIDTH: tl.constexpr = I if SWIGLU else 2 * I
     r = tl.arange(0, BLOCK_M)
     live = r < rows
-    src = tl.load(recv_src_ptr + row0 + r, mask=live, other=0).to(tl.int64)
+    if GATHER:
+        src = tl.load(recv_src_ptr + row0 + r, mask=live, other=0).to(tl.int64)
+    else:
+        src = (row0 + r).to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = recv_x_ptr + src[:, None] * H + kk[None, :]
     n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -12,6 +12,7 @@ p20/p80 over repeats, max over ranks):
   compute    both GEMMs alone, rerun on the received rows, outputs kept local;
              TFLOP/s = 6 S H I / t (S rows received)
   overlap    max(comm, compute) / layer
+  pack       with ``--pack gather scan``: the layer again for each ``KernelConfig.pack`` mode
   torch      ``torch._grouped_mm`` GEMM1 + SwiGLU + GEMM2 on the same received rows
   baseline   permute + NCCL all-to-all + grouped_mm + SwiGLU + grouped_mm + all-to-all back +
              weighted sum (perf/baseline.py), host-side split sizes
@@ -28,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megakernel import FusedEPMoE, routing
-from megakernel.kernel import KernelConfig
+from megakernel.kernel import PACK_MODES, KernelConfig
 from megakernel.placement import Placement
 from megakernel.shapes import preset
 from megakernel.verify import check_layer_output, local_w2, local_w13, make_tokens
@@ -52,6 +53,7 @@ def bench_preset(world: World, name: str, args) -> dict:
     layer = FusedEPMoE(
         world, shape, w13, w2, placement=placement, config=KernelConfig(num_ctas=args.ctas)
     )
+    pack = "gather" if layer.workspace.config.gather_a(shape) else "scan"
     ws = layer.workspace
     x = {r: xs[r] for r in ranks}
     ids = {r: rt.topk_ids[r] for r in ranks}
@@ -106,6 +108,27 @@ def bench_preset(world: World, name: str, args) -> dict:
     row["torch_gemms_us"] = time_us(torch_gemms)
     row["baseline_us"] = time_us(lambda: baseline_moe(*base_args)) if can_baseline else None
     layer.close()
+    row["pack"] = pack  # what KernelConfig(pack="auto") chose
+    row["pack_us"] = {}
+    for mode in args.pack:  # the layer with each GEMM1 row source, same inputs
+        torch.cuda.empty_cache()
+        cfg = KernelConfig(num_ctas=args.ctas, pack=mode)
+        other = FusedEPMoE(world, shape, w13, w2, placement=placement, config=cfg)
+        out = other(x, ids, weights)
+        other.check_errors()
+        for r in ranks:
+            found = check_layer_output(out[r], xs[r], ids[r], weights[r], shape, args.seed, r)
+            if found:
+                raise SystemExit(f"{name} pack={mode}: wrong results: {found[:4]}")
+        row["pack_us"][mode] = time_us(
+            graphed(
+                lambda ws=other.workspace: ws.run(
+                    x, ids, weights, w13, w2, mode="layer", validate=False
+                )
+            )
+        )
+        other.check_errors()
+        other.close()
     flops = 6 * max(n_recv.values()) * shape.hidden * shape.ffn
     t = {k: row[f"{k}_us"]["median"] for k in ("layer", "split", "comm", "compute")}
     row.update(
@@ -141,6 +164,10 @@ def report(result: dict, args) -> None:
             f"{base['median'] if base else float('nan'):11.1f} {fmt(v['vs_baseline']):>7} "
             f"{fmt(v['split_vs_baseline']):>8}"
         )
+    for v in result["presets"]:
+        if v["pack_us"]:
+            times = ", ".join(f"{m} {t['median']:.1f} us" for m, t in v["pack_us"].items())
+            print(f"{v['preset']}: layer by KernelConfig.pack (auto = {v['pack']}): {times}")
     print(f"wrote perf/results/{name}")
 
 
@@ -167,6 +194,9 @@ def main() -> None:
     parser.add_argument("--emulate", type=int, default=0, help="R ranks on one GPU instead")
     parser.add_argument("--ctas", type=int, default=0, help="programs per rank (0: SM share)")
     parser.add_argument("--symmetric-size", default="8G")
+    parser.add_argument(
+        "--pack", nargs="*", default=[], choices=PACK_MODES, help="also time these pack modes"
+    )
     args = parser.parse_args()
 
     def job(world: World) -> None:

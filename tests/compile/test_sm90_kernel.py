@@ -13,7 +13,7 @@ from megakernel.shapes import PRESETS
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("compiles real kernels: run without TRITON_INTERPRET", allow_module_level=True)
 
-INT64_PTRS = {"ready_ptr", "act_ready_ptr", "err_ptr", "epoch_ptr", "trace_ptr"}
+INT64_PTRS = {"ready_ptr", "act_ready_ptr", "resolved_ptr", "err_ptr", "epoch_ptr", "trace_ptr"}
 DATA_PTRS = {"x_ptr", "w13_ptr", "w2_ptr", "act_ptr", "out_ptr", "recv_x_ptr", "combine_ptr"}
 SCALARS = {"rank": 1, "num_tokens": 4000, "task_begin": 0, "task_end": 100, "timeout_ns": 10**10}
 
@@ -31,11 +31,7 @@ def example_args(dtype):
     return args
 
 
-@pytest.mark.parametrize("mode", ["layer", "gemm", "dispatch"])
-@pytest.mark.parametrize("preset,R", [("dsv3", 2), ("dsv3", 8), ("mixtral", 2)])
-def test_megakernel_compiles(preset, R, mode):
-    shape = PRESETS[preset]
-    cfg = KernelConfig()
+def compile_megakernel(shape, R: int, cfg: KernelConfig, mode: str):
     L = shape.num_experts // R
     capacity = default_capacity(shape, R, L)
     plan_cfg = PlanConfig(
@@ -43,7 +39,13 @@ def test_megakernel_compiles(preset, R, mode):
     )
     meta = kernel_meta(shape, plan_cfg, cfg, capacity, True, 132, mode)
     options = {k: meta.pop(k) for k in ("num_warps", "num_stages")}
-    kernel = compile_sm90(moe_megakernel, signature_of(example_args(shape.dtype)), meta, **options)
+    return compile_sm90(moe_megakernel, signature_of(example_args(shape.dtype)), meta, **options)
+
+
+@pytest.mark.parametrize("mode", ["layer", "gemm", "dispatch"])
+@pytest.mark.parametrize("preset,R", [("dsv3", 2), ("dsv3", 8), ("mixtral", 2)])
+def test_megakernel_compiles(preset, R, mode):
+    kernel = compile_megakernel(PRESETS[preset], R, KernelConfig(), mode)
     ptx = kernel.asm["ptx"]
     assert "globaltimer" in ptx, "the tile waits are bounded"
     assert "atom.global.sys.release.exch.b64" in ptx, "flags are published with a release"
@@ -57,19 +59,21 @@ def test_megakernel_compiles(preset, R, mode):
 
 @pytest.mark.parametrize("trace", [False, True])
 def test_trace_switch_compiles_to_nothing_when_off(trace):
-    shape, R = PRESETS["dsv3"], 2
-    cfg = KernelConfig(trace=trace)
-    L = shape.num_experts // R
-    capacity = default_capacity(shape, R, L)
-    plan_cfg = PlanConfig(
-        R, L, shape.topk, shape.max_tokens_per_rank, capacity, cfg.block_m, cfg.chunk
-    )
-    meta = kernel_meta(shape, plan_cfg, cfg, capacity, True, 132, "layer")
-    options = {k: meta.pop(k) for k in ("num_warps", "num_stages")}
-    kernel = compile_sm90(moe_megakernel, signature_of(example_args(shape.dtype)), meta, **options)
+    kernel = compile_megakernel(PRESETS["dsv3"], 2, KernelConfig(trace=trace), "layer")
     ptx = kernel.asm["ptx"]
     # the trace buffer is kernel parameter number `index`; PTX loads a parameter only if used
     index = moe_megakernel.arg_names.index("trace_ptr")
     loads_trace = f"moe_megakernel_param_{index}]" in ptx
     assert loads_trace == trace, "TRACE off must not touch the trace buffer; on, it must"
     assert ("%smid" in ptx) == trace, "the SM id is read only for the trace header"
+
+
+def test_pack_scan_resolves_then_reads_rows_in_place():
+    """pack="scan" adds the resolve copy and its flag, and GEMM1 no longer loads recv_src."""
+    ptx = {
+        pack: compile_megakernel(PRESETS["dsv3"], 2, KernelConfig(pack=pack), "gemm").asm["ptx"]
+        for pack in ("gather", "scan")
+    }
+    release = "atom.global.gpu.release.exch.b64"  # resolved[tile] = epoch
+    assert release not in ptx["gather"] and release in ptx["scan"]
+    assert "wgmma" in ptx["scan"]

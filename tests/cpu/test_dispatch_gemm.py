@@ -54,6 +54,34 @@ def test_every_switch_combination(R, token_saving, sorted_dispatch, per_tile_fla
         call_and_check(ws, rt, placement, "gemm", seed=2)
 
 
+@pytest.mark.parametrize("R", [4])
+def test_pack_scan_resolves_rows_in_place_with_the_same_activations(R):
+    """pack="scan": GEMM1 reads its rows in place after column block 0 copied the token-saving
+    references there; the activations equal pack="gather"'s bit for bit (same rows, same dots)."""
+    rt = routing.zipf(R, T, SHAPE.num_experts, SHAPE.topk, 1.2, seed=10 + R)
+    placement = Placement.contiguous(SHAPE.num_experts, R)
+    acts = {}
+    for pack in ("gather", "scan"):
+        with EmulatedWorld(R) as world:
+            ws = Megakernel(world, SHAPE, config=small_config(pack=pack))
+            assert ws.config.gather_a(SHAPE) == (pack == "gather")
+            handles = call_and_check(ws, rt, placement, "gemm", seed=3)
+            acts[pack] = [handles[r].act[: handles[r].num_recv()] for r in range(R)]
+            in_place = [
+                torch.equal(h.recv_x[: h.num_recv()], h.resolved()) for h in handles.values()
+            ]
+            # gather leaves the references unresolved (poisoned) on some rank; scan on none
+            assert all(in_place) == (pack == "scan")
+    assert all(torch.equal(a, b) for a, b in zip(acts["gather"], acts["scan"], strict=True))
+
+
+def test_pack_mode_validation_and_auto_choice():
+    assert KernelConfig().gather_a(SHAPE)  # the sweep's answer for pack + GEMM: gather
+    for bad in ("sort", "atomic", "Gather"):
+        with pytest.raises(ValueError, match="KernelConfig.pack must be one of"):
+            KernelConfig(pack=bad)
+
+
 def test_fp16_without_swiglu_and_few_dispatch_programs():
     R = 2
     shape = SHAPE.__class__(64, 32, 8, 2, 100, torch.float16)

@@ -66,6 +66,15 @@ def test_layer_top1_one_expert_per_rank_fp16_switches_off():
         layer_call(ws, rt, placement, seed=6, shape=shape)
 
 
+def test_layer_pack_scan():
+    R = 2
+    rt = routing.hot_expert(R, T, SHAPE.num_experts, SHAPE.topk, 0.5, seed=8)
+    placement = Placement.contiguous(SHAPE.num_experts, R)
+    with EmulatedWorld(R) as world:
+        ws = Megakernel(world, SHAPE, config=small_config(pack="scan"))
+        layer_call(ws, rt, placement, seed=9, shape=SHAPE, split=True)
+
+
 def test_module_back_to_back_with_router_is_deterministic():
     R = 2
     g = torch.Generator().manual_seed(7)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megakernel import FusedEPMoE, routing
-from megakernel.kernel import Megakernel
+from megakernel.kernel import KernelConfig, Megakernel
 from megakernel.placement import Placement
 from megakernel.shapes import MoEShape
 from megakernel.verify import (
@@ -38,6 +38,18 @@ def test_layer_emulated_ranks(R, split):
             ws = Megakernel(world, MEDIUM, placement=pl)
             layer_call(ws, rt, pl, seed, split)
             ws.close()
+
+
+@pytest.mark.parametrize("R", [1, 4])
+def test_layer_pack_scan(R):
+    """KernelConfig(pack="scan"): GEMM1 reads rows resolved in place (R = 1: K - 1 of every
+    token's K rows are token-saving references), back to back without a sync."""
+    with EmulatedWorld(R, "cuda") as world:
+        ws = Megakernel(world, MEDIUM, config=KernelConfig(pack="scan"))
+        for seed, case in enumerate(["uniform", "zipf", "one_expert"]):
+            rt, pl = routing.edge_case(case, R, 700 - seed, MEDIUM.num_experts, MEDIUM.topk, seed)
+            layer_call(ws, rt, pl or Placement.contiguous(MEDIUM.num_experts, R), seed, False)
+        ws.close()
 
 
 def test_layer_phase_by_phase_on_the_gpu():
