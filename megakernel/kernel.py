@@ -32,7 +32,6 @@ from dataclasses import dataclass, fields, replace
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from megakernel.pack import choose_strategy
 from megakernel.placement import Placement
@@ -101,7 +100,6 @@ class KernelConfig:
     block_k: int = 64  # reduction step over H
     down_block_n: int = 256  # output columns (of H) per down-projection task
     down_block_k: int = 64  # reduction step over I
-    down_tma: bool = True  # the down projection loads act and w2 by TMA (tensor descriptors)
     combine_block: int = 128  # tokens per combine counter (and per top-k reduce task)
     reduce_h: int = 1024  # columns per top-k reduce task
     block_h: int = 1024  # columns per dispatch copy step
@@ -392,8 +390,6 @@ def _down_task(
     act_ready_ptr,
     act_ptr,
     w2_ptr,
-    act_desc,
-    w2_desc,
     recv_tag_ptr,
     combine_base,
     pending_ptr,
@@ -413,7 +409,6 @@ def _down_task(
     BLOCK_M: tl.constexpr,
     BLOCK_N2: tl.constexpr,
     BLOCK_K2: tl.constexpr,
-    DOWN_TMA: tl.constexpr,
     PROBE: tl.constexpr,
     TRACE: tl.constexpr,
     TASK_BASE: tl.constexpr,
@@ -437,20 +432,7 @@ def _down_task(
             acc = tl.zeros([BLOCK_M, BLOCK_N2], dtype=tl.float32)
         else:
             acc = tile_down_gemm(
-                act_ptr,
-                w2_ptr,
-                act_desc,
-                w2_desc,
-                local,
-                row0,
-                rows,
-                j % NB2,
-                H,
-                I,
-                BLOCK_M,
-                BLOCK_N2,
-                BLOCK_K2,
-                DOWN_TMA,
+                act_ptr, w2_ptr, local, row0, rows, j % NB2, H, I, BLOCK_M, BLOCK_N2, BLOCK_K2
             )
         tile_combine_put(
             acc,
@@ -581,8 +563,6 @@ def moe_megakernel(
     weights_ptr,  # [T, K] fp32 routing weights (LAYER)
     act_ptr,  # [C, I] (or [C, 2I] without SwiGLU) out: expert activations, receive order
     out_ptr,  # [T, H] out: the layer's output (LAYER)
-    act_desc,  # DOWN_TMA: [BM, BK2] block descriptor of act (else None)
-    w2_desc,  # DOWN_TMA: [BN2, BK2] block descriptor of w2 as [L * H, I] (else None)
     tasks_ptr,  # plan: [num_tasks, 4] int32
     tiles_ptr,  # plan: [max_tiles, 5] int32
     stats_ptr,  # plan: [4] int32
@@ -648,7 +628,6 @@ def moe_megakernel(
     BLOCK_K: tl.constexpr,
     BLOCK_N2: tl.constexpr,
     BLOCK_K2: tl.constexpr,
-    DOWN_TMA: tl.constexpr,
     DISPATCH_CTAS: tl.constexpr,
     GEMM: tl.constexpr,
     SWIGLU: tl.constexpr,
@@ -782,8 +761,6 @@ def moe_megakernel(
                     act_ready_ptr,
                     act_ptr,
                     w2_ptr,
-                    act_desc,
-                    w2_desc,
                     recv_tag_ptr,
                     combine_base,
                     pending_row,
@@ -803,7 +780,6 @@ def moe_megakernel(
                     BLOCK_M,
                     BLOCK_N2,
                     BLOCK_K2,
-                    DOWN_TMA,
                     PROBE,
                     TRACE,
                     BASE_DOWN,
@@ -915,7 +891,6 @@ def kernel_meta(
         BLOCK_K=cfg.block_k,
         BLOCK_N2=cfg.down_block_n,
         BLOCK_K2=cfg.down_block_k,
-        DOWN_TMA=layer and cfg.down_tma,
         DISPATCH_CTAS=min(cfg.dispatch_ctas or num_ctas, num_ctas),
         GEMM=gemm,
         SWIGLU=swiglu,
@@ -1017,12 +992,6 @@ class Megakernel:
             raise ValueError("the combine (mode 'layer') runs on SwiGLU activations: swiglu=True")
         if combine and I % cfg.down_block_k:
             raise ValueError(f"ffn size {I} is not a multiple of down_block_k {cfg.down_block_k}")
-        row_bytes = cfg.down_block_k * shape.dtype.itemsize
-        if combine and cfg.down_tma and row_bytes % 16:
-            raise ValueError(
-                f"down_tma loads rows of down_block_k = {cfg.down_block_k} elements "
-                f"({row_bytes} bytes): TMA needs a multiple of 16 bytes (or down_tma=False)"
-            )
         C = capacity or default_capacity(shape, R, L)
         self.plan_cfg = PlanConfig(
             R,
@@ -1127,17 +1096,6 @@ class Megakernel:
         }
         return {kind: (b, e) for kind, (b, e) in bounds.items() if e > b}
 
-    def _down_descriptors(self, rank: int, w2: torch.Tensor | None) -> tuple:
-        """The down projection's TMA descriptors (``KernelConfig.down_tma``), else (None, None).
-        ``w2`` is None unless the launch is of mode "layer"."""
-        cfg = self.config
-        if w2 is None or not cfg.down_tma:
-            return None, None
-        I = self.shape.ffn  # noqa: E741
-        act = TensorDescriptor.from_tensor(self.act[rank], [cfg.block_m, cfg.down_block_k])
-        w2_rows = TensorDescriptor.from_tensor(w2.view(-1, I), [cfg.down_block_n, cfg.down_block_k])
-        return act, w2_rows
-
     def _args(self, rank: int, inputs: tuple, begin: int, end: int) -> tuple:
         x, _, weights, w13, w2, out = inputs
         b = self.plan_ws.bufs[rank]
@@ -1154,7 +1112,6 @@ class Megakernel:
             x if weights is None else weights,
             self.act[rank],
             x if out is None else out,
-            *self._down_descriptors(rank, w2),
             b["tasks"],
             b["tiles"],
             b["stats"],
@@ -1191,13 +1148,12 @@ class Megakernel:
             self.world.timeout_ns(),
         )
 
-    def _dummy_inputs(self, mode: str) -> tuple:
-        """Inputs of the argument types a launch of ``mode`` passes (w2 only in "layer")."""
+    def _dummy_inputs(self) -> tuple:
         dev, shape, L = self.world.device, self.shape, self.plan_cfg.slots_per_rank
         H, I, K = shape.hidden, shape.ffn, shape.topk  # noqa: E741
         x = torch.zeros(2, H, dtype=shape.dtype, device=dev)
         w13 = torch.zeros(L, 2 * I, H, dtype=shape.dtype, device=dev)
-        w2 = torch.zeros(L, H, I, dtype=shape.dtype, device=dev) if mode == "layer" else None
+        w2 = torch.zeros(L, H, I, dtype=shape.dtype, device=dev)
         weights = torch.zeros(2, K, dtype=torch.float32, device=dev)
         return x, None, weights, w13, w2, torch.zeros_like(x)
 
@@ -1208,7 +1164,7 @@ class Megakernel:
         self.plan_ws.warmup()
         r = self.world.local_ranks[0]
         kernel = moe_megakernel.warmup(
-            *self._args(r, self._dummy_inputs(mode), 0, 0), **self._meta(mode, probe), grid=(1,)
+            *self._args(r, self._dummy_inputs(), 0, 0), **self._meta(mode, probe), grid=(1,)
         )
         kernel._init_handles()
         self._warm.add((mode, probe))
@@ -1262,7 +1218,7 @@ class Megakernel:
             if out is None:
                 out = torch.empty(x.shape[0], H, dtype=shape.dtype, device=dev)
         ids = self.plan_ws._prepare(topk_ids, validate=False)
-        return x, ids, topk_weights, w13, w2 if layer else None, out
+        return x, ids, topk_weights, w13, w2, out
 
     def run(
         self,

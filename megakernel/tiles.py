@@ -163,40 +163,6 @@ def tile_expert_gemm(
 def tile_down_gemm(
     act_ptr,  # [C, I] expert activations in the receive order
     w2_ptr,  # [L, H, I] down projections of every local slot
-    act_desc,  # with TMA: a [BM, BK] block descriptor of act [C, I]
-    w2_desc,  # with TMA: a [BN, BK] block descriptor of w2 as [L * H, I]
-    local,
-    row0,
-    rows,
-    n_block,
-    H: tl.constexpr,
-    I: tl.constexpr,  # noqa: E741 (the shape legend's I)
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    TMA: tl.constexpr = False,
-):
-    """The fp32 ``[BM, BN]`` block ``act[row0 : row0 + rows] @ w2[local, n_block * BN : +BN]^T``.
-    Rows past ``rows`` are 0, or with ``TMA`` (both operands loaded by the tensor memory
-    accelerator) the next rows' products, which the caller never stores; so are columns past H.
-    NOTE: I must be a multiple of BLOCK_K (checked on the host)."""
-    if TMA:
-        n0 = tl.cast(local, tl.int32) * H + n_block * BLOCK_N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k in tl.range(0, I // BLOCK_K):
-            a = act_desc.load([row0, k * BLOCK_K])
-            acc = tl.dot(a, w2_desc.load([n0, k * BLOCK_K]).T, acc)
-    else:
-        acc = _down_gemm_pointers(
-            act_ptr, w2_ptr, local, row0, rows, n_block, H, I, BLOCK_M, BLOCK_N, BLOCK_K
-        )
-    return acc
-
-
-@triton.jit
-def _down_gemm_pointers(
-    act_ptr,
-    w2_ptr,
     local,
     row0,
     rows,
@@ -207,6 +173,8 @@ def _down_gemm_pointers(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """The fp32 ``[BM, BN]`` block ``act[row0 : row0 + rows] @ w2[local, n_block * BN : +BN]^T``
+    (rows past ``rows`` are 0). NOTE: I must be a multiple of BLOCK_K (checked on the host)."""
     r = tl.arange(0, BLOCK_M)
     live = r < rows
     kk = tl.arange(0, BLOCK_K)

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 
 import torch
-import triton
 
 from megakernel import routing
 from megakernel.kernel import KernelConfig, Megakernel
@@ -48,15 +47,7 @@ CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
 ]
 
 
-DOWN_CONFIGS = [  # (block_n, block_k, down_tma)
-    (256, 64, False),
-    (128, 64, True),
-    (256, 64, True),
-    (128, 128, True),
-    (256, 128, True),
-    (256, 32, True),
-    (64, 64, True),
-]
+DOWN_CONFIGS = [(128, 64), (256, 64), (128, 128), (256, 32), (64, 64)]  # (block_n, block_k)
 
 
 def sweep_down(shape, rt, xs, w13, placement) -> None:
@@ -65,15 +56,11 @@ def sweep_down(shape, rt, xs, w13, placement) -> None:
     x, ids, weights = {0: xs[0]}, {0: rt.topk_ids[0]}, {0: rt.topk_weights[0]}
     rows = []
     with EmulatedWorld(1, "cuda") as world:
-        for bn, bk, tma in DOWN_CONFIGS:
-            cfg = KernelConfig(down_block_n=bn, down_block_k=bk, down_tma=tma)
-            ws = Megakernel(world, shape, config=cfg, capacity=T * K)
-            try:
-                h = ws.run(x, ids, weights, {0: w13}, {0: w2}, mode="layer")[0]
-            except triton.runtime.errors.OutOfResources as e:  # too much shared memory
-                print(f"BN {bn} BK {bk} TMA {tma}: {e}")
-                ws.close()
-                continue
+        for bn, bk in DOWN_CONFIGS:
+            ws = Megakernel(
+                world, shape, config=KernelConfig(down_block_n=bn, down_block_k=bk), capacity=T * K
+            )
+            h = ws.run(x, ids, weights, {0: w13}, {0: w2}, mode="layer")[0]
             ws.check_errors()
             problems = check_layer_output(h.out, xs[0], ids[0], weights[0], shape, 1, 0)
             n = h.num_recv()
@@ -87,7 +74,7 @@ def sweep_down(shape, rt, xs, w13, placement) -> None:
             ws.run(x, ids, weights, {0: w13}, mode="gemm")
             up = time_us(graphed(stage("gemm", "tiles")))["median"]
             act, offs = h.act[:n].clone(), torch.cumsum(h.plan.expert_rows, 0).int()
-            rows.append((bn, bk, tma, both, up, both - up, problems))
+            rows.append((bn, bk, both, up, both - up, problems))
             ws.close()
     flops = 2 * n * shape.hidden * shape.ffn
     ref = time_us(lambda: torch._grouped_mm(act, w2.transpose(1, 2), offs=offs))["median"]
@@ -95,14 +82,11 @@ def sweep_down(shape, rt, xs, w13, placement) -> None:
         f"\ndown GEMM sweep: {shape.num_experts} experts, {n} rows, {torch.cuda.get_device_name()}"
     )
     print(f"torch._grouped_mm: {ref:.1f} us, {flops / ref / 1e6:.1f} TFLOP/s")
-    print(
-        f"{'BN':>4} {'BK':>4} {'TMA':>4} {'both us':>8} {'gemm1 us':>8} {'down us':>8} "
-        f"{'TFLOP/s':>8} ok"
-    )
-    for bn, bk, tma, both, up, down, problems in rows:
+    print(f"{'BN':>4} {'BK':>4} {'both us':>8} {'gemm1 us':>8} {'down us':>8} {'TFLOP/s':>8} ok")
+    for bn, bk, both, up, down, problems in rows:
         print(
-            f"{bn:4d} {bk:4d} {'yes' if tma else 'no':>4} {both:8.1f} {up:8.1f} {down:8.1f} "
-            f"{flops / down / 1e6:8.1f} {'yes' if not problems else problems[0]}"
+            f"{bn:4d} {bk:4d} {both:8.1f} {up:8.1f} {down:8.1f} {flops / down / 1e6:8.1f} "
+            f"{'yes' if not problems else problems[0]}"
         )
 
 

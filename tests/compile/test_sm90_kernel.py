@@ -5,7 +5,6 @@ import os
 import pytest
 import torch
 from _aot import compile_sm90, signature_of
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from megakernel.kernel import KernelConfig, default_capacity, kernel_meta, moe_megakernel
 from megakernel.plan import PlanConfig
@@ -16,21 +15,13 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 INT64_PTRS = {"ready_ptr", "act_ready_ptr", "resolved_ptr", "err_ptr", "epoch_ptr", "trace_ptr"}
 DATA_PTRS = {"x_ptr", "w13_ptr", "w2_ptr", "act_ptr", "out_ptr", "recv_x_ptr", "combine_ptr"}
-DESCRIPTORS = {"act_desc", "w2_desc"}
 SCALARS = {"rank": 1, "num_tokens": 4000, "task_begin": 0, "task_end": 100, "timeout_ns": 10**10}
 
 
-def example_args(dtype, cfg: KernelConfig | None = None):
-    """Arguments of every type; with ``cfg`` (mode "layer", ``down_tma``) the down projection's
-    descriptors, else None for them."""
+def example_args(dtype):
     args = {}
     for name in moe_megakernel.arg_names:
-        if name in DESCRIPTORS:
-            if cfg is not None:
-                block = (cfg.block_m if name == "act_desc" else cfg.down_block_n, cfg.down_block_k)
-                rows = torch.empty(256, 256, dtype=dtype)
-                args[name] = TensorDescriptor.from_tensor(rows, block)
-        elif name in SCALARS:
+        if name in SCALARS:
             args[name] = SCALARS[name]
         elif name.endswith(("_ptr", "_base")):
             int64 = name in INT64_PTRS or name.endswith("_base")
@@ -48,10 +39,7 @@ def compile_megakernel(shape, R: int, cfg: KernelConfig, mode: str):
     )
     meta = kernel_meta(shape, plan_cfg, cfg, capacity, True, 132, mode)
     options = {k: meta.pop(k) for k in ("num_warps", "num_stages")}
-    args = example_args(shape.dtype, cfg if meta["DOWN_TMA"] else None)
-    for name in DESCRIPTORS - set(args):  # None arguments are constexprs
-        meta[name] = None
-    return compile_sm90(moe_megakernel, signature_of(args), meta, **options)
+    return compile_sm90(moe_megakernel, signature_of(example_args(shape.dtype)), meta, **options)
 
 
 @pytest.mark.parametrize("mode", ["layer", "gemm", "dispatch"])
@@ -66,8 +54,6 @@ def test_megakernel_compiles(preset, R, mode):
         assert "wgmma" in ptx, "the GEMM should use Hopper's warpgroup MMA"
     if mode == "layer":
         assert "atom.global.sys.release.add.u32" in ptx, "combine pieces are added with a release"
-    tma = "cp.async.bulk.tensor" in ptx
-    assert tma == (mode == "layer"), "the down projection (only) loads by TMA"
     assert kernel.metadata.shared <= 227 * 1024
 
 
@@ -75,10 +61,8 @@ def test_megakernel_compiles(preset, R, mode):
 def test_trace_switch_compiles_to_nothing_when_off(trace):
     kernel = compile_megakernel(PRESETS["dsv3"], 2, KernelConfig(trace=trace), "layer")
     ptx = kernel.asm["ptx"]
-    # the trace buffer is PTX parameter number `index`; PTX loads a parameter only if used. A
-    # 2-D tensor descriptor is 5 PTX parameters: the TMA descriptor, 2 sizes and 2 strides.
-    names = moe_megakernel.arg_names
-    index = names.index("trace_ptr") + 4 * len(DESCRIPTORS & set(names[: names.index("trace_ptr")]))
+    # the trace buffer is kernel parameter number `index`; PTX loads a parameter only if used
+    index = moe_megakernel.arg_names.index("trace_ptr")
     loads_trace = f"moe_megakernel_param_{index}]" in ptx
     assert loads_trace == trace, "TRACE off must not touch the trace buffer; on, it must"
     assert ("%smid" in ptx) == trace, "the SM id is read only for the trace header"
