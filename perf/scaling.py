@@ -150,6 +150,7 @@ def plot(tokens: int) -> str:
         left.set_xticks(ranks, [str(r) for r in ranks])
         left.set_xlabel("GPUs (ranks)")
         left.set_ylabel("ms per call")
+        left.set_ylim(bottom=0)
         left.set_title(f"{name}, T = {tokens} per rank")
         left.legend(fontsize=8)
         bottom = [0.0] * len(ranks)
