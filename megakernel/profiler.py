@@ -147,14 +147,13 @@ def draw_timeline(records: list[TaskRecord], path: str | Path, title: str = "") 
     for ax, rank in zip(axes[:, 0], ranks, strict=True):
         mine = [r for r in records if r.rank == rank]
         rows = {p: i for i, (_, p) in enumerate(sorted({(r.sm, r.program) for r in mine}))}
-        by_kind: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        ys: dict[str, list[int]] = defaultdict(list)
+        # one bar collection per (kind, row): a call per task takes minutes at 100k tasks
+        spans: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
         for r in mine:
-            by_kind[r.kind].append((r.start_ns / 1e3, max(r.dur_ns / 1e3, 1e-3)))
-            ys[r.kind].append(rows[r.program])
-        for kind, spans in by_kind.items():
-            for (x, w), y in zip(spans, ys[kind], strict=True):
-                ax.broken_barh([(x, w)], (y - 0.4, 0.8), color=KIND_COLOURS.get(kind, "grey"))
+            width = max(r.dur_ns / 1e3, 1e-3)
+            spans[(r.kind, rows[r.program])].append((r.start_ns / 1e3, width))
+        for (kind, y), bars in spans.items():
+            ax.broken_barh(bars, (y - 0.4, 0.8), color=KIND_COLOURS.get(kind, "grey"))
         ax.set_ylabel(f"rank {rank}\nprogram (by SM)")
         ax.set_ylim(-1, max(len(rows), 1))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
