@@ -142,7 +142,7 @@ def draw_timeline(records: list[TaskRecord], path: str | Path, title: str = "") 
 
     ranks = sorted({r.rank for r in records}) or [0]
     fig, axes = plt.subplots(
-        len(ranks), 1, figsize=(12, 2.5 + 2.5 * len(ranks)), sharex=True, squeeze=False
+        len(ranks), 1, figsize=(12, 1.2 + 2.3 * len(ranks)), sharex=True, squeeze=False
     )
     for ax, rank in zip(axes[:, 0], ranks, strict=True):
         mine = [r for r in records if r.rank == rank]
@@ -166,6 +166,7 @@ def draw_timeline(records: list[TaskRecord], path: str | Path, title: str = "") 
     )
     if title:
         fig.suptitle(title, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for title and legend
     path = Path(path)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
