@@ -7,10 +7,13 @@ import torch
 from megakernel import FusedEPMoE, routing
 from megakernel.kernel import KernelConfig, Megakernel
 from megakernel.placement import Placement
-from megakernel.shapes import MoEShape
+from megakernel.shapes import PRESETS, MoEShape
 from megakernel.verify import (
+    check_layer_output,
     compare_layer_output,
     layer_ref,
+    local_w2,
+    local_w13,
     make_tokens,
     make_w2,
     make_w13,
@@ -107,4 +110,32 @@ def test_module_back_to_back_graph_and_repeatability():
             graph.replay()
             check(i, {r: t.clone() for r, t in graph_out.items()})
         layer.check_errors()
+        layer.close()
+
+
+BIG_GPU = torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory > 120e9
+
+
+@pytest.mark.skipif(not BIG_GPU, reason="2 full-size ranks at T = 32768 need an H200's memory")
+@pytest.mark.parametrize("name", ["dsv3", "qwen3_235b", "mixtral"])
+def test_presets_at_32768_tokens_per_rank(name):
+    """Two emulated ranks at the presets' full size: dsv3's receive buffer then holds 524288
+    rows of 7168, past 2**31 elements, so every row offset must be 64-bit."""
+    R, T, seed = 2, 32768, 1
+    shape = PRESETS[name].with_tokens(T)
+    placement = Placement.contiguous(shape.num_experts, R)
+    rt = routing.uniform(R, T, shape.num_experts, shape.topk, seed).to("cuda")
+    xs = make_tokens(shape, [T] * R, seed, "cuda")
+    with EmulatedWorld(R, "cuda") as world:
+        w13 = {r: local_w13(shape, placement, r, seed, "cuda") for r in range(R)}
+        w2 = {r: local_w2(shape, placement, r, seed, "cuda") for r in range(R)}
+        layer = FusedEPMoE(world, shape, w13, w2, placement=placement)
+        for r in range(R):  # poison: a row the layer never writes cannot pass
+            layer.workspace.sym_combine.peer(r).fill_(float("nan"))
+        ids = {r: rt.topk_ids[r] for r in range(R)}
+        out = layer({r: xs[r] for r in range(R)}, ids, {r: rt.topk_weights[r] for r in range(R)})
+        layer.check_errors()
+        for r in range(R):
+            weights = rt.topk_weights[r]
+            assert check_layer_output(out[r], xs[r], ids[r], weights, shape, seed, r) == []
         layer.close()
