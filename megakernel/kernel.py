@@ -16,7 +16,9 @@ arrival counter) publishes the group on the destination: ``expert_ready[local, r
 the flags of the sources its rows come from (``per_tile_flags``; otherwise every source of its
 expert), and with token saving on every earlier local slot too, since a row may take its data
 from the token's first slot. Every wait therefore targets a dispatch task, which never waits: no
-claim order can deadlock (DESIGN §5). Programs given to dispatch (``dispatch_ctas``) take
+claim order can deadlock (DESIGN §5). (With ``KernelConfig(pack="scan")`` a tile's column blocks
+1.. also wait for its block 0, a lower id of this rank, to copy the token-saving references into
+place.) Programs given to dispatch (``dispatch_ctas``) take
 dispatch tasks first, then join the tile tasks.
 
 Back-to-back calls with no host synchronisation: ``recv_x`` / ``recv_src`` are double-buffered by
@@ -323,10 +325,10 @@ def _tile_task(
     )
     if TRACE:
         waited = globaltimer() - waited
+    parity = epoch % 2
+    recv_x = recv_x_ptr + parity * (C * H)
+    recv_src = recv_src_ptr + parity * C
     if arrived:
-        parity = epoch % 2
-        recv_x = recv_x_ptr + parity * (C * H)
-        recv_src = recv_src_ptr + parity * C
         if GEMM and TOKEN_SAVING and not GATHER_A:
             # rows that take their data from the token's first slot get a copy of it first
             if j % NB == 0:
@@ -349,9 +351,6 @@ def _tile_task(
                 if TRACE:
                     waited += globaltimer()
     if arrived:
-        parity = epoch % 2
-        recv_x = recv_x_ptr + parity * (C * H)
-        recv_src = recv_src_ptr + parity * C
         if GEMM:
             if PROBE != PROBE_COMM:
                 tile_expert_gemm(
