@@ -314,12 +314,13 @@ def pack(
 
 def same_layout(got: Packed, want: Packed, exact_order: bool = True) -> list[str]:
     """Fields of ``got`` that differ from ``want`` (bit for bit). ``exact_order=False`` compares
-    each expert's rows as a set of (token, k), for the atomic strategy on the GPU."""
-    got = Packed(
-        *(
-            t.cpu() if t is not None else None
-            for t in (got.expert_start, got.pos, got.src, got.rows)
+    each expert's rows as a set of (token, k), for the atomic strategy on the GPU. Either may
+    live on any device (compared on the CPU)."""
+    got, want = (
+        Packed(
+            *(t.cpu() if t is not None else None for t in (p.expert_start, p.pos, p.src, p.rows))
         )
+        for p in (got, want)
     )
     n = want.num_rows
     wrong = [] if torch.equal(got.expert_start, want.expert_start) else ["expert_start"]
