@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The checks and benchmarks that need a node's GPUs, in one go: perf/node_suite.sh [STEP ...]
+#
+#   dist      python -m pytest tests/dist (NVSHMEM world, every visible GPU)
+#   dispatch  perf.bench_dispatch_gemm (dispatch alone, GEMM alone, fused, baseline, switches)
+#   layer     perf.bench_layer (the whole layer against the unfused baseline)
+#   profile   megakernel.profile --preset dsv3 --overhead (trace, timeline, summary)
+#   scaling   perf.scaling (this GPU count's point of the scaling plot)
+#
+# No STEP: all of them, in that order. Each step's output goes to $OUT/<step>.log (OUT defaults
+# to perf/results/node_suite), its last lines to the terminal; a failed step does not stop the
+# ones after it, and the exit status is the number of failed steps. Python scripts relaunch
+# themselves under torchrun with the NVSHMEM environment (symm_mem.launch).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the torchrun workers import the packages too
+out=${OUT:-perf/results/node_suite}
+mkdir -p "$out"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(dist dispatch layer profile scaling)
+
+run_step() {
+  case $1 in
+    dist) python3 -m pytest tests/dist -q -s ;;
+    dispatch) python3 -m perf.bench_dispatch_gemm ;;
+    layer) python3 -m perf.bench_layer ;;
+    profile) python3 -m megakernel.profile --preset dsv3 --overhead --out "$out" ;;
+    scaling) python3 -m perf.scaling ;;
+    *) echo "unknown step $1 (dist, dispatch, layer, profile, scaling)" >&2; return 2 ;;
+  esac
+}
+
+failed=0
+summary=()
+for step in "${steps[@]}"; do
+  start=$SECONDS
+  run_step "$step" > "$out/$step.log" 2>&1
+  rc=$?
+  summary+=("$(printf '%-9s rc %-3s %5ss' "$step" "$rc" "$((SECONDS - start))")")
+  echo "== $step (rc $rc), last lines of $out/$step.log:"
+  tail -n "${TAIL:-15}" "$out/$step.log"
+  [ "$rc" -ne 0 ] && failed=$((failed + 1))
+done
+echo "== summary"
+printf '%s\n' "${summary[@]}"
+exit "$failed"
