@@ -213,8 +213,13 @@ def tile_combine_put(
 ):
     """Store each row of ``acc`` into its source rank's ``combine_y[token * K + k]`` and count, in
     this program's ``pending[source rank * NCB + token // CB]``, the (row, column block) pieces
-    each token block got: one add per distinct (source, block) in the tile. ``flush_pieces``
-    later adds them to the source ranks' counters with one release for many tasks.
+    each token block got. ``flush_pieces`` later adds them to the source ranks' counters with one
+    release for many tasks.
+
+    NOTE: a tile's rows are in receive order (one local slot; source rank, then token: DESIGN
+    §4), so the rows of one (source, block) key form a run. A run adds its length as two atomics,
+    ``-first`` at its first row and ``last + 1`` at its last, instead of comparing every pair of
+    rows.
 
     ``REMOTE=False`` (a timing probe: compute alone) stores the rows into this rank's own
     ``combine_y`` instead and counts nothing."""
@@ -234,13 +239,19 @@ def tile_combine_put(
     )
     y_rows = tl.multiple_of(y_rows, [16])  # NOTE: symmetric buffers are aligned (see peer_ptr)
     tl.store(y_rows[:, None] + pair.to(tl.int64)[:, None] * H + n[None, :], y, mask=n_ok)
-    block = pair // K // CB
-    key = src * NCB + block
-    same = (key[:, None] == key[None, :]) & live[None, :]  # [BM, BM]
-    pieces = tl.sum(same.to(tl.int32), axis=1)
-    earlier = tl.sum((same & (r[None, :] < r[:, None])).to(tl.int32), axis=1)
-    first = live & (earlier == 0)
-    tl.atomic_add(pending_ptr + key, pieces, mask=first, sem="relaxed", scope="cta")
+    key = src * NCB + pair // K // CB
+    before = tl.load(recv_tag_ptr + row0 + r - 1, mask=live & (r > 0), other=0)
+    after = tl.load(recv_tag_ptr + row0 + r + 1, mask=r + 1 < rows, other=0)
+    first = live & ((r == 0) | (_piece_key(before, TK, K, CB, NCB) != key))
+    last = live & ((r == rows - 1) | (_piece_key(after, TK, K, CB, NCB) != key))
+    tl.atomic_add(pending_ptr + key, -r, mask=first, sem="relaxed", scope="cta")
+    tl.atomic_add(pending_ptr + key, r + 1, mask=last, sem="relaxed", scope="cta")
+
+
+@triton.jit
+def _piece_key(tag, TK: tl.constexpr, K: tl.constexpr, CB: tl.constexpr, NCB: tl.constexpr):
+    """The combine counter a row's tag feeds: source rank * NCB + token // CB."""
+    return tag // TK * NCB + tag % TK // K // CB
 
 
 @triton.jit
