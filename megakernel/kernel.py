@@ -76,7 +76,7 @@ PROBE_OFF = tl.constexpr(0)
 PROBE_COMM = tl.constexpr(1)  # every task but no GEMM math: plan, dispatch, combine, reduce
 PROBE_COMPUTE = tl.constexpr(2)  # both GEMMs on the last call's rows, outputs kept local
 # run() parts, for timing each alone: see Megakernel.run
-STAGES = ("all", "dispatch", "tiles", "comm", "compute")
+STAGES = ("all", "dispatch", "sends", "tiles", "comm", "compute")
 # KernelConfig.pack: how GEMM1 reads rows that token saving left as references (see gather_a)
 PACK_MODES = ("auto", "gather", "scan")
 
@@ -1243,10 +1243,12 @@ class Megakernel:
         + top-k reduce) instead of one.
 
         ``stage`` times parts alone. Modes "gemm" and "dispatch": "dispatch" (plan and dispatch
-        tasks only); "tiles" (no plan, no dispatch: rerun the last call's tile tasks on its
-        received rows). Mode "layer": "comm" (a whole call without the GEMM math: communication,
-        flags and the top-k reduce; the outputs are junk); "compute" (both GEMMs rerun on the
-        last call's rows, outputs kept on this rank). "all": the real call.
+        tasks only); "sends" (no plan: rerun the last call's dispatch tasks, which put the same
+        rows again; the data movement alone); "tiles" (no plan, no dispatch: rerun the last
+        call's tile tasks on its received rows). Mode "layer": "comm" (a whole call without the
+        GEMM math: communication, flags and the top-k reduce; the outputs are junk); "compute"
+        (both GEMMs rerun on the last call's rows, outputs kept on this rank). "all": the real
+        call.
 
         ``overlap`` (default: when the world runs ranks concurrently) runs each rank's task range
         in one launch (two with ``split``); otherwise each task kind runs on every rank before the
@@ -1261,10 +1263,10 @@ class Megakernel:
         layer_stages = ("all", "comm", "compute")
         if (mode == "layer") != (stage in layer_stages) and stage != "all":
             raise ValueError(f'stage {stage!r} is not one of mode "{mode}"')
-        rerun = stage in ("tiles", "compute")
+        rerun = stage in ("sends", "tiles", "compute")
         if rerun and min(self.epoch.values()) == 0:
             raise ValueError(
-                f"stage={stage!r} reruns the last call's tiles: make a full call first"
+                f"stage={stage!r} reruns the last call's tasks: make a full call first"
             )
         probe = {"comm": PROBE_COMM, "compute": PROBE_COMPUTE}.get(stage, PROBE_OFF).value
         ranks = self.world.local_ranks
@@ -1320,7 +1322,7 @@ class Megakernel:
     ) -> list[tuple[int, int]]:
         """The task id ranges to launch, in order (each one launch per rank)."""
         regions = self.task_regions(mode)
-        if stage == "dispatch":
+        if stage in ("dispatch", "sends"):
             return [regions["dispatch"]]
         if stage == "tiles":
             return [(regions["gemm1"][0], max(e for _, e in regions.values()))]

@@ -8,6 +8,8 @@ references first, then, on the same inputs, CUDA events around graph-replayed ca
 p20/p80 over repeats, max over ranks):
   dispatch   plan + dispatch tasks; wire GB/s = rows sent to other ranks x H x 2 B / t,
              logical GB/s (DeepEP's) = (token, rank) rows received, own included, x H x 2 B / t
+  sends      the dispatch tasks alone, plan done (the last call's puts again): wire GB/s of the
+             data movement, as DeepEP times its dispatch apart from its layout step
   gemm       the tile tasks alone, on that call's received rows; TFLOP/s = 2 S H (2I) / t
   fused      plan + dispatch + GEMM1 in one launch; overlap = max(dispatch, gemm) / fused
 and once: ``torch._grouped_mm`` + SwiGLU on the same received rows, and the baseline (permute,
@@ -70,7 +72,8 @@ def run_variant(world, shape, placement, rt, xs, w_local, name, switches, tiles_
     row = {"variant": name, "config": dataclasses.asdict(cfg), "num_recv": n_recv}
     call = lambda stage: lambda: ws.run(x, ids, None, w, validate=False, stage=stage)  # noqa: E731
     row["dispatch_us"] = time_us(graphed(call("dispatch")))
-    ws.run(x, ids, None, w)  # the tiles stage reruns the last full call's tiles
+    ws.run(x, ids, None, w)  # the sends and tiles stages rerun the last full call's tasks
+    row["sends_us"] = time_us(graphed(call("sends")))
     row["gemm_us"] = time_us(graphed(call("tiles")))
     row["fused_us"] = time_us(graphed(call("all")))
     ws.check_errors()
@@ -120,6 +123,7 @@ def bench(world: World, args) -> dict:
         d, g, f = (row[k]["median"] for k in ("dispatch_us", "gemm_us", "fused_us"))
         row.update(
             wire_GBps=wire / d / 1e3,
+            sends_wire_GBps=wire / row["sends_us"]["median"] / 1e3,
             logical_GBps=logical / d / 1e3,
             gemm_TFLOPs=flops / g / 1e6,
             grouped_mm_TFLOPs=flops / row["grouped_mm_us"]["median"] / 1e6,
@@ -150,7 +154,8 @@ def report(result: dict, args) -> None:
         + (f"{base['median']:.0f} us" if base else "not run (needs NCCL or one rank)")
     )
     head = (
-        f"{'variant':<17} {'dispatch us':>11} {'wire GB/s':>9} {'logic GB/s':>10} {'gemm us':>8} "
+        f"{'variant':<17} {'dispatch us':>11} {'wire GB/s':>9} {'logic GB/s':>10} "
+        f"{'sends us':>8} {'wire GB/s':>9} {'gemm us':>8} "
         f"{'TFLOP/s':>7} {'gmm TF/s':>8} {'fused us':>8} {'overlap':>7} {'vs base':>7}"
     )
     print(head)
@@ -158,7 +163,8 @@ def report(result: dict, args) -> None:
         vs = f"{v['vs_baseline']:.2f}x" if v["vs_baseline"] else "-"
         print(
             f"{v['variant']:<17} {v['dispatch_us']['median']:11.1f} {v['wire_GBps']:9.1f} "
-            f"{v['logical_GBps']:10.1f} {v['gemm_us']['median']:8.1f} {v['gemm_TFLOPs']:7.1f} "
+            f"{v['logical_GBps']:10.1f} {v['sends_us']['median']:8.1f} {v['sends_wire_GBps']:9.1f} "
+            f"{v['gemm_us']['median']:8.1f} {v['gemm_TFLOPs']:7.1f} "
             f"{v['grouped_mm_TFLOPs']:8.1f} {v['fused_us']['median']:8.1f} {v['overlap']:7.2f} "
             f"{vs:>7}"
         )

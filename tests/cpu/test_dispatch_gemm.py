@@ -109,6 +109,33 @@ def test_back_to_back_calls_alternate_buffers():
         assert ws.counters[0].tolist() == [0, 0, 0], "the last program out reset the counters"
 
 
+def test_sends_stage_puts_the_same_rows_again():
+    """stage="sends" (the benchmark's data movement alone) reruns the last call's dispatch tasks:
+    without a plan it refuses; after one, the data rows come back into poisoned buffers."""
+    R = 2
+    rt = routing.uniform(R, T, SHAPE.num_experts, SHAPE.topk, seed=9)
+    placement = Placement.contiguous(SHAPE.num_experts, R)
+    x = make_tokens(SHAPE, [T] * R, 9, "cpu")
+    w13 = {r: placement.local_weights(make_w13(SHAPE, 9, "cpu"), r) for r in range(R)}
+    args = (dict(enumerate(x)), dict(enumerate(rt.topk_ids)), None, w13)
+    with EmulatedWorld(R) as world:
+        ws = Megakernel(world, SHAPE, config=small_config())
+        with pytest.raises(ValueError, match="make a full call first"):
+            ws.run(*args, stage="sends")
+        handles = ws.run(*args)
+        ws.check_errors()
+        want = {r: h.snapshot() for r, h in handles.items()}
+        for r in range(R):
+            ws.sym_recv_x.peer(r).fill_(float("nan"))
+        again = ws.run(*args, stage="sends")
+        ws.check_errors()
+        for r in range(R):
+            n = want[r].num_recv()
+            data = want[r].recv_src[:n].long().unique()  # the rows that carry a token's data
+            assert again[r].epoch == want[r].epoch, "a rerun: same epoch, same buffers"
+            assert torch.equal(again[r].recv_x[data], want[r].recv_x[data])
+
+
 def test_overflow_raises_on_every_rank_and_dispatches_nothing():
     R = 2
     rt = routing.all_to_one_rank(R, T, SHAPE.num_experts, SHAPE.topk, dst=1, seed=0)
