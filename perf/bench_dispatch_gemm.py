@@ -110,8 +110,8 @@ def bench(world: World, args) -> dict:
     base = None
     if can_baseline:
         r = world.local_ranks[0]
-        args = (xs[r], rt.topk_ids[r], None, w_local[r], None, shape, R)
-        base = time_us(lambda: baseline_moe(*args, layer=False))
+        base_args = (xs[r], rt.topk_ids[r], None, w_local[r], None, shape, R)
+        base = time_us(lambda: baseline_moe(*base_args, layer=False))
     row_bytes = shape.hidden * shape.dtype.itemsize
     for row in rows:
         saving = row["config"]["token_saving"]
