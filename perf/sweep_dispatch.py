@@ -1,0 +1,88 @@
+"""Dispatch tile sweep: ``python -m perf.sweep_dispatch [--preset dsv3] [--tokens 4096]``.
+
+Relaunches itself on every visible GPU (NVSHMEM world; ``--emulate R`` for R ranks on one GPU).
+For each (``chunk``: units per dispatch task, ``block_h``: columns per copy step) it makes one
+call in mode "dispatch", poisoned and checked bit for bit against ``dispatch_ref``, then times
+(CUDA-graph replays, median, slowest rank) the dispatch with its plan (stage "dispatch") and the
+puts alone (stage "sends"). GB/s: the bytes the busiest sender moves (remote rows only when there
+are several ranks; every row it stores at R = 1, where the dispatch is a local copy) over the
+time. Table on rank 0; the best row is what ``KernelConfig``'s ``chunk`` / ``block_h`` should
+cite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megakernel import routing
+from megakernel.kernel import KernelConfig, Megakernel
+from megakernel.placement import Placement
+from megakernel.plan import resolve_all_ref
+from megakernel.shapes import preset
+from megakernel.traffic import traffic_model
+from megakernel.verify import check_calls, local_w13, make_tokens, run_poisoned
+from perf.timing import graphed, time_us
+from symm_mem import World
+from symm_mem.launch import run_in_world
+
+CONFIGS = [(8, 1024), (8, 2048), (16, 1024), (16, 2048), (32, 1024), (4, 2048)]  # (chunk, block_h)
+
+
+def sweep(world: World, args) -> None:
+    shape = preset(args.preset).with_tokens(args.tokens)
+    R, E, K, T = world.world_size, shape.num_experts, shape.topk, args.tokens
+    ranks, dev = world.local_ranks, world.device
+    placement = Placement.contiguous(E, R)
+    rt = routing.uniform(R, T, E, K, seed=1).to(dev)
+    xs = make_tokens(shape, [T] * R, 1, dev)
+    w = {r: local_w13(shape, placement, r, 1, dev) for r in ranks}
+    phys = resolve_all_ref([i.cpu() for i in rt.topk_ids], placement)
+    traffic = traffic_model(phys, placement.slots_per_rank)
+    row_bytes = shape.hidden * shape.dtype.itemsize
+    moved = max(traffic.bytes(row_bytes, True)) if R > 1 else T * row_bytes  # token saving
+    rows = []
+    for chunk, block_h in CONFIGS:
+        cfg = KernelConfig(chunk=chunk, block_h=block_h, num_ctas=args.ctas)
+        ws = Megakernel(world, shape, placement=placement, config=cfg, combine=False)
+        handles = run_poisoned(ws, xs, rt.topk_ids, w, "dispatch")
+        problems = check_calls(handles, xs, rt.topk_ids, w, placement, "dispatch")
+        x, ids = {r: xs[r] for r in ranks}, {r: rt.topk_ids[r] for r in ranks}
+
+        def call(stage: str, ws=ws, x=x, ids=ids):
+            return lambda: ws.run(x, ids, None, w, mode="dispatch", stage=stage, validate=False)
+
+        timed = {stage: time_us(graphed(call(stage)))["median"] for stage in ("dispatch", "sends")}
+        ws.check_errors()
+        ws.close()
+        rows.append((chunk, block_h, timed["dispatch"], timed["sends"], problems))
+    if world.rank != 0:
+        return
+    print(
+        f"\ndispatch sweep, {args.preset}, T={T}, {R} ranks ({type(world).__name__}), "
+        f"{moved / 1e6:.1f} MB moved by the busiest sender"
+    )
+    print(f"{'chunk':>5} {'block_h':>7} {'dispatch us':>11} {'sends us':>8} {'GB/s':>6} ok")
+    for chunk, block_h, d, s, problems in rows:
+        ok = "yes" if not problems else problems[0]
+        print(f"{chunk:5d} {block_h:7d} {d:11.1f} {s:8.1f} {moved / s / 1e3:6.1f} {ok}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="dsv3")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--emulate", type=int, default=0, help="R ranks on one GPU instead")
+    parser.add_argument("--ctas", type=int, default=0, help="programs per rank (0: SM share)")
+    parser.add_argument("--symmetric-size", default="4G")
+    args = parser.parse_args()
+    job = lambda world: sweep(world, args)  # noqa: E731
+    sys.exit(
+        run_in_world(
+            "perf.sweep_dispatch", job, emulate=args.emulate, symmetric_size=args.symmetric_size
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
