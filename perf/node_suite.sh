@@ -3,6 +3,7 @@
 #
 #   dist      python -m pytest tests/dist (NVSHMEM world, every visible GPU)
 #   dispatch  perf.bench_dispatch_gemm (dispatch alone, GEMM alone, fused, baseline, switches)
+#   sweep     perf.sweep_dispatch (units per dispatch task x columns per copy step, over NVLink)
 #   layer     perf.bench_layer (the whole layer against the unfused baseline)
 #   profile   megakernel.profile --preset dsv3 --overhead (trace, timeline, summary)
 #   scaling   perf.scaling (this GPU count's point of the scaling plot)
@@ -17,16 +18,17 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the torchrun workers impo
 out=${OUT:-perf/results/node_suite}
 mkdir -p "$out"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(dist dispatch layer profile scaling)
+[ ${#steps[@]} -eq 0 ] && steps=(dist dispatch sweep layer profile scaling)
 
 run_step() {
   case $1 in
     dist) python3 -m pytest tests/dist -q -s ;;
     dispatch) python3 -m perf.bench_dispatch_gemm ;;
+    sweep) python3 -m perf.sweep_dispatch ;;
     layer) python3 -m perf.bench_layer ;;
     profile) python3 -m megakernel.profile --preset dsv3 --overhead --out "$out" ;;
     scaling) python3 -m perf.scaling ;;
-    *) echo "unknown step $1 (dist, dispatch, layer, profile, scaling)" >&2; return 2 ;;
+    *) echo "unknown step $1 (dist, dispatch, sweep, layer, profile, scaling)" >&2; return 2 ;;
   esac
 }
 

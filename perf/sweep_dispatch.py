@@ -26,7 +26,8 @@ from perf.timing import graphed, time_us
 from symm_mem import World
 from symm_mem.launch import run_in_world
 
-CONFIGS = [(8, 1024), (8, 2048), (16, 1024), (16, 2048), (32, 1024), (4, 2048)]  # (chunk, block_h)
+# (chunk, block_h)
+CONFIGS = [(8, 1024), (8, 2048), (16, 1024), (16, 2048), (16, 4096), (32, 1024), (32, 2048)]
 
 
 def sweep(world: World, args) -> None:
