@@ -146,8 +146,12 @@ def plot(tokens: int) -> str:
         for key, style in (("layer", "o-"), ("comm", "s--"), ("compute", "^--")):
             ms = [by_r[r][f"{key}_us"] / 1e3 for r in ranks]
             left.plot(ranks, ms, style, label=f"{key}" + ("" if key == "layer" else " alone"))
+        # the GPU of each point under its count: a point may come from another GPU model
+        ticks = [
+            f"{r}\n{by_r[r]['gpu'].split()[1] if ' ' in by_r[r]['gpu'] else ''}" for r in ranks
+        ]
         left.set_xscale("log", base=2)
-        left.set_xticks(ranks, [str(r) for r in ranks])
+        left.set_xticks(ranks, ticks)
         left.set_xlabel("GPUs (ranks)")
         left.set_ylabel("ms per call")
         left.set_ylim(bottom=0)
@@ -156,7 +160,7 @@ def plot(tokens: int) -> str:
         bottom = [0.0] * len(ranks)
         for kind in KINDS:
             share = [100 * by_r[r]["shares"].get(kind, 0) for r in ranks]
-            right.bar([str(r) for r in ranks], share, bottom=bottom, label=LABELS[kind])
+            right.bar(ticks, share, bottom=bottom, label=LABELS[kind])
             bottom = [b + s for b, s in zip(bottom, share, strict=True)]
         right.set_xlabel("GPUs (ranks)")
         right.set_ylabel("% of busy time (traced call)")
