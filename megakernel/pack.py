@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megakernel.plan import _chunk_ranks, _count_at_most
+from megakernel.plan import _chunk_ranks, _count_at_most, _pow2
 from megakernel.tiles import tile_expert_gemm
 from megakernel.validate import check_routing
 
@@ -203,10 +203,6 @@ def _scan_write_kernel(
 
 
 # ----------------------------------------------------------------------------- host side
-
-
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(1, n))
 
 
 ATOMIC_MAX_PAIRS = 16384  # atomic packs fastest below this many (token, k) pairs ...

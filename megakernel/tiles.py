@@ -239,7 +239,7 @@ def tile_combine_put(
     )
     y_rows = tl.multiple_of(y_rows, [16])  # NOTE: symmetric buffers are aligned (see peer_ptr)
     tl.store(y_rows[:, None] + pair.to(tl.int64)[:, None] * H + n[None, :], y, mask=n_ok)
-    key = src * NCB + pair // K // CB
+    key = _piece_key(tag, TK, K, CB, NCB)
     before = tl.load(recv_tag_ptr + row0 + r - 1, mask=live & (r > 0), other=0)
     after = tl.load(recv_tag_ptr + row0 + r + 1, mask=r + 1 < rows, other=0)
     first = live & ((r == 0) | (_piece_key(before, TK, K, CB, NCB) != key))
