@@ -40,6 +40,20 @@ from symm_mem import World
 from symm_mem.launch import run_in_world
 
 
+def time_layer(ws, inputs: tuple) -> dict[str, dict[str, float]]:
+    """CUDA-graph timings of a layer call (``layer_us``) and of its timing probes alone:
+    ``comm_us`` (no GEMM math) and ``compute_us`` (both GEMMs on the last real call's rows).
+    ``inputs``: (x, topk_ids, topk_weights, w13, w2), each keyed by rank."""
+
+    def call(stage: str):
+        return lambda: ws.run(*inputs, mode="layer", stage=stage, validate=False)
+
+    timed = {"layer_us": time_us(graphed(call("all"))), "comm_us": time_us(graphed(call("comm")))}
+    ws.run(*inputs, mode="layer")  # the compute probe reruns the last real call's rows
+    timed["compute_us"] = time_us(graphed(call("compute")))
+    return timed
+
+
 def bench_preset(world: World, name: str, args) -> dict:
     shape = preset(name).with_tokens(args.tokens)
     R, E, K, T = world.world_size, shape.num_experts, shape.topk, args.tokens
@@ -77,19 +91,12 @@ def bench_preset(world: World, name: str, args) -> dict:
     if problems:
         raise SystemExit(f"{name}: wrong results: {problems[:4]}")
 
-    def call(stage: str = "all", split: bool = False):
-        return lambda: ws.run(
-            x, ids, weights, w13, w2, mode="layer", stage=stage, split=split, validate=False
-        )
-
-    handles = ws.run(x, ids, weights, w13, w2, mode="layer")
+    inputs = (x, ids, weights, w13, w2)
+    handles = ws.run(*inputs, mode="layer")
     n_recv = {r: handles[r].num_recv() for r in ranks}
-    row = {"preset": name, "num_recv": n_recv}
-    row["layer_us"] = time_us(graphed(call()))
-    row["split_us"] = time_us(graphed(call(split=True)))
-    row["comm_us"] = time_us(graphed(call("comm")))
-    ws.run(x, ids, weights, w13, w2, mode="layer")  # compute reruns the last real call's rows
-    row["compute_us"] = time_us(graphed(call("compute")))
+    row = {"preset": name, "num_recv": n_recv, **time_layer(ws, inputs)}
+    split = lambda: ws.run(*inputs, mode="layer", split=True, validate=False)  # noqa: E731
+    row["split_us"] = time_us(graphed(split))
     ws.check_errors()
 
     handles = ws.run(x, ids, weights, w13, w2, mode="layer")

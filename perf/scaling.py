@@ -43,7 +43,7 @@ def measure(world, name: str, args) -> dict | None:
     from megakernel.placement import Placement
     from megakernel.shapes import preset
     from megakernel.verify import check_layer_output, local_w2, local_w13, make_tokens
-    from perf.timing import graphed, time_us
+    from perf.bench_layer import time_layer
 
     shape = preset(name).with_tokens(args.tokens)
     R, E, K, T = world.world_size, shape.num_experts, shape.topk, args.tokens
@@ -73,14 +73,7 @@ def measure(world, name: str, args) -> dict | None:
         if trace:
             records = [rec for r in ranks for rec in profiler.decode(handles[r].trace, r)[0]]
         else:
-            for stage in ("all", "comm", "compute"):
-                call = lambda ws=ws, s=stage: ws.run(  # noqa: E731
-                    *inputs, mode="layer", stage=s, validate=False
-                )
-                key = "layer" if stage == "all" else stage
-                row[f"{key}_us"] = time_us(graphed(call))["median"]
-                if stage == "comm":  # the compute probe reruns the last real call's rows
-                    ws.run(*inputs, mode="layer")
+            row.update({key: t["median"] for key, t in time_layer(ws, inputs).items()})
             ws.check_errors()
         ws.close()
     records = profiler.gather_records(world, records)
