@@ -55,7 +55,7 @@ from symm_mem.device import globaltimer, peer_ptr, smid, wait_flag, wait_flags
 # error-record flag ids of the waits (below 1 << 20: the plan's counts_ready[source rank])
 FLAG_EXPERT_READY = tl.constexpr(1 << 20)  # + local * RP + source rank
 FLAG_ACT_READY = tl.constexpr(2 << 20)  # + tile
-FLAG_COMBINE = tl.constexpr(3 << 20)  # + token block
+FLAG_COMBINE = tl.constexpr(3 << 20)  # + column group * NCB + token block
 FLAG_ROWS_RESOLVED = tl.constexpr(4 << 20)  # + tile (KernelConfig.pack = "scan")
 # the kernel's counters: [3] int32 per rank
 COUNTER_DISPATCH = tl.constexpr(0)
@@ -63,8 +63,9 @@ COUNTER_COMPUTE = tl.constexpr(1)
 COUNTER_EXIT = tl.constexpr(2)
 # "layer": the whole MoE layer; "gemm": dispatch + GEMM1; "dispatch": dispatch + resolve only
 MODES = ("layer", "gemm", "dispatch")
-# tokens per step of a top-k reduce task: [16, reduce_h] fp32 accumulators stay in registers
+# a top-k reduce step loads [REDUCE_ROWS tokens, K, columns] with REDUCE_LOAD elements at once
 REDUCE_ROWS = 16
+REDUCE_LOAD = 16384
 # task kinds in trace records (megakernel.profiler names them)
 KIND_DISPATCH = tl.constexpr(0)
 KIND_GEMM1 = tl.constexpr(1)
@@ -102,8 +103,12 @@ class KernelConfig:
     block_k: int = 64  # reduction step over H
     down_block_n: int = 256  # output columns (of H) per down-projection task
     down_block_k: int = 64  # reduction step over I
-    combine_block: int = 128  # tokens per combine counter (and per top-k reduce task)
-    reduce_h: int = 1024  # columns per top-k reduce task
+    combine_block: int = 128  # tokens per combine counter
+    reduce_h: int = 1024  # columns per top-k reduce task (at least down_block_n of them)
+    reduce_tokens: int = 32  # tokens per top-k reduce task (capped at combine_block)
+    reduce_lag: int = (
+        0  # down tasks of a group before the last group's reduce mixes in; 0: programs
+    )
     block_h: int = 1024  # columns per dispatch copy step
     chunk: int = 8  # units per dispatch task
     num_warps: int = 8
@@ -124,7 +129,7 @@ class KernelConfig:
             value = getattr(self, f.name)
             if f.type in ("bool", "str"):
                 continue
-            low = 0 if f.name in ("num_ctas", "dispatch_ctas") else 1
+            low = 0 if f.name in ("num_ctas", "dispatch_ctas", "reduce_lag") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"KernelConfig.{f.name} must be an int >= {low}, got {value!r}")
         for name in (
@@ -135,12 +140,20 @@ class KernelConfig:
             "down_block_k",
             "combine_block",
             "reduce_h",
+            "reduce_tokens",
             "block_h",
             "chunk",
         ):
             value = getattr(self, name)
             if value & (value - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
+
+    def reduce_groups(self, hidden: int) -> tuple[int, int, int]:
+        """(RH, NRH, GB): a top-k reduce task's columns, the column groups of H, and the
+        down-projection column blocks per group. A group is RH wide, a multiple of
+        ``down_block_n``, so each down task feeds one group's combine counters."""
+        rh = max(min(self.reduce_h, _pow2(hidden)), self.down_block_n)
+        return rh, triton.cdiv(hidden, rh), rh // self.down_block_n
 
     def gather_a(self, shape: MoEShape) -> bool:
         """Whether GEMM1 gathers its A rows through ``recv_src`` (``pack`` "gather") or reads
@@ -383,8 +396,64 @@ def _tile_task(
 
 
 @triton.jit
+def _down_coords(j, num_tiles, GB: tl.constexpr, NB2: tl.constexpr):
+    """Down task ``j`` -> (column group, tile, column block). Tasks are column-group major (the
+    group's ``GB`` column blocks of every tile, then the next group's), so each group's combine
+    pieces are complete early enough for its top-k reduce to run among later down tasks; within
+    a group a tile's column blocks are neighbours and share its activations in L2."""
+    full = tl.maximum(num_tiles * GB, 1)  # tasks of a whole group (the last may have fewer)
+    g = j // full
+    in_group = j - g * full
+    width = tl.minimum(GB, NB2 - g * GB)  # column blocks of group g
+    return g, in_group // width, g * GB + in_group % width
+
+
+@triton.jit
+def _combine_order(u, num_down, num_tiles, nrb, lag, GB: tl.constexpr, NRH: tl.constexpr):
+    """Position ``u`` of the down + reduce part of the task order -> (is a down task, index in
+    its region). Dg are column group g's down tasks, Rg its ``nrb`` top-k reduce tasks. The
+    order is D0, then for g = 1 .. NRH - 1 the first ``lag`` tasks of Dg followed by the rest of
+    Dg with R(g-1) spread evenly among them, then R(NRH-1).
+
+    A reduce task waits for its group's pieces from every program here and on the peers (which
+    keep the same order); they publish them when they move on from that group, so ``lag`` (about
+    one wave of programs) keeps the first reduce tasks of a group from waiting on the group's
+    last down tasks. Spread among the GEMMs, the reduce streams from HBM while the tensor cores
+    work; as one band (a large ``lag``) it had the whole memory system to itself and the GEMMs
+    stopped."""
+    full = num_tiles * GB
+    if NRH == 1:
+        is_down = u < num_down
+        idx = tl.where(is_down, u, u - num_down)
+    else:
+        period = tl.maximum(full + nrb, 1)  # Dg and R(g-1)
+        v = u - full
+        g = tl.minimum(tl.maximum(v, 0) // period, NRH - 2) + 1  # the segment holding v
+        w = v - (g - 1) * period
+        down_len = tl.minimum(full, num_down - g * full)  # the last group may be narrower
+        head = tl.minimum(down_len, lag)
+        # after the head: down_len - head down tasks and nrb reduce tasks, mixed; position p
+        # is a reduce task when the count of reduce tasks up to it steps up (Bresenham)
+        p = w - head
+        mixed = tl.maximum(down_len - head + nrb, 1)
+        upto = (p + 1) * nrb // mixed
+        reduce_here = (upto > p * nrb // mixed) & (p >= 0)
+        in_mix = tl.where(reduce_here, (g - 1) * nrb + upto - 1, g * full + head + p - upto)
+        # in the last segment, past the mix, R(NRH-1) follows as one run
+        tail = p >= mixed
+        later = tl.where(
+            p < 0, g * full + w, tl.where(tail, (g - 1) * nrb + p - mixed + nrb, in_mix)
+        )
+        is_down = (u < full) | ((p < 0) | ~(reduce_here | tail))
+        idx = tl.where(u < full, u, later)
+    return is_down, idx
+
+
+@triton.jit
 def _down_task(
-    j,
+    tile,
+    n_block,
+    task,
     tiles_ptr,
     act_ready_ptr,
     act_ptr,
@@ -404,22 +473,20 @@ def _down_task(
     TK: tl.constexpr,
     CB: tl.constexpr,
     NCB: tl.constexpr,
-    NB2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N2: tl.constexpr,
     BLOCK_K2: tl.constexpr,
     PROBE: tl.constexpr,
     TRACE: tl.constexpr,
-    TASK_BASE: tl.constexpr,
 ):
-    """Down-projection task ``j``: wait for the tile's activations (GEMM1 tasks of this rank with
-    lower ids), GEMM column block ``j % NB2`` of H and put the rows to their source ranks."""
-    tile = j // NB2
+    """Down-projection task ``task`` (``tile``, column block ``n_block`` of H): wait for the
+    tile's activations (GEMM1 tasks of this rank with lower ids), GEMM and put the rows to their
+    source ranks."""
     waited = tl.zeros((), tl.int64)
     if TRACE:
         waited = globaltimer()
     ready = wait_flag(
-        act_ready_ptr + tile, epoch, deadline, err_ptr, rank, FLAG_ACT_READY + tile, TASK_BASE + j
+        act_ready_ptr + tile, epoch, deadline, err_ptr, rank, FLAG_ACT_READY + tile, task
     )
     if TRACE:
         waited = globaltimer() - waited
@@ -431,7 +498,7 @@ def _down_task(
             acc = tl.zeros([BLOCK_M, BLOCK_N2], dtype=tl.float32)
         else:
             acc = tile_down_gemm(
-                act_ptr, w2_ptr, local, row0, rows, j % NB2, H, I, BLOCK_M, BLOCK_N2, BLOCK_K2
+                act_ptr, w2_ptr, local, row0, rows, n_block, H, I, BLOCK_M, BLOCK_N2, BLOCK_K2
             )
         tile_combine_put(
             acc,
@@ -441,7 +508,7 @@ def _down_task(
             combine_ptr,
             row0,
             rows,
-            j % NB2,
+            n_block,
             H,
             K,
             TK,
@@ -457,6 +524,7 @@ def _down_task(
 @triton.jit
 def _reduce_task(
     j,
+    nrb,
     num_tokens,
     phys_ptr,
     weights_ptr,
@@ -470,34 +538,40 @@ def _reduce_task(
     K: tl.constexpr,
     KP: tl.constexpr,
     CB: tl.constexpr,
+    NCB: tl.constexpr,
     NB2: tl.constexpr,
-    NRH: tl.constexpr,
+    GB: tl.constexpr,
+    RB: tl.constexpr,
     RT: tl.constexpr,
     RH: tl.constexpr,
+    RC: tl.constexpr,
     TRACE: tl.constexpr,
     TASK_BASE: tl.constexpr,
 ):
-    """Top-k reduce task ``j``: token block ``j // NRH``, columns ``(j % NRH) * RH``. Waits until
-    the block's counter holds every piece its tokens' kept slots get (NB2 per slot)."""
-    block = j // NRH
-    t0 = block * CB
-    t = t0 + tl.arange(0, CB)[:, None]
+    """Top-k reduce task ``j`` of ``nrb`` per column group: group ``g = j // nrb`` (columns
+    ``g * RH``), tokens ``(j % nrb) * RB``. Waits until the counter of its (group, token block)
+    holds every piece the block's kept slots get there (one per column block of the group)."""
+    g = j // nrb
+    t0 = (j - g * nrb) * RB
+    block = t0 // CB
+    t = block * CB + tl.arange(0, CB)[:, None]
     k = tl.arange(0, KP)[None, :]
     in_block = (t < num_tokens) & (k < K)
     kept = in_block & (tl.load(phys_ptr + t * K + k, mask=in_block, other=-1) >= 0)
-    expected = tl.sum(tl.sum(kept.to(tl.int32), axis=1), axis=0) * NB2
+    blocks_in_group = tl.minimum(GB, NB2 - g * GB)
+    expected = tl.sum(tl.sum(kept.to(tl.int32), axis=1), axis=0) * blocks_in_group
     waited = tl.zeros((), tl.int64)
     if TRACE:
         waited = globaltimer()
-    ready = wait_flag(
-        count_ptr + block, expected, deadline, err_ptr, rank, FLAG_COMBINE + block, TASK_BASE + j
-    )
+    counter = g * NCB + block
+    flag = FLAG_COMBINE + counter
+    ready = wait_flag(count_ptr + counter, expected, deadline, err_ptr, rank, flag, TASK_BASE + j)
     if TRACE:
         waited = globaltimer() - waited
     if ready:
-        t_end = tl.minimum(t0 + CB, num_tokens)
+        t_end = tl.minimum(t0 + RB, num_tokens)
         tile_topk_reduce(
-            combine_ptr, weights_ptr, phys_ptr, out_ptr, t0, t_end, (j % NRH) * RH, H, K, CB, RT, RH
+            combine_ptr, weights_ptr, phys_ptr, out_ptr, t0, t_end, g * RH, H, K, KP, RB, RT, RH, RC
         )
     return waited
 
@@ -575,7 +649,7 @@ def moe_megakernel(
     recv_tag_base,  # [R] int64: every rank's sym recv_tag [2, C] int32 (LAYER)
     ready_base,  # [R] int64: every rank's sym expert_ready [L, R] int64
     combine_base,  # [R] int64: every rank's sym combine_y [T_max * K, H] (LAYER)
-    count_base,  # [R] int64: every rank's sym combine_count [NCB] int32 (LAYER)
+    count_base,  # [R] int64: every rank's sym combine_count [NRH, NCB] int32 (LAYER)
     recv_x_ptr,  # this rank's recv_x
     recv_src_ptr,  # this rank's recv_src
     recv_tag_ptr,  # this rank's recv_tag
@@ -618,8 +692,12 @@ def moe_megakernel(
     NCBP: tl.constexpr,
     RNCBP: tl.constexpr,
     NRH: tl.constexpr,
+    GB: tl.constexpr,
+    RB: tl.constexpr,
     RT: tl.constexpr,
     RH: tl.constexpr,
+    RC: tl.constexpr,
+    LAG: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -646,14 +724,17 @@ def moe_megakernel(
     ok = tl.load(err_ptr) == 0
     num_tiles = tl.where(ok, tl.load(stats_ptr + 2), 0)
     num_down = 0
-    num_reduce = 0
+    nrb = 0  # reduce tasks per column group
     if LAYER:
         num_down = num_tiles * NB2
-        num_reduce = tl.where(ok, tl.cdiv(num_tokens, CB) * NRH, 0)
+        nrb = tl.where(ok, tl.cdiv(num_tokens, RB), 0)
+    num_reduce = nrb * NRH
     d_lo, d_count = _share(task_begin, task_end, 0, tl.where(ok, tl.load(stats_ptr + 3), 0))
     g_lo, g_count = _share(task_begin, task_end, MAX_DISPATCH, num_tiles * NB)
     n_lo, n_count = _share(task_begin, task_end, BASE_DOWN, num_down)
     r_lo, r_count = _share(task_begin, task_end, BASE_REDUCE, num_reduce)
+    # a launch holding both whole regions interleaves them (_combine_order); else id order
+    interleave = (n_count == num_down) & (r_count == num_reduce)
     # TRACE: this program's events so far this call (earlier launches of it appended theirs)
     n_events = _trace_begin(trace_ptr, TRACE, TRACE_CAP)
     if tl.program_id(0) < DISPATCH_CTAS:
@@ -699,10 +780,11 @@ def moe_megakernel(
                 trace_ptr, n_events, KIND_DISPATCH, d_lo + d, start, 0, TRACE, TRACE_CAP
             )
             d = tl.atomic_add(counters_ptr + COUNTER_DISPATCH, 1, sem="relaxed")
-    # compute tasks in id order: GEMM1 (or resolve), then down projection + combine put, then
-    # top-k reduce; a task only waits on lower ids here or on dispatch / down tasks of peers
+    # compute tasks: GEMM1 (or resolve) in id order, then down projection + combine put and
+    # top-k reduce, interleaved by column group (_combine_order); a task only waits on lower ids
+    # here or on dispatch / down tasks of peers
     pending_row = pending_ptr + tl.program_id(0) * RNCBP
-    flushed = tl.zeros((), tl.int32)
+    held = tl.full((), -1, tl.int32)  # column group of the pieces in pending_row; -1: none
     q = tl.atomic_add(counters_ptr + COUNTER_COMPUTE, 1, sem="relaxed")
     while q < g_count + n_count + r_count:
         start = _now(TRACE)
@@ -751,11 +833,23 @@ def moe_megakernel(
                 MAX_DISPATCH,
             )
         elif LAYER:
-            if q < g_count + n_count:
+            u = q - g_count
+            is_down = u < n_count
+            idx = tl.where(is_down, n_lo + u, r_lo + u - n_count)
+            if interleave:
+                is_down, idx = _combine_order(u, num_down, num_tiles, nrb, LAG, GB, NRH)
+            if is_down:
+                group, tile, n_block = _down_coords(idx, num_tiles, GB, NB2)
+                # NOTE: a program holds one group's pieces at a time: publish them when it moves on
+                if (held >= 0) & (held != group):
+                    flush_pieces(pending_row, count_base, held, R, NCB, RNCBP)
+                held = group.to(tl.int32)
                 kind = tl.full((), KIND_DOWN, tl.int32)
-                task = BASE_DOWN + n_lo + q - g_count
+                task = BASE_DOWN + idx
                 waited = _down_task(
-                    n_lo + q - g_count,
+                    tile,
+                    n_block,
+                    task,
                     tiles_ptr,
                     act_ready_ptr,
                     act_ptr,
@@ -775,23 +869,22 @@ def moe_megakernel(
                     TK,
                     CB,
                     NCB,
-                    NB2,
                     BLOCK_M,
                     BLOCK_N2,
                     BLOCK_K2,
                     PROBE,
                     TRACE,
-                    BASE_DOWN,
                 )
             else:
                 # NOTE: publish this program's combine pieces before it waits on anybody's
-                if flushed == 0:
-                    flush_pieces(pending_row, count_base, R, NCB, RNCBP)
-                    flushed += 1
+                if held >= 0:
+                    flush_pieces(pending_row, count_base, held, R, NCB, RNCBP)
+                    held = tl.full((), -1, tl.int32)
                 kind = tl.full((), KIND_REDUCE, tl.int32)
-                task = BASE_REDUCE + r_lo + q - g_count - n_count
+                task = BASE_REDUCE + idx
                 waited = _reduce_task(
-                    r_lo + q - g_count - n_count,
+                    idx,
+                    nrb,
                     num_tokens,
                     phys_ptr,
                     weights_ptr,
@@ -805,18 +898,21 @@ def moe_megakernel(
                     K,
                     KP,
                     CB,
+                    NCB,
                     NB2,
-                    NRH,
+                    GB,
+                    RB,
                     RT,
                     RH,
+                    RC,
                     TRACE,
                     BASE_REDUCE,
                 )
         n_events = _trace_task(trace_ptr, n_events, kind, task, start, waited, TRACE, TRACE_CAP)
         q = tl.atomic_add(counters_ptr + COUNTER_COMPUTE, 1, sem="relaxed")
     if LAYER:
-        if flushed == 0:
-            flush_pieces(pending_row, count_base, R, NCB, RNCBP)
+        if held >= 0:
+            flush_pieces(pending_row, count_base, held, R, NCB, RNCBP)
     _trace_end(trace_ptr, n_events, rank, TRACE, TRACE_CAP)
     # the last program out resets the counters for the next launch (stream-ordered after it)
     tl.debug_barrier()
@@ -829,7 +925,7 @@ def moe_megakernel(
             # puts pieces for the next call before this rank dispatches it: safe to clear
             if (task_begin <= BASE_REDUCE) & (task_end >= BASE_REDUCE + MAX_REDUCE):
                 b = tl.arange(0, NCBP)
-                tl.store(count_ptr + b, tl.zeros([NCBP], tl.int32), mask=b < NCB)
+                tl.store(count_ptr + b, tl.zeros([NCBP], tl.int32), mask=b < NRH * NCB)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -854,8 +950,8 @@ def kernel_meta(
     nb = triton.cdiv(width, cfg.block_n) if gemm else 1
     nb2 = triton.cdiv(H, cfg.down_block_n) if layer else 1
     ncb = triton.cdiv(T, cfg.combine_block)
-    rh = min(cfg.reduce_h, _pow2(H))
-    nrh = triton.cdiv(H, rh)
+    rh, nrh, gb = cfg.reduce_groups(H)
+    rb = min(cfg.reduce_tokens, cfg.combine_block)
     base_down = pc.max_dispatch_tasks + pc.max_tiles * nb
     base_reduce = base_down + (pc.max_tiles * nb2 if layer else 0)
     return dict(
@@ -873,16 +969,20 @@ def kernel_meta(
         MAX_DISPATCH=pc.max_dispatch_tasks,
         BASE_DOWN=base_down,
         BASE_REDUCE=base_reduce,
-        MAX_REDUCE=ncb * nrh if layer else 0,
+        MAX_REDUCE=triton.cdiv(T, rb) * nrh if layer else 0,
         NB=nb,
         NB2=nb2,
         CB=cfg.combine_block,
         NCB=ncb,
-        NCBP=_pow2(ncb),
+        NCBP=_pow2(nrh * ncb),
         RNCBP=_pow2(pc.world_size * ncb),
         NRH=nrh,
-        RT=min(REDUCE_ROWS, cfg.combine_block),
+        GB=gb,
+        RB=rb,
+        RT=min(REDUCE_ROWS, rb),
         RH=rh,
+        LAG=cfg.reduce_lag or num_ctas,
+        RC=min(rh, max(1, REDUCE_LOAD // (min(REDUCE_ROWS, rb) * _pow2(pc.topk)))),
         CHUNK=cfg.chunk,
         BLOCK_H=min(cfg.block_h, _pow2(shape.hidden)),
         BLOCK_M=cfg.block_m,
@@ -959,7 +1059,8 @@ class Megakernel:
     with ``combine`` (what mode "layer" needs) also
       ``recv_tag [2, C]``       int32, each row's (source rank, token, k): where its output goes;
       ``combine_y [T * K, H]``  the expert outputs of this rank's tokens, one row per (token, k);
-      ``combine_count [NCB]``   int32 pieces arrived per block of ``combine_block`` tokens;
+      ``combine_count [NRH, NCB]``  int32 pieces arrived per (column group of H, block of
+                                ``combine_block`` tokens);
     and per rank ``act [C, I]``, ``act_ready`` / ``act_done`` / ``resolved`` per tile,
     ``group_done [PP]`` and the task counters.
 
@@ -1013,7 +1114,7 @@ class Megakernel:
         if combine:
             self.sym_recv_tag = world.alloc((2, C), torch.int32)
             self.sym_combine = world.alloc((T * K, H), shape.dtype)
-            self.sym_count = world.alloc((ncb,), torch.int32)
+            self.sym_count = world.alloc((cfg.reduce_groups(H)[1], ncb), torch.int32)
             self._sym += [self.sym_recv_tag, self.sym_combine, self.sym_count]
         dev, PP, MT = world.device, _pow2(R * L), self.plan_cfg.max_tiles
         width = I if swiglu else 2 * I
@@ -1342,8 +1443,12 @@ class Megakernel:
         if flag >= FLAG_ROWS_RESOLVED.value:
             return f"resolved[tile {flag - FLAG_ROWS_RESOLVED.value}] (its column block 0)"
         if flag >= FLAG_COMBINE.value:
-            block = flag - FLAG_COMBINE.value
-            return f"combine_count[token block {block}] (pieces from the experts' ranks)"
+            ncb = self.sym_count.shape[-1]
+            group, block = divmod(flag - FLAG_COMBINE.value, ncb)
+            return (
+                f"combine_count[column group {group}, token block {block}] (pieces from the "
+                "experts' ranks)"
+            )
         if flag >= FLAG_ACT_READY.value:
             return f"act_ready[tile {flag - FLAG_ACT_READY.value}]"
         if flag >= FLAG_EXPERT_READY.value:

@@ -257,21 +257,25 @@ def _piece_key(tag, TK: tl.constexpr, K: tl.constexpr, CB: tl.constexpr, NCB: tl
 @triton.jit
 def flush_pieces(
     pending_ptr,  # [R * NCB] int32: this program's pieces per (source rank, token block)
-    count_base,  # [R] int64: every rank's sym combine_count [NCB] int32
+    count_base,  # [R] int64: every rank's sym combine_count [groups, NCB] int32
+    group,  # the column group of H all these pieces belong to
     R: tl.constexpr,
     NCB: tl.constexpr,
     RNCBP: tl.constexpr,  # R * NCB rounded up to a power of two
 ):
-    """Add this program's pending pieces to the source ranks' ``combine_count``, with release at
-    system scope (so the rows put before are visible first), and clear them.
+    """Add this program's pending pieces, all of column group ``group``, to the source ranks'
+    ``combine_count[group]``, with release at system scope (so the rows put before are visible
+    first), and clear them.
 
     NOTE: a release at system scope waits until this program's stores reached the peers; paid
-    once per flush instead of once per task, it no longer stalls every down task."""
+    once per group a program works in instead of once per task, it no longer stalls every down
+    task."""
     tl.debug_barrier()  # every thread's rows and pending adds before the releases
     i = tl.arange(0, RNCBP)
     pieces = tl.load(pending_ptr + i, mask=i < R * NCB, other=0)
     some = pieces != 0
     counters = tl.load(count_base + i // NCB, mask=some, other=0).to(tl.pointer_type(tl.int32))
+    counters += group * NCB
     tl.atomic_add(counters + i % NCB, pieces, mask=some, sem="release", scope="sys")
     tl.store(pending_ptr + i, tl.zeros([RNCBP], tl.int32), mask=some)
 
@@ -287,25 +291,31 @@ def tile_topk_reduce(
     h0,
     H: tl.constexpr,
     K: tl.constexpr,
-    CB: tl.constexpr,
-    RT: tl.constexpr,
-    RH: tl.constexpr,
+    KP: tl.constexpr,  # K rounded up to a power of two
+    TB: tl.constexpr,  # tokens of the task (at most)
+    RT: tl.constexpr,  # tokens per step
+    RH: tl.constexpr,  # columns of the task
+    RC: tl.constexpr,  # columns per step
 ):
-    """``out[t, h0 : h0 + RH] = sum_k w[t, k] * y[t, k]`` for tokens ``[t0, t_end)`` (at most CB),
-    in fp32, k in order: the same inputs give bitwise the same output. Dropped slots add
-    nothing."""
-    h = h0 + tl.arange(0, RH)
-    h_ok = (h < H)[None, :]
-    for s0 in tl.range(0, CB, RT):
+    """``out[t, h0 : h0 + RH] = sum_k w[t, k] * y[t, k]`` for tokens ``[t0, t_end)`` (at most TB),
+    in fp32, summed over k by one fixed reduction tree: the same inputs give bitwise the same
+    output. Dropped slots add nothing.
+
+    NOTE: a step loads all K rows of RT tokens at once ([RT, KP, RC]): the reduce is a stream
+    from HBM, and one SM's share of the bandwidth is the bytes it has in flight over the load
+    latency. Loading row by row, each behind its own mask load, kept 32 KB in flight and chained
+    the latencies (~14 GB/s per SM)."""
+    k = tl.arange(0, KP)[None, :]
+    for s0 in tl.range(0, TB, RT):
         t = t0 + s0 + tl.arange(0, RT)
-        t_ok = t < t_end
-        acc = tl.zeros([RT, RH], dtype=tl.float32)
-        for k in tl.static_range(K):
-            pair = t * K + k
-            used = t_ok & (tl.load(phys_ptr + pair, mask=t_ok, other=-1) >= 0)
-            w = tl.load(weights_ptr + pair, mask=used, other=0.0)
-            y_ptrs = combine_ptr + pair.to(tl.int64)[:, None] * H + h[None, :]
-            y = tl.load(y_ptrs, mask=used[:, None] & h_ok, other=0.0)
-            acc += w[:, None] * y.to(tl.float32)
-        out = out_ptr + t.to(tl.int64)[:, None] * H + h[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & h_ok)
+        pair = t[:, None] * K + k  # [RT, KP]
+        live = (t < t_end)[:, None] & (k < K)
+        used = live & (tl.load(phys_ptr + pair, mask=live, other=-1) >= 0)
+        w = tl.load(weights_ptr + pair, mask=used, other=0.0)
+        rows = combine_ptr + pair.to(tl.int64)[:, :, None] * H
+        for c0 in tl.range(0, RH, RC):
+            h = h0 + c0 + tl.arange(0, RC)
+            y = tl.load(rows + h[None, None, :], mask=used[:, :, None] & (h < H), other=0.0)
+            acc = tl.sum(w[:, :, None] * y.to(tl.float32), axis=1)  # [RT, RC]
+            out = out_ptr + t.to(tl.int64)[:, None] * H + h[None, :]
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(t < t_end)[:, None] & (h < H))

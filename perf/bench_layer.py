@@ -116,18 +116,20 @@ def bench_preset(world: World, name: str, args) -> dict:
     row["baseline_us"] = time_us(lambda: baseline_moe(*base_args)) if can_baseline else None
     layer.close()
     row["pack"] = pack  # what KernelConfig(pack="auto") chose
-    row["pack_us"] = {}
-    for mode in args.pack:  # the layer with each GEMM1 row source, same inputs
+    # the layer with other knobs, same inputs, each checked first
+    variants = [("pack", m) for m in args.pack] + [("reduce_lag", n) for n in args.reduce_lag]
+    row["pack_us"], row["reduce_lag_us"] = {}, {}
+    for knob, value in variants:
         torch.cuda.empty_cache()
-        cfg = KernelConfig(num_ctas=args.ctas, pack=mode)
+        cfg = KernelConfig(num_ctas=args.ctas, **{knob: value})
         other = FusedEPMoE(world, shape, w13, w2, placement=placement, config=cfg)
         out = other(x, ids, weights)
         other.check_errors()
         for r in ranks:
             found = check_layer_output(out[r], xs[r], ids[r], weights[r], shape, args.seed, r)
             if found:
-                raise SystemExit(f"{name} pack={mode}: wrong results: {found[:4]}")
-        row["pack_us"][mode] = time_us(
+                raise SystemExit(f"{name} {knob}={value}: wrong results: {found[:4]}")
+        row[f"{knob}_us"][value] = time_us(
             graphed(
                 lambda ws=other.workspace: ws.run(
                     x, ids, weights, w13, w2, mode="layer", validate=False
@@ -175,6 +177,9 @@ def report(result: dict, args) -> None:
         if v["pack_us"]:
             times = ", ".join(f"{m} {t['median']:.1f} us" for m, t in v["pack_us"].items())
             print(f"{v['preset']}: layer by KernelConfig.pack (auto = {v['pack']}): {times}")
+        if v.get("reduce_lag_us"):
+            times = ", ".join(f"{n} {t['median']:.1f} us" for n, t in v["reduce_lag_us"].items())
+            print(f"{v['preset']}: layer by KernelConfig.reduce_lag (0 = programs): {times}")
     print(f"wrote perf/results/{name}")
 
 
@@ -203,6 +208,9 @@ def main() -> None:
     parser.add_argument("--symmetric-size", default="8G")
     parser.add_argument(
         "--pack", nargs="*", default=[], choices=PACK_MODES, help="also time these pack modes"
+    )
+    parser.add_argument(
+        "--reduce-lag", nargs="*", type=int, default=[], help="also time these reduce lags"
     )
     args = parser.parse_args()
 

@@ -10,9 +10,11 @@ import time
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from megakernel import FusedEPMoE, TopKRouter, routing
-from megakernel.kernel import KernelConfig, Megakernel
+from megakernel.kernel import KernelConfig, Megakernel, _combine_order, _down_coords
 from megakernel.placement import Placement
 from megakernel.shapes import PRESETS, MoEShape
 from megakernel.verify import (
@@ -200,3 +202,62 @@ def test_the_benchmark_baseline_computes_the_layer():
     ids, w = rt.topk_ids[0], rt.topk_weights[0]
     got = baseline_moe(x, ids, w, w13, w2, SHAPE, world_size=1)
     assert torch.allclose(got, moe_ref(x, ids, w, w13, w2), rtol=1e-5, atol=1e-5)
+
+
+@triton.jit
+def _order_kernel(
+    out_ptr,
+    n,
+    num_tiles,
+    nrb,
+    lag,
+    GB: tl.constexpr,
+    NB2: tl.constexpr,
+    NRH: tl.constexpr,
+    NP: tl.constexpr,
+):
+    u = tl.arange(0, NP)
+    is_down, idx = _combine_order(u, num_tiles * NB2, num_tiles, nrb, lag, GB, NRH)
+    group, tile, n_block = _down_coords(tl.where(is_down, idx, 0), num_tiles, GB, NB2)
+    ok = u < n
+    tl.store(out_ptr + u * 5, is_down.to(tl.int32), mask=ok)
+    tl.store(out_ptr + u * 5 + 1, idx, mask=ok)
+    tl.store(out_ptr + u * 5 + 2, group, mask=ok)
+    tl.store(out_ptr + u * 5 + 3, tile, mask=ok)
+    tl.store(out_ptr + u * 5 + 4, n_block, mask=ok)
+
+
+@pytest.mark.parametrize("lag", [1, 3, 1000])
+@pytest.mark.parametrize(
+    "num_tiles, nrb, GB, NB2",
+    [(3, 4, 2, 5), (5, 2, 4, 8), (1, 7, 1, 3), (0, 3, 2, 4), (4, 0, 2, 3)],
+)
+def test_down_and_reduce_order(num_tiles, nrb, GB, NB2, lag):
+    """The interleaved order visits every down task (tile, column block) and every reduce task
+    once; down tasks run group by group; reduce group g comes after every down task of group g
+    and, from then on, after the first ``lag`` down tasks of group g + 1 (as one band after
+    all of them when the lag is that long)."""
+    NRH = triton.cdiv(NB2, GB)
+    n = num_tiles * NB2 + nrb * NRH
+    out = torch.full((max(n, 1), 5), -1, dtype=torch.int32)
+    np2 = triton.next_power_of_2(max(n, 1))
+    _order_kernel[(1,)](out, n, num_tiles, nrb, lag, GB, NB2, NRH, np2)
+    rows = out[:n].tolist()
+    down = [(p, r) for p, r in enumerate(rows) if r[0] == 1]
+    red = [(p, r) for p, r in enumerate(rows) if r[0] == 0]
+    assert sorted(r[1] for _, r in down) == list(range(num_tiles * NB2))
+    assert sorted(r[1] for _, r in red) == list(range(nrb * NRH))
+    assert sorted((r[3], r[4]) for _, r in down) == [
+        (t, c) for t in range(num_tiles) for c in range(NB2)
+    ]
+    assert all(r[2] == r[4] // GB for _, r in down), "a down task's group holds its column block"
+    assert [r[1] for _, r in down] == sorted(r[1] for _, r in down), "down tasks in id order"
+    downs_of = {}
+    for p, r in down:
+        downs_of.setdefault(r[2], []).append(p)
+    for p, r in red:
+        g = r[1] // nrb
+        assert p > max(downs_of.get(g, [-1])), f"reduce of group {g} before its own down tasks"
+        following = downs_of.get(g + 1, [])
+        assert sum(q < p for q in following) >= min(lag, len(following))
+    assert [r[1] for _, r in red] == sorted(r[1] for _, r in red), "reduce tasks in id order"
