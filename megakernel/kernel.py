@@ -9,6 +9,10 @@ tasks from two atomic counters, in id order:
   dispatch tasks  ``[0, max_dispatch)``   the plan's task table (first ``num_dispatch_tasks``);
   tile tasks      ``[max_dispatch, +max_tiles * NB)``  tile ``j // NB``, column block ``j % NB``
                   (``mode="gemm"``); or one resolve task per tile (``mode="dispatch"``).
+  down tasks      ``[base_down, +max_tiles * NB2)`` (``mode="layer"``): GEMM2 + combine put, column
+                  group major (``_down_coords``);
+  reduce tasks    ``[base_reduce, +NRH * cdiv(T, RB))``: top-k reduce per (column group, RB
+                  tokens), claimed among the next group's down tasks (``_combine_order``).
 
 A dispatch task never waits. The last dispatch task of a send group (found with a per-group
 arrival counter) publishes the group on the destination: ``expert_ready[local, rank] = epoch``
