@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from megakernel.plan import _chunk_ranks, _count_at_most, _pow2
-from megakernel.tiles import tile_expert_gemm
+from megakernel.tiles import copy_rows, tile_expert_gemm
 from megakernel.validate import check_routing
 
 STRATEGIES = ("sort", "atomic", "scan", "gather")
@@ -101,12 +101,8 @@ def pack_ref(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> Packe
 @triton.jit
 def _copy_rows(x_ptr, out_ptr, src_row, dst_row, live, H: tl.constexpr, BH: tl.constexpr):
     """``out[dst_row[i]] = x[src_row[i]]`` where ``live[i]``, BH columns at a time."""
-    h = tl.arange(0, BH)[None, :]
-    src = x_ptr + src_row.to(tl.int64)[:, None] * H + h
-    dst = out_ptr + dst_row.to(tl.int64)[:, None] * H + h
-    for h0 in tl.range(0, H, BH):
-        ok = live[:, None] & (h0 + h < H)
-        tl.store(dst + h0, tl.load(src + h0, mask=ok), mask=ok)
+    src = x_ptr + src_row.to(tl.int64)[:, None] * H
+    copy_rows(src, out_ptr + dst_row.to(tl.int64)[:, None] * H, live[:, None], H, BH)
 
 
 @triton.jit

@@ -69,10 +69,17 @@ def tile_dispatch_put(
         tl.store(recv_tag_dst + slot_row, tag_base + pair, mask=feeds)
     src = x_ptr + token.to(tl.int64)[:, None] * H
     out = recv_x_dst + row.to(tl.int64)[:, None] * H
+    copy_rows(src, out, live[:, None], H, BLOCK_H)
+
+
+@triton.jit
+def copy_rows(src_rows, out_rows, live, H: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``out_rows[i, :H] = src_rows[i, :H]`` where ``live[i]``, BLOCK_H columns at a time
+    (``src_rows`` / ``out_rows``: [N, 1] row pointers, ``live``: [N, 1])."""
     for h0 in tl.range(0, H, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)[None, :]
-        m = live[:, None] & (h < H)
-        tl.store(out + h, tl.load(src + h, mask=m), mask=m)
+        m = live & (h < H)
+        tl.store(out_rows + h, tl.load(src_rows + h, mask=m), mask=m)
 
 
 @triton.jit
@@ -98,10 +105,7 @@ def tile_resolve_rows(
         moved = (live & (src != row0 + r))[:, None]
         src_rows = recv_x_ptr + src.to(tl.int64)[:, None] * H
         out_rows = recv_x_ptr + (row0 + r).to(tl.int64)[:, None] * H
-        for h0 in tl.range(0, H, BLOCK_H):
-            h = h0 + tl.arange(0, BLOCK_H)[None, :]
-            m = moved & (h < H)
-            tl.store(out_rows + h, tl.load(src_rows + h, mask=m), mask=m)
+        copy_rows(src_rows, out_rows, moved, H, BLOCK_H)
 
 
 @triton.jit
