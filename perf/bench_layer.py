@@ -117,8 +117,13 @@ def bench_preset(world: World, name: str, args) -> dict:
     layer.close()
     row["pack"] = pack  # what KernelConfig(pack="auto") chose
     # the layer with other knobs, same inputs, each checked first
-    variants = [("pack", m) for m in args.pack] + [("reduce_lag", n) for n in args.reduce_lag]
-    row["pack_us"], row["reduce_lag_us"] = {}, {}
+    variants = [("pack", m) for m in args.pack] + [
+        (knob, int(v))
+        for spec in args.vary
+        for knob, values in [spec.split("=")]
+        for v in values.split(",")
+    ]
+    row["pack_us"], row["vary_us"] = {}, {}
     for knob, value in variants:
         torch.cuda.empty_cache()
         cfg = KernelConfig(num_ctas=args.ctas, **{knob: value})
@@ -129,7 +134,8 @@ def bench_preset(world: World, name: str, args) -> dict:
             found = check_layer_output(out[r], xs[r], ids[r], weights[r], shape, args.seed, r)
             if found:
                 raise SystemExit(f"{name} {knob}={value}: wrong results: {found[:4]}")
-        row[f"{knob}_us"][value] = time_us(
+        key = value if knob == "pack" else f"{knob}={value}"
+        row["pack_us" if knob == "pack" else "vary_us"][key] = time_us(
             graphed(
                 lambda ws=other.workspace: ws.run(
                     x, ids, weights, w13, w2, mode="layer", validate=False
@@ -177,9 +183,9 @@ def report(result: dict, args) -> None:
         if v["pack_us"]:
             times = ", ".join(f"{m} {t['median']:.1f} us" for m, t in v["pack_us"].items())
             print(f"{v['preset']}: layer by KernelConfig.pack (auto = {v['pack']}): {times}")
-        if v.get("reduce_lag_us"):
-            times = ", ".join(f"{n} {t['median']:.1f} us" for n, t in v["reduce_lag_us"].items())
-            print(f"{v['preset']}: layer by KernelConfig.reduce_lag (0 = programs): {times}")
+        if v.get("vary_us"):
+            times = ", ".join(f"{k} {t['median']:.1f} us" for k, t in v["vary_us"].items())
+            print(f"{v['preset']}: layer with other KernelConfig knobs: {times}")
     print(f"wrote perf/results/{name}")
 
 
@@ -210,7 +216,11 @@ def main() -> None:
         "--pack", nargs="*", default=[], choices=PACK_MODES, help="also time these pack modes"
     )
     parser.add_argument(
-        "--reduce-lag", nargs="*", type=int, default=[], help="also time these reduce lags"
+        "--vary",
+        nargs="*",
+        default=[],
+        metavar="KNOB=V1,V2",
+        help="also time the layer with these int KernelConfig knobs (e.g. tile_group=1,2,4)",
     )
     args = parser.parse_args()
 
