@@ -3,7 +3,8 @@
 Relaunches itself under torchrun on every visible GPU (NVSHMEM world); ``--emulate R`` runs R
 ranks in one process on one GPU instead (the baseline then needs R = 1: no NCCL there).
 
-Per switch variant (token saving, sorted dispatch, per-tile flags): correctness against the
+Per switch variant (token saving, sorted dispatch, per-tile flags; ``--vary KNOB=V1,V2`` adds
+"ours" with other int ``KernelConfig`` knobs): correctness against the
 references first, then, on the same inputs, CUDA events around graph-replayed calls (median and
 p20/p80 over repeats, max over ranks):
   dispatch   plan + dispatch tasks; wire GB/s = rows sent to other ranks x H x 2 B / t,
@@ -35,7 +36,7 @@ from megakernel.shapes import preset
 from megakernel.traffic import traffic_model
 from megakernel.verify import check_calls, local_w13, make_tokens, run_poisoned
 from perf.baseline import baseline_moe
-from perf.record import write_result
+from perf.record import knob_values, write_result
 from perf.timing import graphed, time_us
 from symm_mem import World
 from symm_mem.launch import run_in_world
@@ -99,10 +100,11 @@ def bench(world: World, args) -> dict:
         r: local_w13(shape, placement, r, args.seed, world.device) for r in world.local_ranks
     }
     tiles_cfg = KernelConfig(num_ctas=args.ctas)
+    variants = {name: sw for name, sw in VARIANTS.items() if name in args.variants}
+    variants |= {f"{knob}={value}": {knob: value} for knob, value in knob_values(args.vary)}
     rows = [
         run_variant(world, shape, placement, rt, xs, w_local, name, sw, tiles_cfg)
-        for name, sw in VARIANTS.items()
-        if name in args.variants
+        for name, sw in variants.items()
     ]
     phys = resolve_all_ref([ids.cpu() for ids in rt.topk_ids], placement)
     traffic = traffic_model(phys, placement.slots_per_rank)
@@ -180,6 +182,13 @@ def main() -> None:
     parser.add_argument("--emulate", type=int, default=0, help="R ranks on one GPU instead")
     parser.add_argument("--ctas", type=int, default=0, help="programs per rank (0: SM share)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--vary",
+        nargs="*",
+        default=[],
+        metavar="KNOB=V1,V2",
+        help="also run 'ours' with these int KernelConfig knobs (e.g. dispatch_ctas=48,96)",
+    )
     parser.add_argument("--symmetric-size", default="4G")
     args = parser.parse_args()
 

@@ -34,7 +34,7 @@ from megakernel.placement import Placement
 from megakernel.shapes import preset
 from megakernel.verify import check_layer_output, local_w2, local_w13, make_tokens
 from perf.baseline import baseline_moe
-from perf.record import write_result
+from perf.record import knob_values, write_result
 from perf.timing import graphed, time_us
 from symm_mem import World
 from symm_mem.launch import run_in_world
@@ -117,12 +117,7 @@ def bench_preset(world: World, name: str, args) -> dict:
     layer.close()
     row["pack"] = pack  # what KernelConfig(pack="auto") chose
     # the layer with other knobs, same inputs, each checked first
-    variants = [("pack", m) for m in args.pack] + [
-        (knob, int(v))
-        for spec in args.vary
-        for knob, values in [spec.split("=")]
-        for v in values.split(",")
-    ]
+    variants = [("pack", m) for m in args.pack] + knob_values(args.vary)
     row["pack_us"], row["vary_us"] = {}, {}
     for knob, value in variants:
         torch.cuda.empty_cache()

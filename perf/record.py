@@ -36,3 +36,15 @@ def write_result(stem: str, payload: dict) -> tuple[str, dict[str, str]]:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / name).write_text(json.dumps({"meta": meta, **payload}, indent=1))
     return name, meta
+
+
+def knob_values(specs: list[str]) -> list[tuple[str, int]]:
+    """``["dispatch_ctas=32,64", "chunk=16"]`` -> ``[("dispatch_ctas", 32), ("dispatch_ctas", 64),
+    ("chunk", 16)]``: the int ``KernelConfig`` knobs a benchmark's ``--vary`` also times."""
+    out = []
+    for spec in specs:
+        knob, sep, values = spec.partition("=")
+        if not sep or not values:
+            raise SystemExit(f"--vary wants KNOB=V1,V2,..., got {spec!r}")
+        out += [(knob, int(v)) for v in values.split(",")]
+    return out
