@@ -2,9 +2,11 @@
 # The checks and benchmarks that need a node's GPUs, in one go: perf/node_suite.sh [STEP ...]
 #
 #   dist      python -m pytest tests/dist (NVSHMEM world, every visible GPU)
-#   dispatch  perf.bench_dispatch_gemm (dispatch alone, GEMM alone, fused, baseline, switches)
+#   dispatch  perf.bench_dispatch_gemm (dispatch alone, GEMM alone, fused, baseline, switches,
+#             and fewer dispatch programs)
 #   sweep     perf.sweep_dispatch (units per dispatch task x columns per copy step, over NVLink)
-#   layer     perf.bench_layer (the whole layer against the unfused baseline)
+#   layer     perf.bench_layer (the whole layer against the unfused baseline; also with the
+#             top-k reduce as one band per column group)
 #   profile   megakernel.profile --preset dsv3 --overhead (trace, timeline, summary)
 #   scaling   perf.scaling (this GPU count's point of the scaling plot)
 #
@@ -23,9 +25,9 @@ steps=("$@")
 run_step() {
   case $1 in
     dist) python3 -m pytest tests/dist -q -s ;;
-    dispatch) python3 -m perf.bench_dispatch_gemm ;;
+    dispatch) python3 -m perf.bench_dispatch_gemm --vary dispatch_ctas=48,96 ;;
     sweep) python3 -m perf.sweep_dispatch ;;
-    layer) python3 -m perf.bench_layer ;;
+    layer) python3 -m perf.bench_layer --vary reduce_lag=1000000 ;;
     profile) python3 -m megakernel.profile --preset dsv3 --overhead --out "$out" ;;
     scaling) python3 -m perf.scaling ;;
     *) echo "unknown step $1 (dist, dispatch, sweep, layer, profile, scaling)" >&2; return 2 ;;
