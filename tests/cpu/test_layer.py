@@ -77,6 +77,21 @@ def test_layer_pack_scan():
         layer_call(ws, rt, placement, seed=9, shape=SHAPE, split=True)
 
 
+@pytest.mark.parametrize("lag", [1, 0])
+def test_one_launch_mixes_the_reduce_into_the_down_tasks(lag):
+    """One rank in one launch (``overlap=True``): the interpreter runs programs one after
+    another, so the first claims every task in the real order, down tasks column group by group
+    (two groups here) with the previous group's reduce tasks mixed in (``_combine_order``), and
+    must publish each group's pieces before its reduce tasks wait on them."""
+    rt = routing.zipf(1, T, SHAPE.num_experts, SHAPE.topk, 1.1, seed=13)
+    placement = Placement.contiguous(SHAPE.num_experts, 1)
+    with EmulatedWorld(1) as world:
+        ws = Megakernel(world, SHAPE, config=small_config(reduce_lag=lag))
+        assert ws.sym_count.shape[0] == 2, "H 64 in column groups of 32"
+        _, problems = run_layer_checked(ws, rt, placement, 14, SHAPE, "cpu", overlap=True)
+        assert problems == []
+
+
 def test_module_back_to_back_with_router_is_deterministic():
     R = 2
     g = torch.Generator().manual_seed(7)

@@ -43,6 +43,21 @@ def test_layer_emulated_ranks(R, split):
             ws.close()
 
 
+@pytest.mark.parametrize("R", [2, 8])
+@pytest.mark.parametrize("lag", [3, 0])
+def test_layer_column_groups_with_the_reduce_mixed_in(R, lag):
+    """H 1024 in four column groups of 256 (MEDIUM's default is one group), the reduce of each
+    mixed into the next group's down tasks after ``lag`` of them, calls back to back."""
+    cfg = KernelConfig(reduce_h=256, down_block_n=128, reduce_lag=lag)
+    with EmulatedWorld(R, "cuda") as world:
+        ws = Megakernel(world, MEDIUM, config=cfg)
+        assert ws.sym_count.shape[0] == 4
+        for seed, case in enumerate(["uniform", "zipf", "dropped"]):
+            rt, pl = routing.edge_case(case, R, 700 - seed, MEDIUM.num_experts, MEDIUM.topk, seed)
+            layer_call(ws, rt, pl or Placement.contiguous(MEDIUM.num_experts, R), seed, False)
+        ws.close()
+
+
 @pytest.mark.parametrize("R", [1, 4])
 def test_layer_pack_scan(R):
     """KernelConfig(pack="scan"): GEMM1 reads rows resolved in place (R = 1: K - 1 of every
