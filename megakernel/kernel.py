@@ -112,9 +112,7 @@ class KernelConfig:
     combine_block: int = 128  # tokens per combine counter
     reduce_h: int = 1024  # columns per top-k reduce task (at least down_block_n of them)
     reduce_tokens: int = 32  # tokens per top-k reduce task (capped at combine_block)
-    reduce_lag: int = (
-        0  # down tasks of a group before the last group's reduce mixes in; 0: programs
-    )
+    reduce_lag: int = 0  # down tasks of group g before R(g-1) mixes in; 0: the programs
     block_h: int = 1024  # columns per dispatch copy step
     chunk: int = 8  # units per dispatch task
     num_warps: int = 8
@@ -419,7 +417,8 @@ def _combine_order(u, num_down, num_tiles, nrb, lag, GB: tl.constexpr, NRH: tl.c
     """Position ``u`` of the down + reduce part of the task order -> (is a down task, index in
     its region). Dg are column group g's down tasks, Rg its ``nrb`` top-k reduce tasks. The
     order is D0, then for g = 1 .. NRH - 1 the first ``lag`` tasks of Dg followed by the rest of
-    Dg with R(g-1) spread evenly among them, then R(NRH-1).
+    Dg with R(g-1) spread evenly among them, then R(NRH-1). ``NRH >= 2``: with one group, id
+    order (D0, then R0) is already that order.
 
     A reduce task waits for its group's pieces from every program here and on the peers (which
     keep the same order); they publish them when they move on from that group, so ``lag`` (about
@@ -428,30 +427,24 @@ def _combine_order(u, num_down, num_tiles, nrb, lag, GB: tl.constexpr, NRH: tl.c
     work; as one band (a large ``lag``) it had the whole memory system to itself and the GEMMs
     stopped."""
     full = num_tiles * GB
-    if NRH == 1:
-        is_down = u < num_down
-        idx = tl.where(is_down, u, u - num_down)
-    else:
-        period = tl.maximum(full + nrb, 1)  # Dg and R(g-1)
-        v = u - full
-        g = tl.minimum(tl.maximum(v, 0) // period, NRH - 2) + 1  # the segment holding v
-        w = v - (g - 1) * period
-        down_len = tl.minimum(full, num_down - g * full)  # the last group may be narrower
-        head = tl.minimum(down_len, lag)
-        # after the head: down_len - head down tasks and nrb reduce tasks, mixed; position p
-        # is a reduce task when the count of reduce tasks up to it steps up (Bresenham)
-        p = w - head
-        mixed = tl.maximum(down_len - head + nrb, 1)
-        upto = (p + 1) * nrb // mixed
-        reduce_here = (upto > p * nrb // mixed) & (p >= 0)
-        in_mix = tl.where(reduce_here, (g - 1) * nrb + upto - 1, g * full + head + p - upto)
-        # in the last segment, past the mix, R(NRH-1) follows as one run
-        tail = p >= mixed
-        later = tl.where(
-            p < 0, g * full + w, tl.where(tail, (g - 1) * nrb + p - mixed + nrb, in_mix)
-        )
-        is_down = (u < full) | ((p < 0) | ~(reduce_here | tail))
-        idx = tl.where(u < full, u, later)
+    period = tl.maximum(full + nrb, 1)  # Dg and R(g-1)
+    v = u - full
+    g = tl.minimum(tl.maximum(v, 0) // period, NRH - 2) + 1  # the segment holding v
+    w = v - (g - 1) * period
+    down_len = tl.minimum(full, num_down - g * full)  # the last group may be narrower
+    head = tl.minimum(down_len, lag)
+    # after the head: down_len - head down tasks and nrb reduce tasks, mixed; position p is a
+    # reduce task when the count of reduce tasks up to it steps up (Bresenham)
+    p = w - head
+    mixed = tl.maximum(down_len - head + nrb, 1)
+    upto = (p + 1) * nrb // mixed
+    reduce_here = (upto > p * nrb // mixed) & (p >= 0)
+    in_mix = tl.where(reduce_here, (g - 1) * nrb + upto - 1, g * full + head + p - upto)
+    # in the last segment, past the mix, R(NRH-1) follows as one run
+    tail = p >= mixed
+    later = tl.where(p < 0, g * full + w, tl.where(tail, (g - 1) * nrb + p - mixed + nrb, in_mix))
+    is_down = (u < full) | ((p < 0) | ~(reduce_here | tail))
+    idx = tl.where(u < full, u, later)
     return is_down, idx
 
 
@@ -842,8 +835,9 @@ def moe_megakernel(
             u = q - g_count
             is_down = u < n_count
             idx = tl.where(is_down, n_lo + u, r_lo + u - n_count)
-            if interleave:
-                is_down, idx = _combine_order(u, num_down, num_tiles, nrb, LAG, GB, NRH)
+            if NRH > 1:  # one column group: id order is the interleaved order
+                if interleave:
+                    is_down, idx = _combine_order(u, num_down, num_tiles, nrb, LAG, GB, NRH)
             if is_down:
                 group, tile, n_block = _down_coords(idx, num_tiles, GB, NB2)
                 # NOTE: a program holds one group's pieces at a time: publish them when it moves on
@@ -958,6 +952,7 @@ def kernel_meta(
     ncb = triton.cdiv(T, cfg.combine_block)
     rh, nrh, gb = cfg.reduce_groups(H)
     rb = min(cfg.reduce_tokens, cfg.combine_block)
+    rt = min(REDUCE_ROWS, rb)
     base_down = pc.max_dispatch_tasks + pc.max_tiles * nb
     base_reduce = base_down + (pc.max_tiles * nb2 if layer else 0)
     return dict(
@@ -985,10 +980,10 @@ def kernel_meta(
         NRH=nrh,
         GB=gb,
         RB=rb,
-        RT=min(REDUCE_ROWS, rb),
+        RT=rt,
         RH=rh,
         LAG=cfg.reduce_lag or num_ctas,
-        RC=min(rh, max(1, REDUCE_LOAD // (min(REDUCE_ROWS, rb) * _pow2(pc.topk)))),
+        RC=min(rh, max(1, REDUCE_LOAD // (rt * _pow2(pc.topk)))),
         CHUNK=cfg.chunk,
         BLOCK_H=min(cfg.block_h, _pow2(shape.hidden)),
         BLOCK_M=cfg.block_m,

@@ -313,8 +313,9 @@ def tile_topk_reduce(
     k = tl.arange(0, KP)[None, :]
     for s0 in tl.range(0, TB, RT):
         t = t0 + s0 + tl.arange(0, RT)
+        t_ok = (t < t_end)[:, None]
         pair = t[:, None] * K + k  # [RT, KP]
-        live = (t < t_end)[:, None] & (k < K)
+        live = t_ok & (k < K)
         used = live & (tl.load(phys_ptr + pair, mask=live, other=-1) >= 0)
         w = tl.load(weights_ptr + pair, mask=used, other=0.0)
         rows = combine_ptr + pair.to(tl.int64)[:, :, None] * H
@@ -323,4 +324,4 @@ def tile_topk_reduce(
             y = tl.load(rows + h[None, None, :], mask=used[:, :, None] & (h < H), other=0.0)
             acc = tl.sum(w[:, :, None] * y.to(tl.float32), axis=1)  # [RT, RC]
             out = out_ptr + t.to(tl.int64)[:, None] * H + h[None, :]
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(t < t_end)[:, None] & (h < H))
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=t_ok & (h < H))

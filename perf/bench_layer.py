@@ -215,7 +215,7 @@ def main() -> None:
         nargs="*",
         default=[],
         metavar="KNOB=V1,V2",
-        help="also time the layer with these int KernelConfig knobs (e.g. tile_group=1,2,4)",
+        help="also time the layer with these int KernelConfig knobs (e.g. reduce_lag=1000000)",
     )
     args = parser.parse_args()
 
