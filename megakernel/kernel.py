@@ -38,6 +38,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from megakernel.pack import choose_strategy
 from megakernel.placement import Placement
@@ -95,7 +96,9 @@ class KernelConfig:
     GEMM defaults from ``python -m perf.sweep_gemm --ranks 2`` on an H100 (2026-11-24, dsv3 as
     one of 2 ranks: 128 experts x 256 rows): BM 128, BN 128 (gate and up side by side, so 256
     accumulator columns), BK 64, 8 warps, 3 stages gave 441 TFLOP/s; the next best 420, and
-    ``torch._grouped_mm`` 383 on the same rows (perf/NOTES.md). Down projection from
+    ``torch._grouped_mm`` 383 on the same rows (perf/NOTES.md). With w13 loaded by TMA
+    (``gemm1_tma``; H200, 2026-11-26, ``--vary gemm1_tma=1``) the same tile went 424 -> 475
+    TFLOP/s and stayed the best, against ``torch._grouped_mm``'s 420. Down projection from
     ``python -m perf.sweep_gemm --gemm down --ranks 2`` (H100, 2026-11-24, 32768 rows): BN 256,
     BK 64 gave 395 TFLOP/s; BN 128 / BK 128 331, BN 128 / BK 64 287; ``torch._grouped_mm`` 435.
     """
@@ -107,6 +110,7 @@ class KernelConfig:
     block_m: int = 128  # rows per GEMM tile (the plan's tile height)
     block_n: int = 128  # output columns per GEMM task (of I with SwiGLU)
     block_k: int = 64  # reduction step over H
+    gemm1_tma: bool = True  # GEMM1 loads w13 by TMA (a tensor descriptor), else by pointers
     down_block_n: int = 256  # output columns (of H) per down-projection task
     down_block_k: int = 64  # reduction step over I
     combine_block: int = 128  # tokens per combine counter
@@ -277,6 +281,7 @@ def _tile_task(
     recv_x_ptr,
     recv_src_ptr,
     w13_ptr,
+    w13_desc,
     act_ptr,
     act_done_ptr,
     act_ready_ptr,
@@ -301,6 +306,7 @@ def _tile_task(
     GEMM: tl.constexpr,
     SWIGLU: tl.constexpr,
     GATHER_A: tl.constexpr,
+    GEMM1_TMA: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
     PER_TILE: tl.constexpr,
     LAYER: tl.constexpr,
@@ -374,6 +380,7 @@ def _tile_task(
                     recv_x,
                     recv_src,
                     w13_ptr,
+                    w13_desc,
                     act_ptr,
                     local,
                     row0,
@@ -386,6 +393,7 @@ def _tile_task(
                     BLOCK_K,
                     SWIGLU,
                     GATHER_A,
+                    GEMM1_TMA,
                 )
             if LAYER:
                 tl.debug_barrier()  # every thread's activations before the arrival
@@ -631,6 +639,7 @@ def _share(task_begin, task_end, base, active):
 def moe_megakernel(
     x_ptr,  # [T, H] this rank's tokens
     w13_ptr,  # [L, 2I, H] this rank's experts
+    w13_desc,  # GEMM1_TMA: [BN, BK] block descriptor of w13 as [L * 2I, H] (else None)
     w2_ptr,  # [L, H, I] (LAYER)
     weights_ptr,  # [T, K] fp32 routing weights (LAYER)
     act_ptr,  # [C, I] (or [C, 2I] without SwiGLU) out: expert activations, receive order
@@ -708,6 +717,7 @@ def moe_megakernel(
     GEMM: tl.constexpr,
     SWIGLU: tl.constexpr,
     GATHER_A: tl.constexpr,
+    GEMM1_TMA: tl.constexpr,
     LAYER: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
     SORTED: tl.constexpr,
@@ -800,6 +810,7 @@ def moe_megakernel(
                 recv_x_ptr,
                 recv_src_ptr,
                 w13_ptr,
+                w13_desc,
                 act_ptr,
                 act_done_ptr,
                 act_ready_ptr,
@@ -824,6 +835,7 @@ def moe_megakernel(
                 GEMM,
                 SWIGLU,
                 GATHER_A,
+                GEMM1_TMA,
                 TOKEN_SAVING,
                 PER_TILE,
                 LAYER,
@@ -995,6 +1007,7 @@ def kernel_meta(
         GEMM=gemm,
         SWIGLU=swiglu,
         GATHER_A=cfg.gather_a(shape),
+        GEMM1_TMA=gemm and cfg.gemm1_tma,
         LAYER=layer,
         TOKEN_SAVING=cfg.token_saving,
         SORTED=cfg.sorted_dispatch,
@@ -1089,6 +1102,12 @@ class Megakernel:
         T, K = shape.max_tokens_per_rank, shape.topk
         if H % cfg.block_k:
             raise ValueError(f"hidden size {H} is not a multiple of block_k {cfg.block_k}")
+        row_bytes = cfg.block_k * shape.dtype.itemsize
+        if cfg.gemm1_tma and row_bytes % 16:
+            raise ValueError(
+                f"gemm1_tma loads w13 in rows of block_k = {cfg.block_k} elements ({row_bytes} "
+                "bytes): TMA needs a multiple of 16 bytes (a larger block_k, or gemm1_tma=False)"
+            )
         if combine and not swiglu:
             raise ValueError("the combine (mode 'layer') runs on SwiGLU activations: swiglu=True")
         if combine and I % cfg.down_block_k:
@@ -1200,6 +1219,12 @@ class Megakernel:
     def _args(self, rank: int, inputs: tuple, begin: int, end: int) -> tuple:
         x, _, weights, w13, w2, out = inputs
         b = self.plan_ws.bufs[rank]
+        cfg = self.config
+        w13_desc = None
+        if cfg.gemm1_tma:  # NOTE: a launch without GEMM (GEMM1_TMA off) never reads it
+            w13_desc = TensorDescriptor.from_tensor(
+                w13.view(-1, self.shape.hidden), [cfg.block_n, cfg.block_k]
+            )
         # without the combine buffers the kernel never touches these arguments (LAYER is off)
         tag, comb, count = (
             (self.sym_recv_tag, self.sym_combine, self.sym_count)
@@ -1209,6 +1234,7 @@ class Megakernel:
         return (
             x,
             w13,
+            w13_desc,
             w13 if w2 is None else w2,
             x if weights is None else weights,
             self.act[rank],

@@ -14,8 +14,9 @@ Receive side of one call (one parity of the double-buffered symmetric buffers):
 - ``tile_resolve_rows``: copies the indirect rows of one GEMM tile in place, so ``recv_x`` holds
   every row (dispatch-only mode; what ``dispatch_ref`` describes, bit for bit).
 - ``tile_expert_gemm``: one ``[BM, BN]`` block of the expert's first GEMM, A rows gathered
-  through ``recv_src`` (so no resolve copy is needed), bf16/fp16 in, fp32 accumulate, with the
-  SwiGLU epilogue ``silu(x @ w_gate^T) * (x @ w_up^T)`` or the raw ``x @ w13^T``.
+  through ``recv_src`` (so no resolve copy is needed), the weights loaded by TMA or by pointers,
+  bf16/fp16 in, fp32 accumulate, with the SwiGLU epilogue ``silu(x @ w_gate^T) * (x @ w_up^T)``
+  or the raw ``x @ w13^T``.
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def tile_expert_gemm(
     recv_x_ptr,  # [C, H] this rank's receive rows (this call's parity)
     recv_src_ptr,  # [C] row holding each row's data
     w13_ptr,  # [L, 2I, H] gate rows, then up rows, of every local slot
+    w13_desc,  # with B_TMA: a [BLOCK_N, BLOCK_K] block descriptor of w13 as [L * 2I, H]
     out_ptr,  # [C, I] with SWIGLU, else [C, 2I]
     local,
     row0,
@@ -125,9 +127,13 @@ def tile_expert_gemm(
     BLOCK_K: tl.constexpr,
     SWIGLU: tl.constexpr,
     GATHER: tl.constexpr = True,
+    B_TMA: tl.constexpr = False,
 ):
     """Output columns ``[n_block * BLOCK_N, +BLOCK_N)`` of rows ``[row0, row0 + rows)``.
     ``GATHER``: A row ``r`` is ``recv_x[recv_src[r]]``; off: ``recv_x[r]`` (rows resolved first).
+    ``B_TMA``: the weight blocks come by TMA through ``w13_desc`` (A rows, gathered, cannot),
+    which frees the registers and issue slots the [BK, BN] pointer tiles took: GEMM1 went 424 ->
+    475 TFLOP/s on an H200 (perf/NOTES.md).
 
     NOTE: H must be a multiple of BLOCK_K (checked on the host); rows past ``rows`` read row 0's
     source harmlessly (masked to 0) and are not stored.
@@ -149,6 +155,38 @@ def tile_expert_gemm(
     up_ptrs = gate_ptrs + I * H
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if B_TMA:
+        # columns past WIDTH read the next rows (or TMA's zero fill) and are never stored
+        n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * BLOCK_N
+        for k in tl.range(0, H // BLOCK_K):
+            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+            acc = tl.dot(a, w13_desc.load([n0, k * BLOCK_K]).T, acc)
+            if SWIGLU:
+                acc_up = tl.dot(a, w13_desc.load([n0 + I, k * BLOCK_K]).T, acc_up)
+            a_ptrs += BLOCK_K
+    else:
+        acc, acc_up = _gemm1_pointer_loop(
+            a_ptrs, live, gate_ptrs, up_ptrs, n_ok, acc, acc_up, H, BLOCK_K, SWIGLU
+        )
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    out = out_ptr + (row0 + r).to(tl.int64)[:, None] * WIDTH + n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=live[:, None] & n_ok)
+
+
+@triton.jit
+def _gemm1_pointer_loop(
+    a_ptrs,
+    live,
+    gate_ptrs,
+    up_ptrs,
+    n_ok,
+    acc,
+    acc_up,
+    H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SWIGLU: tl.constexpr,
+):
     for _ in tl.range(0, H // BLOCK_K):
         a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
         acc = tl.dot(a, tl.load(gate_ptrs, mask=n_ok, other=0.0), acc)
@@ -157,10 +195,7 @@ def tile_expert_gemm(
             up_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         gate_ptrs += BLOCK_K
-    if SWIGLU:
-        acc = acc * tl.sigmoid(acc) * acc_up
-    out = out_ptr + (row0 + r).to(tl.int64)[:, None] * WIDTH + n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=live[:, None] & n_ok)
+    return acc, acc_up
 
 
 @triton.jit

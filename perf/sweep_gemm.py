@@ -5,7 +5,8 @@ hold (``E / R``) and about the rows it would receive under uniform routing (T K 
 routed top-K over those experts), so the grouped GEMM has the real per-expert row counts. For
 each tile configuration: one call checked against ``expert_act_ref``, then the tile tasks alone
 (CUDA graph replays), against ``torch._grouped_mm`` + SwiGLU on the same rows. Prints a table; the
-best row is the preset ``KernelConfig`` default cites.
+best row is the preset ``KernelConfig`` default cites. ``--vary KNOB=V1,V2`` times every
+configuration again with each other value of an int ``KernelConfig`` knob (``gemm1_tma=0,1``).
 
 ``--gemm down`` sweeps the down projection's tile (``down_block_n``, ``down_block_k``) instead,
 GEMM1 at its default: each configuration makes one layer call (checked against ``moe_ref``),
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 
 import torch
 
@@ -32,6 +34,7 @@ from megakernel.verify import (
     make_tokens,
     run_poisoned,
 )
+from perf.record import knob_values
 from perf.timing import graphed, time_us
 from symm_mem import EmulatedWorld
 
@@ -96,6 +99,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--ranks", type=int, default=2, help="R of the world being modelled")
     parser.add_argument("--gemm", default="up", choices=["up", "down"])
+    parser.add_argument(
+        "--vary", nargs="*", default=[], metavar="KNOB=V1,V2", help="GEMM1: also these knobs"
+    )
     args = parser.parse_args()
     full = preset(args.preset)
     R, T = args.ranks, args.tokens
@@ -109,10 +115,11 @@ def main() -> None:
         sweep_down(shape, rt, xs, w, placement)
         return
     rows = []
+    knobs = [{}] + [{knob: value} for knob, value in knob_values(args.vary)]
     with EmulatedWorld(1, "cuda") as world:
-        for bm, bn, bk, warps, stages in CONFIGS:
+        for (bm, bn, bk, warps, stages), knob in itertools.product(CONFIGS, knobs):
             cfg = KernelConfig(
-                block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages
+                block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, **knob
             )
             ws = Megakernel(world, shape, config=cfg, capacity=T * shape.topk)
             h = run_poisoned(ws, xs, rt.topk_ids, {0: w})[0]
@@ -126,7 +133,7 @@ def main() -> None:
                     )
                 ),
             )["median"]
-            rows.append((bm, bn, bk, warps, stages, tiles, flops / tiles / 1e6, problems))
+            rows.append((bm, bn, bk, warps, stages, knob, tiles, flops / tiles / 1e6, problems))
             ws.close()
         recv = h.resolved()
         offs = torch.cumsum(h.plan.expert_rows, 0).int()
@@ -141,10 +148,14 @@ def main() -> None:
         f"{n} rows ({n / shape.num_experts:.0f} per expert), {torch.cuda.get_device_name()}"
     )
     print(f"torch._grouped_mm + SwiGLU: {ref:.1f} us, {flops / ref / 1e6:.1f} TFLOP/s")
-    print(f"{'BM':>4} {'BN':>4} {'BK':>4} {'warps':>5} {'stages':>6} {'us':>8} {'TFLOP/s':>8} ok")
-    for bm, bn, bk, warps, stages, us, tf, problems in rows:
+    print(
+        f"{'BM':>4} {'BN':>4} {'BK':>4} {'warps':>5} {'stages':>6} {'knob':>12} {'us':>8} "
+        f"{'TFLOP/s':>8} ok"
+    )
+    for bm, bn, bk, warps, stages, knob, us, tf, problems in rows:
+        other = ",".join(f"{k}={v}" for k, v in knob.items()) or "-"
         print(
-            f"{bm:4d} {bn:4d} {bk:4d} {warps:5d} {stages:6d} {us:8.1f} {tf:8.1f} "
+            f"{bm:4d} {bn:4d} {bk:4d} {warps:5d} {stages:6d} {other:>12} {us:8.1f} {tf:8.1f} "
             f"{'yes' if not problems else problems[0]}"
         )
 

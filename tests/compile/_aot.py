@@ -5,6 +5,7 @@ import os
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # NVSHMEM kernels link libnvshmem_device.bc (from the nvidia-nvshmem-cu13 wheel); set this to
@@ -23,10 +24,14 @@ _TORCH_TYPES = {
 
 
 def signature_of(args: dict[str, object]) -> dict[str, str]:
-    """Triton types of example arguments: tensors -> pointers, ints -> i32 / i64."""
+    """Triton types of example arguments: tensors -> pointers, tensor descriptors ->
+    ``tensordesc<dtype[block]>``, ints -> i32 / i64."""
     sig = {}
     for name, value in args.items():
-        if hasattr(value, "dtype") and hasattr(value, "data_ptr"):
+        if isinstance(value, TensorDescriptor):
+            block = ",".join(str(n) for n in value.block_shape)
+            sig[name] = f"tensordesc<{_TORCH_TYPES[str(value.base.dtype)]}[{block}]>"
+        elif hasattr(value, "dtype") and hasattr(value, "data_ptr"):
             sig[name] = "*" + _TORCH_TYPES[str(value.dtype)]
         elif isinstance(value, bool):
             raise TypeError(f"{name}: pass bools as constexprs")

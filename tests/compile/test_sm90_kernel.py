@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 from _aot import compile_sm90, signature_of
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from megakernel.kernel import KernelConfig, default_capacity, kernel_meta, moe_megakernel
 from megakernel.plan import PlanConfig
@@ -18,10 +19,16 @@ DATA_PTRS = {"x_ptr", "w13_ptr", "w2_ptr", "act_ptr", "out_ptr", "recv_x_ptr", "
 SCALARS = {"rank": 1, "num_tokens": 4000, "task_begin": 0, "task_end": 100, "timeout_ns": 10**10}
 
 
-def example_args(dtype):
+def example_args(dtype, cfg: KernelConfig | None = None):
+    """Arguments of every type; with ``cfg`` (``gemm1_tma``) GEMM1's weight descriptor, else
+    None for it (a constexpr)."""
     args = {}
     for name in moe_megakernel.arg_names:
-        if name in SCALARS:
+        if name == "w13_desc":
+            if cfg is not None:
+                rows = torch.empty(256, 256, dtype=dtype)
+                args[name] = TensorDescriptor.from_tensor(rows, [cfg.block_n, cfg.block_k])
+        elif name in SCALARS:
             args[name] = SCALARS[name]
         elif name.endswith(("_ptr", "_base")):
             int64 = name in INT64_PTRS or name.endswith("_base")
@@ -39,7 +46,10 @@ def compile_megakernel(shape, R: int, cfg: KernelConfig, mode: str):
     )
     meta = kernel_meta(shape, plan_cfg, cfg, capacity, True, 132, mode)
     options = {k: meta.pop(k) for k in ("num_warps", "num_stages")}
-    return compile_sm90(moe_megakernel, signature_of(example_args(shape.dtype)), meta, **options)
+    args = example_args(shape.dtype, cfg if meta["GEMM1_TMA"] else None)
+    if "w13_desc" not in args:
+        meta["w13_desc"] = None
+    return compile_sm90(moe_megakernel, signature_of(args), meta, **options)
 
 
 @pytest.mark.parametrize("mode", ["layer", "gemm", "dispatch"])
@@ -54,6 +64,8 @@ def test_megakernel_compiles(preset, R, mode):
         assert "wgmma" in ptx, "the GEMM should use Hopper's warpgroup MMA"
     if mode == "layer":
         assert "atom.global.sys.release.add.u32" in ptx, "combine pieces are added with a release"
+    tma = "cp.async.bulk.tensor" in ptx
+    assert tma == (mode != "dispatch"), "GEMM1 (only) loads its weights by TMA"
     assert kernel.metadata.shared <= 227 * 1024
 
 
@@ -61,11 +73,18 @@ def test_megakernel_compiles(preset, R, mode):
 def test_trace_switch_compiles_to_nothing_when_off(trace):
     kernel = compile_megakernel(PRESETS["dsv3"], 2, KernelConfig(trace=trace), "layer")
     ptx = kernel.asm["ptx"]
-    # the trace buffer is kernel parameter number `index`; PTX loads a parameter only if used
-    index = moe_megakernel.arg_names.index("trace_ptr")
+    # the trace buffer is PTX parameter number `index`; PTX loads a parameter only if used. The
+    # 2-D tensor descriptor before it is 5 PTX parameters: the TMA descriptor, 2 sizes, 2 strides.
+    index = moe_megakernel.arg_names.index("trace_ptr") + 4
     loads_trace = f"moe_megakernel_param_{index}]" in ptx
     assert loads_trace == trace, "TRACE off must not touch the trace buffer; on, it must"
     assert ("%smid" in ptx) == trace, "the SM id is read only for the trace header"
+
+
+def test_gemm1_tma_switch():
+    """gemm1_tma=False loads w13 by pointers: no TMA copy, and the descriptor argument is gone."""
+    ptx = compile_megakernel(PRESETS["dsv3"], 2, KernelConfig(gemm1_tma=False), "gemm").asm["ptx"]
+    assert "cp.async.bulk.tensor" not in ptx and "wgmma" in ptx
 
 
 def test_pack_scan_resolves_then_reads_rows_in_place():

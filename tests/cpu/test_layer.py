@@ -62,7 +62,9 @@ def test_layer_top1_one_expert_per_rank_fp16_switches_off():
     shape = MoEShape(64, 32, R, 1, 100, torch.float16)  # K = 1, E = R
     rt = routing.drop(routing.uniform(R, T, R, 1, seed=4), 0.2, seed=5)
     placement = Placement.contiguous(R, R)
-    cfg = small_config(token_saving=False, sorted_dispatch=False, per_tile_flags=False)
+    cfg = small_config(
+        token_saving=False, sorted_dispatch=False, per_tile_flags=False, gemm1_tma=False
+    )
     with EmulatedWorld(R) as world:
         ws = Megakernel(world, shape, config=cfg)
         layer_call(ws, rt, placement, seed=6, shape=shape)
