@@ -101,6 +101,8 @@ class KernelConfig:
     TFLOP/s and stayed the best, against ``torch._grouped_mm``'s 420. Down projection from
     ``python -m perf.sweep_gemm --gemm down --ranks 2`` (H100, 2026-11-24, 32768 rows): BN 256,
     BK 64 gave 395 TFLOP/s; BN 128 / BK 128 331, BN 128 / BK 64 287; ``torch._grouped_mm`` 435.
+    With w2 loaded by TMA (``down_tma``; H200, 2026-11-26) BN 256 / BK 64 went 411 -> 460 TFLOP/s
+    and stayed the best, against ``torch._grouped_mm``'s 432.
     """
 
     token_saving: bool = True  # one copy of a token per destination rank
@@ -113,6 +115,7 @@ class KernelConfig:
     gemm1_tma: bool = True  # GEMM1 loads w13 by TMA (a tensor descriptor), else by pointers
     down_block_n: int = 256  # output columns (of H) per down-projection task
     down_block_k: int = 64  # reduction step over I
+    down_tma: bool = True  # the down projection loads w2 by TMA, else by pointers
     combine_block: int = 128  # tokens per combine counter
     reduce_h: int = 1024  # columns per top-k reduce task (at least down_block_n of them)
     reduce_tokens: int = 32  # tokens per top-k reduce task (capped at combine_block)
@@ -465,6 +468,7 @@ def _down_task(
     act_ready_ptr,
     act_ptr,
     w2_ptr,
+    w2_desc,
     recv_tag_ptr,
     combine_base,
     pending_ptr,
@@ -483,6 +487,7 @@ def _down_task(
     BLOCK_M: tl.constexpr,
     BLOCK_N2: tl.constexpr,
     BLOCK_K2: tl.constexpr,
+    DOWN_TMA: tl.constexpr,
     PROBE: tl.constexpr,
     TRACE: tl.constexpr,
 ):
@@ -505,7 +510,19 @@ def _down_task(
             acc = tl.zeros([BLOCK_M, BLOCK_N2], dtype=tl.float32)
         else:
             acc = tile_down_gemm(
-                act_ptr, w2_ptr, local, row0, rows, n_block, H, I, BLOCK_M, BLOCK_N2, BLOCK_K2
+                act_ptr,
+                w2_ptr,
+                w2_desc,
+                local,
+                row0,
+                rows,
+                n_block,
+                H,
+                I,
+                BLOCK_M,
+                BLOCK_N2,
+                BLOCK_K2,
+                DOWN_TMA,
             )
         tile_combine_put(
             acc,
@@ -641,6 +658,7 @@ def moe_megakernel(
     w13_ptr,  # [L, 2I, H] this rank's experts
     w13_desc,  # GEMM1_TMA: [BN, BK] block descriptor of w13 as [L * 2I, H] (else None)
     w2_ptr,  # [L, H, I] (LAYER)
+    w2_desc,  # DOWN_TMA: [BN2, BK2] block descriptor of w2 as [L * H, I] (else None)
     weights_ptr,  # [T, K] fp32 routing weights (LAYER)
     act_ptr,  # [C, I] (or [C, 2I] without SwiGLU) out: expert activations, receive order
     out_ptr,  # [T, H] out: the layer's output (LAYER)
@@ -713,6 +731,7 @@ def moe_megakernel(
     BLOCK_K: tl.constexpr,
     BLOCK_N2: tl.constexpr,
     BLOCK_K2: tl.constexpr,
+    DOWN_TMA: tl.constexpr,
     DISPATCH_CTAS: tl.constexpr,
     GEMM: tl.constexpr,
     SWIGLU: tl.constexpr,
@@ -866,6 +885,7 @@ def moe_megakernel(
                     act_ready_ptr,
                     act_ptr,
                     w2_ptr,
+                    w2_desc,
                     recv_tag_ptr,
                     combine_base,
                     pending_row,
@@ -884,6 +904,7 @@ def moe_megakernel(
                     BLOCK_M,
                     BLOCK_N2,
                     BLOCK_K2,
+                    DOWN_TMA,
                     PROBE,
                     TRACE,
                 )
@@ -1003,6 +1024,7 @@ def kernel_meta(
         BLOCK_K=cfg.block_k,
         BLOCK_N2=cfg.down_block_n,
         BLOCK_K2=cfg.down_block_k,
+        DOWN_TMA=layer and cfg.down_tma,
         DISPATCH_CTAS=min(cfg.dispatch_ctas or num_ctas, num_ctas),
         GEMM=gemm,
         SWIGLU=swiglu,
@@ -1112,6 +1134,12 @@ class Megakernel:
             raise ValueError("the combine (mode 'layer') runs on SwiGLU activations: swiglu=True")
         if combine and I % cfg.down_block_k:
             raise ValueError(f"ffn size {I} is not a multiple of down_block_k {cfg.down_block_k}")
+        row_bytes = cfg.down_block_k * shape.dtype.itemsize
+        if combine and cfg.down_tma and row_bytes % 16:
+            raise ValueError(
+                f"down_tma loads w2 in rows of down_block_k = {cfg.down_block_k} elements "
+                f"({row_bytes} bytes): TMA needs a multiple of 16 bytes (or down_tma=False)"
+            )
         C = capacity or default_capacity(shape, R, L)
         self.plan_cfg = PlanConfig(
             R,
@@ -1225,6 +1253,11 @@ class Megakernel:
             w13_desc = TensorDescriptor.from_tensor(
                 w13.view(-1, self.shape.hidden), [cfg.block_n, cfg.block_k]
             )
+        w2_desc = None
+        if cfg.down_tma and w2 is not None:  # NOTE: only mode "layer" passes w2
+            w2_desc = TensorDescriptor.from_tensor(
+                w2.view(-1, self.shape.ffn), [cfg.down_block_n, cfg.down_block_k]
+            )
         # without the combine buffers the kernel never touches these arguments (LAYER is off)
         tag, comb, count = (
             (self.sym_recv_tag, self.sym_combine, self.sym_count)
@@ -1236,6 +1269,7 @@ class Megakernel:
             w13,
             w13_desc,
             w13 if w2 is None else w2,
+            w2_desc,
             x if weights is None else weights,
             self.act[rank],
             x if out is None else out,

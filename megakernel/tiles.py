@@ -202,6 +202,7 @@ def _gemm1_pointer_loop(
 def tile_down_gemm(
     act_ptr,  # [C, I] expert activations in the receive order
     w2_ptr,  # [L, H, I] down projections of every local slot
+    w2_desc,  # with B_TMA: a [BLOCK_N, BLOCK_K] block descriptor of w2 as [L * H, I]
     local,
     row0,
     rows,
@@ -211,23 +212,35 @@ def tile_down_gemm(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    B_TMA: tl.constexpr = False,
 ):
     """The fp32 ``[BM, BN]`` block ``act[row0 : row0 + rows] @ w2[local, n_block * BN : +BN]^T``
-    (rows past ``rows`` are 0). NOTE: I must be a multiple of BLOCK_K (checked on the host)."""
+    (rows past ``rows`` are 0). ``B_TMA``: the w2 blocks come by TMA through ``w2_desc``, and
+    columns past H hold the next rows' products, which the caller never stores; 411 -> 460
+    TFLOP/s on an H200 (perf/NOTES.md). NOTE: I must be a multiple of BLOCK_K (checked on the
+    host)."""
     r = tl.arange(0, BLOCK_M)
     live = r < rows
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = act_ptr + (row0 + r).to(tl.int64)[:, None] * I + kk[None, :]
-    n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = (n < H)[None, :]
-    # B = w2^T as a [BLOCK_K, BLOCK_N] view of the [H, I] weight (I contiguous)
-    b_ptrs = w2_ptr + tl.cast(local, tl.int64) * (H * I) + n.to(tl.int64)[None, :] * I + kk[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for _ in tl.range(0, I // BLOCK_K):
-        a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-        acc = tl.dot(a, tl.load(b_ptrs, mask=n_ok, other=0.0), acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    if B_TMA:
+        n0 = tl.cast(local, tl.int32) * H + n_block * BLOCK_N
+        for k in tl.range(0, I // BLOCK_K):
+            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+            acc = tl.dot(a, w2_desc.load([n0, k * BLOCK_K]).T, acc)
+            a_ptrs += BLOCK_K
+    else:
+        n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = (n < H)[None, :]
+        # B = w2^T as a [BLOCK_K, BLOCK_N] view of the [H, I] weight (I contiguous)
+        w2 = w2_ptr + tl.cast(local, tl.int64) * (H * I)
+        b_ptrs = w2 + n.to(tl.int64)[None, :] * I + kk[:, None]
+        for _ in tl.range(0, I // BLOCK_K):
+            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+            acc = tl.dot(a, tl.load(b_ptrs, mask=n_ok, other=0.0), acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
     return acc
 
 

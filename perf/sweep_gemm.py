@@ -6,7 +6,8 @@ routed top-K over those experts), so the grouped GEMM has the real per-expert ro
 each tile configuration: one call checked against ``expert_act_ref``, then the tile tasks alone
 (CUDA graph replays), against ``torch._grouped_mm`` + SwiGLU on the same rows. Prints a table; the
 best row is the preset ``KernelConfig`` default cites. ``--vary KNOB=V1,V2`` times every
-configuration again with each other value of an int ``KernelConfig`` knob (``gemm1_tma=0,1``).
+configuration again with each other value of an int ``KernelConfig`` knob (``gemm1_tma=0``,
+``down_tma=1``), for either GEMM.
 
 ``--gemm down`` sweeps the down projection's tile (``down_block_n``, ``down_block_k``) instead,
 GEMM1 at its default: each configuration makes one layer call (checked against ``moe_ref``),
@@ -53,16 +54,15 @@ CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
 DOWN_CONFIGS = [(128, 64), (256, 64), (128, 128), (256, 32), (64, 64)]  # (block_n, block_k)
 
 
-def sweep_down(shape, rt, xs, w13, placement) -> None:
+def sweep_down(shape, rt, xs, w13, placement, knobs: list[dict]) -> None:
     w2 = local_w2(shape, placement, 0, 1, "cuda")
     T, K = shape.max_tokens_per_rank, shape.topk
     x, ids, weights = {0: xs[0]}, {0: rt.topk_ids[0]}, {0: rt.topk_weights[0]}
     rows = []
     with EmulatedWorld(1, "cuda") as world:
-        for bn, bk in DOWN_CONFIGS:
-            ws = Megakernel(
-                world, shape, config=KernelConfig(down_block_n=bn, down_block_k=bk), capacity=T * K
-            )
+        for (bn, bk), knob in itertools.product(DOWN_CONFIGS, knobs):
+            cfg = KernelConfig(down_block_n=bn, down_block_k=bk, **knob)
+            ws = Megakernel(world, shape, config=cfg, capacity=T * K)
             h = ws.run(x, ids, weights, {0: w13}, {0: w2}, mode="layer")[0]
             ws.check_errors()
             problems = check_layer_output(h.out, xs[0], ids[0], weights[0], shape, 1, 0)
@@ -77,7 +77,7 @@ def sweep_down(shape, rt, xs, w13, placement) -> None:
             ws.run(x, ids, weights, {0: w13}, mode="gemm")
             up = time_us(graphed(stage("gemm", "tiles")))["median"]
             act, offs = h.act[:n].clone(), torch.cumsum(h.plan.expert_rows, 0).int()
-            rows.append((bn, bk, both, up, both - up, problems))
+            rows.append((bn, bk, knob, both, up, both - up, problems))
             ws.close()
     flops = 2 * n * shape.hidden * shape.ffn
     ref = time_us(lambda: torch._grouped_mm(act, w2.transpose(1, 2), offs=offs))["median"]
@@ -85,12 +85,19 @@ def sweep_down(shape, rt, xs, w13, placement) -> None:
         f"\ndown GEMM sweep: {shape.num_experts} experts, {n} rows, {torch.cuda.get_device_name()}"
     )
     print(f"torch._grouped_mm: {ref:.1f} us, {flops / ref / 1e6:.1f} TFLOP/s")
-    print(f"{'BN':>4} {'BK':>4} {'both us':>8} {'gemm1 us':>8} {'down us':>8} {'TFLOP/s':>8} ok")
-    for bn, bk, both, up, down, problems in rows:
+    print(
+        f"{'BN':>4} {'BK':>4} {'knob':>12} {'both us':>8} {'gemm1 us':>8} {'down us':>8} "
+        f"{'TFLOP/s':>8} ok"
+    )
+    for bn, bk, knob, both, up, down, problems in rows:
         print(
-            f"{bn:4d} {bk:4d} {both:8.1f} {up:8.1f} {down:8.1f} {flops / down / 1e6:8.1f} "
-            f"{'yes' if not problems else problems[0]}"
+            f"{bn:4d} {bk:4d} {knob_name(knob):>12} {both:8.1f} {up:8.1f} {down:8.1f} "
+            f"{flops / down / 1e6:8.1f} {'yes' if not problems else problems[0]}"
         )
+
+
+def knob_name(knob: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in knob.items()) or "-"
 
 
 def main() -> None:
@@ -100,7 +107,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2, help="R of the world being modelled")
     parser.add_argument("--gemm", default="up", choices=["up", "down"])
     parser.add_argument(
-        "--vary", nargs="*", default=[], metavar="KNOB=V1,V2", help="GEMM1: also these knobs"
+        "--vary", nargs="*", default=[], metavar="KNOB=V1,V2", help="also time these knobs"
     )
     args = parser.parse_args()
     full = preset(args.preset)
@@ -111,11 +118,11 @@ def main() -> None:
     placement = Placement.contiguous(shape.num_experts, 1)
     xs = make_tokens(shape, [T], 1, "cuda")
     w = local_w13(shape, placement, 0, 1, "cuda")
+    knobs = [{}] + [{knob: value} for knob, value in knob_values(args.vary)]
     if args.gemm == "down":
-        sweep_down(shape, rt, xs, w, placement)
+        sweep_down(shape, rt, xs, w, placement, knobs)
         return
     rows = []
-    knobs = [{}] + [{knob: value} for knob, value in knob_values(args.vary)]
     with EmulatedWorld(1, "cuda") as world:
         for (bm, bn, bk, warps, stages), knob in itertools.product(CONFIGS, knobs):
             cfg = KernelConfig(
@@ -153,9 +160,9 @@ def main() -> None:
         f"{'TFLOP/s':>8} ok"
     )
     for bm, bn, bk, warps, stages, knob, us, tf, problems in rows:
-        other = ",".join(f"{k}={v}" for k, v in knob.items()) or "-"
         print(
-            f"{bm:4d} {bn:4d} {bk:4d} {warps:5d} {stages:6d} {other:>12} {us:8.1f} {tf:8.1f} "
+            f"{bm:4d} {bn:4d} {bk:4d} {warps:5d} {stages:6d} {knob_name(knob):>12} {us:8.1f} "
+            f"{tf:8.1f} "
             f"{'yes' if not problems else problems[0]}"
         )
 

@@ -19,15 +19,25 @@ DATA_PTRS = {"x_ptr", "w13_ptr", "w2_ptr", "act_ptr", "out_ptr", "recv_x_ptr", "
 SCALARS = {"rank": 1, "num_tokens": 4000, "task_begin": 0, "task_end": 100, "timeout_ns": 10**10}
 
 
-def example_args(dtype, cfg: KernelConfig | None = None):
-    """Arguments of every type; with ``cfg`` (``gemm1_tma``) GEMM1's weight descriptor, else
-    None for it (a constexpr)."""
+def descriptor_blocks(cfg: KernelConfig, meta: dict) -> dict[str, list[int]]:
+    """The block shape of every tensor descriptor argument this launch passes (the others are
+    None, a constexpr)."""
+    blocks = {}
+    if meta["GEMM1_TMA"]:
+        blocks["w13_desc"] = [cfg.block_n, cfg.block_k]
+    if meta["DOWN_TMA"]:
+        blocks["w2_desc"] = [cfg.down_block_n, cfg.down_block_k]
+    return blocks
+
+
+def example_args(dtype, blocks: dict[str, list[int]]):
+    """Arguments of every type; a descriptor for each name in ``blocks``."""
     args = {}
     for name in moe_megakernel.arg_names:
-        if name == "w13_desc":
-            if cfg is not None:
-                rows = torch.empty(256, 256, dtype=dtype)
-                args[name] = TensorDescriptor.from_tensor(rows, [cfg.block_n, cfg.block_k])
+        if name.endswith("_desc"):
+            if name in blocks:
+                rows = torch.empty(512, 512, dtype=dtype)
+                args[name] = TensorDescriptor.from_tensor(rows, blocks[name])
         elif name in SCALARS:
             args[name] = SCALARS[name]
         elif name.endswith(("_ptr", "_base")):
@@ -38,17 +48,23 @@ def example_args(dtype, cfg: KernelConfig | None = None):
     return args
 
 
-def compile_megakernel(shape, R: int, cfg: KernelConfig, mode: str):
+def kernel_meta_of(cfg: KernelConfig, mode: str, shape=PRESETS["dsv3"], R: int = 2) -> dict:
     L = shape.num_experts // R
     capacity = default_capacity(shape, R, L)
     plan_cfg = PlanConfig(
         R, L, shape.topk, shape.max_tokens_per_rank, capacity, cfg.block_m, cfg.chunk
     )
-    meta = kernel_meta(shape, plan_cfg, cfg, capacity, True, 132, mode)
+    return kernel_meta(shape, plan_cfg, cfg, capacity, True, 132, mode)
+
+
+def compile_megakernel(shape, R: int, cfg: KernelConfig, mode: str):
+    meta = kernel_meta_of(cfg, mode, shape, R)
     options = {k: meta.pop(k) for k in ("num_warps", "num_stages")}
-    args = example_args(shape.dtype, cfg if meta["GEMM1_TMA"] else None)
-    if "w13_desc" not in args:
-        meta["w13_desc"] = None
+    blocks = descriptor_blocks(cfg, meta)
+    args = example_args(shape.dtype, blocks)
+    for name in moe_megakernel.arg_names:
+        if name.endswith("_desc") and name not in blocks:
+            meta[name] = None
     return compile_sm90(moe_megakernel, signature_of(args), meta, **options)
 
 
@@ -65,17 +81,21 @@ def test_megakernel_compiles(preset, R, mode):
     if mode == "layer":
         assert "atom.global.sys.release.add.u32" in ptx, "combine pieces are added with a release"
     tma = "cp.async.bulk.tensor" in ptx
-    assert tma == (mode != "dispatch"), "GEMM1 (only) loads its weights by TMA"
+    assert tma == (mode != "dispatch"), "the GEMMs (only) load their weights by TMA"
     assert kernel.metadata.shared <= 227 * 1024
 
 
 @pytest.mark.parametrize("trace", [False, True])
 def test_trace_switch_compiles_to_nothing_when_off(trace):
-    kernel = compile_megakernel(PRESETS["dsv3"], 2, KernelConfig(trace=trace), "layer")
+    cfg = KernelConfig(trace=trace)
+    kernel = compile_megakernel(PRESETS["dsv3"], 2, cfg, "layer")
     ptx = kernel.asm["ptx"]
-    # the trace buffer is PTX parameter number `index`; PTX loads a parameter only if used. The
-    # 2-D tensor descriptor before it is 5 PTX parameters: the TMA descriptor, 2 sizes, 2 strides.
-    index = moe_megakernel.arg_names.index("trace_ptr") + 4
+    # the trace buffer is PTX parameter number `index`; PTX loads a parameter only if used. A
+    # None descriptor (a constexpr) is no PTX parameter, a 2-D tensor descriptor is 5: the TMA
+    # descriptor, 2 sizes and 2 strides.
+    names = moe_megakernel.arg_names[: moe_megakernel.arg_names.index("trace_ptr")]
+    passed = descriptor_blocks(cfg, kernel_meta_of(cfg, "layer"))
+    index = sum(5 if n in passed else 0 if n.endswith("_desc") else 1 for n in names)
     loads_trace = f"moe_megakernel_param_{index}]" in ptx
     assert loads_trace == trace, "TRACE off must not touch the trace buffer; on, it must"
     assert ("%smid" in ptx) == trace, "the SM id is read only for the trace header"

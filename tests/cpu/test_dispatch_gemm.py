@@ -190,5 +190,7 @@ def test_input_validation():
     fp16 = SHAPE.__class__(64, 32, 8, 2, 100, torch.float16)
     with EmulatedWorld(1) as world, pytest.raises(ValueError, match="TMA needs a multiple of 16"):
         Megakernel(world, fp16, config=small_config(block_k=4))  # 8-byte rows
+    with EmulatedWorld(1) as world, pytest.raises(ValueError, match="down_tma loads w2 in rows"):
+        Megakernel(world, fp16, config=small_config(down_block_k=4))
     with EmulatedWorld(1) as world:
         Megakernel(world, fp16, config=small_config(block_k=4, gemm1_tma=False)).close()

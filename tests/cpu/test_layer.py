@@ -63,7 +63,11 @@ def test_layer_top1_one_expert_per_rank_fp16_switches_off():
     rt = routing.drop(routing.uniform(R, T, R, 1, seed=4), 0.2, seed=5)
     placement = Placement.contiguous(R, R)
     cfg = small_config(
-        token_saving=False, sorted_dispatch=False, per_tile_flags=False, gemm1_tma=False
+        token_saving=False,
+        sorted_dispatch=False,
+        per_tile_flags=False,
+        gemm1_tma=False,
+        down_tma=False,
     )
     with EmulatedWorld(R) as world:
         ws = Megakernel(world, shape, config=cfg)
