@@ -121,6 +121,7 @@ class KernelConfig:
     reduce_tokens: int = 32  # tokens per top-k reduce task (capped at combine_block)
     reduce_lag: int = 0  # down tasks of group g before R(g-1) mixes in; 0: the programs
     block_h: int = 1024  # columns per dispatch copy step
+    copy_stages: int = 1  # dispatch copy steps loaded ahead (1: load, then store, step by step)
     chunk: int = 8  # units per dispatch task
     num_warps: int = 8
     num_stages: int = 3
@@ -225,6 +226,7 @@ def _dispatch_task(
     TOKEN_SAVING: tl.constexpr,
     SORTED: tl.constexpr,
     LAYER: tl.constexpr,
+    COPY_STAGES: tl.constexpr,
 ):
     """Run dispatch task ``d``; the group's last task raises its flag(s) on the destination."""
     g = tl.load(tasks_ptr + d * 4 + 1)
@@ -259,6 +261,7 @@ def _dispatch_task(
         BLOCK_H,
         TOKEN_SAVING,
         LAYER,
+        COPY_STAGES,
     )
     tl.debug_barrier()  # every thread's puts before the arrival below
     num_chunks = tl.maximum(tl.cdiv(tl.load(totals_ptr + PP + g), CHUNK), 1)
@@ -726,6 +729,7 @@ def moe_megakernel(
     LAG: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    COPY_STAGES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -803,6 +807,7 @@ def moe_megakernel(
                 TOKEN_SAVING,
                 SORTED,
                 LAYER,
+                COPY_STAGES,
             )
             n_events = _trace_task(
                 trace_ptr, n_events, KIND_DISPATCH, d_lo + d, start, 0, TRACE, TRACE_CAP
@@ -1019,6 +1024,7 @@ def kernel_meta(
         RC=min(rh, max(1, REDUCE_LOAD // (rt * _pow2(pc.topk)))),
         CHUNK=cfg.chunk,
         BLOCK_H=min(cfg.block_h, _pow2(shape.hidden)),
+        COPY_STAGES=cfg.copy_stages,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,

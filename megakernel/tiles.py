@@ -47,6 +47,7 @@ def tile_dispatch_put(
     BLOCK_H: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
     TAG: tl.constexpr,
+    COPY_STAGES: tl.constexpr = 1,
 ):
     """Put units ``send_units[start : start + count]`` (all bound for rank ``dst``). With ``TAG``
     every slot fed also gets its tag, which tells the combine where the slot's output goes."""
@@ -70,17 +71,26 @@ def tile_dispatch_put(
         tl.store(recv_tag_dst + slot_row, tag_base + pair, mask=feeds)
     src = x_ptr + token.to(tl.int64)[:, None] * H
     out = recv_x_dst + row.to(tl.int64)[:, None] * H
-    copy_rows(src, out, live[:, None], H, BLOCK_H)
+    copy_rows(src, out, live[:, None], H, BLOCK_H, COPY_STAGES)
 
 
 @triton.jit
-def copy_rows(src_rows, out_rows, live, H: tl.constexpr, BLOCK_H: tl.constexpr):
+def copy_rows(
+    src_rows, out_rows, live, H: tl.constexpr, BLOCK_H: tl.constexpr, STAGES: tl.constexpr = 1
+):
     """``out_rows[i, :H] = src_rows[i, :H]`` where ``live[i]``, BLOCK_H columns at a time
-    (``src_rows`` / ``out_rows``: [N, 1] row pointers, ``live``: [N, 1])."""
-    for h0 in tl.range(0, H, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)[None, :]
-        m = live & (h < H)
-        tl.store(out_rows + h, tl.load(src_rows + h, mask=m), mask=m)
+    (``src_rows`` / ``out_rows``: [N, 1] row pointers, ``live``: [N, 1]). ``STAGES`` > 1 loads
+    that many column steps ahead (through shared memory)."""
+    if STAGES > 1:
+        for h0 in tl.range(0, H, BLOCK_H, num_stages=STAGES):
+            h = h0 + tl.arange(0, BLOCK_H)[None, :]
+            m = live & (h < H)
+            tl.store(out_rows + h, tl.load(src_rows + h, mask=m), mask=m)
+    else:
+        for h0 in tl.range(0, H, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)[None, :]
+            m = live & (h < H)
+            tl.store(out_rows + h, tl.load(src_rows + h, mask=m), mask=m)
 
 
 @triton.jit

@@ -3,7 +3,7 @@
 #
 #   dist      python -m pytest tests/dist (NVSHMEM world, every visible GPU)
 #   dispatch  perf.bench_dispatch_gemm (dispatch alone, GEMM alone, fused, baseline, switches,
-#             and fewer dispatch programs)
+#             fewer dispatch programs, and the copy's loads pipelined 4 steps ahead)
 #   sweep     perf.sweep_dispatch (units per dispatch task x columns per copy step, over NVLink)
 #   layer     perf.bench_layer (the whole layer against the unfused baseline; also with the
 #             top-k reduce as one band per column group)
@@ -25,7 +25,7 @@ steps=("$@")
 run_step() {
   case $1 in
     dist) python3 -m pytest tests/dist -q -s ;;
-    dispatch) python3 -m perf.bench_dispatch_gemm --vary dispatch_ctas=48,96 ;;
+    dispatch) python3 -m perf.bench_dispatch_gemm --vary dispatch_ctas=48,96 copy_stages=4 ;;
     sweep) python3 -m perf.sweep_dispatch ;;
     layer) python3 -m perf.bench_layer --vary reduce_lag=1000000 ;;
     profile) python3 -m megakernel.profile --preset dsv3 --overhead --out "$out" ;;

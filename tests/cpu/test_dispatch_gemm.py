@@ -87,7 +87,7 @@ def test_fp16_without_swiglu_and_few_dispatch_programs():
     shape = SHAPE.__class__(64, 32, 8, 2, 100, torch.float16)
     rt = routing.uniform(R, T, shape.num_experts, shape.topk, seed=5)
     placement = Placement.contiguous(shape.num_experts, R)
-    cfg = small_config(dispatch_ctas=1, num_ctas=2)
+    cfg = small_config(dispatch_ctas=1, num_ctas=2, copy_stages=3)  # pipelined row copies
     with EmulatedWorld(R) as world:
         ws = Megakernel(world, shape, config=cfg, swiglu=False, combine=False)
         assert ws.act[0].shape == (ws.capacity, 2 * shape.ffn)
