@@ -97,11 +97,11 @@ class KernelConfig:
     one of 2 ranks: 128 experts x 256 rows): BM 128, BN 128 (gate and up side by side, so 256
     accumulator columns), BK 64, 8 warps, 3 stages gave 441 TFLOP/s; the next best 420, and
     ``torch._grouped_mm`` 383 on the same rows (perf/NOTES.md). With w13 loaded by TMA
-    (``gemm1_tma``; H200, 2026-11-26, ``--vary gemm1_tma=1``) the same tile went 424 -> 475
+    (``gemm1_tma``; H200, 2026-11-24, ``--vary gemm1_tma=1``) the same tile went 424 -> 475
     TFLOP/s and stayed the best, against ``torch._grouped_mm``'s 420. Down projection from
     ``python -m perf.sweep_gemm --gemm down --ranks 2`` (H100, 2026-11-24, 32768 rows): BN 256,
     BK 64 gave 395 TFLOP/s; BN 128 / BK 128 331, BN 128 / BK 64 287; ``torch._grouped_mm`` 435.
-    With w2 loaded by TMA (``down_tma``; H200, 2026-11-26) BN 256 / BK 64 went 411 -> 460 TFLOP/s
+    With w2 loaded by TMA (``down_tma``; H200, 2026-11-24) BN 256 / BK 64 went 411 -> 460 TFLOP/s
     and stayed the best, against ``torch._grouped_mm``'s 432.
     """
 
