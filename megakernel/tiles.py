@@ -81,16 +81,10 @@ def copy_rows(
     """``out_rows[i, :H] = src_rows[i, :H]`` where ``live[i]``, BLOCK_H columns at a time
     (``src_rows`` / ``out_rows``: [N, 1] row pointers, ``live``: [N, 1]). ``STAGES`` > 1 loads
     that many column steps ahead (through shared memory)."""
-    if STAGES > 1:
-        for h0 in tl.range(0, H, BLOCK_H, num_stages=STAGES):
-            h = h0 + tl.arange(0, BLOCK_H)[None, :]
-            m = live & (h < H)
-            tl.store(out_rows + h, tl.load(src_rows + h, mask=m), mask=m)
-    else:
-        for h0 in tl.range(0, H, BLOCK_H):
-            h = h0 + tl.arange(0, BLOCK_H)[None, :]
-            m = live & (h < H)
-            tl.store(out_rows + h, tl.load(src_rows + h, mask=m), mask=m)
+    for h0 in tl.range(0, H, BLOCK_H, num_stages=STAGES):
+        h = h0 + tl.arange(0, BLOCK_H)[None, :]
+        m = live & (h < H)
+        tl.store(out_rows + h, tl.load(src_rows + h, mask=m), mask=m)
 
 
 @triton.jit
@@ -159,10 +153,6 @@ def tile_expert_gemm(
     a_ptrs = recv_x_ptr + src[:, None] * H + kk[None, :]
     n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = (n < WIDTH)[None, :]
-    # B = w^T as a [BLOCK_K, BLOCK_N] view of the [2I, H] weight (H contiguous)
-    w = w13_ptr + tl.cast(local, tl.int64) * (2 * I * H)
-    gate_ptrs = w + n.to(tl.int64)[None, :] * H + kk[:, None]
-    up_ptrs = gate_ptrs + I * H
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if B_TMA:
@@ -175,37 +165,22 @@ def tile_expert_gemm(
                 acc_up = tl.dot(a, w13_desc.load([n0 + I, k * BLOCK_K]).T, acc_up)
             a_ptrs += BLOCK_K
     else:
-        acc, acc_up = _gemm1_pointer_loop(
-            a_ptrs, live, gate_ptrs, up_ptrs, n_ok, acc, acc_up, H, BLOCK_K, SWIGLU
-        )
+        # B = w^T as a [BLOCK_K, BLOCK_N] view of the [2I, H] weight (H contiguous)
+        w = w13_ptr + tl.cast(local, tl.int64) * (2 * I * H)
+        gate_ptrs = w + n.to(tl.int64)[None, :] * H + kk[:, None]
+        up_ptrs = gate_ptrs + I * H
+        for _ in tl.range(0, H // BLOCK_K):
+            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+            acc = tl.dot(a, tl.load(gate_ptrs, mask=n_ok, other=0.0), acc)
+            if SWIGLU:
+                acc_up = tl.dot(a, tl.load(up_ptrs, mask=n_ok, other=0.0), acc_up)
+                up_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K
+            gate_ptrs += BLOCK_K
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_up
     out = out_ptr + (row0 + r).to(tl.int64)[:, None] * WIDTH + n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=live[:, None] & n_ok)
-
-
-@triton.jit
-def _gemm1_pointer_loop(
-    a_ptrs,
-    live,
-    gate_ptrs,
-    up_ptrs,
-    n_ok,
-    acc,
-    acc_up,
-    H: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SWIGLU: tl.constexpr,
-):
-    for _ in tl.range(0, H // BLOCK_K):
-        a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-        acc = tl.dot(a, tl.load(gate_ptrs, mask=n_ok, other=0.0), acc)
-        if SWIGLU:
-            acc_up = tl.dot(a, tl.load(up_ptrs, mask=n_ok, other=0.0), acc_up)
-            up_ptrs += BLOCK_K
-        a_ptrs += BLOCK_K
-        gate_ptrs += BLOCK_K
-    return acc, acc_up
 
 
 @triton.jit
