@@ -58,6 +58,19 @@ def test_layer_column_groups_with_the_reduce_mixed_in(R, lag):
         ws.close()
 
 
+@pytest.mark.parametrize("R", [2, 4])
+def test_layer_pointer_loads_and_pipelined_dispatch_copy(R):
+    """The paths off by default: both GEMMs' weights by pointer loads instead of TMA, and the
+    dispatch copy pipelined over its 4 column steps (3 stages); dispatch still bit for bit."""
+    cfg = KernelConfig(gemm1_tma=False, down_tma=False, copy_stages=3, block_h=256)
+    with EmulatedWorld(R, "cuda") as world:
+        ws = Megakernel(world, MEDIUM, config=cfg)
+        for seed, case in enumerate(["uniform", "zipf", "ragged"]):
+            rt, pl = routing.edge_case(case, R, 700 - seed, MEDIUM.num_experts, MEDIUM.topk, seed)
+            layer_call(ws, rt, pl or Placement.contiguous(MEDIUM.num_experts, R), seed, False)
+        ws.close()
+
+
 @pytest.mark.parametrize("R", [1, 4])
 def test_layer_pack_scan(R):
     """KernelConfig(pack="scan"): GEMM1 reads rows resolved in place (R = 1: K - 1 of every
