@@ -1250,20 +1250,25 @@ class Megakernel:
         }
         return {kind: (b, e) for kind, (b, e) in bounds.items() if e > b}
 
-    def _args(self, rank: int, inputs: tuple, begin: int, end: int) -> tuple:
+    def _descriptors(self, meta: dict, w13, w2) -> tuple:
+        """The weights' TMA descriptors the launch's kernel reads, None for the others.
+
+        NOTE: decided by the launch's meta, not by which weights the caller passed, so a call
+        passes the argument types ``warmup`` compiled for its mode (a None descriptor and a
+        tensor descriptor are different kernel variants)."""
+        cfg, H, I = self.config, self.shape.hidden, self.shape.ffn  # noqa: E741
+        w13_desc = w2_desc = None
+        if meta["GEMM1_TMA"]:
+            w13_desc = TensorDescriptor.from_tensor(w13.view(-1, H), [cfg.block_n, cfg.block_k])
+        if meta["DOWN_TMA"]:
+            block = [cfg.down_block_n, cfg.down_block_k]
+            w2_desc = TensorDescriptor.from_tensor(w2.view(-1, I), block)
+        return w13_desc, w2_desc
+
+    def _args(self, rank: int, inputs: tuple, meta: dict, begin: int, end: int) -> tuple:
         x, _, weights, w13, w2, out = inputs
         b = self.plan_ws.bufs[rank]
-        cfg = self.config
-        w13_desc = None
-        if cfg.gemm1_tma:  # NOTE: a launch without GEMM (GEMM1_TMA off) never reads it
-            w13_desc = TensorDescriptor.from_tensor(
-                w13.view(-1, self.shape.hidden), [cfg.block_n, cfg.block_k]
-            )
-        w2_desc = None
-        if cfg.down_tma and w2 is not None:  # NOTE: only mode "layer" passes w2
-            w2_desc = TensorDescriptor.from_tensor(
-                w2.view(-1, self.shape.ffn), [cfg.down_block_n, cfg.down_block_k]
-            )
+        w13_desc, w2_desc = self._descriptors(meta, w13, w2)
         # without the combine buffers the kernel never touches these arguments (LAYER is off)
         tag, comb, count = (
             (self.sym_recv_tag, self.sym_combine, self.sym_count)
@@ -1330,8 +1335,9 @@ class Megakernel:
             return
         self.plan_ws.warmup()
         r = self.world.local_ranks[0]
+        meta = self._meta(mode, probe)
         kernel = moe_megakernel.warmup(
-            *self._args(r, self._dummy_inputs(), 0, 0), **self._meta(mode, probe), grid=(1,)
+            *self._args(r, self._dummy_inputs(), meta, 0, 0), **meta, grid=(1,)
         )
         kernel._init_handles()
         self._warm.add((mode, probe))
@@ -1464,7 +1470,7 @@ class Megakernel:
         for begin, end in self._ranges(mode, stage, overlap, split):
 
             def launch(r: int, begin: int = begin, end: int = end) -> None:
-                moe_megakernel[(self.num_ctas,)](*self._args(r, ready[r], begin, end), **meta)
+                moe_megakernel[(self.num_ctas,)](*self._args(r, ready[r], meta, begin, end), **meta)
 
             self.world.run_ranks(launch)
         handles = {}

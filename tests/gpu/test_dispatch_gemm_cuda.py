@@ -6,10 +6,17 @@ import pytest
 import torch
 
 from megakernel import routing
-from megakernel.kernel import KernelConfig, Megakernel
+from megakernel.kernel import KernelConfig, Megakernel, moe_megakernel
 from megakernel.placement import Placement
 from megakernel.shapes import PRESETS, MoEShape
-from megakernel.verify import check_call, check_calls, make_tokens, make_w13, run_poisoned
+from megakernel.verify import (
+    check_call,
+    check_calls,
+    make_tokens,
+    make_w13,
+    run_layer_checked,
+    run_poisoned,
+)
 from symm_mem import CapacityError, EmulatedWorld
 
 pytestmark = pytest.mark.gpu
@@ -29,6 +36,29 @@ def check(ws, rt, placement, seed, mode="gemm", overlap=None, shape=MEDIUM):
     rt = rt.to("cuda")
     handles, w_local = call(ws, rt, placement, w13, xs, mode, overlap)
     assert check_calls(handles, xs, rt.topk_ids, w_local, placement, mode) == []
+
+
+@pytest.mark.parametrize("mode", ["dispatch", "gemm", "layer"])
+def test_warmup_compiles_the_variant_every_call_launches(mode):
+    """After ``warmup(mode)`` a call of that mode compiles nothing more: a kernel compiled at
+    launch would run while peers already spin. (A shape no other test uses, so the variants
+    are not in the cache already.)"""
+    shape = MoEShape(hidden=512, ffn=256, num_experts=16, topk=4, max_tokens_per_rank=300)
+    R = 2
+    placement = Placement.contiguous(shape.num_experts, R)
+    rt = routing.uniform(R, 300, shape.num_experts, shape.topk, seed=7)
+    with EmulatedWorld(R, "cuda") as world:
+        ws = Megakernel(world, shape)
+        ws.warmup(mode)
+        compiled = moe_megakernel.device_caches[torch.cuda.current_device()][0]
+        before = len(compiled)
+        if mode == "layer":
+            _, problems = run_layer_checked(ws, rt, placement, 7, shape, "cuda")
+            assert problems == []
+        else:
+            check(ws, rt, placement, 7, mode, shape=shape)
+        assert len(compiled) == before, "the call compiled a variant warmup did not"
+        ws.close()
 
 
 @pytest.mark.parametrize("R", [2, 4, 8])
