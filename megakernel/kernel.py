@@ -89,6 +89,16 @@ STAGES = ("all", "dispatch", "sends", "tiles", "comm", "compute")
 PACK_MODES = ("auto", "gather", "scan")
 
 
+def _check_tma_rows(knob: str, weight: str, step: str, elems: int, dtype: torch.dtype) -> None:
+    """A TMA block's rows (``elems`` of ``dtype``) must be a multiple of 16 bytes."""
+    row_bytes = elems * dtype.itemsize
+    if row_bytes % 16:
+        raise ValueError(
+            f"{knob} loads {weight} in rows of {step} = {elems} elements ({row_bytes} bytes): "
+            f"TMA needs a multiple of 16 bytes (a larger {step}, or {knob}=False)"
+        )
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """Switches and tile knobs of the megakernel.
@@ -1130,22 +1140,14 @@ class Megakernel:
         T, K = shape.max_tokens_per_rank, shape.topk
         if H % cfg.block_k:
             raise ValueError(f"hidden size {H} is not a multiple of block_k {cfg.block_k}")
-        row_bytes = cfg.block_k * shape.dtype.itemsize
-        if cfg.gemm1_tma and row_bytes % 16:
-            raise ValueError(
-                f"gemm1_tma loads w13 in rows of block_k = {cfg.block_k} elements ({row_bytes} "
-                "bytes): TMA needs a multiple of 16 bytes (a larger block_k, or gemm1_tma=False)"
-            )
+        if cfg.gemm1_tma:
+            _check_tma_rows("gemm1_tma", "w13", "block_k", cfg.block_k, shape.dtype)
         if combine and not swiglu:
             raise ValueError("the combine (mode 'layer') runs on SwiGLU activations: swiglu=True")
         if combine and I % cfg.down_block_k:
             raise ValueError(f"ffn size {I} is not a multiple of down_block_k {cfg.down_block_k}")
-        row_bytes = cfg.down_block_k * shape.dtype.itemsize
-        if combine and cfg.down_tma and row_bytes % 16:
-            raise ValueError(
-                f"down_tma loads w2 in rows of down_block_k = {cfg.down_block_k} elements "
-                f"({row_bytes} bytes): TMA needs a multiple of 16 bytes (or down_tma=False)"
-            )
+        if combine and cfg.down_tma:
+            _check_tma_rows("down_tma", "w2", "down_block_k", cfg.down_block_k, shape.dtype)
         C = capacity or default_capacity(shape, R, L)
         self.plan_cfg = PlanConfig(
             R,

@@ -162,8 +162,7 @@ def main() -> None:
     for bm, bn, bk, warps, stages, knob, us, tf, problems in rows:
         print(
             f"{bm:4d} {bn:4d} {bk:4d} {warps:5d} {stages:6d} {knob_name(knob):>12} {us:8.1f} "
-            f"{tf:8.1f} "
-            f"{'yes' if not problems else problems[0]}"
+            f"{tf:8.1f} {'yes' if not problems else problems[0]}"
         )
 
 

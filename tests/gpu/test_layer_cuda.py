@@ -31,6 +31,14 @@ def layer_call(ws, rt, placement, seed, split, shape=MEDIUM):
     assert problems == []
 
 
+def layer_cases(ws, cases):
+    """Checked one-kernel layer calls of ``ws`` (MEDIUM), one per routing case, back to back."""
+    R = ws.world.world_size
+    for seed, case in enumerate(cases):
+        rt, pl = routing.edge_case(case, R, 700 - seed, MEDIUM.num_experts, MEDIUM.topk, seed)
+        layer_call(ws, rt, pl or Placement.contiguous(MEDIUM.num_experts, R), seed, False)
+
+
 @pytest.mark.parametrize("R", [2, 4, 8])
 @pytest.mark.parametrize("split", [False, True])
 def test_layer_emulated_ranks(R, split):
@@ -52,9 +60,7 @@ def test_layer_column_groups_with_the_reduce_mixed_in(R, lag):
     with EmulatedWorld(R, "cuda") as world:
         ws = Megakernel(world, MEDIUM, config=cfg)
         assert ws.sym_count.shape[0] == 4
-        for seed, case in enumerate(["uniform", "zipf", "dropped"]):
-            rt, pl = routing.edge_case(case, R, 700 - seed, MEDIUM.num_experts, MEDIUM.topk, seed)
-            layer_call(ws, rt, pl or Placement.contiguous(MEDIUM.num_experts, R), seed, False)
+        layer_cases(ws, ["uniform", "zipf", "dropped"])
         ws.close()
 
 
@@ -65,9 +71,7 @@ def test_layer_pointer_loads_and_pipelined_dispatch_copy(R):
     cfg = KernelConfig(gemm1_tma=False, down_tma=False, copy_stages=3, block_h=256)
     with EmulatedWorld(R, "cuda") as world:
         ws = Megakernel(world, MEDIUM, config=cfg)
-        for seed, case in enumerate(["uniform", "zipf", "ragged"]):
-            rt, pl = routing.edge_case(case, R, 700 - seed, MEDIUM.num_experts, MEDIUM.topk, seed)
-            layer_call(ws, rt, pl or Placement.contiguous(MEDIUM.num_experts, R), seed, False)
+        layer_cases(ws, ["uniform", "zipf", "ragged"])
         ws.close()
 
 
@@ -77,9 +81,7 @@ def test_layer_pack_scan(R):
     token's K rows are token-saving references), back to back without a sync."""
     with EmulatedWorld(R, "cuda") as world:
         ws = Megakernel(world, MEDIUM, config=KernelConfig(pack="scan"))
-        for seed, case in enumerate(["uniform", "zipf", "one_expert"]):
-            rt, pl = routing.edge_case(case, R, 700 - seed, MEDIUM.num_experts, MEDIUM.topk, seed)
-            layer_call(ws, rt, pl or Placement.contiguous(MEDIUM.num_experts, R), seed, False)
+        layer_cases(ws, ["uniform", "zipf", "one_expert"])
         ws.close()
 
 
