@@ -1,13 +1,14 @@
 """Dispatch tile sweep: ``python -m perf.sweep_dispatch [--preset dsv3] [--tokens 4096]``.
 
 Relaunches itself on every visible GPU (NVSHMEM world; ``--emulate R`` for R ranks on one GPU).
-For each (``chunk``: units per dispatch task, ``block_h``: columns per copy step) it makes one
+For each (``chunk``: units per dispatch task, ``block_h``: columns per copy step,
+``copy_stages``: copy steps loaded ahead) it makes one
 call in mode "dispatch", poisoned and checked bit for bit against ``dispatch_ref``, then times
 (CUDA-graph replays, median, slowest rank) the dispatch with its plan (stage "dispatch") and the
 puts alone (stage "sends"). GB/s: the bytes the busiest sender moves (remote rows only when there
 are several ranks; every row it stores at R = 1, where the dispatch is a local copy) over the
-time. Table on rank 0; the best row is what ``KernelConfig``'s ``chunk`` / ``block_h`` should
-cite.
+time. Table on rank 0; the best row is what ``KernelConfig``'s ``chunk`` / ``block_h`` /
+``copy_stages`` should cite.
 """
 
 from __future__ import annotations
@@ -26,8 +27,19 @@ from perf.timing import graphed, time_us
 from symm_mem import World
 from symm_mem.launch import run_in_world
 
-# (chunk, block_h)
-CONFIGS = [(8, 1024), (8, 2048), (16, 1024), (16, 2048), (16, 4096), (32, 1024), (32, 2048)]
+# (chunk, block_h, copy_stages)
+CONFIGS = [
+    (8, 1024, 1),
+    (8, 2048, 1),
+    (16, 1024, 1),
+    (16, 2048, 1),
+    (16, 4096, 1),
+    (32, 1024, 1),
+    (32, 2048, 1),
+    (8, 1024, 4),
+    (16, 2048, 4),
+    (16, 1024, 4),
+]
 
 
 def sweep(world: World, args) -> None:
@@ -43,8 +55,8 @@ def sweep(world: World, args) -> None:
     row_bytes = shape.hidden * shape.dtype.itemsize
     moved = max(traffic.bytes(row_bytes, True)) if R > 1 else T * row_bytes  # token saving
     rows = []
-    for chunk, block_h in CONFIGS:
-        cfg = KernelConfig(chunk=chunk, block_h=block_h, num_ctas=args.ctas)
+    for chunk, block_h, stages in CONFIGS:
+        cfg = KernelConfig(chunk=chunk, block_h=block_h, copy_stages=stages, num_ctas=args.ctas)
         ws = Megakernel(world, shape, placement=placement, config=cfg, combine=False)
         handles = run_poisoned(ws, xs, rt.topk_ids, w, "dispatch")
         problems = check_calls(handles, xs, rt.topk_ids, w, placement, "dispatch")
@@ -56,17 +68,18 @@ def sweep(world: World, args) -> None:
         timed = {stage: time_us(graphed(call(stage)))["median"] for stage in ("dispatch", "sends")}
         ws.check_errors()
         ws.close()
-        rows.append((chunk, block_h, timed["dispatch"], timed["sends"], problems))
+        rows.append((chunk, block_h, stages, timed["dispatch"], timed["sends"], problems))
     if world.rank != 0:
         return
     print(
         f"\ndispatch sweep, {args.preset}, T={T}, {R} ranks ({type(world).__name__}), "
         f"{moved / 1e6:.1f} MB moved by the busiest sender"
     )
-    print(f"{'chunk':>5} {'block_h':>7} {'dispatch us':>11} {'sends us':>8} {'GB/s':>6} ok")
-    for chunk, block_h, d, s, problems in rows:
+    head = ("chunk", 5), ("block_h", 7), ("stages", 6), ("dispatch us", 11), ("sends us", 8)
+    print(" ".join(f"{name:>{width}}" for name, width in head), f"{'GB/s':>6} ok")
+    for chunk, block_h, stages, d, s, problems in rows:
         ok = "yes" if not problems else problems[0]
-        print(f"{chunk:5d} {block_h:7d} {d:11.1f} {s:8.1f} {moved / s / 1e3:6.1f} {ok}")
+        print(f"{chunk:5d} {block_h:7d} {stages:6d} {d:11.1f} {s:8.1f} {moved / s / 1e3:6.1f} {ok}")
 
 
 def main() -> None:
