@@ -4,10 +4,12 @@
 #   dist      python -m pytest tests/dist (NVSHMEM world, every visible GPU)
 #   dispatch  perf.bench_dispatch_gemm (dispatch alone, GEMM alone, fused, baseline, switches,
 #             fewer dispatch programs, and the copy's loads pipelined 4 steps ahead)
-#   sweep     perf.sweep_dispatch (units per dispatch task x columns per copy step, over NVLink)
+#   sweep     perf.sweep_dispatch (units per dispatch task x columns per copy step x steps
+#             loaded ahead, over NVLink)
 #   layer     perf.bench_layer (the whole layer against the unfused baseline; also with the
-#             top-k reduce as one band per column group)
-#   profile   megakernel.profile --preset dsv3 --overhead (trace, timeline, summary)
+#             top-k reduce as one band per column group, and with fewer programs putting the
+#             dispatch while the others start GEMM1)
+#   profile   megakernel.profile --overhead, dsv3 then qwen3_235b (trace, timeline, summary)
 #   scaling   perf.scaling (this GPU count's point of the scaling plot)
 #
 # No STEP: all of them, in that order. Each step's output goes to $OUT/<step>.log (OUT defaults
@@ -25,10 +27,13 @@ steps=("$@")
 run_step() {
   case $1 in
     dist) python3 -m pytest tests/dist -q -s ;;
-    dispatch) python3 -m perf.bench_dispatch_gemm --vary dispatch_ctas=48,96 copy_stages=4 ;;
+    dispatch) python3 -m perf.bench_dispatch_gemm --vary dispatch_ctas=32,64,96 copy_stages=4 ;;
     sweep) python3 -m perf.sweep_dispatch ;;
-    layer) python3 -m perf.bench_layer --vary reduce_lag=1000000 ;;
-    profile) python3 -m megakernel.profile --preset dsv3 --overhead --out "$out" ;;
+    layer) python3 -m perf.bench_layer --vary reduce_lag=1000000 dispatch_ctas=32,64 ;;
+    profile)
+      python3 -m megakernel.profile --preset dsv3 --overhead --out "$out" &&
+        python3 -m megakernel.profile --preset qwen3_235b --out "$out"
+      ;;
     scaling) python3 -m perf.scaling ;;
     *) echo "unknown step $1 (dist, dispatch, sweep, layer, profile, scaling)" >&2; return 2 ;;
   esac
