@@ -27,9 +27,9 @@ steps=("$@")
 run_step() {
   case $1 in
     dist) python3 -m pytest tests/dist -q -s ;;
-    dispatch) python3 -m perf.bench_dispatch_gemm --vary dispatch_ctas=32,64,96 copy_stages=4 ;;
+    dispatch) python3 -m perf.bench_dispatch_gemm --vary dispatch_ctas=16,32,64,96 copy_stages=4 ;;
     sweep) python3 -m perf.sweep_dispatch ;;
-    layer) python3 -m perf.bench_layer --vary reduce_lag=1000000 dispatch_ctas=32,64 ;;
+    layer) python3 -m perf.bench_layer --vary reduce_lag=1000000 dispatch_ctas=16,32,64 ;;
     profile)
       python3 -m megakernel.profile --preset dsv3 --overhead --out "$out" &&
         python3 -m megakernel.profile --preset qwen3_235b --out "$out"
