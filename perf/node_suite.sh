@@ -4,8 +4,8 @@
 #   dist      python -m pytest tests/dist (NVSHMEM world, every visible GPU)
 #   dispatch  perf.bench_dispatch_gemm (dispatch alone, GEMM alone, fused, baseline, switches,
 #             fewer dispatch programs, and the copy's loads pipelined 4 steps ahead)
-#   sweep     perf.sweep_dispatch (units per dispatch task x columns per copy step x steps
-#             loaded ahead, over NVLink)
+#   sweep     perf.sweep_dispatch (programs per GPU x units per dispatch task x columns per
+#             copy step x steps loaded ahead, over NVLink)
 #   layer     perf.bench_layer (the whole layer against the unfused baseline; also with the
 #             top-k reduce as one band per column group, and with fewer programs putting the
 #             dispatch while the others start GEMM1)
@@ -28,7 +28,7 @@ run_step() {
   case $1 in
     dist) python3 -m pytest tests/dist -q -s ;;
     dispatch) python3 -m perf.bench_dispatch_gemm --vary dispatch_ctas=16,32,64,96 copy_stages=4 ;;
-    sweep) python3 -m perf.sweep_dispatch ;;
+    sweep) python3 -m perf.sweep_dispatch --ctas 0 264 528 ;;
     layer) python3 -m perf.bench_layer --vary reduce_lag=1000000 dispatch_ctas=16,32,64 ;;
     profile)
       python3 -m megakernel.profile --preset dsv3 --overhead --out "$out" &&

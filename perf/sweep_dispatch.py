@@ -1,19 +1,24 @@
 """Dispatch tile sweep: ``python -m perf.sweep_dispatch [--preset dsv3] [--tokens 4096]``.
 
 Relaunches itself on every visible GPU (NVSHMEM world; ``--emulate R`` for R ranks on one GPU).
-For each (``chunk``: units per dispatch task, ``block_h``: columns per copy step,
-``copy_stages``: copy steps loaded ahead) it makes one
-call in mode "dispatch", poisoned and checked bit for bit against ``dispatch_ref``, then times
-(CUDA-graph replays, median, slowest rank) the dispatch with its plan (stage "dispatch") and the
-puts alone (stage "sends"). GB/s: the bytes the busiest sender moves (remote rows only when there
-are several ranks; every row it stores at R = 1, where the dispatch is a local copy) over the
-time. Table on rank 0; the best row is what ``KernelConfig``'s ``chunk`` / ``block_h`` /
-``copy_stages`` should cite.
+For each program count (``--ctas``, several allowed; 0: one per SM) and each (``chunk``: units
+per dispatch task, ``block_h``: columns per copy step, ``copy_stages``: copy steps loaded ahead)
+it makes one call in mode "dispatch", poisoned and checked bit for bit against
+``dispatch_ref``, then times (CUDA-graph replays, median, slowest rank) the dispatch with its plan
+(stage "dispatch") and the puts alone (stage "sends"). GB/s: the bytes the busiest sender moves
+(remote rows only when there are several ranks; every row it stores at R = 1, where the dispatch
+is a local copy) over the time. Table on rank 0; the best row is what ``KernelConfig``'s
+``chunk`` / ``block_h`` / ``copy_stages`` should cite.
+
+Mode "dispatch" has no GEMM, so its programs need little shared memory and several fit on one
+SM: more programs than SMs put more rows in flight (no task waits on a program that has not
+started: tasks are claimed in dependency order).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 from megakernel import routing
@@ -55,8 +60,8 @@ def sweep(world: World, args) -> None:
     row_bytes = shape.hidden * shape.dtype.itemsize
     moved = max(traffic.bytes(row_bytes, True)) if R > 1 else T * row_bytes  # token saving
     rows = []
-    for chunk, block_h, stages in CONFIGS:
-        cfg = KernelConfig(chunk=chunk, block_h=block_h, copy_stages=stages, num_ctas=args.ctas)
+    for ctas, (chunk, block_h, stages) in itertools.product(args.ctas, CONFIGS):
+        cfg = KernelConfig(chunk=chunk, block_h=block_h, copy_stages=stages, num_ctas=ctas)
         ws = Megakernel(world, shape, placement=placement, config=cfg, combine=False)
         handles = run_poisoned(ws, xs, rt.topk_ids, w, "dispatch")
         problems = check_calls(handles, xs, rt.topk_ids, w, placement, "dispatch")
@@ -68,18 +73,19 @@ def sweep(world: World, args) -> None:
         timed = {stage: time_us(graphed(call(stage)))["median"] for stage in ("dispatch", "sends")}
         ws.check_errors()
         ws.close()
-        rows.append((chunk, block_h, stages, timed["dispatch"], timed["sends"], problems))
+        row = (ws.num_ctas, chunk, block_h, stages, timed["dispatch"], timed["sends"], problems)
+        rows.append(row)
     if world.rank != 0:
         return
     print(
         f"\ndispatch sweep, {args.preset}, T={T}, {R} ranks ({type(world).__name__}), "
         f"{moved / 1e6:.1f} MB moved by the busiest sender"
     )
-    head = ("chunk", 5), ("block_h", 7), ("stages", 6), ("dispatch us", 11), ("sends us", 8)
-    print(" ".join(f"{name:>{width}}" for name, width in head), f"{'GB/s':>6} ok")
-    for chunk, block_h, stages, d, s, problems in rows:
+    head = ("programs", "chunk", "block_h", "stages", "dispatch us", "sends us", "GB/s")
+    print(" ".join(f"{name:>8}" for name in head), "ok")
+    for *knobs, d, s, problems in rows:
         ok = "yes" if not problems else problems[0]
-        print(f"{chunk:5d} {block_h:7d} {stages:6d} {d:11.1f} {s:8.1f} {moved / s / 1e3:6.1f} {ok}")
+        print(" ".join(f"{v:8d}" for v in knobs), f"{d:8.1f} {s:8.1f} {moved / s / 1e3:8.1f} {ok}")
 
 
 def main() -> None:
@@ -87,7 +93,9 @@ def main() -> None:
     parser.add_argument("--preset", default="dsv3")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--emulate", type=int, default=0, help="R ranks on one GPU instead")
-    parser.add_argument("--ctas", type=int, default=0, help="programs per rank (0: SM share)")
+    parser.add_argument(
+        "--ctas", type=int, nargs="+", default=[0], help="programs per rank (0: SM share)"
+    )
     parser.add_argument("--symmetric-size", default="4G")
     args = parser.parse_args()
     job = lambda world: sweep(world, args)  # noqa: E731
