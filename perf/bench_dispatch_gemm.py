@@ -13,6 +13,9 @@ p20/p80 over repeats, max over ranks):
              data movement, as DeepEP times its dispatch apart from its layout step
   gemm       the tile tasks alone, on that call's received rows; TFLOP/s = 2 S H (2I) / t
   fused      plan + dispatch + GEMM1 in one launch; overlap = max(dispatch, gemm) / fused
+``--dispatch-programs P`` adds the dispatch-only op (mode "dispatch": no GEMM in the kernel, so
+several programs fit on an SM) with P programs per rank, checked bit for bit against
+``dispatch_ref``, its dispatch and sends timed the same way;
 and once: ``torch._grouped_mm`` + SwiGLU on the same received rows, and the baseline (permute,
 NCCL ``all_to_all_single`` with its host-side split sizes, permute to expert-major,
 ``torch._grouped_mm``, SwiGLU), timed eagerly. Table on rank 0, JSON under perf/results/.
@@ -89,6 +92,31 @@ def run_variant(world, shape, placement, rt, xs, w_local, name, switches, tiles_
     return row
 
 
+def run_dispatch_only(world, shape, placement, rt, xs, w_local, programs: int) -> dict:
+    """The dispatch-only op (mode "dispatch", default switches) with ``programs`` per rank:
+    checked bit for bit against ``dispatch_ref``, then its dispatch and sends timed."""
+    ws = Megakernel(world, shape, placement=placement, config=KernelConfig(num_ctas=programs))
+    handles = run_poisoned(ws, xs, rt.topk_ids, w_local, "dispatch")
+    problems = check_calls(handles, xs, rt.topk_ids, w_local, placement, "dispatch")
+    if problems:
+        raise SystemExit(f"dispatch-only, {programs} programs: wrong results: {problems[:4]}")
+    ranks = world.local_ranks
+    x, ids = {r: xs[r] for r in ranks}, {r: rt.topk_ids[r] for r in ranks}
+
+    def call(stage: str):
+        return lambda: ws.run(x, ids, None, w_local, mode="dispatch", stage=stage, validate=False)
+
+    row = {
+        "variant": f"dispatch mode, {ws.num_ctas} programs",
+        "config": dataclasses.asdict(ws.config),
+    }
+    row["dispatch_us"] = time_us(graphed(call("dispatch")))
+    row["sends_us"] = time_us(graphed(call("sends")))
+    ws.check_errors()
+    ws.close()
+    return row
+
+
 def bench(world: World, args) -> dict:
     shape = preset(args.preset).with_tokens(args.tokens)
     R, E, K, T = world.world_size, shape.num_experts, shape.topk, args.tokens
@@ -106,6 +134,10 @@ def bench(world: World, args) -> dict:
         run_variant(world, shape, placement, rt, xs, w_local, name, sw, tiles_cfg)
         for name, sw in variants.items()
     ]
+    only = [
+        run_dispatch_only(world, shape, placement, rt, xs, w_local, p)
+        for p in args.dispatch_programs
+    ]
     phys = resolve_all_ref([ids.cpu() for ids in rt.topk_ids], placement)
     traffic = traffic_model(phys, placement.slots_per_rank)
     can_baseline = dist.is_initialized() or R == 1
@@ -115,18 +147,21 @@ def bench(world: World, args) -> dict:
         base_args = (xs[r], rt.topk_ids[r], None, w_local[r], None, shape, R)
         base = time_us(lambda: baseline_moe(*base_args, layer=False))
     row_bytes = shape.hidden * shape.dtype.itemsize
-    for row in rows:
-        saving = row["config"]["token_saving"]
-        wire = max(traffic.bytes(row_bytes, saving))  # the busiest sender
-        # DeepEP's convention: every (token, destination rank) row received, local ones included
-        logical = max(traffic.rows_saved[s] + traffic.tokens[s] for s in range(R)) * row_bytes
-        n = max(row["num_recv"].values())
-        flops = 2 * n * shape.hidden * 2 * shape.ffn
-        d, g, f = (row[k]["median"] for k in ("dispatch_us", "gemm_us", "fused_us"))
+    # DeepEP's convention: every (token, destination rank) row received, local ones included
+    logical = max(traffic.rows_saved[s] + traffic.tokens[s] for s in range(R)) * row_bytes
+    for row in rows + only:
+        wire = max(traffic.bytes(row_bytes, row["config"]["token_saving"]))  # the busiest sender
+        d = row["dispatch_us"]["median"]
         row.update(
             wire_GBps=wire / d / 1e3,
             sends_wire_GBps=wire / row["sends_us"]["median"] / 1e3,
             logical_GBps=logical / d / 1e3,
+        )
+    for row in rows:
+        n = max(row["num_recv"].values())
+        flops = 2 * n * shape.hidden * 2 * shape.ffn
+        d, g, f = (row[k]["median"] for k in ("dispatch_us", "gemm_us", "fused_us"))
+        row.update(
             gemm_TFLOPs=flops / g / 1e6,
             grouped_mm_TFLOPs=flops / row["grouped_mm_us"]["median"] / 1e6,
             overlap=max(d, g) / f,
@@ -141,6 +176,7 @@ def bench(world: World, args) -> dict:
         "remote_ranks_per_token": traffic.remote_ranks,
         "baseline_us": base,
         "variants": rows,
+        "dispatch_only": only,
     }
 
 
@@ -170,6 +206,12 @@ def report(result: dict, args) -> None:
             f"{v['grouped_mm_TFLOPs']:8.1f} {v['fused_us']['median']:8.1f} {v['overlap']:7.2f} "
             f"{vs:>7}"
         )
+    for v in result["dispatch_only"]:
+        print(
+            f"{v['variant']}: dispatch {v['dispatch_us']['median']:.1f} us "
+            f"({v['wire_GBps']:.1f} GB/s wire, {v['logical_GBps']:.1f} logical), sends "
+            f"{v['sends_us']['median']:.1f} us ({v['sends_wire_GBps']:.1f} GB/s wire)"
+        )
     print(f"wrote perf/results/{name}")
 
 
@@ -188,6 +230,14 @@ def main() -> None:
         default=[],
         metavar="KNOB=V1,V2",
         help="also run 'ours' with these int KernelConfig knobs (e.g. dispatch_ctas=48,96)",
+    )
+    parser.add_argument(
+        "--dispatch-programs",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="P",
+        help="also time the dispatch-only op (mode dispatch) with P programs per rank",
     )
     parser.add_argument("--symmetric-size", default="4G")
     args = parser.parse_args()

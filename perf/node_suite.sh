@@ -3,7 +3,8 @@
 #
 #   dist      python -m pytest tests/dist (NVSHMEM world, every visible GPU)
 #   dispatch  perf.bench_dispatch_gemm (dispatch alone, GEMM alone, fused, baseline, switches,
-#             fewer dispatch programs, and the copy's loads pipelined 4 steps ahead)
+#             fewer dispatch programs, the copy's loads pipelined 4 steps ahead, and the
+#             dispatch-only op with 2 and 4 programs per SM)
 #   sweep     perf.sweep_dispatch (programs per GPU x units per dispatch task x columns per
 #             copy step x steps loaded ahead, over NVLink)
 #   layer     perf.bench_layer (the whole layer against the unfused baseline; also with the
@@ -27,7 +28,10 @@ steps=("$@")
 run_step() {
   case $1 in
     dist) python3 -m pytest tests/dist -q -s ;;
-    dispatch) python3 -m perf.bench_dispatch_gemm --vary dispatch_ctas=16,32,64,96 copy_stages=4 ;;
+    dispatch)
+      python3 -m perf.bench_dispatch_gemm --vary dispatch_ctas=16,32,64,96 copy_stages=4 \
+        --dispatch-programs 264 528
+      ;;
     sweep) python3 -m perf.sweep_dispatch --ctas 0 264 528 ;;
     layer) python3 -m perf.bench_layer --vary reduce_lag=1000000 dispatch_ctas=16,32,64 ;;
     profile)
