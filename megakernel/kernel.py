@@ -1148,6 +1148,15 @@ class Megakernel:
             raise ValueError(f"ffn size {I} is not a multiple of down_block_k {cfg.down_block_k}")
         if combine and cfg.down_tma:
             _check_tma_rows("down_tma", "w2", "down_block_k", cfg.down_block_k, shape.dtype)
+        shared = world.concurrent and len(world.local_ranks) > 1
+        if shared and cfg.num_ctas > world.sms_per_rank:
+            # NOTE: with a GPU per rank, extra programs only queue for an SM: a task waits on
+            # tasks claimed before it, by programs that run. Ranks sharing a GPU share its SMs too
+            raise ValueError(
+                f"KernelConfig.num_ctas = {cfg.num_ctas} is more than the {world.sms_per_rank} "
+                f"SMs per rank of a world whose {len(world.local_ranks)} ranks share one GPU: one "
+                "rank's programs could hold the SMs its peers need while waiting on those peers"
+            )
         C = capacity or default_capacity(shape, R, L)
         self.plan_cfg = PlanConfig(
             R,
