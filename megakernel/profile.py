@@ -7,6 +7,8 @@ interpreter (host-clock times). It makes one untraced warm-up call, then a trace
 checked against ``moe_ref``), aligns the ranks' clocks, and writes to ``--out``:
 ``trace.json`` (open in https://ui.perfetto.dev or chrome://tracing), ``timeline.png`` and
 ``summary.txt``. ``--overhead`` also times the call with and without tracing (CUDA graphs).
+``--set KNOB=V ...`` traces with other int ``KernelConfig`` knobs (the output folder names
+them).
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ def profile(world, args) -> None:
     else:
         shape = preset(args.preset).with_tokens(args.tokens)
         config, T = KernelConfig(), args.tokens
+    try:
+        config = replace(config, **args.set)
+    except TypeError as e:
+        raise SystemExit(f"--set: {e}") from None
     R, ranks, dev = world.world_size, world.local_ranks, world.device
     placement = Placement.contiguous(shape.num_experts, R)
     rt, _ = routing.edge_case(args.routing, R, T, shape.num_experts, shape.topk, seed=1)
@@ -86,6 +92,7 @@ def profile(world, args) -> None:
         return
     records = profiler.align(records, offsets)
     probe = "" if args.stage == "all" else f"_{args.stage}"
+    probe += "".join(f"_{knob}{value}" for knob, value in args.set.items())
     out = (
         Path(args.out) / f"trace_{'cpu' if cpu else args.preset}_R{R}_{type(world).__name__}{probe}"
     )
@@ -95,6 +102,7 @@ def profile(world, args) -> None:
         f"{'small layer' if cpu else args.preset}, T={T}, {R} ranks ({type(world).__name__}), "
         f"{'two kernels' if args.split else 'one kernel'}"
         + ("" if args.stage == "all" else f", probe {args.stage!r}")
+        + "".join(f", {knob}={value}" for knob, value in args.set.items())
     )
     text = [title, f"clock offsets against rank 0 (ns): {offsets}", summary.text()]
     if timings:
@@ -115,6 +123,13 @@ def profile(world, args) -> None:
     print(f"wrote {', '.join(written)} to {out}")
 
 
+def _knob(spec: str) -> tuple[str, int]:
+    knob, _, value = spec.partition("=")
+    if not value.isdigit():
+        raise SystemExit(f"--set wants KNOB=V with an int V, got {spec!r}")
+    return knob, int(value)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="dsv3")
@@ -127,9 +142,13 @@ def main() -> int:
     parser.add_argument(
         "--stage", default="all", choices=["all", "comm", "compute"], help="trace a timing probe"
     )
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KNOB=V", help="int KernelConfig knobs"
+    )
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--symmetric-size", default="8G")
     args = parser.parse_args()
+    args.set = dict(_knob(spec) for spec in args.set)
     import torch
 
     from symm_mem.launch import rerun_interpreted, run_in_world

@@ -10,7 +10,8 @@
 #   layer     perf.bench_layer (the whole layer against the unfused baseline; also with the
 #             top-k reduce as one band per column group, and with fewer programs putting the
 #             dispatch while the others start GEMM1)
-#   profile   megakernel.profile --overhead, dsv3 then qwen3_235b (trace, timeline, summary)
+#   profile   megakernel.profile --overhead, dsv3 then qwen3_235b, also with 32 dispatch
+#             programs (trace, timeline, summary)
 #   scaling   perf.scaling (this GPU count's point of the scaling plot)
 #
 # No STEP: all of them, in that order. Each step's output goes to $OUT/<step>.log (OUT defaults
@@ -36,7 +37,8 @@ run_step() {
     layer) python3 -m perf.bench_layer --vary reduce_lag=1000000 dispatch_ctas=16,32,64 ;;
     profile)
       python3 -m megakernel.profile --preset dsv3 --overhead --out "$out" &&
-        python3 -m megakernel.profile --preset qwen3_235b --out "$out"
+        python3 -m megakernel.profile --preset qwen3_235b --out "$out" &&
+        python3 -m megakernel.profile --preset qwen3_235b --set dispatch_ctas=32 --out "$out"
       ;;
     scaling) python3 -m perf.scaling ;;
     *) echo "unknown step $1 (dist, dispatch, sweep, layer, profile, scaling)" >&2; return 2 ;;
