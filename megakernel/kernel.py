@@ -73,6 +73,10 @@ MODES = ("layer", "gemm", "dispatch")
 # 256] 40, 64 KB loads no better in the layer, 32 tokens a step slower (perf/NOTES.md)
 REDUCE_ROWS = 16
 REDUCE_LOAD = 16384
+# mode "dispatch" (no GEMM, little shared memory) launches this many programs per SM where each
+# rank has its own GPU: more rows in flight. dsv3, T = 4096, one rank, the puts alone
+# (perf.bench_dispatch_gemm --dispatch-programs): H100 74.9 -> 60.4 us, H200 63.1 -> 46.2 us
+DISPATCH_ONLY_PROGRAMS_PER_SM = 4
 # task kinds in trace records (megakernel.profiler names them)
 KIND_DISPATCH = tl.constexpr(0)
 KIND_GEMM1 = tl.constexpr(1)
@@ -135,7 +139,7 @@ class KernelConfig:
     chunk: int = 8  # units per dispatch task
     num_warps: int = 8
     num_stages: int = 3
-    num_ctas: int = 0  # programs per rank; 0: the world's SM share
+    num_ctas: int = 0  # programs per rank; 0: the world's SM share (see Megakernel.programs)
     dispatch_ctas: int = 0  # programs that take dispatch tasks first; 0: all of them
     trace: bool = False  # record every task per program (megakernel.profiler); off: no code
     trace_events: int = 1024  # events each program can record per call
@@ -1148,7 +1152,7 @@ class Megakernel:
             raise ValueError(f"ffn size {I} is not a multiple of down_block_k {cfg.down_block_k}")
         if combine and cfg.down_tma:
             _check_tma_rows("down_tma", "w2", "down_block_k", cfg.down_block_k, shape.dtype)
-        shared = world.concurrent and len(world.local_ranks) > 1
+        shared = world.concurrent and len(world.local_ranks) > 1  # ranks on one GPU
         if shared and cfg.num_ctas > world.sms_per_rank:
             # NOTE: with a GPU per rank, extra programs only queue for an SM: a task waits on
             # tasks claimed before it, by programs that run. Ranks sharing a GPU share its SMs too
@@ -1194,9 +1198,14 @@ class Megakernel:
         self.resolved = per_rank(MT, dtype=torch.int64)
         self.counters = per_rank(3)
         self.num_ctas = cfg.num_ctas or world.sms_per_rank
+        many = world.device.type == "cuda" and not shared
+        self.dispatch_only_ctas = cfg.num_ctas or world.sms_per_rank * (
+            DISPATCH_ONLY_PROGRAMS_PER_SM if many else 1
+        )
         self.pending = per_rank(self.num_ctas, _pow2(R * ncb))
         # [programs, 1 + events, 4] int64: a header, then (kind << 32 | task, start, end, waited)
-        trace_shape = (self.num_ctas, cfg.trace_events + 1, 4) if cfg.trace else (4,)
+        programs = max(self.num_ctas, self.dispatch_only_ctas)
+        trace_shape = (programs, cfg.trace_events + 1, 4) if cfg.trace else (4,)
         self.trace = per_rank(*trace_shape, dtype=torch.int64)
         self.epoch = {r: 0 for r in world.local_ranks}  # host mirror of the plan's device epoch
         self._warm: set[tuple[str, int]] = set()  # (mode, probe) compiled and loaded
@@ -1238,6 +1247,11 @@ class Megakernel:
 
     # -- launching ------------------------------------------------------------------------
 
+    def programs(self, mode: str) -> int:
+        """Programs per rank a launch of ``mode`` runs (``KernelConfig.num_ctas``, else one per
+        SM; mode "dispatch" several per SM where each rank has its own GPU)."""
+        return self.dispatch_only_ctas if mode == "dispatch" else self.num_ctas
+
     def _meta(self, mode: str, probe: int = 0) -> dict[str, int | bool]:
         return kernel_meta(
             self.shape,
@@ -1245,7 +1259,7 @@ class Megakernel:
             self.config,
             self.capacity,
             self.swiglu,
-            self.num_ctas,
+            self.programs(mode),
             mode,
             probe,
         )
@@ -1481,7 +1495,8 @@ class Megakernel:
         for begin, end in self._ranges(mode, stage, overlap, split):
 
             def launch(r: int, begin: int = begin, end: int = end) -> None:
-                moe_megakernel[(self.num_ctas,)](*self._args(r, ready[r], meta, begin, end), **meta)
+                grid = (self.programs(mode),)
+                moe_megakernel[grid](*self._args(r, ready[r], meta, begin, end), **meta)
 
             self.world.run_ranks(launch)
         handles = {}

@@ -13,9 +13,9 @@ p20/p80 over repeats, max over ranks):
              data movement, as DeepEP times its dispatch apart from its layout step
   gemm       the tile tasks alone, on that call's received rows; TFLOP/s = 2 S H (2I) / t
   fused      plan + dispatch + GEMM1 in one launch; overlap = max(dispatch, gemm) / fused
-``--dispatch-programs P`` adds the dispatch-only op (mode "dispatch": no GEMM in the kernel, so
-several programs fit on an SM) with P programs per rank, checked bit for bit against
-``dispatch_ref``, its dispatch and sends timed the same way;
+the dispatch-only op (mode "dispatch": no GEMM in the kernel, so several programs fit on an SM)
+with each ``--dispatch-programs`` count per rank (0, the default: its own default), checked bit
+for bit against ``dispatch_ref``, its dispatch and sends timed the same way;
 and once: ``torch._grouped_mm`` + SwiGLU on the same received rows, and the baseline (permute,
 NCCL ``all_to_all_single`` with its host-side split sizes, permute to expert-major,
 ``torch._grouped_mm``, SwiGLU), timed eagerly. Table on rank 0, JSON under perf/results/.
@@ -107,7 +107,7 @@ def run_dispatch_only(world, shape, placement, rt, xs, w_local, programs: int) -
         return lambda: ws.run(x, ids, None, w_local, mode="dispatch", stage=stage, validate=False)
 
     row = {
-        "variant": f"dispatch mode, {ws.num_ctas} programs",
+        "variant": f"dispatch mode, {ws.programs('dispatch')} programs",
         "config": dataclasses.asdict(ws.config),
     }
     row["dispatch_us"] = time_us(graphed(call("dispatch")))
@@ -235,9 +235,9 @@ def main() -> None:
         "--dispatch-programs",
         type=int,
         nargs="*",
-        default=[],
+        default=[0],
         metavar="P",
-        help="also time the dispatch-only op (mode dispatch) with P programs per rank",
+        help="programs per rank of the dispatch-only op (mode dispatch; 0: its default)",
     )
     parser.add_argument("--symmetric-size", default="4G")
     args = parser.parse_args()

@@ -4,7 +4,7 @@
 #   dist      python -m pytest tests/dist (NVSHMEM world, every visible GPU)
 #   dispatch  perf.bench_dispatch_gemm (dispatch alone, GEMM alone, fused, baseline, switches,
 #             fewer dispatch programs, the copy's loads pipelined 4 steps ahead, and the
-#             dispatch-only op with 2 and 4 programs per SM)
+#             dispatch-only op with its default 4 programs per SM, and 1 and 2)
 #   sweep     perf.sweep_dispatch (programs per GPU x units per dispatch task x columns per
 #             copy step x steps loaded ahead, over NVLink)
 #   layer     perf.bench_layer (the whole layer against the unfused baseline; also with the
@@ -31,9 +31,9 @@ run_step() {
     dist) python3 -m pytest tests/dist -q -s ;;
     dispatch)
       python3 -m perf.bench_dispatch_gemm --vary dispatch_ctas=16,32,64,96 copy_stages=4 \
-        --dispatch-programs 264 528
+        --dispatch-programs 0 132 264
       ;;
-    sweep) python3 -m perf.sweep_dispatch --ctas 0 264 528 ;;
+    sweep) python3 -m perf.sweep_dispatch --ctas 132 264 528 ;;
     layer) python3 -m perf.bench_layer --vary reduce_lag=1000000 dispatch_ctas=16,32,64 ;;
     profile)
       python3 -m megakernel.profile --preset dsv3 --overhead --out "$out" &&

@@ -1,7 +1,7 @@
 """Dispatch tile sweep: ``python -m perf.sweep_dispatch [--preset dsv3] [--tokens 4096]``.
 
 Relaunches itself on every visible GPU (NVSHMEM world; ``--emulate R`` for R ranks on one GPU).
-For each program count (``--ctas``, several allowed; 0: one per SM) and each (``chunk``: units
+For each program count (``--ctas``, several allowed; 0: the op's default) and each (``chunk``: units
 per dispatch task, ``block_h``: columns per copy step, ``copy_stages``: copy steps loaded ahead)
 it makes one call in mode "dispatch", poisoned and checked bit for bit against
 ``dispatch_ref``, then times (CUDA-graph replays, median, slowest rank) the dispatch with its plan
@@ -73,8 +73,8 @@ def sweep(world: World, args) -> None:
         timed = {stage: time_us(graphed(call(stage)))["median"] for stage in ("dispatch", "sends")}
         ws.check_errors()
         ws.close()
-        row = (ws.num_ctas, chunk, block_h, stages, timed["dispatch"], timed["sends"], problems)
-        rows.append(row)
+        knobs = (ws.programs("dispatch"), chunk, block_h, stages)
+        rows.append((*knobs, timed["dispatch"], timed["sends"], problems))
     if world.rank != 0:
         return
     print(
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--emulate", type=int, default=0, help="R ranks on one GPU instead")
     parser.add_argument(
-        "--ctas", type=int, nargs="+", default=[0], help="programs per rank (0: SM share)"
+        "--ctas", type=int, nargs="+", default=[0], help="programs per rank (0: the op's default)"
     )
     parser.add_argument("--symmetric-size", default="4G")
     args = parser.parse_args()

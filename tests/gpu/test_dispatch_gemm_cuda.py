@@ -62,16 +62,21 @@ def test_warmup_compiles_the_variant_every_call_launches(mode):
 
 
 def test_dispatch_mode_with_more_programs_than_sms():
-    """Mode "dispatch" fits several programs per SM; with four per SM the programs queue for SMs
-    and resolve tasks still find every row (a task only waits on tasks claimed before it).
-    Ranks that share one GPU refuse more programs than their SM share."""
+    """Mode "dispatch" runs several programs per SM by default where a rank has its own GPU;
+    the resolve tasks still find every row (a task only waits on tasks claimed before it).
+    Ranks that share one GPU keep their SM share and refuse more."""
     placement = Placement.contiguous(MEDIUM.num_experts, 1)
     rt = routing.uniform(1, 700, MEDIUM.num_experts, MEDIUM.topk, seed=12)
     with EmulatedWorld(1, "cuda") as world:
-        ws = Megakernel(world, MEDIUM, config=KernelConfig(num_ctas=4 * world.sms_per_rank))
+        ws = Megakernel(world, MEDIUM)
+        assert ws.programs("dispatch") == 4 * world.sms_per_rank
+        assert ws.programs("gemm") == ws.programs("layer") == world.sms_per_rank
         check(ws, rt, placement, 12, "dispatch")
         ws.close()
     with EmulatedWorld(2, "cuda") as world:
+        ws = Megakernel(world, MEDIUM)
+        assert ws.programs("dispatch") == world.sms_per_rank
+        ws.close()
         with pytest.raises(ValueError, match="ranks share one GPU"):
             Megakernel(world, MEDIUM, config=KernelConfig(num_ctas=world.sms_per_rank + 1))
 
