@@ -1198,9 +1198,9 @@ class Megakernel:
         self.resolved = per_rank(MT, dtype=torch.int64)
         self.counters = per_rank(3)
         self.num_ctas = cfg.num_ctas or world.sms_per_rank
-        many = world.device.type == "cuda" and not shared
+        own_gpu = world.device.type == "cuda" and not shared
         self.dispatch_only_ctas = cfg.num_ctas or world.sms_per_rank * (
-            DISPATCH_ONLY_PROGRAMS_PER_SM if many else 1
+            DISPATCH_ONLY_PROGRAMS_PER_SM if own_gpu else 1
         )
         self.pending = per_rank(self.num_ctas, _pow2(R * ncb))
         # [programs, 1 + events, 4] int64: a header, then (kind << 32 | task, start, end, waited)

@@ -91,11 +91,10 @@ def profile(world, args) -> None:
     if world.rank != 0:
         return
     records = profiler.align(records, offsets)
-    probe = "" if args.stage == "all" else f"_{args.stage}"
-    probe += "".join(f"_{knob}{value}" for knob, value in args.set.items())
-    out = (
-        Path(args.out) / f"trace_{'cpu' if cpu else args.preset}_R{R}_{type(world).__name__}{probe}"
-    )
+    suffix = "" if args.stage == "all" else f"_{args.stage}"
+    suffix += "".join(f"_{knob}{value}" for knob, value in args.set.items())
+    name = f"trace_{'cpu' if cpu else args.preset}_R{R}_{type(world).__name__}{suffix}"
+    out = Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
     summary = profiler.summarize(records, dropped)
     title = (
