@@ -2,7 +2,8 @@
 
 Every rank builds the global-view inputs from one seed and checks its own outputs (dispatch bit
 for bit, GEMM within tolerance). Cases, each printing ``[rank r] PASS <case>``:
-  <preset>       dsv3, qwen3_235b and mixtral at T = 4096: uniform, zipf and dropped routings
+  <preset>       dsv3, qwen3_235b and mixtral at T = 4096: uniform, zipf and dropped routings,
+                 then the dispatch-only op (mode "dispatch", several programs per SM) once
   back_to_back   100 calls (qwen3_30b, T = 1024) with fresh routing and no host sync in between;
                  every call's outputs copied on-stream and checked after the last
   overflow       a routing that overflows the capacity raises CapacityError on every rank
@@ -20,10 +21,10 @@ from megakernel.shapes import PRESETS
 from megakernel.verify import check_call, check_calls, local_w13, make_tokens, run_poisoned
 
 
-def one_call(ws, world, rt, xs, w, placement):
+def one_call(ws, world, rt, xs, w, placement, mode="gemm"):
     w_local = {world.rank: w}
-    handles = run_poisoned(ws, xs, rt.topk_ids, w_local, "gemm")
-    return check_calls(handles, xs, rt.topk_ids, w_local, placement, "gemm")
+    handles = run_poisoned(ws, xs, rt.topk_ids, w_local, mode)
+    return check_calls(handles, xs, rt.topk_ids, w_local, placement, mode)
 
 
 def presets(world) -> bool:
@@ -39,6 +40,7 @@ def presets(world) -> bool:
             rt, _ = routing.edge_case(case, R, T, E, K, seed=seed)
             xs = make_tokens(shape, [T] * R, seed, world.device)
             problems += one_call(ws, world, rt.to(world.device), xs, w, placement)
+        problems += one_call(ws, world, rt.to(world.device), xs, w, placement, "dispatch")
         print(f"[rank {rank}] {'PASS' if not problems else 'FAIL'} {name} {problems[:3]}",
               flush=True)
         ok &= not problems
