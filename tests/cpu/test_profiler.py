@@ -126,3 +126,12 @@ def test_records_of_a_traced_interpreter_run(tmp_path):
     s = profiler.summarize(profiler.align(records, {}))
     assert list(s.kinds) == ["dispatch", "gemm1", "down_combine", "topk_reduce"]
     profiler.write_chrome_trace(records, tmp_path / "t.json")
+
+
+def test_profile_set_parses_int_knobs():
+    from megakernel.profile import _knob
+
+    assert _knob("dispatch_ctas=32") == ("dispatch_ctas", 32)
+    for bad in ("dispatch_ctas", "dispatch_ctas=", "chunk=eight", "chunk=-1"):
+        with pytest.raises(SystemExit, match="--set wants KNOB=V"):
+            _knob(bad)
