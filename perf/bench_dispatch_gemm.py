@@ -13,14 +13,12 @@ p20/p80 over repeats, max over ranks):
              data movement, as DeepEP times its dispatch apart from its layout step
   gemm       the tile tasks alone, on that call's received rows; TFLOP/s = 2 S H (2I) / t
   fused      plan + dispatch + GEMM1 in one launch; overlap = max(dispatch, gemm) / fused
-  grouped_mm ``torch._grouped_mm`` + SwiGLU on the same received rows, eager
-  baseline   permute, NCCL ``all_to_all_single`` with its host-side split sizes, permute to
-             expert-major, ``torch._grouped_mm``, SwiGLU, eager; vs base = baseline / fused
-all timed in alternation, round after round, so that the power cap's clock dips fall on each
-alike; and the dispatch-only op (mode "dispatch": no GEMM in the kernel, so several programs fit
-on an SM) with each ``--dispatch-programs`` count per rank (0, the default: its own default),
-checked bit for bit against ``dispatch_ref``, its dispatch and sends timed the same way. Table on
-rank 0, JSON under perf/results/ (the top-level baseline is the first variant's).
+the dispatch-only op (mode "dispatch": no GEMM in the kernel, so several programs fit on an SM)
+with each ``--dispatch-programs`` count per rank (0, the default: its own default), checked bit
+for bit against ``dispatch_ref``, its dispatch and sends timed the same way;
+and once: ``torch._grouped_mm`` + SwiGLU on the same received rows, and the baseline (permute,
+NCCL ``all_to_all_single`` with its host-side split sizes, permute to expert-major,
+``torch._grouped_mm``, SwiGLU), timed eagerly. Table on rank 0, JSON under perf/results/.
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ from megakernel.traffic import traffic_model
 from megakernel.verify import check_calls, local_w13, make_tokens, run_poisoned
 from perf.baseline import baseline_moe
 from perf.record import knob_values, write_result
-from perf.timing import graphed, time_many, time_us
+from perf.timing import graphed, time_us
 from symm_mem import World
 from symm_mem.launch import run_in_world
 
@@ -54,12 +52,7 @@ VARIANTS = {  # name -> KernelConfig switches
 }
 
 
-STAGE_ROWS = (("sends_us", "sends"), ("gemm_us", "tiles"), ("fused_us", "all"))
-
-
-def run_variant(world, shape, placement, rt, xs, w_local, name, switches, tiles_cfg, baseline):
-    """Check variant ``name`` (``switches`` over ``tiles_cfg``), then time its stages,
-    ``torch._grouped_mm`` on its received rows and ``baseline`` (None: not run), alternated."""
+def run_variant(world, shape, placement, rt, xs, w_local, name, switches, tiles_cfg):
     cfg = dataclasses.replace(tiles_cfg, **switches)
     ws = Megakernel(world, shape, placement=placement, config=cfg)
     ranks = world.local_ranks
@@ -82,20 +75,19 @@ def run_variant(world, shape, placement, rt, xs, w_local, name, switches, tiles_
     }
     row = {"variant": name, "config": dataclasses.asdict(cfg), "num_recv": n_recv}
     call = lambda stage: lambda: ws.run(x, ids, None, w, validate=False, stage=stage)  # noqa: E731
-    calls = {"dispatch_us": graphed(call("dispatch"))}
+    row["dispatch_us"] = time_us(graphed(call("dispatch")))
     ws.run(x, ids, None, w)  # the sends and tiles stages rerun the last full call's tasks
-    calls |= {key: graphed(call(stage)) for key, stage in STAGE_ROWS}
+    row["sends_us"] = time_us(graphed(call("sends")))
+    row["gemm_us"] = time_us(graphed(call("tiles")))
+    row["fused_us"] = time_us(graphed(call("all")))
+    ws.check_errors()
 
     def grouped_mm():
         for r in ranks:
             h = torch._grouped_mm(*gmm[r][:2], offs=gmm[r][2])
             F.silu(h[:, : shape.ffn]) * h[:, shape.ffn :]
 
-    calls["grouped_mm_us"] = grouped_mm
-    if baseline is not None:
-        calls["baseline_us"] = baseline
-    row |= time_many(calls)
-    ws.check_errors()
+    row["grouped_mm_us"] = time_us(grouped_mm)
     ws.close()
     return row
 
@@ -118,7 +110,8 @@ def run_dispatch_only(world, shape, placement, rt, xs, w_local, programs: int) -
         "variant": f"dispatch mode, {ws.programs('dispatch')} programs",
         "config": dataclasses.asdict(ws.config),
     }
-    row |= time_many({"dispatch_us": graphed(call("dispatch")), "sends_us": graphed(call("sends"))})
+    row["dispatch_us"] = time_us(graphed(call("dispatch")))
+    row["sends_us"] = time_us(graphed(call("sends")))
     ws.check_errors()
     ws.close()
     return row
@@ -137,14 +130,8 @@ def bench(world: World, args) -> dict:
     tiles_cfg = KernelConfig(num_ctas=args.ctas)
     variants = {name: sw for name, sw in VARIANTS.items() if name in args.variants}
     variants |= {f"{knob}={value}": {knob: value} for knob, value in knob_values(args.vary)}
-    can_baseline = dist.is_initialized() or R == 1
-    baseline = None
-    if can_baseline:
-        r = world.local_ranks[0]
-        base_args = (xs[r], rt.topk_ids[r], None, w_local[r], None, shape, R)
-        baseline = lambda: baseline_moe(*base_args, layer=False)  # noqa: E731
     rows = [
-        run_variant(world, shape, placement, rt, xs, w_local, name, sw, tiles_cfg, baseline)
+        run_variant(world, shape, placement, rt, xs, w_local, name, sw, tiles_cfg)
         for name, sw in variants.items()
     ]
     only = [
@@ -153,10 +140,12 @@ def bench(world: World, args) -> dict:
     ]
     phys = resolve_all_ref([ids.cpu() for ids in rt.topk_ids], placement)
     traffic = traffic_model(phys, placement.slots_per_rank)
-    # each variant's ratio is to the baseline timed beside it; the first variant's goes on top
-    base = rows[0]["baseline_us"] if rows and baseline else None
-    if baseline and not rows:
-        base = time_us(baseline)
+    can_baseline = dist.is_initialized() or R == 1
+    base = None
+    if can_baseline:
+        r = world.local_ranks[0]
+        base_args = (xs[r], rt.topk_ids[r], None, w_local[r], None, shape, R)
+        base = time_us(lambda: baseline_moe(*base_args, layer=False))
     row_bytes = shape.hidden * shape.dtype.itemsize
     # DeepEP's convention: every (token, destination rank) row received, local ones included
     logical = max(traffic.rows_saved[s] + traffic.tokens[s] for s in range(R)) * row_bytes
@@ -176,7 +165,7 @@ def bench(world: World, args) -> dict:
             gemm_TFLOPs=flops / g / 1e6,
             grouped_mm_TFLOPs=flops / row["grouped_mm_us"]["median"] / 1e6,
             overlap=max(d, g) / f,
-            vs_baseline=row["baseline_us"]["median"] / f if baseline else None,
+            vs_baseline=base["median"] / f if base else None,
         )
     return {
         "preset": args.preset,

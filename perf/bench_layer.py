@@ -5,8 +5,7 @@ ranks in one process on one GPU instead (the baseline then needs R = 1: no NCCL 
 
 Per preset, after checking ours and the baseline against ``moe_ref``, on the same inputs
 (CUDA events around graph-replayed calls for ours, eager calls for the baseline; median and
-p20/p80 over repeats, max over ranks; all of the rows below timed in alternation, round after
-round, so that the power cap's clock dips fall on each alike):
+p20/p80 over repeats, max over ranks; each row timed on its own, one after another):
   layer      ``FusedEPMoE``: plan + dispatch + GEMM1 + GEMM2 + combine + top-k reduce, one kernel
   split      the same as two kernels (dispatch + GEMM1, then GEMM2 + combine + reduce)
   comm       the layer without the GEMM math (plan, dispatch, combine puts, flags, reduce)
@@ -14,7 +13,8 @@ round, so that the power cap's clock dips fall on each alike):
              TFLOP/s = 6 S H I / t (S rows received)
   overlap    max(comm, compute) / layer
   pack       with ``--pack gather scan``: the layer again for each ``KernelConfig.pack`` mode,
-             alternated with the default layer (its figure beside it); ``--vary`` the same
+             timed in alternation with the default layer (``perf.timing.time_many``), whose
+             figure of that pairing goes beside it; ``--vary KNOB=V1,V2`` the same for int knobs
   torch      ``torch._grouped_mm`` GEMM1 + SwiGLU + GEMM2 on the same received rows
   baseline   permute + NCCL all-to-all + grouped_mm + SwiGLU + grouped_mm + all-to-all back +
              weighted sum (perf/baseline.py), host-side split sizes
@@ -37,25 +37,23 @@ from megakernel.shapes import preset
 from megakernel.verify import check_layer_output, local_w2, local_w13, make_tokens
 from perf.baseline import baseline_moe
 from perf.record import knob_values, write_result
-from perf.timing import graphed, time_many
+from perf.timing import graphed, time_many, time_us
 from symm_mem import World
 from symm_mem.launch import run_in_world
 
 
-def layer_calls(ws, inputs: tuple) -> dict[str, object]:
-    """CUDA graphs of a layer call (``layer_us``), the two-kernel mode (``split_us``) and the
-    timing probes: ``comm_us`` (no GEMM math) and ``compute_us`` (both GEMMs on the last real
-    call's rows; every call here has the same inputs, so the same rows).
+def time_layer(ws, inputs: tuple) -> dict[str, dict[str, float]]:
+    """CUDA-graph timings of a layer call (``layer_us``) and of its timing probes alone:
+    ``comm_us`` (no GEMM math) and ``compute_us`` (both GEMMs on the last real call's rows).
     ``inputs``: (x, topk_ids, topk_weights, w13, w2), each keyed by rank."""
 
-    def call(stage: str, split: bool = False):
-        return lambda: ws.run(*inputs, mode="layer", stage=stage, split=split, validate=False)
+    def call(stage: str):
+        return lambda: ws.run(*inputs, mode="layer", stage=stage, validate=False)
 
-    graphs = {"layer_us": graphed(call("all")), "split_us": graphed(call("all", split=True))}
-    graphs["comm_us"] = graphed(call("comm"))
+    timed = {"layer_us": time_us(graphed(call("all"))), "comm_us": time_us(graphed(call("comm")))}
     ws.run(*inputs, mode="layer")  # the compute probe reruns the last real call's rows
-    graphs["compute_us"] = graphed(call("compute"))
-    return graphs
+    timed["compute_us"] = time_us(graphed(call("compute")))
+    return timed
 
 
 def bench_preset(world: World, name: str, args) -> dict:
@@ -98,6 +96,12 @@ def bench_preset(world: World, name: str, args) -> dict:
     inputs = (x, ids, weights, w13, w2)
     handles = ws.run(*inputs, mode="layer")
     n_recv = {r: handles[r].num_recv() for r in ranks}
+    row = {"preset": name, "num_recv": n_recv, **time_layer(ws, inputs)}
+    split = lambda: ws.run(*inputs, mode="layer", split=True, validate=False)  # noqa: E731
+    row["split_us"] = time_us(graphed(split))
+    ws.check_errors()
+
+    handles = ws.run(x, ids, weights, w13, w2, mode="layer")
     gmm = {
         r: (handles[r].resolved(), torch.cumsum(handles[r].plan.expert_rows, 0).int())
         for r in ranks
@@ -110,13 +114,10 @@ def bench_preset(world: World, name: str, args) -> dict:
             act = F.silu(h[:, : shape.ffn]) * h[:, shape.ffn :]
             torch._grouped_mm(act, w2[r].transpose(1, 2), offs=offs)
 
-    calls = {**layer_calls(ws, inputs), "torch_gemms_us": torch_gemms}
-    if can_baseline:
-        calls["baseline_us"] = lambda: baseline_moe(*base_args)
-    row = {"preset": name, "num_recv": n_recv, "baseline_us": None, **time_many(calls)}
-    ws.check_errors()
+    row["torch_gemms_us"] = time_us(torch_gemms)
+    row["baseline_us"] = time_us(lambda: baseline_moe(*base_args)) if can_baseline else None
     row["pack"] = pack  # what KernelConfig(pack="auto") chose
-    default = calls["layer_us"]
+    default = graphed(lambda: ws.run(*inputs, mode="layer", validate=False))
     # the layer with other knobs, same inputs, each checked first
     variants = [("pack", m) for m in args.pack] + knob_values(args.vary)
     row["pack_us"], row["vary_us"], row["paired_default_us"] = {}, {}, {}
@@ -132,7 +133,7 @@ def bench_preset(world: World, name: str, args) -> dict:
                 raise SystemExit(f"{name} {knob}={value}: wrong results: {found[:4]}")
         key = value if knob == "pack" else f"{knob}={value}"
         call = graphed(lambda ws=other.workspace: ws.run(*inputs, mode="layer", validate=False))
-        timed = time_many({"variant": call, "default": default})  # alternated: the same clocks
+        timed = time_many({"variant": call, "default": default})  # the same clocks
         row["pack_us" if knob == "pack" else "vary_us"][key] = timed["variant"]
         row["paired_default_us"][key] = timed["default"]
         other.check_errors()

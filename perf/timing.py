@@ -1,12 +1,17 @@
 """CUDA-event timing shared by the benchmarks: median and p20/p80, max over ranks.
 
-NOTE: under dense GEMMs the GPUs here run at their power limit, and the clock steps down for
-runs of 10-20 calls at a time (perf/NOTES.md, "the power cap"). Things to be compared are
-timed with ``time_many``, which alternates them, so such a run falls on all of them alike.
+NOTE: under dense GEMMs the GPUs here run at their power limit, and a figure depends on what ran
+before it (perf/NOTES.md, "the power cap"): the first ~20 calls of a layer after idle or after a
+light kernel run up to 10% faster than its steady state, and later the cap pulls the clock down
+for runs of 10-20 calls. ``time_us`` times one function in many calls in a row: its steady
+state, as every recorded figure here. ``time_many`` alternates functions, each settling on its
+own clock first: for a variant beside its default, where drift between two separate runs would
+be as large as the difference sought.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 
@@ -39,19 +44,33 @@ def time_many(
     fns: dict[str, Callable[[], object]],
     repeats: int = 10,
     inner: int = 10,
+    settle_s: float = 0.2,
     timer: Callable[[Callable[[], object], int], float] = block_us,
 ) -> dict[str, dict[str, float]]:
-    """Per-call microseconds of each of ``fns`` (name -> function), after one warm-up call of
-    each: ``repeats`` rounds, each timing ``inner`` calls of every function with ``timer``, the
-    order rotating by one each round. Every rank must pass the same names in the same order."""
+    """Per-call microseconds of each of ``fns`` (name -> function): ``repeats`` rounds, each
+    timing ``inner`` calls of every function with ``timer``, the order rotating by one each
+    round, so slow drifts and the cap's dips fall on all of them alike.
+
+    Before a function's timed calls, unless it was also the one timed last, it runs untimed for
+    about ``settle_s``: timed at once, it would run on the clock the previous function's power
+    left (a light function before a heavy one made the heavy one look 10% faster). The count of
+    settling calls comes from a first, discarded block (after one warm-up call), max over ranks,
+    so every rank makes the same calls. Every rank must pass the same names in the same order."""
     names = list(fns)
+    per_call = {}
     for name in names:
         fns[name]()
+        per_call[name] = timer(fns[name], inner)
+    settle = {name: math.ceil(settle_s * 1e6 / max(per_call[name], 1.0)) for name in names}
     samples: dict[str, list[float]] = {name: [] for name in names}
+    last = names[-1]
     for i in range(repeats):
         first = i % len(names)
         for name in names[first:] + names[:first]:
+            for _ in range(settle[name] if name != last else 0):
+                fns[name]()
             samples[name].append(timer(fns[name], inner))
+            last = name
     return {name: quantiles(xs) for name, xs in samples.items()}
 
 
