@@ -9,7 +9,8 @@
 #             copy step x steps loaded ahead, over NVLink)
 #   layer     perf.bench_layer (the whole layer against the unfused baseline; also with the
 #             top-k reduce as one band per column group, and with fewer programs putting the
-#             dispatch while the others start GEMM1)
+#             dispatch while the others start GEMM1; each variant timed in alternation with
+#             the default, whose figure goes beside it)
 #   profile   megakernel.profile --overhead, dsv3 then qwen3_235b, also with 32 dispatch
 #             programs (trace, timeline, summary)
 #   scaling   perf.scaling (this GPU count's point of the scaling plot)
