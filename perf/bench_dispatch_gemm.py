@@ -4,7 +4,7 @@ Relaunches itself under torchrun on every visible GPU (NVSHMEM world); ``--emula
 ranks in one process on one GPU instead (the baseline then needs R = 1: no NCCL there).
 
 Per switch variant (token saving, sorted dispatch, per-tile flags; ``--vary KNOB=V1,V2`` adds
-"ours" with other int ``KernelConfig`` knobs): correctness against the
+"ours" with other ``KernelConfig`` knobs): correctness against the
 references first, then, on the same inputs, CUDA events around graph-replayed calls (median and
 p20/p80 over repeats, max over ranks):
   dispatch   plan + dispatch tasks; wire GB/s = rows sent to other ranks x H x 2 B / t,
@@ -229,7 +229,7 @@ def main() -> None:
         nargs="*",
         default=[],
         metavar="KNOB=V1,V2",
-        help="also run 'ours' with these int KernelConfig knobs (e.g. dispatch_ctas=48,96)",
+        help="also run 'ours' with these KernelConfig knobs (e.g. dispatch_ctas=48,96)",
     )
     parser.add_argument(
         "--dispatch-programs",

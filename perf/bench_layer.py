@@ -226,7 +226,7 @@ def main() -> None:
         nargs="*",
         default=[],
         metavar="KNOB=V1,V2",
-        help="also time the layer with these int KernelConfig knobs (e.g. reduce_lag=1000000)",
+        help="also time the layer with these KernelConfig knobs (e.g. reduce_lag=1000000)",
     )
     args = parser.parse_args()
 

@@ -38,13 +38,14 @@ def write_result(stem: str, payload: dict) -> tuple[str, dict[str, str]]:
     return name, meta
 
 
-def knob_values(specs: list[str]) -> list[tuple[str, int]]:
-    """``["dispatch_ctas=32,64", "chunk=16"]`` -> ``[("dispatch_ctas", 32), ("dispatch_ctas", 64),
-    ("chunk", 16)]``: the int ``KernelConfig`` knobs a benchmark's ``--vary`` also times."""
+def knob_values(specs: list[str]) -> list[tuple[str, int | str]]:
+    """``["dispatch_ctas=32,64", "pack=scan"]`` -> ``[("dispatch_ctas", 32), ("dispatch_ctas",
+    64), ("pack", "scan")]``: the ``KernelConfig`` knobs a benchmark's ``--vary`` also times (a
+    value that is not an int stays a string; ``KernelConfig`` checks it)."""
     out = []
     for spec in specs:
         knob, sep, values = spec.partition("=")
         if not sep or not values:
             raise SystemExit(f"--vary wants KNOB=V1,V2,..., got {spec!r}")
-        out += [(knob, int(v)) for v in values.split(",")]
+        out += [(knob, int(v) if v.lstrip("-").isdigit() else v) for v in values.split(",")]
     return out

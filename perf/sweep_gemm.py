@@ -6,7 +6,7 @@ routed top-K over those experts), so the grouped GEMM has the real per-expert ro
 each tile configuration: one call checked against ``expert_act_ref``, then the tile tasks alone
 (CUDA graph replays), against ``torch._grouped_mm`` + SwiGLU on the same rows. Prints a table; the
 best row is the preset ``KernelConfig`` default cites. ``--vary KNOB=V1,V2`` times every
-configuration again with each other value of an int ``KernelConfig`` knob (``gemm1_tma=0``,
+configuration again with each other value of a ``KernelConfig`` knob (``gemm1_tma=0``,
 ``down_tma=1``), for either GEMM.
 
 ``--gemm down`` sweeps the down projection's tile (``down_block_n``, ``down_block_k``) instead,
@@ -109,7 +109,15 @@ def main() -> None:
     parser.add_argument(
         "--vary", nargs="*", default=[], metavar="KNOB=V1,V2", help="also time these knobs"
     )
+    parser.add_argument(
+        "--configs",
+        nargs="*",
+        type=int,
+        metavar="N",
+        help="only these rows of the sweep (0: the default)",
+    )
     args = parser.parse_args()
+    configs = CONFIGS if args.configs is None else [CONFIGS[i] for i in args.configs]
     full = preset(args.preset)
     R, T = args.ranks, args.tokens
     # one rank's share: E / R experts receiving T K rows (what R ranks send it on average)
@@ -124,7 +132,7 @@ def main() -> None:
         return
     rows = []
     with EmulatedWorld(1, "cuda") as world:
-        for (bm, bn, bk, warps, stages), knob in itertools.product(CONFIGS, knobs):
+        for (bm, bn, bk, warps, stages), knob in itertools.product(configs, knobs):
             cfg = KernelConfig(
                 block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, **knob
             )
