@@ -11,21 +11,26 @@
 #             top-k reduce as one band per column group, and with fewer programs putting the
 #             dispatch while the others start GEMM1; each variant timed in alternation with
 #             the default, whose figure goes beside it)
-#   profile   megakernel.profile --overhead, dsv3 then qwen3_235b, also with 32 dispatch
-#             programs (trace, timeline, summary)
+#   profile   megakernel.profile --overhead, dsv3 then qwen3_235b (trace, timeline, summary)
+#   profile32 megakernel.profile, qwen3_235b with 32 dispatch programs
 #   scaling   perf.scaling (this GPU count's point of the scaling plot)
 #
 # No STEP: all of them, in that order. Each step's output goes to $OUT/<step>.log (OUT defaults
 # to perf/results/node_suite), its last lines to the terminal; a failed step does not stop the
 # ones after it, and the exit status is the number of failed steps. Python scripts relaunch
 # themselves under torchrun with the NVSHMEM environment (symm_mem.launch).
+#
+# With OUT set, the perf/results files a step writes are copied into $OUT too: on the device
+# machine only $OUT comes back, at most 8 files of it. A step leaves at most 7 there (profile:
+# its log and 3 files per preset), so give that machine one step per command, or steps whose
+# files add up to 8 (dispatch + layer: 4; dist: 1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the torchrun workers import the packages too
 out=${OUT:-perf/results/node_suite}
 mkdir -p "$out"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(dist dispatch sweep layer profile scaling)
+[ ${#steps[@]} -eq 0 ] && steps=(dist dispatch sweep layer profile profile32 scaling)
 
 run_step() {
   case $1 in
@@ -38,11 +43,11 @@ run_step() {
     layer) python3 -m perf.bench_layer --vary reduce_lag=1000000 dispatch_ctas=16,32,64 ;;
     profile)
       python3 -m megakernel.profile --preset dsv3 --overhead --out "$out" &&
-        python3 -m megakernel.profile --preset qwen3_235b --out "$out" &&
-        python3 -m megakernel.profile --preset qwen3_235b --set dispatch_ctas=32 --out "$out"
+        python3 -m megakernel.profile --preset qwen3_235b --out "$out"
       ;;
+    profile32) python3 -m megakernel.profile --preset qwen3_235b --set dispatch_ctas=32 --out "$out" ;;
     scaling) python3 -m perf.scaling ;;
-    *) echo "unknown step $1 (dist, dispatch, sweep, layer, profile, scaling)" >&2; return 2 ;;
+    *) echo "unknown step $1 (dist, dispatch, sweep, layer, profile, profile32, scaling)" >&2; return 2 ;;
   esac
 }
 
@@ -50,8 +55,13 @@ failed=0
 summary=()
 for step in "${steps[@]}"; do
   start=$SECONDS
+  stamp=$(mktemp)
   run_step "$step" > "$out/$step.log" 2>&1
   rc=$?
+  if [ -n "${OUT:-}" ]; then
+    find perf/results -maxdepth 1 -type f -newer "$stamp" -exec cp {} "$out/" \;
+  fi
+  rm -f "$stamp"
   summary+=("$(printf '%-9s rc %-3s %5ss' "$step" "$rc" "$((SECONDS - start))")")
   echo "== $step (rc $rc), last lines of $out/$step.log:"
   tail -n "${TAIL:-15}" "$out/$step.log"
