@@ -114,10 +114,14 @@ def run(world, args) -> None:
 
 
 def load(tokens: int) -> dict[str, dict[int, dict]]:
-    """preset -> R -> row, from the NVSHMEM-world scaling JSONs of ``tokens`` per rank."""
+    """preset -> R -> row, from the NVSHMEM-world scaling JSONs of ``tokens`` per rank. Where
+    two GPU models have a point at the same R, the one of the largest world's GPU is kept: the
+    plot is about that node, and other GPUs only fill the counts it has not run."""
+    paths = sorted(RESULTS.glob(f"scaling_T{tokens}_R*_NvshmemWorld_*.json"))
+    results = [json.loads(path.read_text()) for path in paths]
+    node_gpu = max(results, key=lambda r: r["ranks"])["meta"]["gpu"] if results else None
     found: dict[str, dict[int, dict]] = {}
-    for path in sorted(RESULTS.glob(f"scaling_T{tokens}_R*_NvshmemWorld_*.json")):
-        result = json.loads(path.read_text())
+    for result in sorted(results, key=lambda r: r["meta"]["gpu"] == node_gpu):  # node's last
         for row in result["presets"]:
             row = {**row, "gpu": result["meta"]["gpu"]}
             found.setdefault(row["preset"], {})[result["ranks"]] = row
