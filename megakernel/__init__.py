@@ -5,7 +5,13 @@ rank, K top-k, R ranks, S receive slots on a rank. ``FusedEPMoE`` is the layer; 
 its workspace and kernel, which also runs dispatch + GEMM1 alone (``dispatch_gemm``).
 """
 
-from megakernel.kernel import DispatchHandle, KernelConfig, Megakernel, dispatch_gemm
+from megakernel.kernel import (
+    DispatchHandle,
+    KernelConfig,
+    Megakernel,
+    dispatch_gemm,
+    pair_gate_up,
+)
 from megakernel.layer import FusedEPMoE, TopKRouter
 
 __all__ = [
@@ -15,5 +21,6 @@ __all__ = [
     "Megakernel",
     "TopKRouter",
     "dispatch_gemm",
+    "pair_gate_up",
 ]
 __version__ = "0.1.0"

@@ -117,6 +117,12 @@ class KernelConfig:
     BK 64 gave 395 TFLOP/s; BN 128 / BK 128 331, BN 128 / BK 64 287; ``torch._grouped_mm`` 435.
     With w2 loaded by TMA (``down_tma``; H200, 2026-11-24) BN 256 / BK 64 went 411 -> 460 TFLOP/s
     and stayed the best, against ``torch._grouped_mm``'s 432.
+
+    ``gemm1_pairs``: the caller gives ``w13`` with its rows in pairs (``pair_gate_up``), so a
+    GEMM1 task makes one [BM, 2 BN] product per k step (m64n256 MMAs) instead of a gate and an up
+    product of BN columns that each read A from shared memory again; SwiGLU splits the pairs in
+    registers. H200, same runs: GEMM1 tile tasks 1.6-2.4% faster (dsv3 as one of 2 ranks), the
+    one-rank layer 0.3-3.2% (perf/NOTES.md). ``FusedEPMoE`` pairs the weights it holds.
     """
 
     token_saving: bool = True  # one copy of a token per destination rank
@@ -127,6 +133,7 @@ class KernelConfig:
     block_n: int = 128  # output columns per GEMM task (of I with SwiGLU)
     block_k: int = 64  # reduction step over H
     gemm1_tma: bool = True  # GEMM1 loads w13 by TMA (a tensor descriptor), else by pointers
+    gemm1_pairs: bool = False  # w13 is given with its rows in pairs (see pair_gate_up)
     down_block_n: int = 256  # output columns (of H) per down-projection task
     down_block_k: int = 64  # reduction step over I
     down_tma: bool = True  # the down projection loads w2 by TMA, else by pointers
@@ -173,6 +180,13 @@ class KernelConfig:
             value = getattr(self, name)
             if value & (value - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
+        if self.gemm1_pairs and (not self.gemm1_tma or self.block_n > 128):
+            # a TMA box has at most 256 rows: block_n pairs of rows
+            raise ValueError(
+                "KernelConfig.gemm1_pairs loads 2 * block_n rows of w13 per TMA box: it needs "
+                f"gemm1_tma=True and block_n <= 128, got gemm1_tma={self.gemm1_tma}, "
+                f"block_n={self.block_n}"
+            )
 
     def reduce_groups(self, hidden: int) -> tuple[int, int, int]:
         """(RH, NRH, GB): a top-k reduce task's columns, the column groups of H, and the
@@ -192,6 +206,14 @@ class KernelConfig:
             T, K, E = shape.max_tokens_per_rank, shape.topk, shape.num_experts
             pack = choose_strategy(T, K, E, materialize=False)
         return pack == "gather"
+
+
+def pair_gate_up(w13: torch.Tensor) -> torch.Tensor:
+    """``w13 [L, 2I, H]`` (gate rows, then up rows) as a new tensor with its rows in pairs,
+    ``(gate 0, up 0, gate 1, up 1, ...)``: the layout ``KernelConfig(gemm1_pairs=True)`` reads."""
+    L, two_i, H = w13.shape
+    gate, up = w13[:, : two_i // 2], w13[:, two_i // 2 :]
+    return torch.stack((gate, up), dim=2).reshape(L, two_i, H)
 
 
 def default_capacity(shape: MoEShape, world_size: int, slots_per_rank: int) -> int:
@@ -327,6 +349,7 @@ def _tile_task(
     SWIGLU: tl.constexpr,
     GATHER_A: tl.constexpr,
     GEMM1_TMA: tl.constexpr,
+    PAIRS: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
     PER_TILE: tl.constexpr,
     LAYER: tl.constexpr,
@@ -414,6 +437,7 @@ def _tile_task(
                     SWIGLU,
                     GATHER_A,
                     GEMM1_TMA,
+                    PAIRS,
                 )
             if LAYER:
                 tl.debug_barrier()  # every thread's activations before the arrival
@@ -755,6 +779,7 @@ def moe_megakernel(
     SWIGLU: tl.constexpr,
     GATHER_A: tl.constexpr,
     GEMM1_TMA: tl.constexpr,
+    PAIRS: tl.constexpr,
     LAYER: tl.constexpr,
     TOKEN_SAVING: tl.constexpr,
     SORTED: tl.constexpr,
@@ -874,6 +899,7 @@ def moe_megakernel(
                 SWIGLU,
                 GATHER_A,
                 GEMM1_TMA,
+                PAIRS,
                 TOKEN_SAVING,
                 PER_TILE,
                 LAYER,
@@ -1050,6 +1076,7 @@ def kernel_meta(
         SWIGLU=swiglu,
         GATHER_A=cfg.gather_a(shape),
         GEMM1_TMA=gemm and cfg.gemm1_tma,
+        PAIRS=gemm and cfg.gemm1_pairs,
         LAYER=layer,
         TOKEN_SAVING=cfg.token_saving,
         SORTED=cfg.sorted_dispatch,
@@ -1148,6 +1175,10 @@ class Megakernel:
             _check_tma_rows("gemm1_tma", "w13", "block_k", cfg.block_k, shape.dtype)
         if combine and not swiglu:
             raise ValueError("the combine (mode 'layer') runs on SwiGLU activations: swiglu=True")
+        if cfg.gemm1_pairs and not swiglu:
+            raise ValueError(
+                "KernelConfig.gemm1_pairs splits gate and up for SwiGLU: it needs swiglu=True"
+            )
         if combine and I % cfg.down_block_k:
             raise ValueError(f"ffn size {I} is not a multiple of down_block_k {cfg.down_block_k}")
         if combine and cfg.down_tma:
@@ -1284,7 +1315,8 @@ class Megakernel:
         cfg, H, I = self.config, self.shape.hidden, self.shape.ffn  # noqa: E741
         w13_desc = w2_desc = None
         if meta["GEMM1_TMA"]:
-            w13_desc = TensorDescriptor.from_tensor(w13.view(-1, H), [cfg.block_n, cfg.block_k])
+            rows = 2 * cfg.block_n if cfg.gemm1_pairs else cfg.block_n
+            w13_desc = TensorDescriptor.from_tensor(w13.view(-1, H), [rows, cfg.block_k])
         if meta["DOWN_TMA"]:
             block = [cfg.down_block_n, cfg.down_block_k]
             w2_desc = TensorDescriptor.from_tensor(w2.view(-1, I), block)
@@ -1436,7 +1468,8 @@ class Megakernel:
         """One call on every local rank (inputs keyed by rank). ``mode``: "layer" (the whole MoE
         layer: needs ``topk_weights`` and ``w2``; writes ``out [T, H]`` when given, else a new
         tensor), "gemm" (dispatch + GEMM1, fused) or "dispatch"
-        (dispatch, then resolve every indirect row).
+        (dispatch, then resolve every indirect row). ``w13``'s rows are in pairs
+        (``pair_gate_up``) where the config has ``gemm1_pairs``.
 
         ``split`` runs the layer as two kernels (dispatch + GEMM1, then down projection + combine
         + top-k reduce) instead of one.
@@ -1576,7 +1609,8 @@ def dispatch_gemm(
     mode: str = "gemm",
 ) -> tuple[torch.Tensor, DispatchHandle]:
     """This rank's tokens ``x [T, H]`` routed by ``topk_ids [T, K]`` to the experts, whose
-    ``w13 [L, 2I, H]`` this rank holds: returns ``act [C, I]`` (rows in the receive order,
+    ``w13 [L, 2I, H]`` this rank holds (rows in pairs, ``pair_gate_up``, if the workspace's
+    config has ``gemm1_pairs``): returns ``act [C, I]`` (rows in the receive order,
     ``handle.num_recv()`` of them valid) and the handle the combine needs.
 
     For a world with one rank per process (NVSHMEM under torchrun). No host synchronisation:

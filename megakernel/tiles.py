@@ -132,12 +132,16 @@ def tile_expert_gemm(
     SWIGLU: tl.constexpr,
     GATHER: tl.constexpr = True,
     B_TMA: tl.constexpr = False,
+    PAIRS: tl.constexpr = False,
 ):
     """Output columns ``[n_block * BLOCK_N, +BLOCK_N)`` of rows ``[row0, row0 + rows)``.
     ``GATHER``: A row ``r`` is ``recv_x[recv_src[r]]``; off: ``recv_x[r]`` (rows resolved first).
     ``B_TMA``: the weight blocks come by TMA through ``w13_desc`` (A rows, gathered, cannot),
     which frees the registers and issue slots the [BK, BN] pointer tiles took: GEMM1 went 424 ->
     475 TFLOP/s on an H200 (perf/NOTES.md).
+
+    ``PAIRS`` (with ``B_TMA``): w13's rows come in pairs (gate j, up j), so one [BM, 2 BN]
+    product per k step gives both halves, split in registers (``KernelConfig.gemm1_pairs``).
 
     NOTE: H must be a multiple of BLOCK_K (checked on the host); rows past ``rows`` read row 0's
     source harmlessly (masked to 0) and are not stored.
@@ -155,7 +159,16 @@ def tile_expert_gemm(
     n_ok = (n < WIDTH)[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if B_TMA:
+    if PAIRS:
+        # w13 rows interleaved (gate j, up j): one [BM, 2 BN] product, split in registers
+        n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * (2 * BLOCK_N)
+        acc2 = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        for k in tl.range(0, H // BLOCK_K):
+            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+            acc2 = tl.dot(a, w13_desc.load([n0, k * BLOCK_K]).T, acc2)
+            a_ptrs += BLOCK_K
+        acc, acc_up = tl.split(tl.reshape(acc2, [BLOCK_M, BLOCK_N, 2]))
+    elif B_TMA:
         # columns past WIDTH read the next rows (or TMA's zero fill) and are never stored
         n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * BLOCK_N
         for k in tl.range(0, H // BLOCK_K):

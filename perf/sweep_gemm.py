@@ -24,7 +24,7 @@ import itertools
 import torch
 
 from megakernel import routing
-from megakernel.kernel import KernelConfig, Megakernel
+from megakernel.kernel import KernelConfig, Megakernel, pair_gate_up
 from megakernel.placement import Placement
 from megakernel.shapes import preset
 from megakernel.verify import (
@@ -63,18 +63,19 @@ def sweep_down(shape, rt, xs, w13, placement, knobs: list[dict]) -> None:
         for (bn, bk), knob in itertools.product(DOWN_CONFIGS, knobs):
             cfg = KernelConfig(down_block_n=bn, down_block_k=bk, **knob)
             ws = Megakernel(world, shape, config=cfg, capacity=T * K)
-            h = ws.run(x, ids, weights, {0: w13}, {0: w2}, mode="layer")[0]
+            w13k = pair_gate_up(w13) if cfg.gemm1_pairs else w13  # the layout the kernel reads
+            h = ws.run(x, ids, weights, {0: w13k}, {0: w2}, mode="layer")[0]
             ws.check_errors()
             problems = check_layer_output(h.out, xs[0], ids[0], weights[0], shape, 1, 0)
             n = h.num_recv()
 
-            def stage(mode, name, ws=ws):
+            def stage(mode, name, ws=ws, w13k=w13k):
                 return lambda: ws.run(
-                    x, ids, weights, {0: w13}, {0: w2}, mode=mode, stage=name, validate=False
+                    x, ids, weights, {0: w13k}, {0: w2}, mode=mode, stage=name, validate=False
                 )
 
             both = time_us(graphed(stage("layer", "compute")))["median"]
-            ws.run(x, ids, weights, {0: w13}, mode="gemm")
+            ws.run(x, ids, weights, {0: w13k}, mode="gemm")
             up = time_us(graphed(stage("gemm", "tiles")))["median"]
             act, offs = h.act[:n].clone(), torch.cumsum(h.plan.expert_rows, 0).int()
             rows.append((bn, bk, knob, both, up, both - up, problems))
@@ -137,14 +138,20 @@ def main() -> None:
                 block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, **knob
             )
             ws = Megakernel(world, shape, config=cfg, capacity=T * shape.topk)
-            h = run_poisoned(ws, xs, rt.topk_ids, {0: w})[0]
+            wk = pair_gate_up(w) if cfg.gemm1_pairs else w  # the layout the kernel reads
+            h = run_poisoned(ws, xs, rt.topk_ids, {0: wk})[0]
             problems = check_call(h, xs, rt.topk_ids, w, placement, "gemm")
             n = h.num_recv()
             flops = 2 * n * shape.hidden * 2 * shape.ffn
             tiles = time_us(
                 graphed(
-                    lambda ws=ws: ws.run(
-                        {0: xs[0]}, {0: rt.topk_ids[0]}, None, {0: w}, validate=False, stage="tiles"
+                    lambda ws=ws, wk=wk: ws.run(
+                        {0: xs[0]},
+                        {0: rt.topk_ids[0]},
+                        None,
+                        {0: wk},
+                        validate=False,
+                        stage="tiles",
                     )
                 ),
             )["median"]

@@ -1,6 +1,7 @@
 """The megakernel compiles for sm_90 with no GPU (dsv3 / mixtral constants), in every mode."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def descriptor_blocks(cfg: KernelConfig, meta: dict) -> dict[str, list[int]]:
     None, a constexpr)."""
     blocks = {}
     if meta["GEMM1_TMA"]:
-        blocks["w13_desc"] = [cfg.block_n, cfg.block_k]
+        blocks["w13_desc"] = [cfg.block_n * (2 if cfg.gemm1_pairs else 1), cfg.block_k]
     if meta["DOWN_TMA"]:
         blocks["w2_desc"] = [cfg.down_block_n, cfg.down_block_k]
     return blocks
@@ -105,6 +106,20 @@ def test_gemm1_tma_switch():
     """gemm1_tma=False loads w13 by pointers: no TMA copy, and the descriptor argument is gone."""
     ptx = compile_megakernel(PRESETS["dsv3"], 2, KernelConfig(gemm1_tma=False), "gemm").asm["ptx"]
     assert "cp.async.bulk.tensor" not in ptx and "wgmma" in ptx
+
+
+def test_gemm1_pairs_makes_one_wide_product():
+    """gemm1_pairs: one m64n256 MMA per k step for gate and up together, where the default
+    makes two m64n128 ones, and the split for SwiGLU adds no shared-memory round trip."""
+    ptx = {
+        pairs: compile_megakernel(PRESETS["dsv3"], 2, KernelConfig(gemm1_pairs=pairs), "gemm").asm[
+            "ptx"
+        ]
+        for pairs in (False, True)
+    }
+    shapes = {p: set(re.findall(r"wgmma\.mma_async\S*\.m64n(\d+)k16", ptx[p])) for p in ptx}
+    assert shapes == {False: {"128"}, True: {"256"}}
+    assert ptx[True].count("st.shared") <= ptx[False].count("st.shared")
 
 
 def test_pack_scan_resolves_then_reads_rows_in_place():

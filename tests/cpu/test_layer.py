@@ -83,6 +83,33 @@ def test_layer_pack_scan():
         layer_call(ws, rt, placement, seed=9, shape=SHAPE, split=True)
 
 
+def test_layer_gemm1_pairs_megakernel_and_module():
+    """w13 with its rows in pairs (one 2BN-wide product, split for SwiGLU): the workspace with
+    paired weights, and the module, which pairs the weights it is given."""
+    R = 2
+    rt = routing.zipf(R, T, SHAPE.num_experts, SHAPE.topk, 1.2, seed=15)
+    placement = Placement.contiguous(SHAPE.num_experts, R)
+    with EmulatedWorld(R) as world:
+        ws = Megakernel(world, SHAPE, config=small_config(gemm1_pairs=True))
+        layer_call(ws, rt, placement, seed=16, shape=SHAPE)
+        ws.close()
+        w13, w2 = make_w13(SHAPE, 17, "cpu"), make_w2(SHAPE, 17, "cpu")
+        cfg = small_config(gemm1_pairs=True)
+        layer = FusedEPMoE.from_dense(world, SHAPE, w13, w2, config=cfg)
+        local = placement.local_weights(w13, 1)
+        assert torch.equal(layer.w13["1"][:, 0::2], local[:, : SHAPE.ffn])
+        assert torch.equal(layer.w13["1"][:, 1::2], local[:, SHAPE.ffn :])
+        xs = make_tokens(SHAPE, [T, T], seed=18, device="cpu")
+        ids, weights = rt.topk_ids, rt.topk_weights
+        out = layer({r: xs[r] for r in range(R)}, dict(enumerate(ids)), dict(enumerate(weights)))
+        layer.check_errors()
+        for r in range(R):
+            assert check_layer_output(out[r], xs[r], ids[r], weights[r], SHAPE, 17, r) == []
+        layer.close()
+    with pytest.raises(ValueError, match="gemm1_tma=True and block_n <= 128"):
+        KernelConfig(gemm1_pairs=True, gemm1_tma=False)
+
+
 @pytest.mark.parametrize("lag", [1, 0])
 def test_one_launch_mixes_the_reduce_into_the_down_tasks(lag):
     """One rank in one launch (``overlap=True``): the interpreter runs programs one after

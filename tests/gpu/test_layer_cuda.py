@@ -76,6 +76,27 @@ def test_layer_pointer_loads_and_pipelined_dispatch_copy(R):
 
 
 @pytest.mark.parametrize("R", [1, 4])
+def test_layer_gemm1_pairs(R):
+    """KernelConfig(gemm1_pairs=True): w13 with its rows in pairs, one 2BN-wide product split
+    for SwiGLU; calls back to back, and the module, which pairs the dense weights itself."""
+    cfg = KernelConfig(gemm1_pairs=True)
+    with EmulatedWorld(R, "cuda") as world:
+        ws = Megakernel(world, MEDIUM, config=cfg)
+        layer_cases(ws, ["uniform", "zipf", "dropped"])
+        ws.close()
+        w13, w2 = make_w13(MEDIUM, 3, "cuda"), make_w2(MEDIUM, 3, "cuda")
+        layer = FusedEPMoE.from_dense(world, MEDIUM, w13, w2, config=cfg)
+        rt = routing.zipf(R, 600, MEDIUM.num_experts, MEDIUM.topk, 1.1, seed=4).to("cuda")
+        xs = make_tokens(MEDIUM, [600] * R, 5, "cuda")
+        ids, weights = dict(enumerate(rt.topk_ids)), dict(enumerate(rt.topk_weights))
+        out = layer({r: xs[r] for r in range(R)}, ids, weights)
+        layer.check_errors()
+        for r in range(R):
+            assert check_layer_output(out[r], xs[r], ids[r], weights[r], MEDIUM, 3, r) == []
+        layer.close()
+
+
+@pytest.mark.parametrize("R", [1, 4])
 def test_layer_pack_scan(R):
     """KernelConfig(pack="scan"): GEMM1 reads rows resolved in place (R = 1: K - 1 of every
     token's K rows are token-saving references), back to back without a sync."""
