@@ -54,13 +54,13 @@ CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
 DOWN_CONFIGS = [(128, 64), (256, 64), (128, 128), (256, 32), (64, 64)]  # (block_n, block_k)
 
 
-def sweep_down(shape, rt, xs, w13, placement, knobs: list[dict]) -> None:
+def sweep_down(shape, rt, xs, w13, placement, knobs: list[dict], configs: list) -> None:
     w2 = local_w2(shape, placement, 0, 1, "cuda")
     T, K = shape.max_tokens_per_rank, shape.topk
     x, ids, weights = {0: xs[0]}, {0: rt.topk_ids[0]}, {0: rt.topk_weights[0]}
     rows = []
     with EmulatedWorld(1, "cuda") as world:
-        for (bn, bk), knob in itertools.product(DOWN_CONFIGS, knobs):
+        for (bn, bk), knob in itertools.product(configs, knobs):
             cfg = KernelConfig(down_block_n=bn, down_block_k=bk, **knob)
             ws = Megakernel(world, shape, config=cfg, capacity=T * K)
             w13k = pair_gate_up(w13) if cfg.gemm1_pairs else w13  # the layout the kernel reads
@@ -115,7 +115,7 @@ def main() -> None:
         nargs="*",
         type=int,
         metavar="N",
-        help="only these rows of the sweep (0: the default)",
+        help="only these rows of the sweep (GEMM1: 0 is the default; down: 1 is)",
     )
     args = parser.parse_args()
     configs = CONFIGS if args.configs is None else [CONFIGS[i] for i in args.configs]
@@ -129,7 +129,8 @@ def main() -> None:
     w = local_w13(shape, placement, 0, 1, "cuda")
     knobs = [{}] + [{knob: value} for knob, value in knob_values(args.vary)]
     if args.gemm == "down":
-        sweep_down(shape, rt, xs, w, placement, knobs)
+        down = DOWN_CONFIGS if args.configs is None else [DOWN_CONFIGS[i] for i in args.configs]
+        sweep_down(shape, rt, xs, w, placement, knobs, down)
         return
     rows = []
     with EmulatedWorld(1, "cuda") as world:
