@@ -188,6 +188,11 @@ class KernelConfig:
                 f"block_n={self.block_n}"
             )
 
+    def kernel_w13(self, w13: torch.Tensor) -> torch.Tensor:
+        """``w13 [L, 2I, H]`` (gate rows, then up rows) in the layout this config's kernel reads:
+        a paired copy (``pair_gate_up``) with ``gemm1_pairs``, else ``w13`` itself."""
+        return pair_gate_up(w13) if self.gemm1_pairs else w13
+
     def reduce_groups(self, hidden: int) -> tuple[int, int, int]:
         """(RH, NRH, GB): a top-k reduce task's columns, the column groups of H, and the
         down-projection column blocks per group. A group is RH wide, a multiple of

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from megakernel.kernel import KernelConfig, Megakernel, pair_gate_up
+from megakernel.kernel import KernelConfig, Megakernel
 from megakernel.placement import Placement
 from megakernel.routing import route_topk
 from megakernel.shapes import MoEShape
@@ -88,8 +88,8 @@ class FusedEPMoE(nn.Module):
                 f"{shape.num_experts}"
             )
         L, H, I = self.placement.slots_per_rank, shape.hidden, shape.ffn  # noqa: E741
-        pairs = config is not None and config.gemm1_pairs
-        self.w13 = self._weights("w13", w13, (L, 2 * I, H), pair_gate_up if pairs else None)
+        layout = config.kernel_w13 if config is not None else None
+        self.w13 = self._weights("w13", w13, (L, 2 * I, H), layout)
         self.w2 = self._weights("w2", w2, (L, H, I))
         self.router = router
         self.split, self.check_every_call = split, check_every_call
@@ -140,8 +140,8 @@ class FusedEPMoE(nn.Module):
                 raise ValueError(
                     f"{name} of rank {r} is on {t.device}, but rank {r} runs on {self.world.device}"
                 )
-            t = t.contiguous() if layout is None else layout(t)
-            params[str(r)] = nn.Parameter(t, requires_grad=False)
+            t = t if layout is None else layout(t)
+            params[str(r)] = nn.Parameter(t.contiguous(), requires_grad=False)
         return nn.ParameterDict(params)
 
     # -- calls ----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "perf" / "results"
 def profile(world, args) -> None:
     import torch
 
-    from megakernel import KernelConfig, Megakernel, pair_gate_up, profiler, routing
+    from megakernel import KernelConfig, Megakernel, profiler, routing
     from megakernel.placement import Placement
     from megakernel.shapes import MoEShape, preset
     from megakernel.verify import check_layer_output, local_w2, local_w13, make_tokens
@@ -49,9 +49,7 @@ def profile(world, args) -> None:
     rt, _ = routing.edge_case(args.routing, R, T, shape.num_experts, shape.topk, seed=1)
     rt = rt.to(dev)
     xs = make_tokens(shape, [T] * R, 1, dev)
-    w13 = {r: local_w13(shape, placement, r, 1, dev) for r in ranks}
-    if config.gemm1_pairs:  # the layout the kernel reads
-        w13 = {r: pair_gate_up(w) for r, w in w13.items()}
+    w13 = {r: config.kernel_w13(local_w13(shape, placement, r, 1, dev)) for r in ranks}
     w2 = {r: local_w2(shape, placement, r, 1, dev) for r in ranks}
     inputs = (
         {r: xs[r] for r in ranks},

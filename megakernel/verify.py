@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from megakernel.kernel import DispatchHandle, pair_gate_up
+from megakernel.kernel import DispatchHandle
 from megakernel.placement import Placement
 from megakernel.plan import resolve_all_ref
 from megakernel.reference import dispatch_ref, expert_act_ref, moe_ref_by_expert
@@ -245,9 +245,8 @@ def run_layer_checked(
     ranks = ws.world.local_ranks
     w13_local = {r: placement.local_weights(w13, r) for r in ranks}
     w2_local = {r: placement.local_weights(w2, r) for r in ranks}
-    w13_kernel = {  # the layout the kernel reads; the references take the plain one
-        r: pair_gate_up(w) if ws.config.gemm1_pairs else w for r, w in w13_local.items()
-    }
+    # the kernel reads its own layout of w13; the references take the plain one
+    w13_kernel = {r: ws.config.kernel_w13(w) for r, w in w13_local.items()}
     handles = run_poisoned(
         ws, xs, rt.topk_ids, w13_kernel, "layer", rt.topk_weights, w2=w2_local, **run_kw
     )

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megakernel import routing
-from megakernel.kernel import KernelConfig, Megakernel, pair_gate_up
+from megakernel.kernel import KernelConfig, Megakernel
 from megakernel.placement import Placement
 from megakernel.plan import resolve_all_ref
 from megakernel.shapes import preset
@@ -58,7 +58,7 @@ def run_variant(world, shape, placement, rt, xs, w_local, name, switches, tiles_
     ranks = world.local_ranks
     ids = {r: rt.topk_ids[r] for r in ranks}
     x = {r: xs[r] for r in ranks}
-    w = {r: pair_gate_up(w_local[r]) if cfg.gemm1_pairs else w_local[r] for r in ranks}
+    w = {r: cfg.kernel_w13(w_local[r]) for r in ranks}  # the references take w_local
     handles = run_poisoned(ws, xs, rt.topk_ids, w, "gemm")
     problems = check_calls(handles, xs, rt.topk_ids, w_local, placement, "gemm")
     if problems:

@@ -14,7 +14,7 @@ p20/p80 over repeats, max over ranks; each row timed on its own, one after anoth
   overlap    max(comm, compute) / layer
   pack       with ``--pack gather scan``: the layer again for each ``KernelConfig.pack`` mode,
              timed in alternation with the default layer (``perf.timing.time_many``), whose
-             figure of that pairing goes beside it; ``--vary KNOB=V1,V2`` the same for int knobs
+             figure of that pairing goes beside it; ``--vary KNOB=V1,V2`` the same for other knobs
   torch      ``torch._grouped_mm`` GEMM1 + SwiGLU + GEMM2 on the same received rows
   baseline   permute + NCCL all-to-all + grouped_mm + SwiGLU + grouped_mm + all-to-all back +
              weighted sum (perf/baseline.py), host-side split sizes

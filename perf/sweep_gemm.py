@@ -24,7 +24,7 @@ import itertools
 import torch
 
 from megakernel import routing
-from megakernel.kernel import KernelConfig, Megakernel, pair_gate_up
+from megakernel.kernel import KernelConfig, Megakernel
 from megakernel.placement import Placement
 from megakernel.shapes import preset
 from megakernel.verify import (
@@ -63,7 +63,7 @@ def sweep_down(shape, rt, xs, w13, placement, knobs: list[dict], configs: list) 
         for (bn, bk), knob in itertools.product(configs, knobs):
             cfg = KernelConfig(down_block_n=bn, down_block_k=bk, **knob)
             ws = Megakernel(world, shape, config=cfg, capacity=T * K)
-            w13k = pair_gate_up(w13) if cfg.gemm1_pairs else w13  # the layout the kernel reads
+            w13k = cfg.kernel_w13(w13)
             h = ws.run(x, ids, weights, {0: w13k}, {0: w2}, mode="layer")[0]
             ws.check_errors()
             problems = check_layer_output(h.out, xs[0], ids[0], weights[0], shape, 1, 0)
@@ -139,7 +139,7 @@ def main() -> None:
                 block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, **knob
             )
             ws = Megakernel(world, shape, config=cfg, capacity=T * shape.topk)
-            wk = pair_gate_up(w) if cfg.gemm1_pairs else w  # the layout the kernel reads
+            wk = cfg.kernel_w13(w)  # check_call takes the plain w
             h = run_poisoned(ws, xs, rt.topk_ids, {0: wk})[0]
             problems = check_call(h, xs, rt.topk_ids, w, placement, "gemm")
             n = h.num_recv()
