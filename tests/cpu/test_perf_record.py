@@ -14,3 +14,10 @@ def test_vary_parses_knob_values_and_rejects_a_spec_without_values():
     ]
     with pytest.raises(SystemExit, match="KNOB=V1,V2"):
         knob_values(["dispatch_ctas"])
+
+
+def test_vary_refuses_a_value_given_twice():
+    for specs in (["gemm1_pairs=1,0,1"], ["chunk=16", "chunk=8,16"]):
+        with pytest.raises(SystemExit, match="twice"):
+            knob_values(specs)
+    assert knob_values(["chunk=16", "block_m=16"]) == [("chunk", 16), ("block_m", 16)]
