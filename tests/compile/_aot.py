@@ -1,6 +1,9 @@
 """Compile a @triton.jit kernel for sm_90 with no GPU present (Triton ships ptxas)."""
 
 import os
+import re
+import subprocess
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -64,3 +67,31 @@ def compile_sm90(
     if getattr(fn, "_symm_mem_nvshmem", False):
         options["extern_libs"] = (("libnvshmem_device", NVSHMEM_BITCODE),)
     return triton.compile(src, target=HOPPER, options=options)
+
+
+def sass_ops(kernel) -> list[str]:
+    """The compiled kernel's SASS, one instruction per item (predicate and operands kept,
+    addresses and encodings dropped), from the ``cuobjdump`` Triton ships beside ptxas."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True)
+    found = (
+        re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line) for line in text.stdout.splitlines()
+    )
+    return [m.group(1) for m in found if m]
+
+
+def wgmma_groups(ops: list[str]) -> list[tuple[str, list[str]]]:
+    """Each warpgroup MMA group (the HGMMAs up to the one that commits, ``gsb0``) as (its shape,
+    the instructions from its first HGMMA to its last)."""
+    groups, first = [], None
+    for i, op in enumerate(ops):
+        if "HGMMA" in op:
+            first = i if first is None else first
+            if "gsb0" in op:
+                shape = re.search(r"HGMMA\.(\d+x\d+)", ops[first]).group(1)
+                groups.append((shape, ops[first : i + 1]))
+                first = None
+    return groups

@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from _aot import compile_sm90, signature_of
+from _aot import compile_sm90, sass_ops, signature_of, wgmma_groups
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from megakernel.kernel import KernelConfig, default_capacity, kernel_meta, moe_megakernel
@@ -131,3 +131,31 @@ def test_pack_scan_resolves_then_reads_rows_in_place():
     release = "atom.global.gpu.release.exch.b64"  # resolved[tile] = epoch
     assert release not in ptx["gather"] and release in ptx["scan"]
     assert "wgmma" in ptx["scan"]
+
+
+@pytest.mark.parametrize(
+    "preset,mode,knobs",
+    [
+        ("dsv3", "layer", {}),
+        ("qwen3_235b", "layer", {}),
+        ("mixtral", "layer", {}),
+        ("dsv3", "gemm", {}),
+        ("dsv3", "layer", {"gemm1_pairs": True}),
+    ],
+)
+def test_gemm_k_loops_keep_their_mma_descriptors_in_uniform_registers(preset, mode, knobs):
+    """Between the HGMMAs of one k step there is no ``R2UR``: ptxas built the shared-memory
+    descriptors on the uniform datapath, not in plain registers moved over one per MMA.
+
+    NOTE: a tripwire, not a rule of Hopper. Twice a change outside the GEMMs (taking the next
+    task in another atomic) made ptxas move these descriptors through ``R2UR`` in GEMM1's or the
+    down projection's k loop, about 150 instructions per k step where there had been 100, and the
+    layer got 3-5% slower on an H200 (perf/NOTES.md, "The task claim's round trip"). If this
+    fails, time the layer for dsv3 and qwen3_235b against the previous commit before keeping it.
+    """
+    kernel = compile_megakernel(PRESETS[preset], 2, KernelConfig(**knobs), mode)
+    groups = wgmma_groups(sass_ops(kernel))
+    # GEMM1: gate and up (one group with gemm1_pairs); the layer adds the down projection
+    assert len(groups) == (1 if knobs.get("gemm1_pairs") else 2) + (mode == "layer")
+    moves = [(shape, sum(op.startswith("R2UR") for op in ops)) for shape, ops in groups]
+    assert all(n == 0 for _, n in moves), f"(shape, R2UR) per wgmma group, in code order: {moves}"
