@@ -118,7 +118,8 @@ def main() -> None:
         help="only these rows of the sweep (GEMM1: 0 is the default; down: 1 is)",
     )
     args = parser.parse_args()
-    configs = CONFIGS if args.configs is None else [CONFIGS[i] for i in args.configs]
+    table = DOWN_CONFIGS if args.gemm == "down" else CONFIGS
+    configs = table if args.configs is None else [table[i] for i in args.configs]
     full = preset(args.preset)
     R, T = args.ranks, args.tokens
     # one rank's share: E / R experts receiving T K rows (what R ranks send it on average)
@@ -129,8 +130,7 @@ def main() -> None:
     w = local_w13(shape, placement, 0, 1, "cuda")
     knobs = [{}] + [{knob: value} for knob, value in knob_values(args.vary)]
     if args.gemm == "down":
-        down = DOWN_CONFIGS if args.configs is None else [DOWN_CONFIGS[i] for i in args.configs]
-        sweep_down(shape, rt, xs, w, placement, knobs, down)
+        sweep_down(shape, rt, xs, w, placement, knobs, configs)
         return
     rows = []
     with EmulatedWorld(1, "cuda") as world:
