@@ -10,7 +10,6 @@ from megakernel.kernel import (
     KernelConfig,
     Megakernel,
     dispatch_gemm,
-    pair_gate_up,
 )
 from megakernel.layer import FusedEPMoE, TopKRouter
 
@@ -21,6 +20,5 @@ __all__ = [
     "Megakernel",
     "TopKRouter",
     "dispatch_gemm",
-    "pair_gate_up",
 ]
 __version__ = "0.1.0"

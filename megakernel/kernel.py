@@ -118,11 +118,12 @@ class KernelConfig:
     With w2 loaded by TMA (``down_tma``; H200, 2026-11-24) BN 256 / BK 64 went 411 -> 460 TFLOP/s
     and stayed the best, against ``torch._grouped_mm``'s 432.
 
-    ``gemm1_pairs``: the caller gives ``w13`` with its rows in pairs (``pair_gate_up``), so a
-    GEMM1 task makes one [BM, 2 BN] product per k step (m64n256 MMAs) instead of a gate and an up
-    product of BN columns that each read A from shared memory again; SwiGLU splits the pairs in
-    registers. H200, same runs: GEMM1 tile tasks 1.6-2.4% faster (dsv3 as one of 2 ranks), the
-    one-rank layer 0.3-3.2% (perf/NOTES.md). ``FusedEPMoE`` pairs the weights it holds.
+    ``gemm1_pairs``: a GEMM1 task makes one [BM, 2 BN] product per k step (m64n256 MMAs) instead
+    of a gate and an up product of BN columns that each read A from shared memory again. Its TMA
+    descriptor views ``w13 [L, 2I, H]`` as ``[L, I, 2, H]``, so one box brings gate row j and up
+    row j side by side and SwiGLU splits the pairs in registers; the weights keep their layout.
+    It applies where w13 comes by TMA, with SwiGLU, and 2 BN fits one MMA (BN <= 128). H200:
+    GEMM1 2-3% faster (dsv3 as one of 2 ranks), the one-rank layer 1.5-2% (perf/NOTES.md).
     """
 
     token_saving: bool = True  # one copy of a token per destination rank
@@ -133,7 +134,7 @@ class KernelConfig:
     block_n: int = 128  # output columns per GEMM task (of I with SwiGLU)
     block_k: int = 64  # reduction step over H
     gemm1_tma: bool = True  # GEMM1 loads w13 by TMA (a tensor descriptor), else by pointers
-    gemm1_pairs: bool = False  # w13 is given with its rows in pairs (see pair_gate_up)
+    gemm1_pairs: bool = True  # gate and up as one [BM, 2 BN] product (see paired_gemm1)
     down_block_n: int = 256  # output columns (of H) per down-projection task
     down_block_k: int = 64  # reduction step over I
     down_tma: bool = True  # the down projection loads w2 by TMA, else by pointers
@@ -180,18 +181,12 @@ class KernelConfig:
             value = getattr(self, name)
             if value & (value - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
-        if self.gemm1_pairs and (not self.gemm1_tma or self.block_n > 128):
-            # a TMA box has at most 256 rows: block_n pairs of rows
-            raise ValueError(
-                "KernelConfig.gemm1_pairs loads 2 * block_n rows of w13 per TMA box: it needs "
-                f"gemm1_tma=True and block_n <= 128, got gemm1_tma={self.gemm1_tma}, "
-                f"block_n={self.block_n}"
-            )
 
-    def kernel_w13(self, w13: torch.Tensor) -> torch.Tensor:
-        """``w13 [L, 2I, H]`` (gate rows, then up rows) in the layout this config's kernel reads:
-        a paired copy (``pair_gate_up``) with ``gemm1_pairs``, else ``w13`` itself."""
-        return pair_gate_up(w13) if self.gemm1_pairs else w13
+    def paired_gemm1(self, swiglu: bool) -> bool:
+        """Whether GEMM1 makes gate and up as one [BM, 2 BN] product (``gemm1_pairs``): only with
+        SwiGLU (which splits the pairs), w13 by TMA (whose box interleaves the rows) and 2 BN
+        within the widest MMA, n256."""
+        return self.gemm1_pairs and swiglu and self.gemm1_tma and self.block_n <= 128
 
     def reduce_groups(self, hidden: int) -> tuple[int, int, int]:
         """(RH, NRH, GB): a top-k reduce task's columns, the column groups of H, and the
@@ -211,14 +206,6 @@ class KernelConfig:
             T, K, E = shape.max_tokens_per_rank, shape.topk, shape.num_experts
             pack = choose_strategy(T, K, E, materialize=False)
         return pack == "gather"
-
-
-def pair_gate_up(w13: torch.Tensor) -> torch.Tensor:
-    """``w13 [L, 2I, H]`` (gate rows, then up rows) as a new tensor with its rows in pairs,
-    ``(gate 0, up 0, gate 1, up 1, ...)``: the layout ``KernelConfig(gemm1_pairs=True)`` reads."""
-    L, two_i, H = w13.shape
-    gate, up = w13[:, : two_i // 2], w13[:, two_i // 2 :]
-    return torch.stack((gate, up), dim=2).reshape(L, two_i, H)
 
 
 def default_capacity(shape: MoEShape, world_size: int, slots_per_rank: int) -> int:
@@ -702,7 +689,7 @@ def _share(task_begin, task_end, base, active):
 def moe_megakernel(
     x_ptr,  # [T, H] this rank's tokens
     w13_ptr,  # [L, 2I, H] this rank's experts
-    w13_desc,  # GEMM1_TMA: [BN, BK] block descriptor of w13 as [L * 2I, H] (else None)
+    w13_desc,  # GEMM1_TMA: w13's block descriptor (see tile_expert_gemm), else None
     w2_ptr,  # [L, H, I] (LAYER)
     w2_desc,  # DOWN_TMA: [BN2, BK2] block descriptor of w2 as [L * H, I] (else None)
     weights_ptr,  # [T, K] fp32 routing weights (LAYER)
@@ -1081,7 +1068,7 @@ def kernel_meta(
         SWIGLU=swiglu,
         GATHER_A=cfg.gather_a(shape),
         GEMM1_TMA=gemm and cfg.gemm1_tma,
-        PAIRS=gemm and cfg.gemm1_pairs,
+        PAIRS=gemm and cfg.paired_gemm1(swiglu),
         LAYER=layer,
         TOKEN_SAVING=cfg.token_saving,
         SORTED=cfg.sorted_dispatch,
@@ -1180,10 +1167,6 @@ class Megakernel:
             _check_tma_rows("gemm1_tma", "w13", "block_k", cfg.block_k, shape.dtype)
         if combine and not swiglu:
             raise ValueError("the combine (mode 'layer') runs on SwiGLU activations: swiglu=True")
-        if cfg.gemm1_pairs and not swiglu:
-            raise ValueError(
-                "KernelConfig.gemm1_pairs splits gate and up for SwiGLU: it needs swiglu=True"
-            )
         if combine and I % cfg.down_block_k:
             raise ValueError(f"ffn size {I} is not a multiple of down_block_k {cfg.down_block_k}")
         if combine and cfg.down_tma:
@@ -1320,8 +1303,12 @@ class Megakernel:
         cfg, H, I = self.config, self.shape.hidden, self.shape.ffn  # noqa: E741
         w13_desc = w2_desc = None
         if meta["GEMM1_TMA"]:
-            rows = 2 * cfg.block_n if cfg.gemm1_pairs else cfg.block_n
-            w13_desc = TensorDescriptor.from_tensor(w13.view(-1, H), [rows, cfg.block_k])
+            if meta["PAIRS"]:
+                # w13 [L, 2I, H] as [L, I, 2, H]: a box holds gate row j, then up row j, ...
+                L, box = w13.shape[0], [1, cfg.block_n, 2, cfg.block_k]
+                w13_desc = TensorDescriptor(w13, [L, I, 2, H], [2 * I * H, H, I * H, 1], box)
+            else:
+                w13_desc = TensorDescriptor.from_tensor(w13.view(-1, H), [cfg.block_n, cfg.block_k])
         if meta["DOWN_TMA"]:
             block = [cfg.down_block_n, cfg.down_block_k]
             w2_desc = TensorDescriptor.from_tensor(w2.view(-1, I), block)
@@ -1473,8 +1460,7 @@ class Megakernel:
         """One call on every local rank (inputs keyed by rank). ``mode``: "layer" (the whole MoE
         layer: needs ``topk_weights`` and ``w2``; writes ``out [T, H]`` when given, else a new
         tensor), "gemm" (dispatch + GEMM1, fused) or "dispatch"
-        (dispatch, then resolve every indirect row). ``w13``'s rows are in pairs
-        (``pair_gate_up``) where the config has ``gemm1_pairs``.
+        (dispatch, then resolve every indirect row).
 
         ``split`` runs the layer as two kernels (dispatch + GEMM1, then down projection + combine
         + top-k reduce) instead of one.
@@ -1614,8 +1600,7 @@ def dispatch_gemm(
     mode: str = "gemm",
 ) -> tuple[torch.Tensor, DispatchHandle]:
     """This rank's tokens ``x [T, H]`` routed by ``topk_ids [T, K]`` to the experts, whose
-    ``w13 [L, 2I, H]`` this rank holds (rows in pairs, ``pair_gate_up``, if the workspace's
-    config has ``gemm1_pairs``): returns ``act [C, I]`` (rows in the receive order,
+    ``w13 [L, 2I, H]`` this rank holds: returns ``act [C, I]`` (rows in the receive order,
     ``handle.num_recv()`` of them valid) and the handle the combine needs.
 
     For a world with one rank per process (NVSHMEM under torchrun). No host synchronisation:

@@ -51,9 +51,7 @@ class FusedEPMoE(nn.Module):
     rank in a world that runs several. ``from_dense`` shards a single-process MoE's ``[E, ...]``
     weights instead. ``router`` maps ``x`` to (``topk_weights``, ``topk_ids``) when a call gives
     none. The symmetric workspace is allocated once here (``describe()`` prints its buffers) and
-    freed by ``close()``, which every rank calls. With ``KernelConfig(gemm1_pairs=True)`` the
-    layer keeps a copy of ``w13`` with its rows in pairs (``pair_gate_up``): ``self.w13`` and the
-    state dict hold that layout.
+    freed by ``close()``, which every rank calls.
 
     Calls need no host synchronisation and can be captured in a CUDA graph (make one call first,
     so every kernel is compiled). After a ``WaitTimeoutError`` the ranks no longer agree on the
@@ -88,8 +86,7 @@ class FusedEPMoE(nn.Module):
                 f"{shape.num_experts}"
             )
         L, H, I = self.placement.slots_per_rank, shape.hidden, shape.ffn  # noqa: E741
-        layout = config.kernel_w13 if config is not None else None
-        self.w13 = self._weights("w13", w13, (L, 2 * I, H), layout)
+        self.w13 = self._weights("w13", w13, (L, 2 * I, H))
         self.w2 = self._weights("w2", w2, (L, H, I))
         self.router = router
         self.split, self.check_every_call = split, check_every_call
@@ -120,9 +117,8 @@ class FusedEPMoE(nn.Module):
         }
         return cls(world, shape, local["w13"], local["w2"], placement=placement, **kw)
 
-    def _weights(self, name: str, w, want: tuple[int, ...], layout=None) -> nn.ParameterDict:
-        """Checked per-rank weights as parameters (the tensors themselves where contiguous);
-        ``layout`` makes the kernel's copy of them."""
+    def _weights(self, name: str, w, want: tuple[int, ...]) -> nn.ParameterDict:
+        """Checked per-rank weights as parameters (the tensors themselves where contiguous)."""
         params = {}
         for r, t in self._by_rank(name, w).items():
             if tuple(t.shape) != want:
@@ -140,7 +136,6 @@ class FusedEPMoE(nn.Module):
                 raise ValueError(
                     f"{name} of rank {r} is on {t.device}, but rank {r} runs on {self.world.device}"
                 )
-            t = t if layout is None else layout(t)
             params[str(r)] = nn.Parameter(t.contiguous(), requires_grad=False)
         return nn.ParameterDict(params)
 

@@ -49,7 +49,7 @@ def profile(world, args) -> None:
     rt, _ = routing.edge_case(args.routing, R, T, shape.num_experts, shape.topk, seed=1)
     rt = rt.to(dev)
     xs = make_tokens(shape, [T] * R, 1, dev)
-    w13 = {r: config.kernel_w13(local_w13(shape, placement, r, 1, dev)) for r in ranks}
+    w13 = {r: local_w13(shape, placement, r, 1, dev) for r in ranks}
     w2 = {r: local_w2(shape, placement, r, 1, dev) for r in ranks}
     inputs = (
         {r: xs[r] for r in ranks},

@@ -118,7 +118,7 @@ def tile_expert_gemm(
     recv_x_ptr,  # [C, H] this rank's receive rows (this call's parity)
     recv_src_ptr,  # [C] row holding each row's data
     w13_ptr,  # [L, 2I, H] gate rows, then up rows, of every local slot
-    w13_desc,  # with B_TMA: a [BLOCK_N, BLOCK_K] block descriptor of w13 as [L * 2I, H]
+    w13_desc,  # B_TMA: [BN, BK] blocks of w13 as [L * 2I, H]; PAIRS: [1, BN, 2, BK] of [L, I, 2, H]
     out_ptr,  # [C, I] with SWIGLU, else [C, 2I]
     local,
     row0,
@@ -140,8 +140,9 @@ def tile_expert_gemm(
     which frees the registers and issue slots the [BK, BN] pointer tiles took: GEMM1 went 424 ->
     475 TFLOP/s on an H200 (perf/NOTES.md).
 
-    ``PAIRS`` (with ``B_TMA``): w13's rows come in pairs (gate j, up j), so one [BM, 2 BN]
-    product per k step gives both halves, split in registers (``KernelConfig.gemm1_pairs``).
+    ``PAIRS`` (with ``B_TMA`` and ``SWIGLU``): the descriptor's box brings w13's rows in pairs
+    (gate j, up j), so one [BM, 2 BN] product per k step gives both halves, split in registers
+    (``KernelConfig.gemm1_pairs``: 2-3% on GEMM1, H200).
 
     NOTE: H must be a multiple of BLOCK_K (checked on the host); rows past ``rows`` read row 0's
     source harmlessly (masked to 0) and are not stored.
@@ -160,12 +161,15 @@ def tile_expert_gemm(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if PAIRS:
-        # w13 rows interleaved (gate j, up j): one [BM, 2 BN] product, split in registers
-        n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * (2 * BLOCK_N)
+        # the descriptor views w13 as [L, I, 2, H]: its [1, BN, 2, BK] box holds the rows
+        # interleaved (gate j, up j), so one [BM, 2 BN] product per k step, split in registers
+        slot = tl.cast(local, tl.int32)
+        n0 = n_block * BLOCK_N
         acc2 = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
         for k in tl.range(0, H // BLOCK_K):
             a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-            acc2 = tl.dot(a, w13_desc.load([n0, k * BLOCK_K]).T, acc2)
+            b = w13_desc.load([slot, n0, 0, k * BLOCK_K]).reshape([2 * BLOCK_N, BLOCK_K])
+            acc2 = tl.dot(a, b.T, acc2)
             a_ptrs += BLOCK_K
         acc, acc_up = tl.split(tl.reshape(acc2, [BLOCK_M, BLOCK_N, 2]))
     elif B_TMA:

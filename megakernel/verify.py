@@ -245,10 +245,8 @@ def run_layer_checked(
     ranks = ws.world.local_ranks
     w13_local = {r: placement.local_weights(w13, r) for r in ranks}
     w2_local = {r: placement.local_weights(w2, r) for r in ranks}
-    # the kernel reads its own layout of w13; the references take the plain one
-    w13_kernel = {r: ws.config.kernel_w13(w) for r, w in w13_local.items()}
     handles = run_poisoned(
-        ws, xs, rt.topk_ids, w13_kernel, "layer", rt.topk_weights, w2=w2_local, **run_kw
+        ws, xs, rt.topk_ids, w13_local, "layer", rt.topk_weights, w2=w2_local, **run_kw
     )
     problems = check_calls(handles, xs, rt.topk_ids, w13_local, placement, "layer")
     for r, h in handles.items():

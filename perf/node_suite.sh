@@ -3,13 +3,14 @@
 #
 #   dist      python -m pytest tests/dist (NVSHMEM world, every visible GPU)
 #   dispatch  perf.bench_dispatch_gemm (dispatch alone, GEMM alone, fused, baseline, switches,
-#             fewer dispatch programs, the copy's loads pipelined 4 steps ahead, w13 in pairs,
-#             and the dispatch-only op with its default 4 programs per SM, and 1 and 2)
+#             fewer dispatch programs, the copy's loads pipelined 4 steps ahead, GEMM1's gate
+#             and up as two products instead of one, and the dispatch-only op with its default
+#             4 programs per SM, and 1 and 2)
 #   sweep     perf.sweep_dispatch (programs per GPU x units per dispatch task x columns per
 #             copy step x steps loaded ahead, over NVLink)
 #   layer     perf.bench_layer (the whole layer against the unfused baseline; also with the
 #             top-k reduce as one band per column group, with fewer programs putting the
-#             dispatch while the others start GEMM1, and with w13 in pairs; each variant timed
+#             dispatch while the others start GEMM1, and GEMM1 as two products; each variant timed
 #             in alternation with the default, whose figure goes beside it)
 #   profile   megakernel.profile --overhead, dsv3 then qwen3_235b (trace, timeline, summary)
 #   profile32 megakernel.profile, qwen3_235b with 32 dispatch programs
@@ -37,12 +38,12 @@ run_step() {
     dist) python3 -m pytest tests/dist -q -s ;;
     dispatch)
       python3 -m perf.bench_dispatch_gemm \
-        --vary dispatch_ctas=16,32,64,96 copy_stages=4 gemm1_pairs=1 \
+        --vary dispatch_ctas=16,32,64,96 copy_stages=4 gemm1_pairs=0 \
         --dispatch-programs 0 132 264
       ;;
     sweep) python3 -m perf.sweep_dispatch --ctas 132 264 528 ;;
     layer)
-      python3 -m perf.bench_layer --vary reduce_lag=1000000 dispatch_ctas=16,32,64 gemm1_pairs=1
+      python3 -m perf.bench_layer --vary reduce_lag=1000000 dispatch_ctas=16,32,64 gemm1_pairs=0
       ;;
     profile)
       python3 -m megakernel.profile --preset dsv3 --overhead --out "$out" &&

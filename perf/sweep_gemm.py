@@ -63,19 +63,18 @@ def sweep_down(shape, rt, xs, w13, placement, knobs: list[dict], configs: list) 
         for (bn, bk), knob in itertools.product(configs, knobs):
             cfg = KernelConfig(down_block_n=bn, down_block_k=bk, **knob)
             ws = Megakernel(world, shape, config=cfg, capacity=T * K)
-            w13k = cfg.kernel_w13(w13)
-            h = ws.run(x, ids, weights, {0: w13k}, {0: w2}, mode="layer")[0]
+            h = ws.run(x, ids, weights, {0: w13}, {0: w2}, mode="layer")[0]
             ws.check_errors()
             problems = check_layer_output(h.out, xs[0], ids[0], weights[0], shape, 1, 0)
             n = h.num_recv()
 
-            def stage(mode, name, ws=ws, w13k=w13k):
+            def stage(mode, name, ws=ws):
                 return lambda: ws.run(
-                    x, ids, weights, {0: w13k}, {0: w2}, mode=mode, stage=name, validate=False
+                    x, ids, weights, {0: w13}, {0: w2}, mode=mode, stage=name, validate=False
                 )
 
             both = time_us(graphed(stage("layer", "compute")))["median"]
-            ws.run(x, ids, weights, {0: w13k}, mode="gemm")
+            ws.run(x, ids, weights, {0: w13}, mode="gemm")
             up = time_us(graphed(stage("gemm", "tiles")))["median"]
             act, offs = h.act[:n].clone(), torch.cumsum(h.plan.expert_rows, 0).int()
             rows.append((bn, bk, knob, both, up, both - up, problems))
@@ -139,18 +138,17 @@ def main() -> None:
                 block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, **knob
             )
             ws = Megakernel(world, shape, config=cfg, capacity=T * shape.topk)
-            wk = cfg.kernel_w13(w)  # check_call takes the plain w
-            h = run_poisoned(ws, xs, rt.topk_ids, {0: wk})[0]
+            h = run_poisoned(ws, xs, rt.topk_ids, {0: w})[0]
             problems = check_call(h, xs, rt.topk_ids, w, placement, "gemm")
             n = h.num_recv()
             flops = 2 * n * shape.hidden * 2 * shape.ffn
             tiles = time_us(
                 graphed(
-                    lambda ws=ws, wk=wk: ws.run(
+                    lambda ws=ws: ws.run(
                         {0: xs[0]},
                         {0: rt.topk_ids[0]},
                         None,
-                        {0: wk},
+                        {0: w},
                         validate=False,
                         stage="tiles",
                     )

@@ -25,7 +25,11 @@ def descriptor_blocks(cfg: KernelConfig, meta: dict) -> dict[str, list[int]]:
     None, a constexpr)."""
     blocks = {}
     if meta["GEMM1_TMA"]:
-        blocks["w13_desc"] = [cfg.block_n * (2 if cfg.gemm1_pairs else 1), cfg.block_k]
+        # with PAIRS a [L, I, 2, H] view of w13: gate and up rows interleaved in a box
+        pairs = meta["PAIRS"]
+        blocks["w13_desc"] = (
+            [1, cfg.block_n, 2, cfg.block_k] if pairs else [cfg.block_n, cfg.block_k]
+        )
     if meta["DOWN_TMA"]:
         blocks["w2_desc"] = [cfg.down_block_n, cfg.down_block_k]
     return blocks
@@ -36,9 +40,11 @@ def example_args(dtype, blocks: dict[str, list[int]]):
     args = {}
     for name in moe_megakernel.arg_names:
         if name.endswith("_desc"):
-            if name in blocks:
-                rows = torch.empty(512, 512, dtype=dtype)
-                args[name] = TensorDescriptor.from_tensor(rows, blocks[name])
+            if name in blocks:  # only the block shape and dtype reach the signature
+                rank = len(blocks[name])
+                strides = [16] * (rank - 1) + [1]
+                base = torch.empty(16, dtype=dtype)
+                args[name] = TensorDescriptor(base, [16] * rank, strides, blocks[name])
         elif name in SCALARS:
             args[name] = SCALARS[name]
         elif name.endswith(("_ptr", "_base")):
@@ -92,11 +98,13 @@ def test_trace_switch_compiles_to_nothing_when_off(trace):
     kernel = compile_megakernel(PRESETS["dsv3"], 2, cfg, "layer")
     ptx = kernel.asm["ptx"]
     # the trace buffer is PTX parameter number `index`; PTX loads a parameter only if used. A
-    # None descriptor (a constexpr) is no PTX parameter, a 2-D tensor descriptor is 5: the TMA
-    # descriptor, 2 sizes and 2 strides.
+    # None descriptor (a constexpr) is no PTX parameter, an N-D tensor descriptor is 1 + 2N: the
+    # TMA descriptor, N sizes and N strides.
     names = moe_megakernel.arg_names[: moe_megakernel.arg_names.index("trace_ptr")]
     passed = descriptor_blocks(cfg, kernel_meta_of(cfg, "layer"))
-    index = sum(5 if n in passed else 0 if n.endswith("_desc") else 1 for n in names)
+    index = sum(
+        1 + 2 * len(passed[n]) if n in passed else 0 if n.endswith("_desc") else 1 for n in names
+    )
     loads_trace = f"moe_megakernel_param_{index}]" in ptx
     assert loads_trace == trace, "TRACE off must not touch the trace buffer; on, it must"
     assert ("%smid" in ptx) == trace, "the SM id is read only for the trace header"
@@ -109,8 +117,9 @@ def test_gemm1_tma_switch():
 
 
 def test_gemm1_pairs_makes_one_wide_product():
-    """gemm1_pairs: one m64n256 MMA per k step for gate and up together, where the default
-    makes two m64n128 ones, and the split for SwiGLU adds no shared-memory round trip."""
+    """gemm1_pairs (the default): one m64n256 MMA per k step for gate and up together, where
+    gemm1_pairs=False makes two m64n128 ones; the split for SwiGLU and the reshape of the TMA box
+    ([1, BN, 2, BK] -> [2 BN, BK]) add no shared-memory round trip."""
     ptx = {
         pairs: compile_megakernel(PRESETS["dsv3"], 2, KernelConfig(gemm1_pairs=pairs), "gemm").asm[
             "ptx"
@@ -134,16 +143,20 @@ def test_pack_scan_resolves_then_reads_rows_in_place():
 
 
 @pytest.mark.parametrize(
-    "preset,mode,knobs",
+    "preset,mode,knobs,known",
     [
-        ("dsv3", "layer", {}),
-        ("qwen3_235b", "layer", {}),
-        ("mixtral", "layer", {}),
-        ("dsv3", "gemm", {}),
-        ("dsv3", "layer", {"gemm1_pairs": True}),
+        ("dsv3", "layer", {}, ()),
+        ("qwen3_235b", "layer", {}, ()),
+        # NOTE: with few slots per rank (E <= 32 at R = 2) ptxas moves the paired GEMM1's
+        # descriptors through R2UR; measured harmless there (mixtral's GEMM1, H200: 485.7 TFLOP/s
+        # paired against 477.9 and 467.5 as two products; perf/NOTES.md)
+        ("mixtral", "layer", {}, ("gemm1",)),
+        ("mixtral", "layer", {"gemm1_pairs": False}, ()),
+        ("dsv3", "gemm", {}, ()),
+        ("dsv3", "layer", {"gemm1_pairs": False}, ()),
     ],
 )
-def test_gemm_k_loops_keep_their_mma_descriptors_in_uniform_registers(preset, mode, knobs):
+def test_gemm_k_loops_keep_their_mma_descriptors_in_uniform_registers(preset, mode, knobs, known):
     """Between the HGMMAs of one k step there is no ``R2UR``: ptxas built the shared-memory
     descriptors on the uniform datapath, not in plain registers moved over one per MMA.
 
@@ -152,10 +165,17 @@ def test_gemm_k_loops_keep_their_mma_descriptors_in_uniform_registers(preset, mo
     down projection's k loop, about 150 instructions per k step where there had been 100, and the
     layer got 3-5% slower on an H200 (perf/NOTES.md, "The task claim's round trip"). If this
     fails, time the layer for dsv3 and qwen3_235b against the previous commit before keeping it.
+    ``known``: loops that have R2UR now, where timing showed no loss; they must keep having it,
+    so that a change that cleans them up is noticed too.
     """
-    kernel = compile_megakernel(PRESETS[preset], 2, KernelConfig(**knobs), mode)
-    groups = wgmma_groups(sass_ops(kernel))
-    # GEMM1: gate and up (one group with gemm1_pairs); the layer adds the down projection
-    assert len(groups) == (1 if knobs.get("gemm1_pairs") else 2) + (mode == "layer")
-    moves = [(shape, sum(op.startswith("R2UR") for op in ops)) for shape, ops in groups]
-    assert all(n == 0 for _, n in moves), f"(shape, R2UR) per wgmma group, in code order: {moves}"
+    cfg = KernelConfig(**knobs)
+    groups = wgmma_groups(sass_ops(compile_megakernel(PRESETS[preset], 2, cfg, mode)))
+    # GEMM1: gate and up as one product, or as two; the layer adds the down projection
+    paired = cfg.paired_gemm1(swiglu=True)
+    names = (["gemm1"] if paired else ["gate", "up"]) + (["down"] if mode == "layer" else [])
+    assert len(groups) == len(names)
+    moves = {
+        name: sum(op.startswith("R2UR") for op in ops)
+        for name, (_, ops) in zip(names, groups, strict=True)
+    }
+    assert {name for name, n in moves.items() if n} == set(known), f"R2UR per wgmma group: {moves}"

@@ -83,22 +83,24 @@ def test_layer_pack_scan():
         layer_call(ws, rt, placement, seed=9, shape=SHAPE, split=True)
 
 
-def test_layer_gemm1_pairs_megakernel_and_module():
-    """w13 with its rows in pairs (one 2BN-wide product, split for SwiGLU): the workspace with
-    paired weights, and the module, which pairs the weights it is given."""
+def test_gemm1_as_two_products_and_the_module_keeps_the_weights_as_given():
+    """GEMM1 without the paired product (the default makes gate and up as one 2BN-wide product
+    from a [L, I, 2, H] view of w13): as two products by TMA, and by pointer loads. The module
+    holds w13 as given: pairing is the descriptor's view, not a copy."""
     R = 2
     rt = routing.zipf(R, T, SHAPE.num_experts, SHAPE.topk, 1.2, seed=15)
     placement = Placement.contiguous(SHAPE.num_experts, R)
+    assert small_config().paired_gemm1(swiglu=True)
     with EmulatedWorld(R) as world:
-        ws = Megakernel(world, SHAPE, config=small_config(gemm1_pairs=True))
-        layer_call(ws, rt, placement, seed=16, shape=SHAPE)
-        ws.close()
+        for knobs in (dict(gemm1_pairs=False), dict(gemm1_tma=False)):
+            cfg = small_config(**knobs)
+            assert not cfg.paired_gemm1(swiglu=True)
+            ws = Megakernel(world, SHAPE, config=cfg)
+            layer_call(ws, rt, placement, seed=16, shape=SHAPE)
+            ws.close()
         w13, w2 = make_w13(SHAPE, 17, "cpu"), make_w2(SHAPE, 17, "cpu")
-        cfg = small_config(gemm1_pairs=True)
-        layer = FusedEPMoE.from_dense(world, SHAPE, w13, w2, config=cfg)
-        local = placement.local_weights(w13, 1)
-        assert torch.equal(layer.w13["1"][:, 0::2], local[:, : SHAPE.ffn])
-        assert torch.equal(layer.w13["1"][:, 1::2], local[:, SHAPE.ffn :])
+        layer = FusedEPMoE.from_dense(world, SHAPE, w13, w2, config=small_config())
+        assert torch.equal(layer.w13["1"], placement.local_weights(w13, 1))
         xs = make_tokens(SHAPE, [T, T], seed=18, device="cpu")
         ids, weights = rt.topk_ids, rt.topk_weights
         out = layer({r: xs[r] for r in range(R)}, dict(enumerate(ids)), dict(enumerate(weights)))
@@ -106,8 +108,9 @@ def test_layer_gemm1_pairs_megakernel_and_module():
         for r in range(R):
             assert check_layer_output(out[r], xs[r], ids[r], weights[r], SHAPE, 17, r) == []
         layer.close()
-    with pytest.raises(ValueError, match="gemm1_tma=True and block_n <= 128"):
-        KernelConfig(gemm1_pairs=True, gemm1_tma=False)
+    # the pairs need SwiGLU to split them and 2 BN within one n256 MMA
+    assert not small_config().paired_gemm1(swiglu=False)
+    assert not KernelConfig(block_n=256).paired_gemm1(swiglu=True)
 
 
 @pytest.mark.parametrize("lag", [1, 0])

@@ -76,10 +76,10 @@ def test_layer_pointer_loads_and_pipelined_dispatch_copy(R):
 
 
 @pytest.mark.parametrize("R", [1, 4])
-def test_layer_gemm1_pairs(R):
-    """KernelConfig(gemm1_pairs=True): w13 with its rows in pairs, one 2BN-wide product split
-    for SwiGLU; calls back to back, and the module, which pairs the dense weights itself."""
-    cfg = KernelConfig(gemm1_pairs=True)
+def test_layer_gemm1_as_two_products(R):
+    """KernelConfig(gemm1_pairs=False): GEMM1 makes gate and up as two BN-wide products instead
+    of one 2BN-wide product; calls back to back, and the module."""
+    cfg = KernelConfig(gemm1_pairs=False)
     with EmulatedWorld(R, "cuda") as world:
         ws = Megakernel(world, MEDIUM, config=cfg)
         layer_cases(ws, ["uniform", "zipf", "dropped"])
