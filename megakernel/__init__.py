@@ -5,12 +5,7 @@ rank, K top-k, R ranks, S receive slots on a rank. ``FusedEPMoE`` is the layer; 
 its workspace and kernel, which also runs dispatch + GEMM1 alone (``dispatch_gemm``).
 """
 
-from megakernel.kernel import (
-    DispatchHandle,
-    KernelConfig,
-    Megakernel,
-    dispatch_gemm,
-)
+from megakernel.kernel import DispatchHandle, KernelConfig, Megakernel, dispatch_gemm
 from megakernel.layer import FusedEPMoE, TopKRouter
 
 __all__ = [

@@ -58,8 +58,8 @@ def run_variant(world, shape, placement, rt, xs, w_local, name, switches, tiles_
     ranks = world.local_ranks
     ids = {r: rt.topk_ids[r] for r in ranks}
     x = {r: xs[r] for r in ranks}
-    w = {r: w_local[r] for r in ranks}  # this process's ranks
-    handles = run_poisoned(ws, xs, rt.topk_ids, w, "gemm")
+    w = {r: w_local[r] for r in ranks}
+    handles = run_poisoned(ws, xs, rt.topk_ids, w_local, "gemm")
     problems = check_calls(handles, xs, rt.topk_ids, w_local, placement, "gemm")
     if problems:
         raise SystemExit(f"{name}: wrong results: {problems[:4]}")
@@ -68,7 +68,7 @@ def run_variant(world, shape, placement, rt, xs, w_local, name, switches, tiles_
     gmm = {
         r: (
             handles[r].resolved(),
-            w_local[r].transpose(1, 2),
+            w[r].transpose(1, 2),
             torch.cumsum(handles[r].plan.expert_rows, 0).int(),
         )
         for r in ranks

@@ -133,10 +133,7 @@ def bench_preset(world: World, name: str, args) -> dict:
             if found:
                 raise SystemExit(f"{name} {knob}={value}: wrong results: {found[:4]}")
         key = value if knob == "pack" else f"{knob}={value}"
-        mine = (x, ids, weights, {r: other.w13[str(r)] for r in ranks}, w2)  # its w13 layout
-        call = graphed(
-            lambda ws=other.workspace, mine=mine: ws.run(*mine, mode="layer", validate=False)
-        )
+        call = graphed(lambda ws=other.workspace: ws.run(*inputs, mode="layer", validate=False))
         timed = time_many({"variant": call, "default": default})  # the same clocks
         row["pack_us" if knob == "pack" else "vary_us"][key] = timed["variant"]
         row["paired_default_us"][key] = timed["default"]
