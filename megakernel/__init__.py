@@ -3,10 +3,16 @@
 Shape legend: T tokens per rank, H hidden, I expert FFN width, E experts, L = E / R experts per
 rank, K top-k, R ranks, S receive slots on a rank. ``FusedEPMoE`` is the layer; ``Megakernel``
 its workspace and kernel, which also runs dispatch + GEMM1 alone (``dispatch_gemm``).
+
+The package, by concern: ``config`` (KernelConfig, KernelMeta), ``tasks`` (the task graph),
+``plan`` (the per-call plan kernels), ``ops`` (each stage's device code), ``kernel`` (the
+persistent scheduler), ``workspace`` (Megakernel: buffers and launches), ``layer`` (FusedEPMoE),
+``reference`` (pure-torch oracles), ``testing`` (inputs and checks), ``profiler`` (traces).
 """
 
-from megakernel.kernel import DispatchHandle, KernelConfig, Megakernel, dispatch_gemm
+from megakernel.config import KernelConfig
 from megakernel.layer import FusedEPMoE, TopKRouter
+from megakernel.workspace import DispatchHandle, Megakernel, dispatch_gemm
 
 __all__ = [
     "DispatchHandle",

@@ -4,7 +4,7 @@ On GPUs with nvshmem4py: ``FusedEPMoE`` on every visible GPU (one rank each, thr
 launcher) for a preset, checked against ``moe_ref`` and timed against the unfused baseline
 (``perf.bench_layer``). On a CPU-only machine: a small layer on 2 and 4 emulated ranks under the
 Triton interpreter, phase by phase, checked against ``moe_ref`` (no timing: the interpreter runs
-one program after another).
+one program after another; ``--preset`` and ``--tokens`` apply to the GPU run only).
 """
 
 from __future__ import annotations
@@ -24,23 +24,13 @@ def run_cpu() -> int:
 
     from megakernel import FusedEPMoE, KernelConfig, routing
     from megakernel.shapes import MoEShape
-    from megakernel.verify import check_layer_output, make_tokens, make_w2, make_w13
+    from megakernel.testing import check_layer_output, make_tokens, make_w2, make_w13
     from symm_mem import EmulatedWorld
 
     shape = MoEShape(
         hidden=64, ffn=32, num_experts=16, topk=4, max_tokens_per_rank=64, dtype=torch.float32
     )
-    config = KernelConfig(
-        block_m=16,
-        block_n=16,
-        block_k=16,
-        down_block_n=32,
-        down_block_k=16,
-        combine_block=16,
-        reduce_h=64,
-        block_h=64,
-        chunk=4,
-    )
+    config = KernelConfig.interpreter()
     print("No GPU: FusedEPMoE on emulated ranks under the Triton interpreter, phase by phase")
     print(
         f"shape: H {shape.hidden}, I {shape.ffn}, E {shape.num_experts}, K {shape.topk}, "
@@ -74,11 +64,28 @@ def run_cpu() -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="dsv3")
-    parser.add_argument("--tokens", type=int, default=4096)
+    from megakernel.shapes import PRESETS
+
+    presets = "\n".join(
+        f"  {name:<11} H {s.hidden}, I {s.ffn}, E {s.num_experts}, K {s.topk}"
+        for name, s in PRESETS.items()
+    )
+    parser = argparse.ArgumentParser(
+        prog="python -m megakernel",
+        description="FusedEPMoE checked against moe_ref, then timed against the unfused baseline.",
+        epilog=(
+            "On GPUs (with nvshmem4py): the preset on every visible GPU, one rank each, checked "
+            "and timed (perf.bench_layer).\nOn a CPU: a small fp32 layer on 2 and 4 emulated "
+            "ranks under the Triton interpreter, checked, not timed.\n\npresets:\n" + presets
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--preset", default="dsv3", choices=list(PRESETS), help="GPU run")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank (GPU run)")
     parser.add_argument("--cpu", action="store_true", help="the emulated CPU run even on a GPU")
     args = parser.parse_args()
+    if args.tokens < 1:
+        parser.error(f"--tokens must be at least 1, got {args.tokens}")
     import torch
 
     if args.cpu or not torch.cuda.is_available():

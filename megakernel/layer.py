@@ -21,10 +21,11 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from megakernel.kernel import KernelConfig, Megakernel
+from megakernel.config import KernelConfig
 from megakernel.placement import Placement
 from megakernel.routing import route_topk
 from megakernel.shapes import MoEShape
+from megakernel.workspace import Megakernel
 from symm_mem.buffer import World
 
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x -> (weights, ids)
@@ -85,7 +86,7 @@ class FusedEPMoE(nn.Module):
                 f"the placement has {self.placement.num_experts} experts, the shape "
                 f"{shape.num_experts}"
             )
-        L, H, I = self.placement.slots_per_rank, shape.hidden, shape.ffn  # noqa: E741
+        L, H, I = self.placement.slots_per_rank, shape.hidden, shape.ffn
         self.w13 = self._weights("w13", w13, (L, 2 * I, H))
         self.w2 = self._weights("w2", w2, (L, H, I))
         self.router = router
@@ -105,7 +106,7 @@ class FusedEPMoE(nn.Module):
     ) -> FusedEPMoE:
         """Shard every expert's ``w13 [E, 2I, H]`` / ``w2 [E, H, I]`` (any device) onto this
         process's ranks by the placement (``kw`` as for the constructor)."""
-        E, H, I = shape.num_experts, shape.hidden, shape.ffn  # noqa: E741
+        E, H, I = shape.num_experts, shape.hidden, shape.ffn
         for name, t, want in (("w13", w13, (E, 2 * I, H)), ("w2", w2, (E, H, I))):
             if tuple(t.shape) != want:
                 raise ValueError(f"dense {name} has shape {tuple(t.shape)}, expected {want}")

@@ -4,9 +4,10 @@
 On GPUs it relaunches itself on every visible GPU (NVSHMEM world, one rank each); ``--emulate R``
 runs R ranks on one GPU; without a GPU it runs a small layer on 2 emulated ranks under the Triton
 interpreter (host-clock times). It makes one untraced warm-up call, then a traced one (each
-checked against ``moe_ref``), aligns the ranks' clocks, and writes to ``--out``:
-``trace.json`` (open in https://ui.perfetto.dev or chrome://tracing), ``timeline.png`` and
-``summary.txt``. ``--overhead`` also times the call with and without tracing (CUDA graphs).
+checked against ``moe_ref``), aligns the ranks' clocks, and writes to ``--out`` (default
+``out/profile``): ``trace.json`` (open in https://ui.perfetto.dev or chrome://tracing),
+``timeline.png`` and ``summary.txt``. ``--overhead`` also times the call with and without tracing
+(CUDA graphs).
 ``--set KNOB=V ...`` traces with other int ``KernelConfig`` knobs (the output folder names
 them).
 """
@@ -18,25 +19,24 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "perf" / "results"
+DEFAULT_OUT = Path("out") / "profile"  # under the working directory (git-ignored in a checkout)
 
 
-def profile(world, args) -> None:
+def _setup(world, args):
+    """(shape, config, T, routing, xs, inputs by rank) of the traced call."""
     import torch
 
-    from megakernel import KernelConfig, Megakernel, profiler, routing
+    from megakernel import KernelConfig, routing
     from megakernel.placement import Placement
     from megakernel.shapes import MoEShape, preset
-    from megakernel.verify import check_layer_output, local_w2, local_w13, make_tokens
+    from megakernel.testing import layer_inputs
 
-    cpu = world.device.type == "cpu"
-    if cpu:
-        shape = MoEShape(64, 32, 16, 4, 64, torch.float32)
-        config = KernelConfig(
-            block_m=16, block_n=16, block_k=16, down_block_n=32, down_block_k=16,
-            combine_block=16, reduce_h=64, block_h=64, chunk=4,
-        )  # fmt: skip
-        T = 40
+    if world.device.type == "cpu":
+        shape, config, T = (
+            MoEShape(64, 32, 16, 4, 64, torch.float32),
+            KernelConfig.interpreter(),
+            40,
+        )
     else:
         shape = preset(args.preset).with_tokens(args.tokens)
         config, T = KernelConfig(), args.tokens
@@ -48,63 +48,83 @@ def profile(world, args) -> None:
     placement = Placement.contiguous(shape.num_experts, R)
     rt, _ = routing.edge_case(args.routing, R, T, shape.num_experts, shape.topk, seed=1)
     rt = rt.to(dev)
-    xs = make_tokens(shape, [T] * R, 1, dev)
-    w13 = {r: local_w13(shape, placement, r, 1, dev) for r in ranks}
-    w2 = {r: local_w2(shape, placement, r, 1, dev) for r in ranks}
-    inputs = (
-        {r: xs[r] for r in ranks},
-        {r: rt.topk_ids[r] for r in ranks},
-        {r: rt.topk_weights[r] for r in ranks},
-        w13,
-        w2,
-    )
+    xs, inputs = layer_inputs(shape, placement, rt, ranks, 1, dev)
+    return shape, config, T, rt, xs, inputs
+
+
+def _traced_call(world, args, shape, config, inputs, check, trace: bool):
+    """One checked call of a fresh workspace after a warm-up call; returns (records, events
+    dropped, the graph-replay time in us with ``--overhead`` on a GPU, else None)."""
+    from megakernel import Megakernel, profiler
+
+    ws = Megakernel(world, shape, config=replace(config, trace=trace, trace_events=args.events))
+    for _ in range(2):  # a warm-up call, then the one that is kept
+        handles = ws.run(*inputs, mode="layer", split=args.split)
+    ws.check_errors()
+    if args.stage != "all":  # a timing probe (its outputs are junk): trace it instead
+        handles = ws.run(*inputs, mode="layer", stage=args.stage)
+        ws.check_errors()
+    else:
+        check(handles)
+    records, dropped = [], 0
+    for r in world.local_ranks if trace else ():
+        got, lost = profiler.decode(handles[r].trace, r)
+        records += got
+        dropped += lost
+    us = None
+    if args.overhead and world.device.type == "cuda":
+        from perf.timing import graphed, time_us
+
+        call = lambda: ws.run(*inputs, mode="layer", split=args.split, validate=False)  # noqa: E731
+        us = time_us(graphed(call))["median"]
+    ws.close()
+    return records, dropped, us
+
+
+def profile(world, args) -> None:
+    from megakernel import profiler
+    from megakernel.testing import check_layer_output
+
+    shape, config, T, rt, xs, inputs = _setup(world, args)
+    cpu = world.device.type == "cpu"
+
+    def check(handles) -> None:
+        for r, h in handles.items():
+            wrong = check_layer_output(
+                h.out, xs[r], rt.topk_ids[r], rt.topk_weights[r], shape, 1, r
+            )
+            if wrong:
+                raise SystemExit(f"wrong layer output: {wrong}")
+
     timings = {}
     for trace in (False, True) if args.overhead or not cpu else (True,):
-        cfg = replace(config, trace=trace, trace_events=args.events)
-        ws = Megakernel(world, shape, placement=placement, config=cfg)
-        for _ in range(2):  # a warm-up call, then the one that is kept
-            handles = ws.run(*inputs, mode="layer", split=args.split)
-        ws.check_errors()
-        if args.stage != "all":  # a timing probe (its outputs are junk): trace it instead
-            handles = ws.run(*inputs, mode="layer", stage=args.stage)
-            ws.check_errors()
-        for r in ranks if args.stage == "all" else ():
-            problems = check_layer_output(
-                handles[r].out, xs[r], rt.topk_ids[r], rt.topk_weights[r], shape, 1, r
-            )
-            if problems:
-                raise SystemExit(f"wrong layer output: {problems}")
-        if trace:
-            records, dropped = [], 0
-            for r in ranks:
-                got, lost = profiler.decode(handles[r].trace, r)
-                records += got
-                dropped += lost
-        if args.overhead and not cpu:
-            from perf.timing import graphed, time_us
-
-            call = lambda ws=ws: ws.run(*inputs, mode="layer", split=args.split, validate=False)  # noqa: E731
-            timings[trace] = time_us(graphed(call))["median"]
-        ws.close()
+        records, dropped, timings[trace] = _traced_call(
+            world, args, shape, config, inputs, check, trace
+        )
     records = profiler.gather_records(world, records)
     offsets = profiler.clock_offsets(world)
-    if world.rank != 0:
-        return
-    records = profiler.align(records, offsets)
+    if world.rank == 0:
+        _write(world, args, T, profiler.align(records, offsets), dropped, offsets, timings)
+
+
+def _write(world, args, T: int, records, dropped: int, offsets, timings) -> None:
+    """trace.json, timeline.png and summary.txt under ``--out``, and the summary printed."""
+    from megakernel import profiler
+
+    cpu, R, world_name = world.device.type == "cpu", world.world_size, type(world).__name__
     suffix = "" if args.stage == "all" else f"_{args.stage}"
     suffix += "".join(f"_{knob}{value}" for knob, value in args.set.items())
-    name = f"trace_{'cpu' if cpu else args.preset}_R{R}_{type(world).__name__}{suffix}"
-    out = Path(args.out) / name
+    out = Path(args.out) / f"trace_{'cpu' if cpu else args.preset}_R{R}_{world_name}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
-    summary = profiler.summarize(records, dropped)
     title = (
-        f"{'small layer' if cpu else args.preset}, T={T}, {R} ranks ({type(world).__name__}), "
+        f"{'small layer' if cpu else args.preset}, T={T}, {R} ranks ({world_name}), "
         f"{'two kernels' if args.split else 'one kernel'}"
         + ("" if args.stage == "all" else f", probe {args.stage!r}")
         + "".join(f", {knob}={value}" for knob, value in args.set.items())
     )
+    summary = profiler.summarize(records, dropped)
     text = [title, f"clock offsets against rank 0 (ns): {offsets}", summary.text()]
-    if timings:
+    if timings.get(False) and timings.get(True):
         over = timings[True] / timings[False] - 1
         text.append(
             f"layer call: {timings[False]:.1f} us untraced, {timings[True]:.1f} us traced "
@@ -122,7 +142,7 @@ def profile(world, args) -> None:
     print(f"wrote {', '.join(written)} to {out}")
 
 
-def _knob(spec: str) -> tuple[str, int]:
+def parse_knob(spec: str) -> tuple[str, int]:
     knob, _, value = spec.partition("=")
     if not value.isdigit():
         raise SystemExit(f"--set wants KNOB=V with an int V, got {spec!r}")
@@ -147,7 +167,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--symmetric-size", default="8G")
     args = parser.parse_args()
-    args.set = dict(_knob(spec) for spec in args.set)
+    args.set = dict(parse_knob(spec) for spec in args.set)
     import torch
 
     from symm_mem.launch import rerun_interpreted, run_in_world

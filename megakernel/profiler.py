@@ -20,9 +20,10 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from megakernel.tasks import TaskKind
 from symm_mem.device import globaltimer, peer_ptr, wait_flag
 
-KIND_NAMES = {0: "dispatch", 1: "gemm1", 2: "resolve", 3: "down_combine", 4: "topk_reduce"}
+KIND_NAMES = {int(kind): kind.label for kind in TaskKind}  # in task id order
 KIND_COLOURS = {
     "dispatch": "#1f77b4",
     "gemm1": "#2ca02c",
@@ -220,7 +221,7 @@ class Summary:
         return "\n".join(lines)
 
 
-PHASES = ("dispatch", "gemm1", "resolve", "down_combine", "topk_reduce")
+PHASES = tuple(KIND_NAMES.values())
 
 
 def summarize(records: list[TaskRecord], dropped: int = 0) -> Summary:

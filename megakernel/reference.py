@@ -11,12 +11,14 @@ one of its slots, ordered by local slot, then source rank, then token.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+import triton
 
-from megakernel.placement import Placement
+from megakernel.placement import Placement, resolve_ref
+from megakernel.plan.config import DISPATCH_TASK_COLS, TILE_COLS, Plan, PlanConfig
 
 
 def expert_ffn_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -158,3 +160,135 @@ def expert_act_ref(
         h = recv[start : start + rows].float() @ w13_local[local].float().t()
         out[start : start + rows] = F.silu(h[:, :ffn]) * h[:, ffn:] if swiglu else h
     return out
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def resolve_all_ref(topk_ids: list[torch.Tensor], placement: Placement) -> list[torch.Tensor]:
+    """Every rank's physical slots (reference of the resolve step in ``plan_count_kernel``)."""
+    return [resolve_ref(ids, r, placement) for r, ids in enumerate(topk_ids)]
+
+
+def group_of_slot(cfg: PlanConfig) -> torch.Tensor:
+    """[P] send group of each physical slot: ``local * R + dst`` (sorted dispatch), else ``dst``."""
+    p = torch.arange(cfg.num_slots)
+    R, L = cfg.world_size, cfg.slots_per_rank
+    return (p % L) * R + p // L if cfg.sorted_dispatch else p // L
+
+
+def first_mask(phys: torch.Tensor, L: int) -> torch.Tensor:
+    """[T, K] True where (t, k) is the token's first (lowest) slot at that destination."""
+    valid = phys >= 0
+    dst = torch.where(valid, phys // L, -1)
+    same = (dst.unsqueeze(2) == dst.unsqueeze(1)) & valid.unsqueeze(1)  # [T, K, K']
+    earlier = same & (phys.unsqueeze(1) < phys.unsqueeze(2))
+    return valid & ~earlier.any(dim=2)
+
+
+def _sender_rows(phys: torch.Tensor, all_counts: torch.Tensor, cfg: PlanConfig, rank: int):
+    """(slot_pos, data_pos, first_at) of one sender: each (t, k)'s row at its destination, the
+    row carrying its data there, and each (token, destination)'s first row (-1: none)."""
+    R, L, P = cfg.world_size, cfg.slots_per_rank, cfg.num_slots
+    T, K = phys.shape
+    rows_p = all_counts.sum(0)
+    dst_start = (torch.cumsum(rows_p.view(R, L), 1) - rows_p.view(R, L)).view(P)
+    slot_base = dst_start + all_counts[:rank].sum(0)
+    slot_pos = torch.full((T, K), -1, dtype=torch.int64)
+    for p in range(P):
+        t, k = (phys == p).nonzero(as_tuple=True)
+        slot_pos[t, k] = slot_base[p] + torch.arange(t.numel())
+    first = first_mask(phys, L)
+    valid = phys >= 0
+    dst = torch.where(valid, phys // L, -1)
+    first_at = torch.full((T, R), -1, dtype=torch.int64)
+    for d in range(R):
+        t, k = (first & (dst == d)).nonzero(as_tuple=True)
+        first_at[t, d] = slot_pos[t, k]
+    if cfg.token_saving:
+        data_pos = torch.where(valid, first_at.gather(1, dst.clamp(min=0)), -1)
+    else:
+        data_pos = slot_pos.clone()
+    return slot_pos, data_pos, first_at
+
+
+def _send_order(phys: torch.Tensor, cfg: PlanConfig):
+    """(send_units [U_max], dispatch_tasks [max_dispatch, 3], tasks made) of one sender: units in
+    (send group, token) order, then a task per ``chunk`` of a group's units (one for an empty
+    group)."""
+    T, K = phys.shape
+    units = first_mask(phys, cfg.slots_per_rank) if cfg.token_saving else phys >= 0
+    t_idx, k_idx = units.nonzero(as_tuple=True)
+    unit_g = group_of_slot(cfg)[phys[t_idx, k_idx]]
+    order = torch.argsort(unit_g * (T + 1) + t_idx, stable=True)
+    send_units = torch.full((cfg.max_units,), -1, dtype=torch.int64)
+    send_units[: order.numel()] = (t_idx * K + k_idx)[order]
+    units_g = torch.bincount(unit_g, minlength=cfg.num_groups)
+    unit_base_g = torch.cumsum(units_g, 0) - units_g
+    tasks = torch.zeros(cfg.max_dispatch_tasks, DISPATCH_TASK_COLS, dtype=torch.int64)
+    j = 0
+    for g in range(cfg.num_groups):
+        for m in range(max(1, triton.cdiv(int(units_g[g]), cfg.chunk))):  # empty groups: 1
+            start = int(unit_base_g[g]) + m * cfg.chunk
+            count = min(cfg.chunk, int(units_g[g]) - m * cfg.chunk)
+            tasks[j] = torch.tensor([g, start, count])
+            j += 1
+    return send_units, tasks, j
+
+
+def _tile_table(recv_offset: torch.Tensor, cnt: torch.Tensor, cfg: PlanConfig):
+    """(tiles [max_tiles, 5], tiles made): ``block_m`` rows of a local slot per tile, with the
+    first and last source rank its rows come from."""
+    tiles = torch.zeros(cfg.max_tiles, TILE_COLS, dtype=torch.int64)
+    tiles[:, 0] = -1
+    expert_rows, expert_start = cnt.sum(1), recv_offset[:, 0]
+    i = 0
+    for local in range(cfg.slots_per_rank):
+        ends = recv_offset[local] + cnt[local]
+        for m in range(triton.cdiv(int(expert_rows[local]), cfg.block_m)):
+            row0 = int(expert_start[local]) + m * cfg.block_m
+            rows = min(cfg.block_m, int(expert_rows[local]) - m * cfg.block_m)
+            src_lo = int((ends <= row0).sum())
+            src_hi = int((ends <= row0 + rows - 1).sum())
+            tiles[i] = torch.tensor([local, row0, rows, src_lo, src_hi])
+            i += 1
+    return tiles, i
+
+
+def plan_ref(phys_all: list[torch.Tensor], cfg: PlanConfig, rank: int) -> Plan:
+    """Rank ``rank``'s plan from every rank's physical slots ``[T_s, K]`` (torch, on cpu)."""
+    R, L, P = cfg.world_size, cfg.slots_per_rank, cfg.num_slots
+    phys_all = [p.cpu().long() for p in phys_all]
+    phys = phys_all[rank]
+    all_counts = torch.stack([torch.bincount(p[p >= 0], minlength=P) for p in phys_all])  # [R, P]
+    slot_pos, data_pos, first_at = _sender_rows(phys, all_counts, cfg, rank)
+    send_units, tasks, num_tasks = _send_order(phys, cfg)
+    # this rank as receiver
+    cnt = all_counts[:, rank * L : (rank + 1) * L].t()  # [L, R]
+    recv_offset = (torch.cumsum(cnt.reshape(-1), 0) - cnt.reshape(-1)).view(L, R)
+    tiles, num_tiles = _tile_table(recv_offset, cnt, cfg)
+    num_units = int((send_units >= 0).sum())
+    num_recv = int(all_counts.sum(0).view(R, L).sum(1)[rank])
+    stats = torch.tensor([num_units, num_recv, num_tiles, num_tasks])
+    i32 = torch.int32
+    return Plan(
+        phys=phys.to(i32),
+        counts=all_counts[rank].to(i32),
+        all_counts=all_counts.to(i32),
+        slot_pos=slot_pos.to(i32),
+        data_pos=data_pos.to(i32),
+        first_at=first_at.to(i32),
+        send_units=send_units.to(i32),
+        recv_offset=recv_offset.to(i32),
+        expert_start=recv_offset[:, 0].to(i32),
+        expert_rows=cnt.sum(1).to(i32),
+        tiles=tiles.to(i32),
+        dispatch_tasks=tasks.to(i32),
+        stats=stats.to(i32),
+    )
+
+
+def plan_mismatches(got: Plan, want: Plan) -> list[str]:
+    """Names of the plan fields that differ (bit for bit) between two plans."""
+    names = [f.name for f in fields(Plan)]
+    return [n for n in names if not torch.equal(getattr(got, n).cpu(), getattr(want, n).cpu())]

@@ -18,7 +18,8 @@ with each ``--dispatch-programs`` count per rank (0, the default: its own defaul
 for bit against ``dispatch_ref``, its dispatch and sends timed the same way;
 and once: ``torch._grouped_mm`` + SwiGLU on the same received rows, and the baseline (permute,
 NCCL ``all_to_all_single`` with its host-side split sizes, permute to expert-major,
-``torch._grouped_mm``, SwiGLU), timed eagerly. Table on rank 0, JSON under perf/results/.
+``torch._grouped_mm``, SwiGLU), timed eagerly. Table on rank 0, JSON under
+perf/results/ (perf.record).
 """
 
 from __future__ import annotations
@@ -31,13 +32,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megakernel import routing
-from megakernel.kernel import KernelConfig, Megakernel
+from megakernel import KernelConfig, Megakernel, routing
 from megakernel.placement import Placement
-from megakernel.plan import resolve_all_ref
+from megakernel.reference import resolve_all_ref
 from megakernel.shapes import preset
+from megakernel.testing import check_calls, local_w13, make_tokens, run_poisoned
 from megakernel.traffic import traffic_model
-from megakernel.verify import check_calls, local_w13, make_tokens, run_poisoned
 from perf.baseline import baseline_moe
 from perf.record import knob_values, write_result
 from perf.timing import graphed, time_us
@@ -212,7 +212,7 @@ def report(result: dict, args) -> None:
             f"({v['wire_GBps']:.1f} GB/s wire, {v['logical_GBps']:.1f} logical), sends "
             f"{v['sends_us']['median']:.1f} us ({v['sends_wire_GBps']:.1f} GB/s wire)"
         )
-    print(f"wrote perf/results/{name}")
+    print(f"wrote {name}")
 
 
 def main() -> None:

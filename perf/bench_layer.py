@@ -18,7 +18,7 @@ p20/p80 over repeats, max over ranks; each row timed on its own, one after anoth
   torch      ``torch._grouped_mm`` GEMM1 + SwiGLU + GEMM2 on the same received rows
   baseline   permute + NCCL all-to-all + grouped_mm + SwiGLU + grouped_mm + all-to-all back +
              weighted sum (perf/baseline.py), host-side split sizes
-Table on rank 0, JSON under perf/results/.
+Table on rank 0, JSON under perf/results/ (perf.record).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megakernel import FusedEPMoE, routing
-from megakernel.kernel import PACK_MODES, KernelConfig
+from megakernel.config import PACK_MODES, KernelConfig
 from megakernel.placement import Placement
 from megakernel.shapes import preset
-from megakernel.verify import check_layer_output, local_w2, local_w13, make_tokens
+from megakernel.testing import check_layer_output, local_w2, local_w13, make_tokens
 from perf.baseline import baseline_moe
 from perf.record import knob_values, write_result
 from perf.timing import graphed, time_many, time_us
@@ -56,6 +56,58 @@ def time_layer(ws, inputs: tuple) -> dict[str, dict[str, float]]:
     return timed
 
 
+def check_outputs(layer, case: dict, shape, seed: int, label: str) -> list[str]:
+    """One call of ``layer`` on ``case`` (x, ids, weights, xs by rank), checked against
+    ``moe_ref``; the problems found, each labelled."""
+    out = layer(case["x"], case["ids"], case["weights"])
+    layer.check_errors()
+    found = []
+    for r in layer.world.local_ranks:
+        ids, weights = case["ids"][r], case["weights"][r]
+        found += check_layer_output(out[r], case["xs"][r], ids, weights, shape, seed, r)
+    return [f"{label}: {p}" for p in found]
+
+
+def time_torch_gemms(ws, inputs: tuple, shape) -> dict[str, float]:
+    """``torch._grouped_mm`` GEMM1 + SwiGLU + GEMM2 on the rows the layer received."""
+    handles = ws.run(*inputs, mode="layer")
+    w13, w2 = inputs[3], inputs[4]
+    gmm = {r: (h.resolved(), torch.cumsum(h.plan.expert_rows, 0).int()) for r, h in handles.items()}
+
+    def torch_gemms():
+        for r, (rows, offs) in gmm.items():
+            h = torch._grouped_mm(rows, w13[r].transpose(1, 2), offs=offs)
+            act = F.silu(h[:, : shape.ffn]) * h[:, shape.ffn :]
+            torch._grouped_mm(act, w2[r].transpose(1, 2), offs=offs)
+
+    return time_us(torch_gemms)
+
+
+def time_variants(world, ws, case: dict, inputs: tuple, shape, name: str, args) -> dict:
+    """The layer with other knobs (``--pack``, ``--vary``), same inputs, each checked first, then
+    timed in alternation with the default."""
+    row = {"pack_us": {}, "vary_us": {}, "paired_default_us": {}}
+    variants = [("pack", m) for m in args.pack] + knob_values(args.vary)
+    if not variants:
+        return row
+    default = graphed(lambda: ws.run(*inputs, mode="layer", validate=False))
+    for knob, value in variants:
+        torch.cuda.empty_cache()
+        cfg = KernelConfig(num_ctas=args.ctas, **{knob: value})
+        other = FusedEPMoE(world, shape, inputs[3], inputs[4], placement=ws.placement, config=cfg)
+        found = check_outputs(other, case, shape, args.seed, f"{knob}={value}")
+        if found:
+            raise SystemExit(f"{name}: wrong results: {found[:4]}")
+        key = value if knob == "pack" else f"{knob}={value}"
+        call = graphed(lambda ws=other.workspace: ws.run(*inputs, mode="layer", validate=False))
+        timed = time_many({"variant": call, "default": default})  # the same clocks
+        row["pack_us" if knob == "pack" else "vary_us"][key] = timed["variant"]
+        row["paired_default_us"][key] = timed["default"]
+        other.check_errors()
+        other.close()
+    return row
+
+
 def bench_preset(world: World, name: str, args) -> dict:
     shape = preset(name).with_tokens(args.tokens)
     R, E, K, T = world.world_size, shape.num_experts, shape.topk, args.tokens
@@ -66,82 +118,44 @@ def bench_preset(world: World, name: str, args) -> dict:
     xs = make_tokens(shape, [T] * R, args.seed, dev)
     w13 = {r: local_w13(shape, placement, r, args.seed, dev) for r in ranks}
     w2 = {r: local_w2(shape, placement, r, args.seed, dev) for r in ranks}
-    layer = FusedEPMoE(
-        world, shape, w13, w2, placement=placement, config=KernelConfig(num_ctas=args.ctas)
-    )
-    pack = "gather" if layer.workspace.config.gather_a(shape) else "scan"
+    config = KernelConfig(num_ctas=args.ctas)
+    layer = FusedEPMoE(world, shape, w13, w2, placement=placement, config=config)
     ws = layer.workspace
-    x = {r: xs[r] for r in ranks}
-    ids = {r: rt.topk_ids[r] for r in ranks}
-    weights = {r: rt.topk_weights[r] for r in ranks}
+    case = dict(xs=xs, x={r: xs[r] for r in ranks}, ids={r: rt.topk_ids[r] for r in ranks})
+    case["weights"] = {r: rt.topk_weights[r] for r in ranks}
     problems = []
     for split in (False, True):
         layer.split = split
-        out = layer(x, ids, weights)
-        layer.check_errors()
-        for r in ranks:
-            found = check_layer_output(out[r], xs[r], ids[r], weights[r], shape, args.seed, r)
-            problems += [f"ours split={split}: {p}" for p in found]
+        problems += check_outputs(layer, case, shape, args.seed, f"ours split={split}")
     can_baseline = dist.is_initialized() or R == 1
     r0 = ranks[0]
-    base_args = (xs[r0], ids[r0], weights[r0], w13[r0], w2[r0], shape, R)
+    base_args = (xs[r0], case["ids"][r0], case["weights"][r0], w13[r0], w2[r0], shape, R)
     if can_baseline:
-        found = check_layer_output(
-            baseline_moe(*base_args), xs[r0], ids[r0], weights[r0], shape, args.seed, r0
-        )
+        base = baseline_moe(*base_args)
+        found = check_layer_output(base, *base_args[:3], shape, args.seed, r0)
         problems += [f"baseline: {p}" for p in found]
     if problems:
         raise SystemExit(f"{name}: wrong results: {problems[:4]}")
 
-    inputs = (x, ids, weights, w13, w2)
+    inputs = (case["x"], case["ids"], case["weights"], w13, w2)
     handles = ws.run(*inputs, mode="layer")
     n_recv = {r: handles[r].num_recv() for r in ranks}
     row = {"preset": name, "num_recv": n_recv, **time_layer(ws, inputs)}
     split = lambda: ws.run(*inputs, mode="layer", split=True, validate=False)  # noqa: E731
     row["split_us"] = time_us(graphed(split))
     ws.check_errors()
-
-    handles = ws.run(x, ids, weights, w13, w2, mode="layer")
-    gmm = {
-        r: (handles[r].resolved(), torch.cumsum(handles[r].plan.expert_rows, 0).int())
-        for r in ranks
-    }
-
-    def torch_gemms():
-        for r in ranks:
-            rows, offs = gmm[r]
-            h = torch._grouped_mm(rows, w13[r].transpose(1, 2), offs=offs)
-            act = F.silu(h[:, : shape.ffn]) * h[:, shape.ffn :]
-            torch._grouped_mm(act, w2[r].transpose(1, 2), offs=offs)
-
-    row["torch_gemms_us"] = time_us(torch_gemms)
+    row["torch_gemms_us"] = time_torch_gemms(ws, inputs, shape)
     row["baseline_us"] = time_us(lambda: baseline_moe(*base_args)) if can_baseline else None
-    row["pack"] = pack  # what KernelConfig(pack="auto") chose
-    # the layer with other knobs, same inputs, each checked first, then timed beside the default
-    variants = [("pack", m) for m in args.pack] + knob_values(args.vary)
-    if variants:
-        default = graphed(lambda: ws.run(*inputs, mode="layer", validate=False))
-    row["pack_us"], row["vary_us"], row["paired_default_us"] = {}, {}, {}
-    for knob, value in variants:
-        torch.cuda.empty_cache()
-        cfg = KernelConfig(num_ctas=args.ctas, **{knob: value})
-        other = FusedEPMoE(world, shape, w13, w2, placement=placement, config=cfg)
-        out = other(x, ids, weights)
-        other.check_errors()
-        for r in ranks:
-            found = check_layer_output(out[r], xs[r], ids[r], weights[r], shape, args.seed, r)
-            if found:
-                raise SystemExit(f"{name} {knob}={value}: wrong results: {found[:4]}")
-        key = value if knob == "pack" else f"{knob}={value}"
-        call = graphed(lambda ws=other.workspace: ws.run(*inputs, mode="layer", validate=False))
-        timed = time_many({"variant": call, "default": default})  # the same clocks
-        row["pack_us" if knob == "pack" else "vary_us"][key] = timed["variant"]
-        row["paired_default_us"][key] = timed["default"]
-        other.check_errors()
-        other.close()
+    row["pack"] = "gather" if config.gather_a() else "scan"  # what pack="auto" means
+    row.update(time_variants(world, ws, case, inputs, shape, name, args))
     ws.check_errors()
     layer.close()
-    flops = 6 * max(n_recv.values()) * shape.hidden * shape.ffn
+    return summarize(row, shape, can_baseline)
+
+
+def summarize(row: dict, shape, can_baseline: bool) -> dict:
+    """``row`` with its rates and ratios: TFLOP/s = 6 S H I / t (S: most rows a rank received)."""
+    flops = 6 * max(row["num_recv"].values()) * shape.hidden * shape.ffn
     t = {k: row[f"{k}_us"]["median"] for k in ("layer", "split", "comm", "compute")}
     row.update(
         compute_TFLOPs=flops / t["compute"] / 1e6,
@@ -183,7 +197,7 @@ def report(result: dict, args) -> None:
         if v.get("vary_us"):
             times = _paired(v["vary_us"], v)
             print(f"{v['preset']}: layer with other KernelConfig knobs: {times}")
-    print(f"wrote perf/results/{name}")
+    print(f"wrote {name}")
 
 
 def _paired(timed: dict, row: dict) -> str:

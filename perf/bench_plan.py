@@ -10,7 +10,7 @@ p20/p80 over repeats, correctness checked first against ``plan_ref``:
     peers' counts stay published (both parities, flags raised far ahead), so its layout finds
     them ready; rank 0 still publishes its own and checks its plan after the replays;
   - ``eager``: the all-ranks call launched from Python (host launch overhead included).
-JSON goes to perf/results/.
+JSON goes to perf/results/ (perf.record).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main() -> None:
             f"{r['routing']:<9} {str(r['token_saving']):<7} {one['median']:<12.1f} "
             f"{g['median']:<13.1f} {e['median']:<9.1f} {r['rank0_stats']}"
         )
-    print(f"wrote perf/results/{name}")
+    print(f"wrote {name}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import argparse
 import collections
 import json
 
-from megakernel.pack import STRATEGIES, choose_strategy
 from perf.record import RESULTS
+from perf.studies.pack import STRATEGIES, choose_strategy
 
 MOVING = ("sort", "atomic", "scan")  # the strategies that materialise packed rows
 

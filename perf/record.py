@@ -1,4 +1,6 @@
-"""Where benchmark results go: one JSON per run under perf/results/, with the run's metadata."""
+"""Where benchmark results go: one JSON per run, with the run's metadata, under ``RESULTS``:
+perf/results/ of a source checkout, else ./perf_results (an installed package writes nothing into
+site-packages); ``MEGAKERNEL_RESULTS`` names another folder."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from pathlib import Path
 import torch
 import triton
 
-RESULTS = Path(__file__).resolve().parent / "results"
+_CHECKOUT = (Path(__file__).resolve().parents[1] / "pyproject.toml").exists()
+_DEFAULT = Path(__file__).resolve().parent / "results" if _CHECKOUT else Path("perf_results")
+RESULTS = Path(os.environ.get("MEGAKERNEL_RESULTS") or _DEFAULT)
 
 
 def run_meta() -> dict[str, str]:
@@ -28,14 +32,14 @@ def run_meta() -> dict[str, str]:
 
 
 def write_result(stem: str, payload: dict) -> tuple[str, dict[str, str]]:
-    """Write ``{"meta": run_meta(), **payload}`` to perf/results/<stem>_<gpu>.json; returns the
-    file name and the metadata."""
+    """Write ``{"meta": run_meta(), **payload}`` to ``RESULTS/<stem>_<gpu>.json``; returns the
+    file's path and the metadata."""
     meta = run_meta()
     gpu = re.sub(r"[^a-z0-9]+", "_", meta["gpu"].lower()).strip("_")
     name = f"{stem}_{gpu}.json"
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / name).write_text(json.dumps({"meta": meta, **payload}, indent=1))
-    return name, meta
+    return str(RESULTS / name), meta
 
 
 def knob_values(specs: list[str]) -> list[tuple[str, int | str]]:

@@ -38,11 +38,10 @@ LABELS = {
 
 def measure(world, name: str, args) -> dict | None:
     """One preset on this world; the row on rank 0, None elsewhere."""
-    from megakernel import profiler, routing
-    from megakernel.kernel import KernelConfig, Megakernel
+    from megakernel import KernelConfig, Megakernel, profiler, routing
     from megakernel.placement import Placement
     from megakernel.shapes import preset
-    from megakernel.verify import check_layer_output, local_w2, local_w13, make_tokens
+    from megakernel.testing import check_layer_output, layer_inputs
     from perf.bench_layer import time_layer
 
     shape = preset(name).with_tokens(args.tokens)
@@ -50,14 +49,7 @@ def measure(world, name: str, args) -> dict | None:
     ranks, dev = world.local_ranks, world.device
     placement = Placement.contiguous(E, R)
     rt = routing.uniform(R, T, E, K, seed=1).to(dev)
-    xs = make_tokens(shape, [T] * R, 1, dev)
-    inputs = (
-        {r: xs[r] for r in ranks},
-        {r: rt.topk_ids[r] for r in ranks},
-        {r: rt.topk_weights[r] for r in ranks},
-        {r: local_w13(shape, placement, r, 1, dev) for r in ranks},
-        {r: local_w2(shape, placement, r, 1, dev) for r in ranks},
-    )
+    xs, inputs = layer_inputs(shape, placement, rt, ranks, 1, dev)
     row: dict = {"preset": name}
     records: list = []
     for trace in (False, True):
@@ -110,7 +102,7 @@ def run(world, args) -> None:
             f"{v['preset']:<11} {v['layer_us']:9.1f} {v['comm_us']:8.1f} "
             f"{v['compute_us']:10.1f} {shares}"
         )
-    print(f"wrote perf/results/{name}")
+    print(f"wrote {name}")
 
 
 def load(tokens: int) -> dict[str, dict[int, dict]]:

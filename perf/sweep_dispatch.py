@@ -21,13 +21,12 @@ import argparse
 import itertools
 import sys
 
-from megakernel import routing
-from megakernel.kernel import KernelConfig, Megakernel
+from megakernel import KernelConfig, Megakernel, routing
 from megakernel.placement import Placement
-from megakernel.plan import resolve_all_ref
+from megakernel.reference import resolve_all_ref
 from megakernel.shapes import preset
+from megakernel.testing import check_calls, local_w13, make_tokens, run_poisoned
 from megakernel.traffic import traffic_model
-from megakernel.verify import check_calls, local_w13, make_tokens, run_poisoned
 from perf.timing import graphed, time_us
 from symm_mem import World
 from symm_mem.launch import run_in_world

@@ -23,11 +23,10 @@ import itertools
 
 import torch
 
-from megakernel import routing
-from megakernel.kernel import KernelConfig, Megakernel
+from megakernel import KernelConfig, Megakernel, routing
 from megakernel.placement import Placement
 from megakernel.shapes import preset
-from megakernel.verify import (
+from megakernel.testing import (
     check_call,
     check_layer_output,
     local_w2,
@@ -130,7 +129,14 @@ def main() -> None:
     knobs = [{}] + [{knob: value} for knob, value in knob_values(args.vary)]
     if args.gemm == "down":
         sweep_down(shape, rt, xs, w, placement, knobs, configs)
-        return
+    else:
+        sweep_up(shape, rt, xs, w, placement, knobs, configs, f"{args.preset} as one of {R} ranks")
+
+
+def sweep_up(shape, rt, xs, w, placement, knobs, configs, what: str) -> None:
+    """GEMM1 + SwiGLU tasks alone (stage "tiles") for each tile config and knob, checked first,
+    against ``torch._grouped_mm`` + SwiGLU on the same received rows."""
+    T = shape.max_tokens_per_rank
     rows = []
     with EmulatedWorld(1, "cuda") as world:
         for (bm, bn, bk, warps, stages), knob in itertools.product(configs, knobs):
@@ -165,7 +171,7 @@ def main() -> None:
 
         ref = time_us(gmm)["median"]
     print(
-        f"\nGEMM1 sweep, {args.preset} as one of {R} ranks: {shape.num_experts} experts, "
+        f"\nGEMM1 sweep, {what}: {shape.num_experts} experts, "
         f"{n} rows ({n / shape.num_experts:.0f} per expert), {torch.cuda.get_device_name()}"
     )
     print(f"torch._grouped_mm + SwiGLU: {ref:.1f} us, {flops / ref / 1e6:.1f} TFLOP/s")

@@ -18,7 +18,8 @@ import time
 import torch
 
 from megakernel import routing
-from megakernel.pack import (
+from perf.record import write_result
+from perf.studies.pack import (
     STRATEGIES,
     Packed,
     gemm1_ref,
@@ -27,7 +28,6 @@ from megakernel.pack import (
     pack_ref,
     same_layout,
 )
-from perf.record import write_result
 from perf.timing import graphed, time_us
 
 EXPERTS = (8, 32, 64, 128, 256)

@@ -5,8 +5,8 @@ addresses, so a kernel written for the NVSHMEM world runs unchanged with ``rank`
 
 - ``device="cuda"``: the R ranks' kernels run concurrently, one stream per rank, each with a slice
   of the SMs (``sms_per_rank``), so flags set by one rank release waits in another.
-  NOTE: launch phase by phase across ranks where a kernel spins on peers: on an H100 with 8
-  ranks, grids launched while five ranks' kernels spun were never scheduled (seen 2026-11-23).
+  NOTE: launch phase by phase across ranks where a kernel spins on peers: with 8 ranks on one
+  GPU, grids launched while five ranks' kernels spun were never scheduled (perf/NOTES.md).
 - ``device="cpu"`` with ``TRITON_INTERPRET=1``: the interpreter runs programs one after another,
   so a wait on work not yet run would only time out. Kernels take a task range and callers run
   every rank's first phase, then every rank's second (``run_ranks`` per phase).

@@ -14,10 +14,16 @@ import argparse
 
 import torch
 
-from megakernel import plan as plan_mod
 from megakernel import routing
 from megakernel.placement import Placement
-from megakernel.plan import PlanConfig, PlanWorkspace
+from megakernel.plan import (
+    PROGRAMS_PER_SM,
+    PlanConfig,
+    PlanWorkspace,
+    plan_count_kernel,
+    plan_scan_kernel,
+)
+from megakernel.plan import workspace as plan_workspace
 from perf.timing import graphed, time_us
 from symm_mem import EmulatedWorld
 
@@ -37,12 +43,12 @@ class _WithOptions:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--programs-per-sm", type=int, default=plan_mod.PROGRAMS_PER_SM)
+    parser.add_argument("--programs-per-sm", type=int, default=PROGRAMS_PER_SM)
     parser.add_argument("--layout-maxnreg", type=int, default=None)
     args = parser.parse_args()
     if args.layout_maxnreg:
-        plan_mod.plan_layout_kernel = _WithOptions(
-            plan_mod.plan_layout_kernel, maxnreg=args.layout_maxnreg
+        plan_workspace.plan_layout_kernel = _WithOptions(
+            plan_workspace.plan_layout_kernel, maxnreg=args.layout_maxnreg
         )
     R, E, K, T = 8, 256, 8, 4096
     rt, _ = routing.edge_case("uniform", R, T, E, K, seed=7)
@@ -63,11 +69,11 @@ def main() -> None:
 
         def count(r: int) -> None:
             grid = (min(triton_cdiv(T, cfg.tokens_per_chunk), ws.max_programs),)
-            plan_mod.plan_count_kernel[grid](*ws._count_args(r, ids[r]), **ws._count_meta())
+            plan_count_kernel[grid](**ws.count_args(r, ids[r]))
 
         def scan(r: int) -> None:
-            grid = (min(ws._scan_blocks(), ws.max_programs),)
-            plan_mod.plan_scan_kernel[grid](*ws._scan_args(r, T), **ws._scan_meta())
+            grid = (min(2 * ws.meta.P_P // ws.meta.SCAN_COLS, ws.max_programs),)
+            plan_scan_kernel[grid](**ws.scan_args(r, T))
 
         rows = {
             "all ranks": graphed(lambda: ws.run(ids, validate=False)),

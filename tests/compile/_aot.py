@@ -27,29 +27,40 @@ _TORCH_TYPES = {
 }
 
 
-def signature_of(args: dict[str, object]) -> dict[str, str]:
-    """Triton types of example arguments: tensors -> pointers, tensor descriptors ->
-    ``tensordesc<dtype[block]>``, ints -> i32 / i64."""
-    sig = {}
-    for name, value in args.items():
-        if isinstance(value, TensorDescriptor):
-            block = ",".join(str(n) for n in value.block_shape)
-            sig[name] = f"tensordesc<{_TORCH_TYPES[str(value.base.dtype)]}[{block}]>"
-        elif hasattr(value, "dtype") and hasattr(value, "data_ptr"):
-            sig[name] = "*" + _TORCH_TYPES[str(value.dtype)]
-        elif isinstance(value, bool):
-            raise TypeError(f"{name}: pass bools as constexprs")
-        elif isinstance(value, int):
-            sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-        else:
-            raise TypeError(f"{name}: no Triton type for {type(value).__name__}")
-    return sig
+def type_of(name: str, value: object):
+    """The Triton type of one example argument: tensors -> pointers, tensor descriptors ->
+    ``tensordesc<dtype[block]>``, ints -> i32 / i64, a (named) tuple -> a tuple of its items'."""
+    if isinstance(value, TensorDescriptor):
+        block = ",".join(str(n) for n in value.block_shape)
+        return f"tensordesc<{_TORCH_TYPES[str(value.base.dtype)]}[{block}]>"
+    if hasattr(value, "dtype") and hasattr(value, "data_ptr"):
+        return "*" + _TORCH_TYPES[str(value.dtype)]
+    if isinstance(value, tuple):
+        return type(value)(*(type_of(f"{name}[{i}]", v) for i, v in enumerate(value)))
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: pass bools as constexprs")
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    raise TypeError(f"{name}: no Triton type for {type(value).__name__}")
+
+
+def signature_of(args: dict[str, object]) -> dict[str, object]:
+    """Triton types of example arguments, by name (``type_of``)."""
+    return {name: type_of(name, value) for name, value in args.items()}
+
+
+def _pointer_paths(index: tuple[int, ...], ty) -> list[tuple[int, ...]]:
+    """The argument paths of every pointer in a signature entry (tuples flattened)."""
+    if isinstance(ty, tuple):
+        return [p for i, t in enumerate(ty) for p in _pointer_paths((*index, i), t)]
+    return [index] if ty.startswith("*") else []
 
 
 def compile_sm90(
     fn, signature: dict[str, str], constexprs: dict[str, object], divisible=(), **options
 ):
-    """``signature`` maps runtime args to Triton types ("*i32", "i64"), ``constexprs`` the rest.
+    """``signature`` maps runtime args to Triton types ("*i32", "i64", or a tuple of them for a
+    tuple argument), ``constexprs`` the rest.
 
     Pointers are taken as 16-byte aligned (as torch allocations are) and the ints named in
     ``divisible`` as multiples of 16, as Triton specialises them at launch.
@@ -58,12 +69,13 @@ def compile_sm90(
     missing = set(names) - set(signature) - set(constexprs)
     assert not missing, f"no type for {sorted(missing)}"
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
-    aligned = [k for k, t in signature.items() if t.startswith("*")] + list(divisible)
+    aligned = [p for k, t in signature.items() for p in _pointer_paths((names.index(k),), t)]
+    aligned += [(names.index(k),) for k in divisible]
     src = ASTSource(
         fn=fn,
         signature=sig,
         constexprs={(names.index(k),): v for k, v in constexprs.items()},
-        attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned},
+        attrs={path: [["tt.divisibility", 16]] for path in aligned},
     )
     if getattr(fn, "_symm_mem_nvshmem", False):
         options["extern_libs"] = (("libnvshmem_device", NVSHMEM_BITCODE),)

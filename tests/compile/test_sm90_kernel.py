@@ -8,31 +8,43 @@ import torch
 from _aot import compile_sm90, sass_ops, signature_of, wgmma_groups
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from megakernel.kernel import KernelConfig, default_capacity, kernel_meta, moe_megakernel
+from megakernel.config import KernelConfig, default_capacity, kernel_meta
+from megakernel.kernel import PlanBuffers, RankState, SymBuffers, moe_megakernel
 from megakernel.plan import PlanConfig
 from megakernel.shapes import PRESETS
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("compiles real kernels: run without TRITON_INTERPRET", allow_module_level=True)
 
-INT64_PTRS = {"ready_ptr", "act_ready_ptr", "resolved_ptr", "err_ptr", "epoch_ptr", "trace_ptr"}
-DATA_PTRS = {"x_ptr", "w13_ptr", "w2_ptr", "act_ptr", "out_ptr", "recv_x_ptr", "combine_ptr"}
+INT64 = {"expert_ready", "act_ready", "resolved", "err", "epoch", "trace"}
+DATA = {"x_ptr", "w13_ptr", "w2_ptr", "act_ptr", "out_ptr", "recv_x", "combine_y"}
 SCALARS = {"rank": 1, "num_tokens": 4000, "task_begin": 0, "task_end": 100, "timeout_ns": 10**10}
+GROUPS = {"plan": PlanBuffers, "peers": SymBuffers, "mine": SymBuffers, "state": RankState}
 
 
 def descriptor_blocks(cfg: KernelConfig, meta: dict) -> dict[str, list[int]]:
     """The block shape of every tensor descriptor argument this launch passes (the others are
     None, a constexpr)."""
     blocks = {}
-    if meta["GEMM1_TMA"]:
+    if meta.GEMM1_TMA:
         # with PAIRS a [L, I, 2, H] view of w13: gate and up rows interleaved in a box
-        pairs = meta["PAIRS"]
+        pairs = meta.PAIRS
         blocks["w13_desc"] = (
             [1, cfg.block_n, 2, cfg.block_k] if pairs else [cfg.block_n, cfg.block_k]
         )
-    if meta["DOWN_TMA"]:
+    if meta.DOWN_TMA:
         blocks["w2_desc"] = [cfg.down_block_n, cfg.down_block_k]
     return blocks
+
+
+def example_tensor(name: str, dtype, peers: bool = False) -> torch.Tensor:
+    """A one-element tensor of the type the kernel's argument (or buffer field) ``name`` has."""
+    if peers:
+        return torch.empty(1, dtype=torch.int64)  # a table of base addresses
+    if name == "weights_ptr":
+        return torch.empty(1, dtype=torch.float32)
+    t = dtype if name in DATA else torch.int64 if name in INT64 else torch.int32
+    return torch.empty(1, dtype=t)
 
 
 def example_args(dtype, blocks: dict[str, list[int]]):
@@ -47,15 +59,15 @@ def example_args(dtype, blocks: dict[str, list[int]]):
                 args[name] = TensorDescriptor(base, [16] * rank, strides, blocks[name])
         elif name in SCALARS:
             args[name] = SCALARS[name]
-        elif name.endswith(("_ptr", "_base")):
-            int64 = name in INT64_PTRS or name.endswith("_base")
-            t = dtype if name in DATA_PTRS else torch.int64 if int64 else torch.int32
-            t = torch.float32 if name == "weights_ptr" else t
-            args[name] = torch.empty(1, dtype=t)
+        elif name in GROUPS:
+            group = GROUPS[name]
+            args[name] = group(*(example_tensor(f, dtype, name == "peers") for f in group._fields))
+        elif name.endswith("_ptr"):
+            args[name] = example_tensor(name, dtype)
     return args
 
 
-def kernel_meta_of(cfg: KernelConfig, mode: str, shape=PRESETS["dsv3"], R: int = 2) -> dict:
+def kernel_meta_of(cfg: KernelConfig, mode: str, shape=PRESETS["dsv3"], R: int = 2):
     L = shape.num_experts // R
     capacity = default_capacity(shape, R, L)
     plan_cfg = PlanConfig(
@@ -66,13 +78,14 @@ def kernel_meta_of(cfg: KernelConfig, mode: str, shape=PRESETS["dsv3"], R: int =
 
 def compile_megakernel(shape, R: int, cfg: KernelConfig, mode: str):
     meta = kernel_meta_of(cfg, mode, shape, R)
-    options = {k: meta.pop(k) for k in ("num_warps", "num_stages")}
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     blocks = descriptor_blocks(cfg, meta)
     args = example_args(shape.dtype, blocks)
+    constexprs = {"M": meta}
     for name in moe_megakernel.arg_names:
         if name.endswith("_desc") and name not in blocks:
-            meta[name] = None
-    return compile_sm90(moe_megakernel, signature_of(args), meta, **options)
+            constexprs[name] = None
+    return compile_sm90(moe_megakernel, signature_of(args), constexprs, **options)
 
 
 @pytest.mark.parametrize("mode", ["layer", "gemm", "dispatch"])
@@ -99,12 +112,16 @@ def test_trace_switch_compiles_to_nothing_when_off(trace):
     ptx = kernel.asm["ptx"]
     # the trace buffer is PTX parameter number `index`; PTX loads a parameter only if used. A
     # None descriptor (a constexpr) is no PTX parameter, an N-D tensor descriptor is 1 + 2N: the
-    # TMA descriptor, N sizes and N strides.
-    names = moe_megakernel.arg_names[: moe_megakernel.arg_names.index("trace_ptr")]
+    # TMA descriptor, N sizes and N strides; a tuple argument is one parameter per item.
+    names = moe_megakernel.arg_names[: moe_megakernel.arg_names.index("state")]
     passed = descriptor_blocks(cfg, kernel_meta_of(cfg, "layer"))
-    index = sum(
-        1 + 2 * len(passed[n]) if n in passed else 0 if n.endswith("_desc") else 1 for n in names
-    )
+
+    def params(n: str) -> int:
+        if n.endswith("_desc"):
+            return 1 + 2 * len(passed[n]) if n in passed else 0
+        return len(GROUPS[n]._fields) if n in GROUPS else 1
+
+    index = sum(params(n) for n in names) + RankState._fields.index("trace")
     loads_trace = f"moe_megakernel_param_{index}]" in ptx
     assert loads_trace == trace, "TRACE off must not touch the trace buffer; on, it must"
     assert ("%smid" in ptx) == trace, "the SM id is read only for the trace header"

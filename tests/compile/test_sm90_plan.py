@@ -6,7 +6,14 @@ import pytest
 import torch
 from _aot import compile_sm90, signature_of
 
-from megakernel.plan import PlanConfig, plan_count_kernel, plan_layout_kernel, plan_scan_kernel
+from megakernel.plan import (
+    LayoutOut,
+    PlacementTables,
+    PlanConfig,
+    plan_count_kernel,
+    plan_layout_kernel,
+    plan_scan_kernel,
+)
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("compiles real kernels: run without TRITON_INTERPRET", allow_module_level=True)
@@ -24,17 +31,15 @@ def i64():
 @pytest.mark.parametrize("R,L,K", [(8, 32, 8), (2, 4, 2), (4, 1, 1), (1, 16, 4)])
 def test_plan_kernels_compile(R, L, K, token_saving):
     cfg = PlanConfig(R, L, K, max_tokens=4096, capacity=8192 * K, token_saving=token_saving)
-    meta = cfg.meta()
+    meta = {"M": cfg.meta()}
     count_args = dict(
         ids_ptr=i32(),
-        replica_ptr=i32(),
-        num_replicas_ptr=i32(),
-        on_rank_ptr=i32(),
+        placement=PlacementTables(i32(), i32(), i32()),
         phys_ptr=i32(),
         chunk_rows_ptr=i32(),
         T=4096,
     )
-    compile_sm90(plan_count_kernel, signature_of(count_args), dict(meta, MAXREP=1))
+    compile_sm90(plan_count_kernel, signature_of(count_args), meta)
     scan_args = dict(
         chunk_rows_ptr=i32(),
         totals_ptr=i32(),
@@ -45,9 +50,7 @@ def test_plan_kernels_compile(R, L, K, token_saving):
         rank=3,
         T=4096,
     )
-    PP = meta["PP"]
-    scan_meta = dict(R=R, L=L, RP=meta["RP"], PP=PP, CT=meta["CT"], CB=min(8, 2 * PP), SR=512)
-    ptx = compile_sm90(plan_scan_kernel, signature_of(scan_args), scan_meta).asm["ptx"]
+    ptx = compile_sm90(plan_scan_kernel, signature_of(scan_args), meta).asm["ptx"]
     assert "atom" in ptx
     layout_args = dict(
         phys_ptr=i32(),
@@ -55,17 +58,7 @@ def test_plan_kernels_compile(R, L, K, token_saving):
         totals_ptr=i32(),
         counts_ptr=i32(),
         ready_ptr=i64(),
-        all_counts_ptr=i32(),
-        slot_pos_ptr=i32(),
-        data_pos_ptr=i32(),
-        first_at_ptr=i32(),
-        send_units_ptr=i32(),
-        recv_offset_ptr=i32(),
-        expert_start_ptr=i32(),
-        expert_rows_ptr=i32(),
-        tiles_ptr=i32(),
-        tasks_ptr=i32(),
-        stats_ptr=i32(),
+        out=LayoutOut(*(i32() for _ in LayoutOut._fields)),
         err_ptr=i64(),
         epoch_ptr=i64(),
         rank=3,
@@ -76,6 +69,6 @@ def test_plan_kernels_compile(R, L, K, token_saving):
         max_dispatch=cfg.max_dispatch_tasks,
         max_tiles=cfg.max_tiles,
     )
-    kernel = compile_sm90(plan_layout_kernel, signature_of(layout_args), cfg.layout_meta())
+    kernel = compile_sm90(plan_layout_kernel, signature_of(layout_args), meta)
     assert "globaltimer" in kernel.asm["ptx"]
     assert kernel.metadata.shared <= 228 * 1024

@@ -10,11 +10,10 @@ import itertools
 import pytest
 import torch
 
-from megakernel import routing
-from megakernel.kernel import KernelConfig, Megakernel, dispatch_gemm
+from megakernel import KernelConfig, Megakernel, dispatch_gemm, routing
 from megakernel.placement import Placement
 from megakernel.shapes import PRESETS
-from megakernel.verify import check_calls, make_tokens, make_w13, poison, run_poisoned
+from megakernel.testing import check_calls, make_tokens, make_w13, poison, run_poisoned
 from symm_mem import CapacityError, EmulatedWorld
 
 SHAPE = PRESETS["small"]  # H 64, I 32, E 16, K 4, fp32
@@ -64,7 +63,7 @@ def test_pack_scan_resolves_rows_in_place_with_the_same_activations(R):
     for pack in ("gather", "scan"):
         with EmulatedWorld(R) as world:
             ws = Megakernel(world, SHAPE, config=small_config(pack=pack))
-            assert ws.config.gather_a(SHAPE) == (pack == "gather")
+            assert ws.config.gather_a() == (pack == "gather")
             handles = call_and_check(ws, rt, placement, "gemm", seed=3)
             acts[pack] = [handles[r].act[: handles[r].num_recv()] for r in range(R)]
             in_place = [
@@ -76,7 +75,7 @@ def test_pack_scan_resolves_rows_in_place_with_the_same_activations(R):
 
 
 def test_pack_mode_validation_and_auto_choice():
-    assert KernelConfig().gather_a(SHAPE)  # the sweep's answer for pack + GEMM: gather
+    assert KernelConfig().gather_a()  # the sweep's answer for pack + GEMM: gather
     for bad in ("sort", "atomic", "Gather"):
         with pytest.raises(ValueError, match="KernelConfig.pack must be one of"):
             KernelConfig(pack=bad)
@@ -106,7 +105,9 @@ def test_back_to_back_calls_alternate_buffers():
             parities.append(handles[0].recv_x.data_ptr())
             assert handles[0].epoch == call + 1
         assert parities[0] == parities[2] != parities[1], "calls alternate the receive buffers"
-        assert ws.counters[0].tolist() == [0, 0, 0], "the last program out reset the counters"
+        assert ws.state["counters"][0].tolist() == [0, 0, 0], (
+            "the last program out reset the counters"
+        )
 
 
 def test_sends_stage_puts_the_same_rows_again():
@@ -126,7 +127,7 @@ def test_sends_stage_puts_the_same_rows_again():
         ws.check_errors()
         want = {r: h.snapshot() for r, h in handles.items()}
         for r in range(R):
-            ws.sym_recv_x.peer(r).fill_(float("nan"))
+            ws.sym["recv_x"].peer(r).fill_(float("nan"))
         again = ws.run(*args, stage="sends")
         ws.check_errors()
         for r in range(R):
@@ -153,7 +154,7 @@ def test_overflow_raises_on_every_rank_and_dispatches_nothing():
             CapacityError, match="168 rows to rank 1, whose receive buffer holds 50"
         ):
             ws.check_errors()
-        assert ws.sym_recv_x.peer(1).isnan().all(), "nothing was dispatched"
+        assert ws.sym["recv_x"].peer(1).isnan().all(), "nothing was dispatched"
 
 
 def test_input_validation():

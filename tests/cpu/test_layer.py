@@ -13,11 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
-from megakernel import FusedEPMoE, TopKRouter, routing
-from megakernel.kernel import KernelConfig, Megakernel, _combine_order, _down_coords
+from megakernel import FusedEPMoE, KernelConfig, Megakernel, TopKRouter, routing
 from megakernel.placement import Placement
 from megakernel.shapes import PRESETS, MoEShape
-from megakernel.verify import (
+from megakernel.tasks import combine_order, down_coords
+from megakernel.testing import (
     check_layer_output,
     make_tokens,
     make_w2,
@@ -54,7 +54,9 @@ def test_layer_edge_case_routings(R, case):
     with EmulatedWorld(R) as world:
         ws = Megakernel(world, shape, placement=placement, config=small_config())
         layer_call(ws, rt, placement, seed=3, shape=shape, split=split)
-        assert all(ws.sym_count.peer(r).eq(0).all() for r in range(R)), "counters cleared"
+        assert all(ws.sym["combine_count"].peer(r).eq(0).all() for r in range(R)), (
+            "counters cleared"
+        )
 
 
 def test_layer_top1_one_expert_per_rank_fp16_switches_off():
@@ -117,13 +119,13 @@ def test_gemm1_as_two_products_and_the_module_keeps_the_weights_as_given():
 def test_one_launch_mixes_the_reduce_into_the_down_tasks(lag):
     """One rank in one launch (``overlap=True``): the interpreter runs programs one after
     another, so the first claims every task in the real order, down tasks column group by group
-    (two groups here) with the previous group's reduce tasks mixed in (``_combine_order``), and
+    (two groups here) with the previous group's reduce tasks mixed in (``combine_order``), and
     must publish each group's pieces before its reduce tasks wait on them."""
     rt = routing.zipf(1, T, SHAPE.num_experts, SHAPE.topk, 1.1, seed=13)
     placement = Placement.contiguous(SHAPE.num_experts, 1)
     with EmulatedWorld(1) as world:
         ws = Megakernel(world, SHAPE, config=small_config(reduce_lag=lag))
-        assert ws.sym_count.shape[0] == 2, "H 64 in column groups of 32"
+        assert ws.sym["combine_count"].shape[0] == 2, "H 64 in column groups of 32"
         _, problems = run_layer_checked(ws, rt, placement, 14, SHAPE, "cpu", overlap=True)
         assert problems == []
 
@@ -268,8 +270,8 @@ def _order_kernel(
     NP: tl.constexpr,
 ):
     u = tl.arange(0, NP)
-    is_down, idx = _combine_order(u, num_tiles * NB2, num_tiles, nrb, lag, GB, NRH)
-    group, tile, n_block = _down_coords(tl.where(is_down, idx, 0), num_tiles, GB, NB2)
+    is_down, idx = combine_order(u, num_tiles * NB2, num_tiles, nrb, lag, GB, NRH)
+    group, tile, n_block = down_coords(tl.where(is_down, idx, 0), num_tiles, GB, NB2)
     ok = u < n
     tl.store(out_ptr + u * 5, is_down.to(tl.int32), mask=ok)
     tl.store(out_ptr + u * 5 + 1, idx, mask=ok)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megakernel import routing
-from megakernel.pack import STRATEGIES, gemm1_ref, grouped_gemm1, pack, pack_ref, same_layout
+from perf.studies.pack import STRATEGIES, gemm1_ref, grouped_gemm1, pack, pack_ref, same_layout
 
 E, K, H = 16, 4, 32
 
@@ -84,7 +84,7 @@ def test_bad_input():
 
 
 def test_selector_defaults_and_override():
-    from megakernel.pack import choose_strategy
+    from perf.studies.pack import choose_strategy
 
     assert choose_strategy(4096, 8, 256) == "gather"  # pack + GEMM: gather everywhere swept
     assert choose_strategy(1024, 8, 8, materialize=True) == "atomic"  # few pairs

@@ -7,17 +7,9 @@ import torch
 
 from megakernel import routing
 from megakernel.placement import Placement
-from megakernel.plan import (
-    KIND_DISPATCH,
-    KIND_GEMM1,
-    KIND_NOP,
-    STATS,
-    PlanConfig,
-    PlanWorkspace,
-    resolve_all_ref,
-    small_case,
-)
-from megakernel.reference import recv_layout_ref
+from megakernel.plan import STATS, PlanConfig, PlanWorkspace
+from megakernel.reference import recv_layout_ref, resolve_all_ref
+from megakernel.testing import small_case
 from symm_mem import CapacityError, EmulatedWorld
 
 
@@ -52,7 +44,7 @@ def test_unsorted_plan_equals_reference(case, token_saving):
         run_plan(world, ws, rt)
         assert_plan_equal(ws, rt)
         plan = ws.plan(0)
-        groups = plan.tasks[: plan.stat("num_dispatch_tasks"), 1]
+        groups = plan.dispatch_tasks[: plan.stat("num_dispatch_tasks"), 0]
         assert set(groups.tolist()) == set(range(4)), "every destination has a task, even empty"
 
 
@@ -119,10 +111,10 @@ def test_plan_input_validation():
         PlanConfig(2, 4, 2, 16, 64, chunk=0)
 
 
-def dispatch_task_of(plan, cfg, unit_index):
-    for i in range(cfg.max_dispatch_tasks):
-        kind, _, start, count = plan.tasks[i].tolist()
-        if kind == KIND_DISPATCH and start <= unit_index < start + count:
+def dispatch_task_of(plan, unit_index):
+    for i in range(plan.stat("num_dispatch_tasks")):
+        _, start, count = plan.dispatch_tasks[i].tolist()
+        if start <= unit_index < start + count:
             return i
     raise AssertionError(f"unit {unit_index} is in no dispatch task")
 
@@ -130,8 +122,9 @@ def dispatch_task_of(plan, cfg, unit_index):
 @pytest.mark.parametrize("token_saving", [True, False])
 @pytest.mark.parametrize("seed", range(3))
 def test_task_table_ordering_rule(token_saving, seed):
-    """DESIGN §5: every wait targets a lower id on this rank or a dispatch task elsewhere, and
-    each tile's waits cover the dispatch task that carries every row it reads."""
+    """DESIGN §5: a tile waits on the flags that dispatch tasks raise (here or on peers; they
+    never wait), and those waits cover the dispatch task that carries every row it reads; the
+    table holds exactly the call's dispatch tasks, zero rows after them."""
     R, E, K = 4, 16, 4
     placement = Placement.contiguous(E, R)
     L = placement.slots_per_rank
@@ -145,21 +138,17 @@ def test_task_table_ordering_rule(token_saving, seed):
         plans = [ws.plan(r) for r in range(R)]
     phys = resolve_all_ref(rt.topk_ids, placement)
     for d, plan in enumerate(plans):
-        kinds = plan.tasks[:, 0].tolist()
-        assert set(kinds[: cfg.max_dispatch_tasks]) <= {KIND_DISPATCH, KIND_NOP}
-        assert set(kinds[cfg.max_dispatch_tasks :]) <= {KIND_GEMM1, KIND_NOP}
+        n = plan.stat("num_dispatch_tasks")
+        assert n <= cfg.max_dispatch_tasks
+        assert plan.dispatch_tasks[n:].eq(0).all(), "rows past the call's tasks are zero"
         # a task's group is (local slot, destination): g = local * R + dst
         groups = {}
         for s, p in enumerate(plans):
-            for i in range(cfg.max_dispatch_tasks):
-                kind, g, _, _ = p.tasks[i].tolist()
-                if kind == KIND_DISPATCH:
-                    groups.setdefault((s, g // R, g % R), []).append(i)
+            for i in range(p.stat("num_dispatch_tasks")):
+                g = p.dispatch_tasks[i, 0].item()
+                groups.setdefault((s, g // R, g % R), []).append(i)
         layout = recv_layout_ref(phys, placement, d)
-        for tid in range(cfg.max_dispatch_tasks, cfg.num_tasks):
-            kind, tile, _, _ = plan.tasks[tid].tolist()
-            if kind != KIND_GEMM1:
-                continue
+        for tile in range(plan.stat("num_tiles")):
             local, row0, rows, src_lo, src_hi = plan.tiles[tile].tolist()
             ls = range(local + 1) if token_saving else [local]
             waits = {
@@ -168,8 +157,6 @@ def test_task_table_ordering_rule(token_saving, seed):
                 for l2 in ls
                 for t in groups.get((s, l2, d), [])
             }
-            for s, t in waits:
-                assert (s == d and t < tid) or plans[s].tasks[t, 0] == KIND_DISPATCH
             for row in range(row0, row0 + rows):
                 s, t, k = (int(layout.src_rank[row]), int(layout.token[row]), int(layout.k[row]))
                 assert int(layout.local_slot[row]) == local
@@ -180,5 +167,5 @@ def test_task_table_ordering_rule(token_saving, seed):
                     if plans[s].slot_pos[t, kk].item() == carrier and phys[s][t, kk] // L == d
                 ]
                 unit = (plans[s].send_units == t * K + ck).nonzero().item()
-                assert (s, dispatch_task_of(plans[s], cfg, unit)) in waits
+                assert (s, dispatch_task_of(plans[s], unit)) in waits
     assert STATS[2] == "num_tiles"

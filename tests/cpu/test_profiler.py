@@ -10,7 +10,7 @@ from megakernel import KernelConfig, Megakernel, profiler, routing
 from megakernel.placement import Placement
 from megakernel.profiler import TaskRecord
 from megakernel.shapes import PRESETS
-from megakernel.verify import make_tokens, make_w2, make_w13
+from megakernel.testing import make_tokens, make_w2, make_w13
 from symm_mem import EmulatedWorld
 
 SHAPE = PRESETS["small"]
@@ -110,7 +110,7 @@ def test_records_of_a_traced_interpreter_run(tmp_path):
             mode="layer",
         )
         ws.check_errors()
-        meta = ws._meta("layer")
+        meta = ws.meta("layer")
         records = []
         for r in range(R):
             got, dropped = profiler.decode(handles[r].trace, r)
@@ -118,9 +118,9 @@ def test_records_of_a_traced_interpreter_run(tmp_path):
             stats = handles[r].stats.tolist()  # num_units, num_recv, num_tiles, num_dispatch_tasks
             count = lambda kind: sum(1 for e in got if e.kind == kind)  # noqa: E731
             assert count("dispatch") == stats[3]
-            assert count("gemm1") == stats[2] * meta["NB"]
-            assert count("down_combine") == stats[2] * meta["NB2"]
-            assert count("topk_reduce") == -(-T // cfg.combine_block) * meta["NRH"]
+            assert count("gemm1") == stats[2] * meta.GEMM1_BLOCKS
+            assert count("down_combine") == stats[2] * meta.DOWN_BLOCKS
+            assert count("topk_reduce") == -(-T // cfg.combine_block) * meta.GROUPS
             assert all(e.end_ns >= e.start_ns and e.rank == r for e in got)
             records += got
     s = profiler.summarize(profiler.align(records, {}))
@@ -129,9 +129,9 @@ def test_records_of_a_traced_interpreter_run(tmp_path):
 
 
 def test_profile_set_parses_int_knobs():
-    from megakernel.profile import _knob
+    from megakernel.profile import parse_knob
 
-    assert _knob("dispatch_ctas=32") == ("dispatch_ctas", 32)
+    assert parse_knob("dispatch_ctas=32") == ("dispatch_ctas", 32)
     for bad in ("dispatch_ctas", "dispatch_ctas=", "chunk=eight", "chunk=-1"):
         with pytest.raises(SystemExit, match="--set wants KNOB=V"):
-            _knob(bad)
+            parse_knob(bad)

@@ -15,10 +15,10 @@ import torch
 
 import symm_mem
 from megakernel import routing
-from megakernel.kernel import Megakernel
+from megakernel import Megakernel
 from megakernel.placement import Placement
 from megakernel.shapes import PRESETS
-from megakernel.verify import check_call, check_calls, local_w13, make_tokens, run_poisoned
+from megakernel.testing import check_call, check_calls, local_w13, make_tokens, run_poisoned
 
 
 def one_call(ws, world, rt, xs, w, placement, mode="gemm"):

@@ -21,7 +21,7 @@ import symm_mem
 from megakernel import FusedEPMoE, routing
 from megakernel.placement import Placement
 from megakernel.shapes import PRESETS
-from megakernel.verify import (
+from megakernel.testing import (
     check_layer_output,
     compare_layer_output,
     layer_ref,

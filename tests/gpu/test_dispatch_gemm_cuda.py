@@ -5,11 +5,11 @@ import itertools
 import pytest
 import torch
 
-from megakernel import routing
-from megakernel.kernel import KernelConfig, Megakernel, moe_megakernel
+from megakernel import KernelConfig, Megakernel, routing
+from megakernel.kernel import moe_megakernel
 from megakernel.placement import Placement
 from megakernel.shapes import PRESETS, MoEShape
-from megakernel.verify import (
+from megakernel.testing import (
     check_call,
     check_calls,
     make_tokens,

@@ -4,11 +4,10 @@ and GEMM1 against their references), one- and two-kernel modes, CUDA graphs, rep
 import pytest
 import torch
 
-from megakernel import FusedEPMoE, routing
-from megakernel.kernel import KernelConfig, Megakernel
+from megakernel import FusedEPMoE, KernelConfig, Megakernel, routing
 from megakernel.placement import Placement
 from megakernel.shapes import PRESETS, MoEShape
-from megakernel.verify import (
+from megakernel.testing import (
     check_layer_output,
     compare_layer_output,
     layer_ref,
@@ -59,7 +58,7 @@ def test_layer_column_groups_with_the_reduce_mixed_in(R, lag):
     cfg = KernelConfig(reduce_h=256, down_block_n=128, reduce_lag=lag)
     with EmulatedWorld(R, "cuda") as world:
         ws = Megakernel(world, MEDIUM, config=cfg)
-        assert ws.sym_count.shape[0] == 4
+        assert ws.sym["combine_count"].shape[0] == 4
         layer_cases(ws, ["uniform", "zipf", "dropped"])
         ws.close()
 
@@ -182,7 +181,7 @@ def test_presets_at_32768_tokens_per_rank(name):
         w2 = {r: local_w2(shape, placement, r, seed, "cuda") for r in range(R)}
         layer = FusedEPMoE(world, shape, w13, w2, placement=placement)
         for r in range(R):  # poison: a row the layer never writes cannot pass
-            layer.workspace.sym_combine.peer(r).fill_(float("nan"))
+            layer.workspace.sym["combine_y"].peer(r).fill_(float("nan"))
         ids = {r: rt.topk_ids[r] for r in range(R)}
         out = layer({r: xs[r] for r in range(R)}, ids, {r: rt.topk_weights[r] for r in range(R)})
         layer.check_errors()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megakernel import routing
-from megakernel.pack import STRATEGIES, gemm1_ref, grouped_gemm1, pack, pack_ref, same_layout
+from perf.studies.pack import STRATEGIES, gemm1_ref, grouped_gemm1, pack, pack_ref, same_layout
 
 pytestmark = pytest.mark.gpu
 

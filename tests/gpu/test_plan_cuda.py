@@ -5,7 +5,8 @@ import torch
 
 from megakernel import routing
 from megakernel.placement import Placement
-from megakernel.plan import PlanConfig, PlanWorkspace, small_case
+from megakernel.plan import PlanConfig, PlanWorkspace
+from megakernel.testing import small_case
 from symm_mem import EmulatedWorld
 
 pytestmark = pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""Inputs and checks shared by the tests, the benchmark and the multi-GPU workers.
+"""Inputs, fixtures and checks shared by the tests, the benchmarks and the multi-GPU workers.
 
 Shape legend: T tokens per rank, H hidden, I expert FFN width, E experts, L local slots, K top-k,
 R ranks, S rows a rank received.
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from megakernel.kernel import DispatchHandle
 from megakernel.placement import Placement
-from megakernel.plan import resolve_all_ref
-from megakernel.reference import dispatch_ref, expert_act_ref, moe_ref_by_expert
+from megakernel.plan import PlanConfig
+from megakernel.reference import dispatch_ref, expert_act_ref, moe_ref_by_expert, resolve_all_ref
+from megakernel.routing import Routing, edge_case
 from megakernel.shapes import MoEShape
+from megakernel.workspace import DispatchHandle
 
 W2_SEED_OFFSET = 50_021  # w2 generators: seeds apart from every w13 one (E < 50_021)
 # |got - want| <= atol + rtol * |want| for the GEMM outputs (DESIGN §8); fp32 runs through tf32
@@ -58,7 +59,7 @@ def make_w2(shape: MoEShape, seed: int, device: str | torch.device) -> torch.Ten
     return torch.stack([expert_w2(shape, seed, e, device) for e in range(shape.num_experts)])
 
 
-def _local(expert_fn, shape: MoEShape, placement: Placement, rank: int, seed: int, device):
+def _local_experts(expert_fn, shape: MoEShape, placement: Placement, rank: int, seed: int, device):
     L = placement.slots_per_rank
     experts = placement.slot_expert()[rank * L : (rank + 1) * L]
     some = expert_fn(shape, seed, 0, device)
@@ -74,14 +75,31 @@ def local_w13(
 ) -> torch.Tensor:
     """Rank ``rank``'s ``w13 [L, 2I, H]`` (zeros for an unused slot); equals
     ``placement.local_weights(make_w13(...), rank)`` without building the other ranks' experts."""
-    return _local(expert_w13, shape, placement, rank, seed, device)
+    return _local_experts(expert_w13, shape, placement, rank, seed, device)
 
 
 def local_w2(
     shape: MoEShape, placement: Placement, rank: int, seed: int, device: str | torch.device
 ) -> torch.Tensor:
     """Rank ``rank``'s ``w2 [L, H, I]``, like ``local_w13``."""
-    return _local(expert_w2, shape, placement, rank, seed, device)
+    return _local_experts(expert_w2, shape, placement, rank, seed, device)
+
+
+def layer_inputs(
+    shape: MoEShape, placement: Placement, rt: Routing, ranks: list[int], seed: int, device
+) -> tuple[list[torch.Tensor], tuple]:
+    """Every rank's tokens ``xs`` (global view, from ``seed``) and, for this process's ``ranks``,
+    the inputs of a mode-"layer" call of ``Megakernel.run``: (x, topk_ids, topk_weights, w13,
+    w2), each keyed by rank, the experts from ``seed`` too (``layer_ref`` rebuilds them)."""
+    xs = make_tokens(shape, [ids.shape[0] for ids in rt.topk_ids], seed, device)
+    inputs = (
+        {r: xs[r] for r in ranks},
+        {r: rt.topk_ids[r] for r in ranks},
+        {r: rt.topk_weights[r] for r in ranks},
+        {r: local_w13(shape, placement, r, seed, device) for r in ranks},
+        {r: local_w2(shape, placement, r, seed, device) for r in ranks},
+    )
+    return xs, inputs
 
 
 def layer_ref(
@@ -137,11 +155,11 @@ def check_layer_output(
 def poison(ws, rank: int) -> None:
     """Fill the outputs of ``rank`` with values no correct call leaves behind."""
     bad = float("nan") if ws.shape.dtype.is_floating_point else -1
-    ws.sym_recv_x.peer(rank).fill_(bad)
-    ws.sym_recv_src.peer(rank).fill_(-1)
+    ws.sym["recv_x"].peer(rank).fill_(bad)
+    ws.sym["recv_src"].peer(rank).fill_(-1)
     ws.act[rank].fill_(bad)
     if ws.combine:
-        ws.sym_combine.peer(rank).fill_(bad)
+        ws.sym["combine_y"].peer(rank).fill_(bad)
 
 
 def check_call(
@@ -254,3 +272,25 @@ def run_layer_checked(
             h.out, xs[r], rt.topk_ids[r], rt.topk_weights[r], shape, seed, r
         )
     return handles, problems
+
+
+def small_case(
+    case: str, world_size: int, token_saving: bool
+) -> tuple[Routing, Placement, PlanConfig]:
+    """A named edge case (``megakernel.routing.EDGE_CASES``) at test size: T = 37 (not a multiple
+    of block, chunk or tile), K = 4, E = max(16, 4 R) so every rank holds at least K experts."""
+    R, K, T = world_size, 4, 37
+    E = max(16, 4 * R)
+    rt, placement = edge_case(case, R, T, E, K, seed=R * 100 + len(case))
+    placement = placement or Placement.contiguous(E, R)
+    cfg = PlanConfig(
+        R,
+        placement.slots_per_rank,
+        K,
+        max_tokens=40,
+        capacity=40 * K * R,
+        block_m=8,
+        chunk=3,
+        token_saving=token_saving,
+    )
+    return rt, placement, cfg

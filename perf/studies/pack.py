@@ -1,4 +1,5 @@
-"""Local token packing: group token rows by expert before the expert GEMM (issue 7's study).
+"""Local token packing: group token rows by expert before the expert GEMM. A study, kept out of
+the runtime: the layer keeps its answer, "gather", as the rule of ``KernelConfig.gather_a``.
 
 Input: ``x [T, H]`` token rows and ``topk_ids [T, K]`` (expert ids in [0, E), -1 dropped).
 Output, the same for every strategy (``Packed``): rows in **expert-major, then token order**
@@ -32,8 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-from megakernel.plan import _chunk_ranks, _count_at_most, _pow2
-from megakernel.tiles import copy_rows, tile_expert_gemm
+from megakernel.config import pow2
+from megakernel.ops.dispatch import copy_rows
+from megakernel.ops.gemm import tile_expert_gemm
+from megakernel.plan.layout import chunk_ranks, count_at_most
 from megakernel.validate import check_routing
 
 STRATEGIES = ("sort", "atomic", "scan", "gather")
@@ -191,7 +194,7 @@ def _scan_write_kernel(
     e = tl.load(ids_ptr + i, mask=i < n, other=-1)
     live = e >= 0
     base = tl.load(before_ptr + tl.arange(0, EP) * tl.num_programs(0) + c)
-    row = _chunk_ranks(e, live, base, CE)
+    row = chunk_ranks(e, live, base, CE)
     tl.store(pos_ptr + i, tl.where(live, row, -1), mask=i < n)
     tl.store(src_ptr + row, i // K, mask=live)
     if COPY:
@@ -244,7 +247,6 @@ def pack(
         _check(x, topk_ids, num_experts)
     x = x.contiguous()
     ids = topk_ids.to(torch.int32).contiguous()
-    T, K = ids.shape
     H, E, n, dev = x.shape[1], num_experts, ids.numel(), x.device
     if n == 0:
         empty = torch.empty(0, dtype=torch.int32, device=dev)
@@ -253,54 +255,63 @@ def pack(
     start = torch.zeros(E + 1, dtype=torch.int32, device=dev)
     src = torch.full((max(n, 1),), -1, dtype=torch.int32, device=dev)
     rows = None if strategy == "gather" else torch.empty(max(n, 1), H, dtype=x.dtype, device=dev)
-    BH = min(COPY_BLOCK_H, _pow2(H))
-    if strategy == "sort":
-        flat = ids.view(-1).long()
-        key = torch.where(flat >= 0, flat, E)  # dropped pairs sort last
-        order = torch.sort(key, stable=True).indices
-        counts = torch.zeros(E + 1, dtype=torch.int32, device=dev)  # bincount syncs on cuda
-        counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
-        start[1:] = torch.cumsum(counts[:E], 0)
-        pos = torch.empty(n, dtype=torch.int32, device=dev)
-        pos[order] = torch.arange(n, dtype=torch.int32, device=dev)
-        pos = torch.where(flat >= 0, pos, -1).view(T, K)
-        src[:n] = torch.where(key[order] < E, order // K, -1).to(torch.int32)
-        BR = 16
-        _gather_kernel[(triton.cdiv(n, BR),)](x, src, rows, n, H=H, BR=BR, BH=BH)
-        return Packed(start, pos, src, rows)
+    pack_fn = {"sort": _pack_sort, "atomic": _pack_atomic}.get(strategy, _pack_scan)
+    return pack_fn(x, ids, E, start, src, rows)
+
+
+def _pack_sort(x, ids, E: int, start, src, rows) -> Packed:
+    """A stable sort of the (expert, token) keys, then one gather copy of the rows."""
+    (T, K), n, dev = ids.shape, ids.numel(), x.device
+    flat = ids.view(-1).long()
+    key = torch.where(flat >= 0, flat, E)  # dropped pairs sort last
+    order = torch.sort(key, stable=True).indices
+    counts = torch.zeros(E + 1, dtype=torch.int32, device=dev)  # bincount syncs on cuda
+    counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+    start[1:] = torch.cumsum(counts[:E], 0)
+    pos = torch.empty(n, dtype=torch.int32, device=dev)
+    pos[order] = torch.arange(n, dtype=torch.int32, device=dev)
+    pos = torch.where(flat >= 0, pos, -1).view(T, K)
+    src[:n] = torch.where(key[order] < E, order // K, -1).to(torch.int32)
+    BR, H = 16, x.shape[1]
+    BH = min(COPY_BLOCK_H, pow2(H))
+    _gather_kernel[(triton.cdiv(n, BR),)](x, src, rows, n, H=H, BR=BR, BH=BH)
+    return Packed(start, pos, src, rows)
+
+
+def _pack_atomic(x, ids, E: int, start, src, rows) -> Packed:
+    """A histogram of atomic adds, then a scatter in which every pair takes its row from an
+    atomic cursor of its expert."""
+    (T, K), n, dev, H = ids.shape, ids.numel(), x.device, x.shape[1]
     pos = torch.empty(T, K, dtype=torch.int32, device=dev)
-    if strategy == "atomic":
-        counts = torch.zeros(E, dtype=torch.int32, device=dev)
-        _atomic_count_kernel[(triton.cdiv(n, 1024),)](ids, counts, n, BLOCK=1024)
-        start[1:] = torch.cumsum(counts, 0)
-        cursor = start[:-1].clone()
-        BT = max(1, CHUNK_ELEMS // _pow2(K))  # a chunk's worth of pairs per program
-        _atomic_scatter_kernel[(triton.cdiv(T, BT),)](
-            x, ids, cursor, pos, src, rows, T, K=K, KP=_pow2(K), H=H, BT=BT, BH=BH
-        )
-        return Packed(start, pos, src, rows)
-    EP, chunks = _pow2(E), triton.cdiv(n, CHUNK_ELEMS)
+    counts = torch.zeros(E, dtype=torch.int32, device=dev)
+    _atomic_count_kernel[(triton.cdiv(n, 1024),)](ids, counts, n, BLOCK=1024)
+    start[1:] = torch.cumsum(counts, 0)
+    cursor = start[:-1].clone()
+    BT = max(1, CHUNK_ELEMS // pow2(K))  # a chunk's worth of pairs per program
+    BH = min(COPY_BLOCK_H, pow2(H))
+    _atomic_scatter_kernel[(triton.cdiv(T, BT),)](
+        x, ids, cursor, pos, src, rows, T, K=K, KP=pow2(K), H=H, BT=BT, BH=BH
+    )
+    return Packed(start, pos, src, rows)
+
+
+def _pack_scan(x, ids, E: int, start, src, rows) -> Packed:
+    """A histogram per chunk of pairs, a prefix over the chunks, then conflict-free writes in
+    token order (rows copied for "scan", left in place for "gather")."""
+    (T, K), n, dev, H = ids.shape, ids.numel(), x.device, x.shape[1]
+    pos = torch.empty(T, K, dtype=torch.int32, device=dev)
+    EP, chunks = pow2(E), triton.cdiv(n, CHUNK_ELEMS)
     hist = torch.empty(EP, chunks, dtype=torch.int32, device=dev)
     _chunk_hist_kernel[(chunks,)](ids, hist, n, EP=EP, CE=CHUNK_ELEMS)
     before = torch.cumsum(hist, 1, dtype=torch.int32)
     start[1:] = torch.cumsum(before[:E, -1], 0)
     before -= hist
     before += torch.nn.functional.pad(start[:E], (0, EP - E)).unsqueeze(1)
+    copy = rows is not None
     _scan_write_kernel[(chunks,)](
-        x,
-        ids,
-        before,
-        pos,
-        src,
-        rows if rows is not None else x,
-        n,
-        K=K,
-        EP=EP,
-        H=H,
-        CE=CHUNK_ELEMS,
-        BH=BH,
-        COPY=strategy == "scan",
-    )
+        x, ids, before, pos, src, rows if copy else x, n,
+        K=K, EP=EP, H=H, CE=CHUNK_ELEMS, BH=min(COPY_BLOCK_H, pow2(H)), COPY=copy,
+    )  # fmt: skip
     return Packed(start, pos, src, rows)
 
 
@@ -369,7 +380,7 @@ def _grouped_gemm1_kernel(
     """Tile m (experts in order, BLOCK_M rows each), column block n: SwiGLU(a[src] @ w13^T)."""
     m = tl.program_id(0)
     ends = tl.load(tile_end_ptr + tl.arange(0, EP), mask=tl.arange(0, EP) < E, other=2**31 - 1)
-    e = tl.minimum(_count_at_most(ends, tl.full([1], m, tl.int32), EP), E - 1)
+    e = tl.minimum(count_at_most(ends, tl.full([1], m, tl.int32), EP), E - 1)
     e = tl.sum(e, 0)
     first = tl.load(tile_end_ptr + e - 1, mask=e > 0, other=0)
     row0 = tl.load(start_ptr + e) + (m - first) * BLOCK_M
@@ -435,7 +446,7 @@ def grouped_gemm1(
         tile_end,
         packed.expert_start,
         E=E,
-        EP=_pow2(E),
+        EP=pow2(E),
         H=H,
         I=two_i // 2,
         BLOCK_M=block_m,

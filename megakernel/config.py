@@ -1,0 +1,308 @@
+"""What the megakernel is compiled for: ``KernelConfig`` (the knobs), the receive capacity, and
+``KernelMeta`` (every compile-time constant of one launch, and the legend of their names).
+
+Shape legend: T tokens per rank (at most T_max), H hidden, I expert FFN width, E experts, K top-k,
+R ranks, L local slots per rank, P = R * L, C receive rows per rank (the capacity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+import torch
+import triton
+
+from megakernel.shapes import MoEShape
+
+# KernelConfig.pack: how GEMM1 reads rows that token saving left as references (see gather_a)
+PACK_MODES = ("auto", "gather", "scan")
+# a top-k reduce step loads [REDUCE_ROWS tokens, K, columns] with REDUCE_LOAD elements at once:
+# 32 KB of bf16 in flight per program is what kept the reduce streaming (perf/NOTES.md)
+REDUCE_ROWS = 16
+REDUCE_LOAD = 16384
+# mode "dispatch" (no GEMM, little shared memory) launches this many programs per SM where each
+# rank has its own GPU: more rows in flight (perf/NOTES.md, the dispatch-only op)
+DISPATCH_ONLY_PROGRAMS_PER_SM = 4
+_POW2_KNOBS = (
+    "block_m",
+    "block_n",
+    "block_k",
+    "down_block_n",
+    "down_block_k",
+    "combine_block",
+    "reduce_h",
+    "reduce_tokens",
+    "block_h",
+    "chunk",
+)
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (and >= 1): Triton block shapes must be powers of two."""
+    return triton.next_power_of_2(max(1, n))
+
+
+def check_tma_rows(knob: str, weight: str, step: str, elems: int, dtype: torch.dtype) -> None:
+    """A TMA block's rows (``elems`` of ``dtype``) must be a multiple of 16 bytes."""
+    row_bytes = elems * dtype.itemsize
+    if row_bytes % 16:
+        raise ValueError(
+            f"{knob} loads {weight} in rows of {step} = {elems} elements ({row_bytes} bytes): "
+            f"TMA needs a multiple of 16 bytes (a larger {step}, or {knob}=False)"
+        )
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Switches and tile knobs of the megakernel.
+
+    The GEMM tiles are the best of ``python -m perf.sweep_gemm`` (GEMM1) and ``python -m
+    perf.sweep_gemm --gemm down`` (the down projection), run with dsv3 as one of two ranks; the
+    sweeps, the runner-up tiles and ``torch._grouped_mm`` on the same rows are in perf/NOTES.md.
+
+    ``gemm1_pairs``: a GEMM1 task makes one [BM, 2 BN] product per k step (m64n256 MMAs) instead
+    of a gate and an up product of BN columns that each read A from shared memory again. Its TMA
+    descriptor views ``w13 [L, 2I, H]`` as ``[L, I, 2, H]``, so one box brings gate row j and up
+    row j side by side and SwiGLU splits the pairs in registers; the weights keep their layout.
+    It applies where w13 comes by TMA, with SwiGLU, and 2 BN fits one MMA (BN <= 128).
+    """
+
+    token_saving: bool = True  # one copy of a token per destination rank
+    sorted_dispatch: bool = True  # send expert-major (local slot, dst), else per dst in token order
+    per_tile_flags: bool = True  # a tile waits for its own source ranks, else for all of them
+    pack: str = "auto"  # GEMM1's A rows: one of PACK_MODES (see gather_a)
+    block_m: int = 128  # rows per GEMM tile (the plan's tile height)
+    block_n: int = 128  # output columns per GEMM task (of I with SwiGLU)
+    block_k: int = 64  # reduction step over H
+    gemm1_tma: bool = True  # GEMM1 loads w13 by TMA (a tensor descriptor), else by pointers
+    gemm1_pairs: bool = True  # gate and up as one [BM, 2 BN] product (see paired_gemm1)
+    down_block_n: int = 256  # output columns (of H) per down-projection task
+    down_block_k: int = 64  # reduction step over I
+    down_tma: bool = True  # the down projection loads w2 by TMA, else by pointers
+    combine_block: int = 128  # tokens per combine counter
+    reduce_h: int = 1024  # columns per top-k reduce task (at least down_block_n of them)
+    reduce_tokens: int = 32  # tokens per top-k reduce task (capped at combine_block)
+    reduce_lag: int = 0  # down tasks of group g before R(g-1) mixes in; 0: the programs
+    block_h: int = 1024  # columns per dispatch copy step
+    copy_stages: int = 1  # dispatch copy steps loaded ahead (1: load, then store, step by step)
+    chunk: int = 8  # units per dispatch task
+    num_warps: int = 8
+    num_stages: int = 3
+    num_ctas: int = 0  # programs per rank; 0: the world's SM share (see Megakernel.programs)
+    dispatch_ctas: int = 0  # programs that take dispatch tasks first; 0: all of them
+    trace: bool = False  # record every task per program (megakernel.profiler); off: no code
+    trace_events: int = 1024  # events each program can record per call
+
+    def __post_init__(self) -> None:
+        if self.pack not in PACK_MODES:
+            raise ValueError(
+                f"KernelConfig.pack must be one of {PACK_MODES}, got {self.pack!r}: the plan "
+                "fixes the receive order (DESIGN §4), so the pack study's 'sort' and 'atomic' "
+                "do not apply to the layer"
+            )
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("bool", "str"):
+                continue
+            low = 0 if f.name in ("num_ctas", "dispatch_ctas", "reduce_lag") else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"KernelConfig.{f.name} must be an int >= {low}, got {value!r}")
+        for name in _POW2_KNOBS:
+            value = getattr(self, name)
+            if value & (value - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
+
+    @classmethod
+    def interpreter(cls, **knobs: object) -> KernelConfig:
+        """Small tiles for small shapes under the Triton interpreter (``TRITON_INTERPRET=1``),
+        which runs every program one after another on the CPU: at the GPU tiles a call of a
+        small layer takes minutes. ``knobs`` override any field."""
+        small = dict(block_m=16, block_n=16, block_k=16, down_block_n=32, down_block_k=16)
+        small |= dict(combine_block=16, reduce_h=64, block_h=64, chunk=4)
+        return cls(**(small | knobs))
+
+    def paired_gemm1(self, swiglu: bool) -> bool:
+        """Whether GEMM1 makes gate and up as one [BM, 2 BN] product (``gemm1_pairs``): only with
+        SwiGLU (which splits the pairs), w13 by TMA (whose box interleaves the rows) and 2 BN
+        within the widest MMA, n256."""
+        return self.gemm1_pairs and swiglu and self.gemm1_tma and self.block_n <= 128
+
+    def reduce_groups(self, hidden: int) -> tuple[int, int, int]:
+        """(columns per group, column groups of H, down-projection column blocks per group). A
+        group is a multiple of ``down_block_n`` wide, so each down task feeds one group's combine
+        counters."""
+        cols = max(min(self.reduce_h, pow2(hidden)), self.down_block_n)
+        return cols, triton.cdiv(hidden, cols), cols // self.down_block_n
+
+    def gather_a(self) -> bool:
+        """Whether GEMM1 gathers its A rows through ``recv_src`` (``pack`` "gather", and "auto")
+        or reads them in place after its tile's indirect rows were copied there ("scan").
+
+        "auto" is "gather": the packing study (``perf/studies/pack.py``, swept by
+        ``perf/sweep_pack.py``) found pack + GEMM fastest by gathering at every point it
+        measured, since the GEMM's A load gathers rows as cheaply as it reads packed ones."""
+        return self.pack != "scan"
+
+
+def default_capacity(shape: MoEShape, world_size: int, slots_per_rank: int) -> int:
+    """Receive rows per rank: the most any routing can send one rank (R * T * min(K, L)),
+    capped at twice the uniform average (2 T K) for large worlds, where the worst case is
+    unaffordable; a routing beyond it raises ``CapacityError`` on every rank."""
+    T, K = shape.max_tokens_per_rank, shape.topk
+    return max(1, min(world_size * T * min(K, slots_per_rank), 2 * T * K))
+
+
+class KernelMeta(NamedTuple):
+    """Every compile-time constant of one ``moe_megakernel`` launch: the kernel takes it as one
+    constexpr, ``M``, and its task bodies read ``M.<NAME>``. This is the legend of the names.
+    ``*_P`` is the value rounded up to a power of two (a block shape)."""
+
+    # -- sizes
+    K: int  # top-k
+    K_P: int
+    R: int  # ranks
+    R_P: int
+    L: int  # local slots per rank
+    L_P: int
+    P_P: int  # physical slots (R * L), rounded up: the send groups' table width
+    H: int  # hidden
+    I: int  # expert FFN width
+    C: int  # receive rows per rank (capacity)
+    TK: int  # T_max * K: a tag's source-rank stride
+    # -- the task id regions of one call (megakernel.tasks): dispatch [0, MAX_DISPATCH), GEMM1
+    #    [MAX_DISPATCH, BASE_DOWN), down [BASE_DOWN, BASE_REDUCE), reduce [BASE_REDUCE, +MAX_REDUCE)
+    MAX_DISPATCH: int
+    BASE_DOWN: int
+    BASE_REDUCE: int
+    MAX_REDUCE: int
+    # -- dispatch
+    CHUNK: int  # units per dispatch task
+    BLOCK_H: int  # columns per dispatch copy step
+    COPY_STAGES: int  # copy steps loaded ahead
+    DISPATCH_CTAS: int  # programs that take dispatch tasks first
+    # -- GEMM1 (+ SwiGLU)
+    BLOCK_M: int  # rows per tile
+    BLOCK_N: int  # output columns per GEMM1 task
+    BLOCK_K: int  # k step over H
+    GEMM1_BLOCKS: int  # GEMM1 tasks (column blocks) per tile
+    # -- down projection + combine put
+    DOWN_BLOCK_N: int  # output columns (of H) per down task
+    DOWN_BLOCK_K: int  # k step over I
+    DOWN_BLOCKS: int  # down tasks (column blocks of H) per tile
+    COMBINE_BLOCK: int  # tokens per combine counter
+    TOKEN_BLOCKS: int  # combine counters per column group: cdiv(T_max, COMBINE_BLOCK)
+    COUNTERS_P: int  # GROUPS * TOKEN_BLOCKS, rounded up
+    PENDING_P: int  # R * TOKEN_BLOCKS, rounded up: a program's pending-piece row
+    # -- top-k reduce
+    GROUPS: int  # column groups of H
+    GROUP_COLS: int  # columns per group (and per reduce task)
+    GROUP_BLOCKS: int  # down column blocks per group
+    REDUCE_TOKENS: int  # tokens per reduce task
+    REDUCE_STEP_TOKENS: int  # tokens per reduce load step
+    REDUCE_STEP_COLS: int  # columns per reduce load step
+    LAG: int  # down tasks of a group before the previous group's reduce mixes in
+    # -- switches
+    DOWN_TMA: bool  # w2 by TMA
+    GEMM: bool  # the GEMMs run (modes "gemm" and "layer")
+    SWIGLU: bool  # GEMM1's SwiGLU epilogue
+    GATHER_A: bool  # GEMM1 gathers A rows through recv_src
+    GEMM1_TMA: bool  # w13 by TMA
+    PAIRS: bool  # gate and up as one product (KernelConfig.paired_gemm1)
+    LAYER: bool  # the whole layer (down, combine, reduce)
+    TOKEN_SAVING: bool
+    SORTED: bool  # expert-major send order
+    PER_TILE: bool  # a tile waits on its own source ranks' flags only
+    PROBE: int  # a timing probe (megakernel.tasks.PROBE_*), 0 off
+    TRACE: bool  # record every task (megakernel.profiler)
+    TRACE_CAP: int  # events each program can record
+
+
+# KernelMeta fields that are KernelConfig knobs as they are
+_AS_CONFIGURED = dict(
+    CHUNK="chunk",
+    COPY_STAGES="copy_stages",
+    BLOCK_M="block_m",
+    BLOCK_N="block_n",
+    BLOCK_K="block_k",
+    TOKEN_SAVING="token_saving",
+    SORTED="sorted_dispatch",
+    PER_TILE="per_tile_flags",
+    TRACE="trace",
+    TRACE_CAP="trace_events",
+)
+
+
+def kernel_meta(
+    shape: MoEShape,
+    plan_cfg,
+    config: KernelConfig,
+    capacity: int,
+    swiglu: bool,
+    num_ctas: int,
+    mode: str,
+    probe: int = 0,
+) -> KernelMeta:
+    """The constants of ``moe_megakernel`` for one mode ("layer", "gemm", "dispatch") and timing
+    probe (``megakernel.tasks.PROBE_*``); ``plan_cfg``: the layer's ``PlanConfig``."""
+    cfg, pc = config, plan_cfg
+    gemm, layer = mode in ("gemm", "layer"), mode == "layer"
+    width = shape.ffn if swiglu else 2 * shape.ffn
+    nb = triton.cdiv(width, cfg.block_n) if gemm else 1
+    nb2 = triton.cdiv(shape.hidden, cfg.down_block_n) if layer else 1
+    combine = _combine_meta(cfg, shape, pc.world_size, pc.topk, nb2, num_ctas)
+    max_reduce = combine.pop("MAX_REDUCE")
+    base_down = pc.max_dispatch_tasks + pc.max_tiles * nb
+    base_reduce = base_down + (pc.max_tiles * nb2 if layer else 0)
+    return KernelMeta(
+        **pc.sizes(),
+        H=shape.hidden,
+        I=shape.ffn,
+        C=capacity,
+        TK=shape.max_tokens_per_rank * pc.topk,
+        MAX_DISPATCH=pc.max_dispatch_tasks,
+        BASE_DOWN=base_down,
+        BASE_REDUCE=base_reduce,
+        MAX_REDUCE=max_reduce if layer else 0,
+        BLOCK_H=min(cfg.block_h, pow2(shape.hidden)),
+        DISPATCH_CTAS=min(cfg.dispatch_ctas or num_ctas, num_ctas),
+        GEMM1_BLOCKS=nb,
+        **combine,
+        DOWN_TMA=layer and cfg.down_tma,
+        GEMM=gemm,
+        SWIGLU=swiglu,
+        GATHER_A=cfg.gather_a(),
+        GEMM1_TMA=gemm and cfg.gemm1_tma,
+        PAIRS=gemm and cfg.paired_gemm1(swiglu),
+        LAYER=layer,
+        PROBE=probe,
+        **{name: getattr(cfg, knob) for name, knob in _AS_CONFIGURED.items()},
+    )
+
+
+def _combine_meta(
+    cfg: KernelConfig, shape: MoEShape, world_size: int, topk: int, nb2: int, num_ctas: int
+) -> dict[str, int]:
+    """``KernelMeta``'s down-projection, combine and top-k reduce constants (and MAX_REDUCE)."""
+    T = shape.max_tokens_per_rank
+    token_blocks = triton.cdiv(T, cfg.combine_block)
+    group_cols, groups, group_blocks = cfg.reduce_groups(shape.hidden)
+    rb = min(cfg.reduce_tokens, cfg.combine_block)
+    rt = min(REDUCE_ROWS, rb)
+    return dict(
+        MAX_REDUCE=triton.cdiv(T, rb) * groups,
+        DOWN_BLOCK_N=cfg.down_block_n,
+        DOWN_BLOCK_K=cfg.down_block_k,
+        DOWN_BLOCKS=nb2,
+        COMBINE_BLOCK=cfg.combine_block,
+        TOKEN_BLOCKS=token_blocks,
+        COUNTERS_P=pow2(groups * token_blocks),
+        PENDING_P=pow2(world_size * token_blocks),
+        GROUPS=groups,
+        GROUP_COLS=group_cols,
+        GROUP_BLOCKS=group_blocks,
+        REDUCE_TOKENS=rb,
+        REDUCE_STEP_TOKENS=rt,
+        REDUCE_STEP_COLS=min(group_cols, max(1, REDUCE_LOAD // (rt * pow2(topk)))),
+        LAG=cfg.reduce_lag or num_ctas,
+    )

@@ -1,0 +1,330 @@
+"""The experts' GEMMs: GEMM1 with its SwiGLU epilogue, and the down projection (DESIGN §5).
+
+Shape legend: H hidden, I expert FFN width, L local slots per rank, C receive rows per rank (the
+capacity), BM / BN / BK GEMM block sizes.
+
+- ``tile_expert_gemm``: one ``[BM, BN]`` block of an expert's first GEMM, A rows gathered
+  through ``recv_src`` (so no resolve copy is needed), the weights loaded by TMA or by pointers,
+  bf16/fp16 in, fp32 accumulate, with the SwiGLU epilogue ``silu(x @ w_gate^T) * (x @ w_up^T)``
+  or the raw ``x @ w13^T``.
+- ``tile_down_gemm``: one fp32 ``[BM, BN]`` block of ``act @ w2^T``, for the combine put.
+- ``gemm1_task`` / ``down_task``: the scheduler's task bodies: wait for the tile's inputs
+  (bounded), run the tile, publish what later tasks wait on.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from megakernel.ops.combine import tile_combine_put
+from megakernel.ops.dispatch import tile_resolve_rows
+from megakernel.tasks import (
+    FLAG_ACT_READY,
+    FLAG_EXPERT_READY,
+    FLAG_ROWS_RESOLVED,
+    PROBE_COMM,
+    PROBE_COMPUTE,
+)
+from symm_mem.device import globaltimer, wait_flag, wait_flags
+
+# columns of the plan's tile table: (local slot, first row, rows, first source rank, last source
+# rank); local slot -1: no tile
+TILE_COLS = tl.constexpr(5)
+
+
+@triton.jit
+def tile_expert_gemm(
+    recv_x_ptr,  # [C, H] this rank's receive rows (this call's parity)
+    recv_src_ptr,  # [C] row holding each row's data
+    w13_ptr,  # [L, 2I, H] gate rows, then up rows, of every local slot
+    w13_desc,  # B_TMA: [BN, BK] blocks of w13 as [L * 2I, H]; PAIRS: [1, BN, 2, BK] of [L, I, 2, H]
+    out_ptr,  # [C, I] with SWIGLU, else [C, 2I]
+    local,
+    row0,
+    rows,
+    n_block,
+    H: tl.constexpr,
+    I: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SWIGLU: tl.constexpr,
+    GATHER: tl.constexpr = True,
+    B_TMA: tl.constexpr = False,
+    PAIRS: tl.constexpr = False,
+):
+    """Output columns ``[n_block * BLOCK_N, +BLOCK_N)`` of rows ``[row0, row0 + rows)``.
+    ``GATHER``: A row ``r`` is ``recv_x[recv_src[r]]``; off: ``recv_x[r]`` (rows resolved first).
+    ``B_TMA``: the weight blocks come by TMA through ``w13_desc`` (A rows, gathered, cannot),
+    which frees the registers and issue slots the [BK, BN] pointer tiles took (perf/NOTES.md,
+    "GEMM1 loads its weights by TMA").
+
+    ``PAIRS`` (with ``B_TMA`` and ``SWIGLU``): the descriptor's box brings w13's rows in pairs
+    (gate j, up j), so one [BM, 2 BN] product per k step gives both halves, split in registers
+    (``KernelConfig.gemm1_pairs``; perf/NOTES.md).
+
+    NOTE: H must be a multiple of BLOCK_K (checked on the host); rows past ``rows`` read row 0's
+    source harmlessly (masked to 0) and are not stored.
+    """
+    WIDTH: tl.constexpr = I if SWIGLU else 2 * I
+    r = tl.arange(0, BLOCK_M)
+    live = r < rows
+    if GATHER:
+        src = tl.load(recv_src_ptr + row0 + r, mask=live, other=0).to(tl.int64)
+    else:
+        src = (row0 + r).to(tl.int64)
+    kk = tl.arange(0, BLOCK_K)
+    a_ptrs = recv_x_ptr + src[:, None] * H + kk[None, :]
+    n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = (n < WIDTH)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if PAIRS:
+        # the descriptor views w13 as [L, I, 2, H]: its [1, BN, 2, BK] box holds the rows
+        # interleaved (gate j, up j), so one [BM, 2 BN] product per k step, split in registers
+        slot = tl.cast(local, tl.int32)
+        n0 = n_block * BLOCK_N
+        acc2 = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        for k in tl.range(0, H // BLOCK_K):
+            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+            b = w13_desc.load([slot, n0, 0, k * BLOCK_K]).reshape([2 * BLOCK_N, BLOCK_K])
+            acc2 = tl.dot(a, b.T, acc2)
+            a_ptrs += BLOCK_K
+        acc, acc_up = tl.split(tl.reshape(acc2, [BLOCK_M, BLOCK_N, 2]))
+    elif B_TMA:
+        # columns past WIDTH read the next rows (or TMA's zero fill) and are never stored
+        n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * BLOCK_N
+        for k in tl.range(0, H // BLOCK_K):
+            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+            acc = tl.dot(a, w13_desc.load([n0, k * BLOCK_K]).T, acc)
+            if SWIGLU:
+                acc_up = tl.dot(a, w13_desc.load([n0 + I, k * BLOCK_K]).T, acc_up)
+            a_ptrs += BLOCK_K
+    else:
+        # B = w^T as a [BLOCK_K, BLOCK_N] view of the [2I, H] weight (H contiguous)
+        w = w13_ptr + tl.cast(local, tl.int64) * (2 * I * H)
+        gate_ptrs = w + n.to(tl.int64)[None, :] * H + kk[:, None]
+        up_ptrs = gate_ptrs + I * H
+        for _ in tl.range(0, H // BLOCK_K):
+            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+            acc = tl.dot(a, tl.load(gate_ptrs, mask=n_ok, other=0.0), acc)
+            if SWIGLU:
+                acc_up = tl.dot(a, tl.load(up_ptrs, mask=n_ok, other=0.0), acc_up)
+                up_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K
+            gate_ptrs += BLOCK_K
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    out = out_ptr + (row0 + r).to(tl.int64)[:, None] * WIDTH + n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=live[:, None] & n_ok)
+
+
+@triton.jit
+def tile_down_gemm(
+    act_ptr,  # [C, I] expert activations in the receive order
+    w2_ptr,  # [L, H, I] down projections of every local slot
+    w2_desc,  # with B_TMA: a [BLOCK_N, BLOCK_K] block descriptor of w2 as [L * H, I]
+    local,
+    row0,
+    rows,
+    n_block,
+    H: tl.constexpr,
+    I: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    B_TMA: tl.constexpr = False,
+):
+    """The fp32 ``[BM, BN]`` block ``act[row0 : row0 + rows] @ w2[local, n_block * BN : +BN]^T``
+    (rows past ``rows`` are 0). ``B_TMA``: the w2 blocks come by TMA through ``w2_desc``, and
+    columns past H hold the next rows' products, which the caller never stores (perf/NOTES.md,
+    "The down projection loads w2 by TMA"). NOTE: I must be a multiple of BLOCK_K (checked on
+    the host)."""
+    r = tl.arange(0, BLOCK_M)
+    live = r < rows
+    kk = tl.arange(0, BLOCK_K)
+    a_ptrs = act_ptr + (row0 + r).to(tl.int64)[:, None] * I + kk[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if B_TMA:
+        n0 = tl.cast(local, tl.int32) * H + n_block * BLOCK_N
+        for k in tl.range(0, I // BLOCK_K):
+            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+            acc = tl.dot(a, w2_desc.load([n0, k * BLOCK_K]).T, acc)
+            a_ptrs += BLOCK_K
+    else:
+        n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = (n < H)[None, :]
+        # B = w2^T as a [BLOCK_K, BLOCK_N] view of the [H, I] weight (I contiguous)
+        w2 = w2_ptr + tl.cast(local, tl.int64) * (H * I)
+        b_ptrs = w2 + n.to(tl.int64)[None, :] * I + kk[:, None]
+        for _ in tl.range(0, I // BLOCK_K):
+            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+            acc = tl.dot(a, tl.load(b_ptrs, mask=n_ok, other=0.0), acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _wait_tile_rows(j, tile, local, plan, mine, state, rank, epoch, deadline, M: tl.constexpr):
+    """Wait (bounded) until every row of ``tile`` (of local slot ``local``) has arrived: the
+    ``expert_ready`` flags of the sources its rows come from (every source of its expert without
+    ``PER_TILE``), and with token saving of every earlier local slot too, since a row may take
+    its data from the token's first slot. Returns whether they all arrived."""
+    row = plan.tiles + tile * TILE_COLS
+    lo = tl.arange(0, M.L_P)[:, None]
+    s = tl.arange(0, M.R_P)[None, :]
+    if M.TOKEN_SAVING:
+        want = (lo <= local) & (s < M.R)  # a row's data may sit in the token's first slot
+    else:
+        want = (lo == local) & (s < M.R)
+    if M.PER_TILE:
+        want = want & (s >= tl.load(row + 3))
+        want = want & (s <= tl.load(row + 4))
+    flags = tl.reshape(mine.expert_ready + lo * M.R + s, [M.L_P * M.R_P])
+    mask = tl.reshape(want, [M.L_P * M.R_P])
+    task = M.MAX_DISPATCH + j
+    return wait_flags(flags, mask, epoch, deadline, state.err, rank, FLAG_EXPERT_READY, task)
+
+
+@triton.jit
+def gemm1_task(
+    j, w13_ptr, w13_desc, act_ptr, plan, mine, state, rank, epoch, deadline, M: tl.constexpr
+):
+    """GEMM1 task ``j``: wait for its tile's rows, then GEMM column block ``j % GEMM1_BLOCKS``
+    (or, in mode "dispatch", resolve the tile's rows). In the layer, the tile's last column block
+    out publishes ``act_ready[tile] = epoch``. Without ``GATHER_A`` (and with token saving)
+    column block 0 first resolves the tile's rows in place and publishes ``resolved[tile] =
+    epoch``, which the tile's other blocks (higher ids on this rank) wait for. Returns the
+    nanoseconds it waited (with TRACE; else 0)."""
+    tile = j // M.GEMM1_BLOCKS
+    row = plan.tiles + tile * TILE_COLS
+    local = tl.load(row)
+    row0 = tl.load(row + 1)
+    rows = tl.load(row + 2)
+    waited = tl.zeros((), tl.int64)
+    if M.TRACE:
+        waited = globaltimer()
+    arrived = _wait_tile_rows(j, tile, local, plan, mine, state, rank, epoch, deadline, M)
+    if M.TRACE:
+        waited = globaltimer() - waited
+    parity = epoch % 2
+    recv_x = mine.recv_x + parity * (M.C * M.H)
+    recv_src = mine.recv_src + parity * M.C
+    if arrived:
+        if M.GEMM and M.TOKEN_SAVING and not M.GATHER_A:
+            # rows that take their data from the token's first slot get a copy of it first
+            if j % M.GEMM1_BLOCKS == 0:
+                tile_resolve_rows(recv_x, recv_src, row0, rows, M.H, M.CHUNK, M.BLOCK_H, M.BLOCK_M)
+                tl.debug_barrier()  # every thread's copies before the release
+                value = tl.cast(epoch, tl.int64)
+                tl.atomic_xchg(state.resolved + tile, value, sem="release", scope="gpu")
+            else:
+                if M.TRACE:
+                    waited -= globaltimer()
+                flag = FLAG_ROWS_RESOLVED + tile
+                task = M.MAX_DISPATCH + j
+                arrived = wait_flag(
+                    state.resolved + tile, epoch, deadline, state.err, rank, flag, task
+                )
+                if M.TRACE:
+                    waited += globaltimer()
+    if arrived:
+        if M.GEMM:
+            if M.PROBE != PROBE_COMM:
+                tile_expert_gemm(
+                    recv_x,
+                    recv_src,
+                    w13_ptr,
+                    w13_desc,
+                    act_ptr,
+                    local,
+                    row0,
+                    rows,
+                    j % M.GEMM1_BLOCKS,
+                    M.H,
+                    M.I,
+                    M.BLOCK_M,
+                    M.BLOCK_N,
+                    M.BLOCK_K,
+                    M.SWIGLU,
+                    M.GATHER_A,
+                    M.GEMM1_TMA,
+                    M.PAIRS,
+                )
+            if M.LAYER:
+                _publish_activations(tile, state, epoch, M)
+        else:
+            tile_resolve_rows(recv_x, recv_src, row0, rows, M.H, M.CHUNK, M.BLOCK_H, M.BLOCK_M)
+    return waited
+
+
+@triton.jit
+def _publish_activations(tile, state, epoch, M: tl.constexpr):
+    """Count this GEMM1 task's arrival on its tile; the last one publishes ``act_ready[tile]``."""
+    tl.debug_barrier()  # every thread's activations before the arrival
+    if tl.atomic_add(state.act_done + tile, 1, sem="acq_rel", scope="gpu") == M.GEMM1_BLOCKS - 1:
+        tl.store(state.act_done + tile, 0)  # nobody else touches it again this call
+        # a local flag: release at GPU scope is enough (and cheaper than system)
+        value = tl.cast(epoch, tl.int64)
+        tl.atomic_xchg(state.act_ready + tile, value, sem="release", scope="gpu")
+
+
+@triton.jit
+def down_task(
+    tile, n_block, task, w2_ptr, w2_desc, act_ptr, pending_row, plan, peers, mine, state, rank,
+    epoch, deadline, M: tl.constexpr,
+):  # fmt: skip
+    """Down-projection task ``task`` (``tile``, column block ``n_block`` of H): wait for the
+    tile's activations (GEMM1 tasks of this rank with lower ids), GEMM and put the rows to their
+    source ranks (``pending_row``: this program's uncounted combine pieces)."""
+    waited = tl.zeros((), tl.int64)
+    if M.TRACE:
+        waited = globaltimer()
+    flag = FLAG_ACT_READY + tile
+    ready = wait_flag(state.act_ready + tile, epoch, deadline, state.err, rank, flag, task)
+    if M.TRACE:
+        waited = globaltimer() - waited
+    if ready:
+        row = plan.tiles + tile * TILE_COLS
+        local = tl.load(row)
+        row0 = tl.load(row + 1)
+        rows = tl.load(row + 2)
+        if M.PROBE == PROBE_COMM:
+            acc = tl.full([M.BLOCK_M, M.DOWN_BLOCK_N], 0.0, tl.float32)
+        else:
+            acc = tile_down_gemm(
+                act_ptr,
+                w2_ptr,
+                w2_desc,
+                local,
+                row0,
+                rows,
+                n_block,
+                M.H,
+                M.I,
+                M.BLOCK_M,
+                M.DOWN_BLOCK_N,
+                M.DOWN_BLOCK_K,
+                M.DOWN_TMA,
+            )
+        tile_combine_put(
+            acc,
+            mine.recv_tag + (epoch % 2) * M.C,
+            peers.combine_y,
+            pending_row,
+            mine.combine_y,
+            row0,
+            rows,
+            n_block,
+            M.H,
+            M.K,
+            M.TK,
+            M.COMBINE_BLOCK,
+            M.TOKEN_BLOCKS,
+            M.BLOCK_M,
+            M.DOWN_BLOCK_N,
+            M.PROBE != PROBE_COMPUTE,
+        )
+    return waited

@@ -1,0 +1,270 @@
+"""``PlanWorkspace``: the plan's buffers and launches for every rank this process runs.
+
+Shape legend: T tokens on this rank (at most T_max), K top-k, R ranks, L physical slots per rank,
+P = R * L, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from megakernel.config import pow2
+from megakernel.placement import Placement
+from megakernel.plan.config import (
+    DISPATCH_TASK_COLS,
+    PAD_BLOCK,
+    PROGRAMS_PER_SM,
+    STATS,
+    TABLE_BLOCK,
+    TILE_COLS,
+    Plan,
+    PlanConfig,
+)
+from megakernel.plan.count import PlacementTables, plan_count_kernel, plan_scan_kernel
+from megakernel.plan.layout import LayoutOut, plan_layout_kernel
+from megakernel.validate import check_routing
+from symm_mem.buffer import World
+
+
+class PlanWorkspace:
+    """Buffers and launches of the plan for every rank this process runs.
+
+    Symmetric: ``counts [2, R, P]`` (double-buffered by epoch parity: a rank can publish call
+    e + 1 while a peer still reads call e, but cannot reach e + 2 before every peer has read e,
+    since its e + 1 layout waits on their e + 1 counts) and ``counts_ready [R]``.
+    """
+
+    def __init__(self, world: World, cfg: PlanConfig, placement: Placement) -> None:
+        if placement.world_size != world.world_size or cfg.world_size != world.world_size:
+            raise ValueError(
+                f"plan for {cfg.world_size} ranks, placement for {placement.world_size}, "
+                f"world of {world.world_size}"
+            )
+        if placement.slots_per_rank != cfg.slots_per_rank:
+            raise ValueError(
+                f"placement has {placement.slots_per_rank} slots per rank, plan "
+                f"{cfg.slots_per_rank}"
+            )
+        self.world, self.cfg, self.placement = world, cfg, placement
+        R, P, dev = cfg.world_size, cfg.num_slots, world.device
+        self.sym_counts = world.alloc((2, R, P), torch.int32)
+        self.sym_ready = world.alloc((R,), torch.int64)
+        self.replicas = placement.replica_table(dev)
+        self.num_replicas = torch.tensor(
+            [len(r) for r in placement.replicas], dtype=torch.int32, device=dev
+        )
+        self.meta = cfg.meta(max_replicas=self.replicas.shape[1])
+        self.bufs = {r: self._alloc(r) for r in world.local_ranks}
+        self.num_tokens = {r: 0 for r in world.local_ranks}
+        # this rank's call counter on the device: the epoch of its current call
+        self.epoch = {r: torch.zeros(1, dtype=torch.int64, device=dev) for r in world.local_ranks}
+        self.calls = 0  # host mirror, counted by run()
+        # NOTE: both kernels are persistent, with a few programs per SM of this rank's share.
+        # Layout programs spin on peers' counts, which is safe because run() launches every
+        # rank's count kernel before any layout kernel.
+        self.max_programs = PROGRAMS_PER_SM * world.sms_per_rank
+
+    def _alloc(self, rank: int) -> dict[str, torch.Tensor]:
+        """Rank ``rank``'s plan buffers, by name (``LayoutOut``'s fields among them)."""
+        cfg, placement, dev = self.cfg, self.placement, self.world.device
+        R, L, T, K = cfg.world_size, cfg.slots_per_rank, cfg.max_tokens, cfg.topk
+
+        def i32(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.int32, device=dev)
+
+        on_rank = torch.full((placement.num_experts,), -1, dtype=torch.int32)
+        for e, slots in enumerate(placement.replicas):
+            mine = [p for p in slots if p // L == rank]
+            if mine:
+                on_rank[e] = mine[0]
+        return dict(
+            on_rank=on_rank.to(dev),
+            phys=i32(T, K),
+            chunk_rows=i32(cfg.max_chunks, 2, pow2(cfg.num_slots)),
+            totals=i32(2, pow2(cfg.num_slots)),
+            arrive=i32(1),
+            all_counts=i32(R, cfg.num_slots),
+            slot_pos=i32(T, K),
+            data_pos=i32(T, K),
+            first_at=i32(T, R),
+            send_units=i32(cfg.max_units),
+            recv_offset=i32(L, R),
+            expert_start=i32(L),
+            expert_rows=i32(L),
+            tiles=i32(cfg.max_tiles, TILE_COLS),
+            dispatch_tasks=i32(cfg.max_dispatch_tasks, DISPATCH_TASK_COLS),
+            stats=i32(len(STATS)),
+        )
+
+    def nbytes(self) -> int:
+        """Bytes per rank of the plan's buffers, symmetric ones included."""
+        bufs = self.bufs[self.world.local_ranks[0]]
+        return sum(b.nbytes for b in bufs.values()) + self.sym_counts.nbytes + self.sym_ready.nbytes
+
+    def phases(self) -> list[int]:
+        return [0, 1]
+
+    def launch(
+        self, rank: int, topk_ids: torch.Tensor, phase: int | None = None, validate: bool = True
+    ) -> None:
+        """Plan the next call of ``rank`` (``phase`` 0: bump the epoch and count, 1: layout;
+        None: both). ``topk_ids [T, K]`` logical experts (-1 dropped). ``validate`` checks them on
+        the host first (one sync); without it, ids must already be valid.
+
+        NOTE: the epoch lives in device memory and the count kernel bumps it, so a captured
+        CUDA graph replays with a fresh epoch each time and flags are never reset.
+        """
+        topk_ids = self.prepare_ids(topk_ids, validate)
+        T = topk_ids.shape[0]
+        self.num_tokens[rank] = T
+        chunks = max(1, triton.cdiv(T, self.cfg.tokens_per_chunk))
+        if phase in (None, 0):
+            grid = (min(chunks, self.max_programs),)
+            plan_count_kernel[grid](**self.count_args(rank, topk_ids))
+            grid = (min(self._scan_blocks(), self.max_programs),)
+            plan_scan_kernel[grid](**self.scan_args(rank, T))
+        if phase in (None, 1):
+            grid = (min(self._layout_items(chunks), self.max_programs),)
+            plan_layout_kernel[grid](**self.layout_args(rank, T))
+
+    def prepare_ids(self, topk_ids: torch.Tensor, validate: bool) -> torch.Tensor:
+        """``topk_ids`` as the count kernel reads them (int32, contiguous); ``validate`` checks
+        them on the host first (one sync)."""
+        if validate:
+            check_routing(
+                topk_ids,
+                None,
+                num_experts=self.placement.num_experts,
+                topk=self.cfg.topk,
+                max_tokens=self.cfg.max_tokens,
+                device=self.world.device,
+            )
+        return topk_ids.to(torch.int32).contiguous()
+
+    def _scan_blocks(self) -> int:
+        return 2 * pow2(self.cfg.num_slots) // self.meta.SCAN_COLS
+
+    def _layout_items(self, chunks: int) -> int:
+        cfg = self.cfg
+        items = chunks + 1 + triton.cdiv(cfg.max_tiles, TABLE_BLOCK)
+        items += triton.cdiv(cfg.max_dispatch_tasks, TABLE_BLOCK)
+        return items + triton.cdiv(cfg.max_units, PAD_BLOCK)
+
+    def count_args(self, rank: int, topk_ids: torch.Tensor) -> dict[str, object]:
+        """``plan_count_kernel``'s arguments, by name."""
+        b = self.bufs[rank]
+        tables = PlacementTables(self.replicas, self.num_replicas, b["on_rank"])
+        return dict(
+            ids_ptr=topk_ids,
+            placement=tables,
+            phys_ptr=b["phys"],
+            chunk_rows_ptr=b["chunk_rows"],
+            T=topk_ids.shape[0],
+            M=self.meta,
+        )
+
+    def scan_args(self, rank: int, T: int) -> dict[str, object]:
+        """``plan_scan_kernel``'s arguments, by name."""
+        b = self.bufs[rank]
+        return dict(
+            chunk_rows_ptr=b["chunk_rows"],
+            totals_ptr=b["totals"],
+            arrive_ptr=b["arrive"],
+            counts_base=self.sym_counts.peer_base,
+            ready_base=self.sym_ready.peer_base,
+            epoch_ptr=self.epoch[rank],
+            rank=rank,
+            T=T,
+            M=self.meta,
+        )
+
+    def layout_args(self, rank: int, T: int) -> dict[str, object]:
+        """``plan_layout_kernel``'s arguments, by name."""
+        b, cfg = self.bufs[rank], self.cfg
+        return dict(
+            phys_ptr=b["phys"],
+            chunk_rows_ptr=b["chunk_rows"],
+            totals_ptr=b["totals"],
+            counts_ptr=self.sym_counts.peer(rank),
+            ready_ptr=self.sym_ready.peer(rank),
+            out=LayoutOut(**{name: b[name] for name in LayoutOut._fields}),
+            err_ptr=self.world.error_record(rank),
+            epoch_ptr=self.epoch[rank],
+            rank=rank,
+            T=T,
+            capacity=cfg.capacity,
+            timeout_ns=self.world.timeout_ns(),
+            max_units=cfg.max_units,
+            max_dispatch=cfg.max_dispatch_tasks,
+            max_tiles=cfg.max_tiles,
+            M=self.meta,
+        )
+
+    def warmup(self) -> None:
+        """Compile and load the three kernels (no launch) before anything spins: a module load
+        waits behind running kernels. A no-op under the interpreter."""
+        if self.world.device.type != "cuda":
+            return
+        ids = torch.zeros(1, self.cfg.topk, dtype=torch.int32, device=self.world.device)
+        for r in self.world.local_ranks:
+            kernels = [
+                plan_count_kernel.warmup(**self.count_args(r, ids), grid=(1,)),
+                plan_scan_kernel.warmup(**self.scan_args(r, 1), grid=(1,)),
+                plan_layout_kernel.warmup(**self.layout_args(r, 1), grid=(1,)),
+            ]
+            for kernel in kernels:
+                kernel._init_handles()
+
+    def run(self, topk_ids: dict[int, torch.Tensor], validate: bool = True) -> None:
+        """Plan the next call on every local rank (``topk_ids[rank] [T, K]``): every rank's count
+        kernel, then every rank's layout kernel (each still waits on its peers' counts).
+
+        NOTE: phase order matters in the emulated CUDA world: with 8 ranks on one GPU, once five
+        ranks' layout kernels spun, the remaining ranks' count grids were never scheduled (more
+        hardware queues did not help), so no kernel is launched behind a spinning peer. The
+        NVSHMEM world runs one rank per process and is not affected."""
+        # NOTE: every rank's inputs are checked and converted before any rank launches: a torch
+        # op launched while a peer's kernel spins can stall on a lazy module load until the
+        # peer's wait times out.
+        ready = {r: self.prepare_ids(topk_ids[r], validate) for r in self.world.local_ranks}
+        for phase in self.phases():
+            self.world.run_ranks(lambda r, p=phase: self.launch(r, ready[r], p, validate=False))
+        self.calls += 1
+
+    def mismatches(self, topk_ids: list[torch.Tensor]) -> dict[int, list[str]]:
+        """Check the last call against ``plan_ref``: ``topk_ids`` is every rank's routing (the
+        global view); returns, per local rank whose plan differs, the fields that differ."""
+        from megakernel.reference import plan_mismatches, plan_ref, resolve_all_ref
+
+        phys = resolve_all_ref([ids.cpu() for ids in topk_ids], self.placement)
+        wrong = {}
+        for r in self.world.local_ranks:
+            fields_off = plan_mismatches(self.plan(r), plan_ref(phys, self.cfg, r))
+            if fields_off:
+                wrong[r] = fields_off
+        return wrong
+
+    def plan(self, rank: int) -> Plan:
+        """Views of ``rank``'s plan buffers (valid after its launch has run)."""
+        b, T, R = self.bufs[rank], self.num_tokens[rank], self.cfg.world_size
+        P = self.cfg.num_slots
+        return Plan(
+            phys=b["phys"][:T],
+            counts=b["totals"][0, :P],
+            all_counts=b["all_counts"],
+            slot_pos=b["slot_pos"][:T],
+            data_pos=b["data_pos"][:T],
+            first_at=b["first_at"][:T, :R],
+            send_units=b["send_units"],
+            recv_offset=b["recv_offset"],
+            expert_start=b["expert_start"],
+            expert_rows=b["expert_rows"],
+            tiles=b["tiles"],
+            dispatch_tasks=b["dispatch_tasks"],
+            stats=b["stats"],
+        )
+
+    def close(self) -> None:
+        self.world.free(self.sym_ready)
+        self.world.free(self.sym_counts)

@@ -1,0 +1,589 @@
+"""``Megakernel``: the workspace of the megakernel (every buffer it reads and writes) and its
+launches; ``DispatchHandle``: one rank's result of a call.
+
+Shape legend: T tokens on this rank (at most T_max), H hidden, I expert FFN width, E experts, K
+top-k, R ranks, L local slots per rank, P = R * L, C receive rows per rank (the capacity).
+
+A call on every local rank: the plan's kernels (``megakernel.plan``), then ``moe_megakernel``
+(``megakernel.kernel``) over the call's task ranges. Its arguments are built in one place,
+``Megakernel.kernel_args``, by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from megakernel.config import (
+    DISPATCH_ONLY_PROGRAMS_PER_SM,
+    KernelConfig,
+    KernelMeta,
+    check_tma_rows,
+    default_capacity,
+    kernel_meta,
+    pow2,
+)
+from megakernel.kernel import PlanBuffers, RankState, SymBuffers, moe_megakernel
+from megakernel.placement import Placement
+from megakernel.plan import STATS, Plan, PlanConfig, PlanWorkspace
+from megakernel.shapes import MoEShape
+from megakernel.tasks import (
+    MODES,
+    PROBE_COMM,
+    PROBE_COMPUTE,
+    PROBE_OFF,
+    STAGES,
+    flag_name,
+    task_regions,
+)
+from megakernel.validate import check_routing
+from symm_mem.buffer import World
+
+
+@dataclass
+class DispatchHandle:
+    """One rank's result of a call, as device views.
+
+    ``act [C, I]`` (``[C, 2I]`` without SwiGLU) holds the expert activations of rows
+    ``[0, num_recv)`` in the receive order (DESIGN §4); rows past that are stale. ``out [T, H]``
+    is the layer's output (mode "layer"; a fresh tensor per call). The views are valid until the
+    workspace's next call on this rank.
+    """
+
+    rank: int
+    epoch: int
+    act: torch.Tensor  # [C, I]
+    recv_x: torch.Tensor  # [C, H] this call's receive rows (indirect rows unresolved in "gemm")
+    recv_src: torch.Tensor  # [C] int32 row holding each row's data
+    stats: torch.Tensor  # [4] int32 the plan's stats (megakernel.plan.STATS)
+    topk_weights: torch.Tensor | None  # [T, K]
+    plan: Plan | None  # this call's plan (views, overwritten by the next call)
+    out: torch.Tensor | None = None  # [T, H] mode "layer"
+    trace: torch.Tensor | None = None  # KernelConfig(trace=True): this call's trace records
+
+    def num_recv(self) -> int:
+        """Rows this rank received (reads the plan's stats back: one sync)."""
+        return int(self.stats[STATS.index("num_recv")])
+
+    def snapshot(self) -> DispatchHandle:
+        """A copy of the outputs, made on the current stream (no sync), that later calls do not
+        overwrite. The copy has no plan."""
+        return replace(
+            self,
+            act=self.act.clone(),
+            recv_x=self.recv_x.clone(),
+            recv_src=self.recv_src.clone(),
+            stats=self.stats.clone(),
+            plan=None,
+        )
+
+    def resolved(self) -> torch.Tensor:
+        """``[num_recv, H]`` the received rows with every indirect row resolved (torch gather)."""
+        n = self.num_recv()
+        return self.recv_x[self.recv_src[:n].long()]
+
+
+@dataclass
+class CallInputs:
+    """One rank's checked inputs of a call (``None`` where the mode needs none)."""
+
+    x: torch.Tensor  # [T, H]
+    topk_ids: torch.Tensor  # [T, K] int32
+    topk_weights: torch.Tensor | None  # [T, K] fp32
+    w13: torch.Tensor  # [L, 2I, H]
+    w2: torch.Tensor | None  # [L, H, I]
+    out: torch.Tensor | None  # [T, H]
+
+
+class Megakernel:
+    """Workspace of the megakernel for every rank this process runs.
+
+    Owns the plan workspace and the symmetric buffers (``sizes()`` lists them):
+      ``recv_x [2, C, H]``      receive rows, double-buffered by epoch parity;
+      ``recv_src [2, C]``       int32, the row holding each row's data;
+      ``expert_ready [L, R]``   int64 flags: (local slot, source rank) -> epoch;
+    with ``combine`` (what mode "layer" needs) also
+      ``recv_tag [2, C]``       int32, each row's (source rank, token, k): where its output goes;
+      ``combine_y [T * K, H]``  the expert outputs of this rank's tokens, one row per (token, k);
+      ``combine_count [groups, token blocks]``  int32 pieces arrived per (column group of H,
+                                block of ``combine_block`` tokens);
+    and per rank ``act [C, I]`` and the flags and counters of ``RankState``.
+
+    ``combine_y`` needs no second buffer: a peer puts call n + 1's rows only after this rank
+    dispatched call n + 1, which its stream orders after call n's top-k reduce.
+    """
+
+    def __init__(
+        self,
+        world: World,
+        shape: MoEShape,
+        *,
+        placement: Placement | None = None,
+        config: KernelConfig | None = None,
+        capacity: int | None = None,
+        swiglu: bool = True,
+        combine: bool = True,
+    ) -> None:
+        self.world, self.shape = world, shape
+        self.placement = placement or Placement.contiguous(shape.num_experts, world.world_size)
+        self.config = config or KernelConfig()
+        self.swiglu, self.combine = swiglu, combine
+        self._check_config()
+        L, K = self.placement.slots_per_rank, shape.topk
+        C = self.capacity = capacity or default_capacity(shape, world.world_size, L)
+        cfg = self.config
+        self.plan_cfg = PlanConfig(
+            world.world_size,
+            L,
+            K,
+            max_tokens=shape.max_tokens_per_rank,
+            capacity=C,
+            block_m=cfg.block_m,
+            chunk=cfg.chunk,
+            token_saving=cfg.token_saving,
+            sorted_dispatch=cfg.sorted_dispatch,
+        )
+        self.plan_ws = PlanWorkspace(world, self.plan_cfg, self.placement)
+        self.sym = self._alloc_symmetric()
+        shared = world.concurrent and len(world.local_ranks) > 1  # ranks on one GPU
+        self.num_ctas = cfg.num_ctas or world.sms_per_rank
+        own_gpu = world.device.type == "cuda" and not shared
+        self.dispatch_only_ctas = cfg.num_ctas or world.sms_per_rank * (
+            DISPATCH_ONLY_PROGRAMS_PER_SM if own_gpu else 1
+        )
+        self._alloc_local()
+        self.epoch = {r: 0 for r in world.local_ranks}  # host mirror of the plan's device epoch
+        self._warm: set[tuple[str, int]] = set()  # (mode, probe) compiled and loaded
+
+    def _check_config(self) -> None:
+        """The shape and config fit the kernel's tiles and the world's SMs."""
+        cfg, shape, world = self.config, self.shape, self.world
+        H, I = shape.hidden, shape.ffn
+        if H % cfg.block_k:
+            raise ValueError(f"hidden size {H} is not a multiple of block_k {cfg.block_k}")
+        if cfg.gemm1_tma:
+            check_tma_rows("gemm1_tma", "w13", "block_k", cfg.block_k, shape.dtype)
+        if self.combine and not self.swiglu:
+            raise ValueError("the combine (mode 'layer') runs on SwiGLU activations: swiglu=True")
+        if self.combine and I % cfg.down_block_k:
+            raise ValueError(f"ffn size {I} is not a multiple of down_block_k {cfg.down_block_k}")
+        if self.combine and cfg.down_tma:
+            check_tma_rows("down_tma", "w2", "down_block_k", cfg.down_block_k, shape.dtype)
+        shared = world.concurrent and len(world.local_ranks) > 1  # ranks on one GPU
+        if shared and cfg.num_ctas > world.sms_per_rank:
+            # NOTE: with a GPU per rank, extra programs only queue for an SM: a task waits on
+            # tasks claimed before it, by programs that run. Ranks sharing a GPU share its SMs too
+            raise ValueError(
+                f"KernelConfig.num_ctas = {cfg.num_ctas} is more than the {world.sms_per_rank} "
+                f"SMs per rank of a world whose {len(world.local_ranks)} ranks share one GPU: one "
+                "rank's programs could hold the SMs its peers need while waiting on those peers"
+            )
+
+    def _alloc_symmetric(self) -> dict[str, object]:
+        """The symmetric buffers, by ``SymBuffers`` field (collective: the same order on every
+        rank). Without ``combine`` the kernel never touches the combine's (LAYER is off)."""
+        world, shape, cfg = self.world, self.shape, self.config
+        C, H, R, L = self.capacity, shape.hidden, world.world_size, self.plan_cfg.slots_per_rank
+        sym = {
+            "recv_x": world.alloc((2, C, H), shape.dtype),
+            "recv_src": world.alloc((2, C), torch.int32),
+            "expert_ready": world.alloc((L, R), torch.int64),
+        }
+        if self.combine:
+            T, K = shape.max_tokens_per_rank, shape.topk
+            sym["recv_tag"] = world.alloc((2, C), torch.int32)
+            sym["combine_y"] = world.alloc((T * K, H), shape.dtype)
+            groups, token_blocks = cfg.reduce_groups(H)[1], triton.cdiv(T, cfg.combine_block)
+            sym["combine_count"] = world.alloc((groups, token_blocks), torch.int32)
+        return sym
+
+    def _alloc_local(self) -> None:
+        """This process's per-rank buffers: ``act`` and every ``RankState`` field but ``err``
+        and ``epoch`` (the world's and the plan's)."""
+        world, shape, cfg = self.world, self.shape, self.config
+        R, L, MT = world.world_size, self.plan_cfg.slots_per_rank, self.plan_cfg.max_tiles
+        width = shape.ffn if self.swiglu else 2 * shape.ffn
+        token_blocks = triton.cdiv(shape.max_tokens_per_rank, cfg.combine_block)
+
+        def per_rank(*size: int, dtype: torch.dtype = torch.int32) -> dict[int, torch.Tensor]:
+            return {
+                r: torch.zeros(size, dtype=dtype, device=world.device) for r in world.local_ranks
+            }
+
+        self.act = per_rank(self.plan_cfg.capacity, width, dtype=shape.dtype)
+        # [programs, 1 + events, 4] int64: a header, then (kind << 32 | task, start, end, waited)
+        programs = max(self.num_ctas, self.dispatch_only_ctas)
+        trace_shape = (programs, cfg.trace_events + 1, 4) if cfg.trace else (4,)
+        self.state = {
+            "group_done": per_rank(pow2(R * L)),
+            "act_done": per_rank(MT),
+            "act_ready": per_rank(MT, dtype=torch.int64),
+            "resolved": per_rank(MT, dtype=torch.int64),
+            "pending": per_rank(self.num_ctas, pow2(R * token_blocks)),
+            "counters": per_rank(3),
+            "trace": per_rank(*trace_shape, dtype=torch.int64),
+        }
+
+    # -- sizes ----------------------------------------------------------------------------
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes per rank of each buffer this workspace owns."""
+        sym = {f"{name} (sym)": t.nbytes for name, t in self.sym.items()}
+        r = self.world.local_ranks[0]
+        local = {"act": self.act[r].nbytes}
+        flags = {name: t[r].nbytes for name, t in self.state.items() if name != "trace"}
+        local["flags, counters"] = sum(flags.values())
+        if self.config.trace:
+            local["trace"] = self.state["trace"][r].nbytes
+        return {**sym, **local, "plan": self.plan_ws.nbytes()}
+
+    def describe(self) -> str:
+        rows = [f"  {name:<20} {size / 2**20:10.2f} MiB" for name, size in self.sizes().items()]
+        total = sum(self.sizes().values()) / 2**20
+        return "\n".join(
+            [f"Megakernel workspace per rank (capacity {self.capacity} rows):", *rows]
+            + [f"  {'total':<20} {total:10.2f} MiB"]
+        )
+
+    # -- launching ------------------------------------------------------------------------
+
+    def programs(self, mode: str) -> int:
+        """Programs per rank a launch of ``mode`` runs (``KernelConfig.num_ctas``, else one per
+        SM; mode "dispatch" several per SM where each rank has its own GPU)."""
+        return self.dispatch_only_ctas if mode == "dispatch" else self.num_ctas
+
+    def meta(self, mode: str, probe: int = 0) -> KernelMeta:
+        """The kernel's constants for ``mode`` and a timing probe (``megakernel.tasks``)."""
+        return kernel_meta(
+            self.shape,
+            self.plan_cfg,
+            self.config,
+            self.capacity,
+            self.swiglu,
+            self.programs(mode),
+            mode,
+            probe,
+        )
+
+    def task_regions(self, mode: str) -> dict[str, tuple[int, int]]:
+        """The task id range ``[begin, end)`` of each task kind of one call, in id order."""
+        return task_regions(self.meta(mode))
+
+    def _descriptors(self, meta: KernelMeta, w13, w2) -> tuple:
+        """The weights' TMA descriptors the launch's kernel reads, None for the others.
+
+        NOTE: decided by the launch's meta, not by which weights the caller passed, so a call
+        passes the argument types ``warmup`` compiled for its mode (a None descriptor and a
+        tensor descriptor are different kernel variants)."""
+        cfg, H, I = self.config, self.shape.hidden, self.shape.ffn
+        w13_desc = w2_desc = None
+        if meta.GEMM1_TMA:
+            if meta.PAIRS:
+                # w13 [L, 2I, H] as [L, I, 2, H]: a box holds gate row j, then up row j, ...
+                L, box = w13.shape[0], [1, cfg.block_n, 2, cfg.block_k]
+                w13_desc = TensorDescriptor(w13, [L, I, 2, H], [2 * I * H, H, I * H, 1], box)
+            else:
+                w13_desc = TensorDescriptor.from_tensor(w13.view(-1, H), [cfg.block_n, cfg.block_k])
+        if meta.DOWN_TMA:
+            block = [cfg.down_block_n, cfg.down_block_k]
+            w2_desc = TensorDescriptor.from_tensor(w2.view(-1, I), block)
+        return w13_desc, w2_desc
+
+    def kernel_args(
+        self, rank: int, inputs: CallInputs, meta: KernelMeta, begin: int, end: int
+    ) -> dict[str, object]:
+        """Every argument of one ``moe_megakernel`` launch, by name. Tensors a mode does not
+        read are stood in for by others of the right kind (their kernels never touch them)."""
+        x, weights, w13, w2, out = inputs.x, inputs.topk_weights, inputs.w13, inputs.w2, inputs.out
+        w13_desc, w2_desc = self._descriptors(meta, w13, w2)
+        plan = self.plan_ws.bufs[rank]
+        stand_in = {"recv_tag": "recv_src", "combine_y": "recv_x", "combine_count": "recv_src"}
+        sym = {
+            name: self.sym[name if name in self.sym else stand_in[name]]
+            for name in SymBuffers._fields
+        }
+        return dict(
+            x_ptr=x,
+            w13_ptr=w13,
+            w13_desc=w13_desc,
+            w2_ptr=w13 if w2 is None else w2,
+            w2_desc=w2_desc,
+            weights_ptr=x if weights is None else weights,
+            act_ptr=self.act[rank],
+            out_ptr=x if out is None else out,
+            plan=PlanBuffers(**{name: plan[name] for name in PlanBuffers._fields}),
+            peers=SymBuffers(**{name: t.peer_base for name, t in sym.items()}),
+            mine=SymBuffers(**{name: t.peer(rank) for name, t in sym.items()}),
+            state=RankState(
+                **{name: t[rank] for name, t in self.state.items()},
+                err=self.world.error_record(rank),
+                epoch=self.plan_ws.epoch[rank],
+            ),
+            rank=rank,
+            num_tokens=x.shape[0],
+            task_begin=begin,
+            task_end=end,
+            timeout_ns=self.world.timeout_ns(),
+            M=meta,
+        )
+
+    def _dummy_inputs(self) -> CallInputs:
+        dev, shape, L = self.world.device, self.shape, self.plan_cfg.slots_per_rank
+        H, I, K = shape.hidden, shape.ffn, shape.topk
+        x = torch.zeros(2, H, dtype=shape.dtype, device=dev)
+        return CallInputs(
+            x=x,
+            topk_ids=torch.zeros(2, K, dtype=torch.int32, device=dev),
+            topk_weights=torch.zeros(2, K, dtype=torch.float32, device=dev),
+            w13=torch.zeros(L, 2 * I, H, dtype=shape.dtype, device=dev),
+            w2=torch.zeros(L, H, I, dtype=shape.dtype, device=dev),
+            out=torch.zeros_like(x),
+        )
+
+    def warmup(self, mode: str = "gemm", probe: int = 0) -> None:
+        """Compile and load the plan kernels and the megakernel before anything spins."""
+        if (mode, probe) in self._warm or self.world.device.type != "cuda":
+            return
+        self.plan_ws.warmup()
+        r = self.world.local_ranks[0]
+        meta = self.meta(mode, probe)
+        args = self.kernel_args(r, self._dummy_inputs(), meta, 0, 0)
+        options = dict(num_warps=self.config.num_warps, num_stages=self.config.num_stages)
+        kernel = moe_megakernel.warmup(**args, **options, grid=(1,))
+        kernel._init_handles()
+        self._warm.add((mode, probe))
+
+    # -- a call ---------------------------------------------------------------------------
+
+    def _check_tensor(self, rank: int, name: str, t: object, want: tuple, dtype) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != want:
+            raise ValueError(f"rank {rank}: {name} has shape {tuple(t.shape)}, expected {want}")
+        if t.dtype != dtype:
+            raise ValueError(f"{name} is {t.dtype} but the layer is {dtype}")
+        if t.device != self.world.device:
+            raise ValueError(f"{name} is on {t.device}, the layer on {self.world.device}")
+
+    def _validate(self, rank: int, given: CallInputs, layer: bool) -> None:
+        """Host checks of one rank's inputs (the id range read back: one sync, skipped while a
+        CUDA graph is being captured)."""
+        shape, L, dev = self.shape, self.plan_cfg.slots_per_rank, self.world.device
+        H, I = shape.hidden, shape.ffn
+        check_routing(
+            given.topk_ids,
+            given.topk_weights,
+            num_experts=self.placement.num_experts,
+            topk=shape.topk,
+            max_tokens=shape.max_tokens_per_rank,
+            device=dev,
+            # NOTE: no host read-back while a CUDA graph is being captured
+            check_values=dev.type != "cuda" or not torch.cuda.is_current_stream_capturing(),
+        )
+        self._check_tensor(rank, "x", given.x, (given.topk_ids.shape[0], H), shape.dtype)
+        self._check_tensor(rank, "w13", given.w13, (L, 2 * I, H), shape.dtype)
+        if layer:
+            self._check_tensor(rank, "w2", given.w2, (L, H, I), shape.dtype)
+        if given.out is not None:
+            self._check_tensor(rank, "out", given.out, (given.x.shape[0], H), shape.dtype)
+            if not given.out.is_contiguous():
+                raise ValueError("out must be contiguous")
+
+    def _prepare(self, rank: int, given: CallInputs, mode: str, validate: bool) -> CallInputs:
+        """One rank's inputs checked and in the layout the kernels read."""
+        layer = mode == "layer"
+        if layer and given.topk_weights is None:
+            raise ValueError('mode "layer" needs topk_weights')
+        if layer and given.w2 is None:
+            raise ValueError('mode "layer" needs w2 [L, H, I]')
+        if validate:
+            self._validate(rank, given, layer)
+        # NOTE: a misaligned view would compile a new kernel variant at launch, while peers spin
+        x, w13, w2 = (
+            t if t is None or (t.is_contiguous() and t.data_ptr() % 16 == 0) else t.clone()
+            for t in (given.x, given.w13, given.w2)
+        )
+        weights, out = given.topk_weights, given.out
+        if layer:
+            weights = weights.to(torch.float32).contiguous()
+            if out is None:
+                out = torch.empty(x.shape[0], self.shape.hidden, dtype=x.dtype, device=x.device)
+        ids = self.plan_ws.prepare_ids(given.topk_ids, validate=False)
+        return CallInputs(x, ids, weights, w13, w2, out)
+
+    def run(
+        self,
+        x: dict[int, torch.Tensor],
+        topk_ids: dict[int, torch.Tensor],
+        topk_weights: dict[int, torch.Tensor] | None,
+        w13: dict[int, torch.Tensor],
+        w2: dict[int, torch.Tensor] | None = None,
+        *,
+        out: dict[int, torch.Tensor] | None = None,
+        mode: str = "gemm",
+        overlap: bool | None = None,
+        split: bool = False,
+        validate: bool = True,
+        stage: str = "all",
+    ) -> dict[int, DispatchHandle]:
+        """One call on every local rank (inputs keyed by rank). ``mode``: "layer" (the whole MoE
+        layer: needs ``topk_weights`` and ``w2``; writes ``out [T, H]`` when given, else a new
+        tensor), "gemm" (dispatch + GEMM1, fused) or "dispatch" (dispatch, then resolve every
+        indirect row).
+
+        ``split`` runs the layer as two kernels (dispatch + GEMM1, then down projection + combine
+        + top-k reduce) instead of one.
+
+        ``stage`` times parts alone. Modes "gemm" and "dispatch": "dispatch" (plan and dispatch
+        tasks only); "sends" (no plan: rerun the last call's dispatch tasks, which put the same
+        rows again; the data movement alone); "tiles" (no plan, no dispatch: rerun the last
+        call's tile tasks on its received rows). Mode "layer": "comm" (a whole call without the
+        GEMM math: communication, flags and the top-k reduce; the outputs are junk); "compute"
+        (both GEMMs rerun on the last call's rows, outputs kept on this rank). "all": the real
+        call.
+
+        ``overlap`` (default: when the world runs ranks concurrently) runs each rank's task range
+        in one launch (two with ``split``); otherwise each task kind runs on every rank before the
+        next kind starts (the CPU interpreter must; on one GPU it isolates a hang from a race).
+        """
+        probe = self._check_call(mode, stage)
+        ranks = self.world.local_ranks
+        none = {r: None for r in ranks}
+        given = {
+            r: CallInputs(
+                x[r],
+                topk_ids[r],
+                (topk_weights or none)[r],
+                w13[r],
+                (w2 or none)[r],
+                (out or none)[r],
+            )  # fmt: skip
+            for r in ranks
+        }
+        ready = {r: self._prepare(r, given[r], mode, validate) for r in ranks}
+        self.warmup(mode, probe)
+        rerun = stage in ("sends", "tiles", "compute")
+        if not rerun:
+            for phase in self.plan_ws.phases():
+                self.world.run_ranks(
+                    lambda r, p=phase: self.plan_ws.launch(r, ready[r].topk_ids, p, validate=False)
+                )
+        elif stage != "sends":  # (the puts alone wait on nothing; clearing would be timed too)
+            for r in ranks:  # the rerun's tasks wait for its own GEMM1 tasks and resolves
+                self.state["act_ready"][r].zero_()
+                self.state["resolved"][r].zero_()
+        self._launch(ready, mode, probe, self._ranges(mode, stage, overlap, split))
+        return {r: self._handle(r, ready[r], advance=not rerun) for r in ranks}
+
+    def _check_call(self, mode: str, stage: str) -> int:
+        """The call's mode and stage are known and go together; returns the stage's probe."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        if mode == "layer" and not self.combine:
+            raise ValueError('mode "layer" needs a workspace built with combine=True')
+        layer_stages = ("all", "comm", "compute")
+        if (mode == "layer") != (stage in layer_stages) and stage != "all":
+            raise ValueError(f'stage {stage!r} is not one of mode "{mode}"')
+        if stage in ("sends", "tiles", "compute") and min(self.epoch.values()) == 0:
+            raise ValueError(
+                f"stage={stage!r} reruns the last call's tasks: make a full call first"
+            )
+        return {"comm": PROBE_COMM, "compute": PROBE_COMPUTE}.get(stage, PROBE_OFF).value
+
+    def _launch(self, ready: dict[int, CallInputs], mode: str, probe: int, ranges) -> None:
+        """One megakernel launch per rank and task range, ranges in order."""
+        meta = self.meta(mode, probe)
+        options = dict(num_warps=self.config.num_warps, num_stages=self.config.num_stages)
+        if self.config.trace:
+            for r in self.world.local_ranks:
+                self.state["trace"][r].zero_()
+        grid = (self.programs(mode),)
+        for begin, end in ranges:
+
+            def launch(r: int, begin: int = begin, end: int = end) -> None:
+                moe_megakernel[grid](**self.kernel_args(r, ready[r], meta, begin, end), **options)
+
+            self.world.run_ranks(launch)
+
+    def _handle(self, r: int, ready: CallInputs, advance: bool) -> DispatchHandle:
+        self.epoch[r] += advance
+        parity = self.epoch[r] % 2
+        return DispatchHandle(
+            rank=r,
+            epoch=self.epoch[r],
+            act=self.act[r],
+            recv_x=self.sym["recv_x"].peer(r)[parity],
+            recv_src=self.sym["recv_src"].peer(r)[parity],
+            stats=self.plan_ws.bufs[r]["stats"],
+            topk_weights=ready.topk_weights,
+            plan=self.plan_ws.plan(r),
+            out=ready.out,
+            trace=self.state["trace"][r] if self.config.trace else None,
+        )
+
+    def _ranges(
+        self, mode: str, stage: str, overlap: bool | None, split: bool
+    ) -> list[tuple[int, int]]:
+        """The task id ranges to launch, in order (each one launch per rank)."""
+        regions = self.task_regions(mode)
+        if stage in ("dispatch", "sends"):
+            return [regions["dispatch"]]
+        if stage == "tiles":
+            return [(regions["gemm1"][0], max(e for _, e in regions.values()))]
+        if stage == "compute":
+            return [(regions["gemm1"][0], regions["down"][1])]
+        overlap = self.world.concurrent if overlap is None else overlap
+        if not overlap:
+            return list(regions.values())
+        end = max(e for _, e in regions.values())
+        if split and "down" in regions:
+            cut = regions["down"][0]
+            return [(0, cut), (cut, end)]
+        return [(0, end)]
+
+    def flag_name(self, flag: int) -> str:
+        """Names the flag of a ``WaitTimeoutError`` raised by ``world.check_errors``."""
+        token_blocks = triton.cdiv(self.shape.max_tokens_per_rank, self.config.combine_block)
+        return flag_name(flag, token_blocks, self.world.world_size)
+
+    def check_errors(self) -> None:
+        """Wait for the device, then raise if any rank's call failed (timeout, overflow)."""
+        self.world.check_errors(self.flag_name)
+
+    def close(self) -> None:
+        """Free the symmetric buffers (collective, in allocation order)."""
+        self.plan_ws.close()
+        for t in self.sym.values():
+            self.world.free(t)
+
+
+def dispatch_gemm(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor | None,
+    w13: torch.Tensor,
+    *,
+    workspace: Megakernel,
+    mode: str = "gemm",
+) -> tuple[torch.Tensor, DispatchHandle]:
+    """This rank's tokens ``x [T, H]`` routed by ``topk_ids [T, K]`` to the experts, whose
+    ``w13 [L, 2I, H]`` this rank holds: returns ``act [C, I]`` (rows in the receive order,
+    ``handle.num_recv()`` of them valid) and the handle the combine needs.
+
+    For a world with one rank per process (NVSHMEM under torchrun). No host synchronisation:
+    errors surface at ``workspace.check_errors()``.
+    """
+    ranks = workspace.world.local_ranks
+    if len(ranks) != 1:
+        raise ValueError(
+            f"dispatch_gemm runs one rank; this world runs {len(ranks)} in one process: use "
+            "Megakernel.run with inputs keyed by rank"
+        )
+    (r,) = ranks
+    handle = workspace.run({r: x}, {r: topk_ids}, {r: topk_weights}, {r: w13}, mode=mode)[r]
+    return handle.act, handle
