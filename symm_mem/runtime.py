@@ -48,7 +48,7 @@ def nvshmem_env(symmetric_size: int | str | None = None) -> dict[str, str]:
     return env
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
+def version_tuple(text: str) -> tuple[int, ...]:
     """Leading numeric components: "3.4.5" -> (3, 4, 5), "0.4.1rc2" -> (0, 4, 1)."""
     return tuple(int(m) for m in re.findall(r"(?:^|\.)(\d+)", text.split("+")[0]))
 
@@ -73,7 +73,9 @@ def _torchrun_env(world_size: int | None) -> tuple[int, int, int]:
     return rank, size, local
 
 
-def _import_nvshmem() -> Any:
+def import_nvshmem() -> Any:
+    """The nvshmem4py modules the NVSHMEM world uses, or a RuntimeError that says how to install
+    it."""
     try:
         import nvshmem
         import nvshmem.bindings
@@ -88,9 +90,11 @@ def _import_nvshmem() -> Any:
     return nvshmem
 
 
-def _check_versions(nvshmem: Any) -> str:
+def check_versions(nvshmem: Any) -> str:
+    """The libnvshmem version, after checking that nvshmem4py and libnvshmem are new enough and
+    that nvshmem4py loaded the libnvshmem torch pins."""
     v = nvshmem.core.get_version()
-    py, lib = _version_tuple(v.nvshmem4py_version), _version_tuple(v.libnvshmem_version)
+    py, lib = version_tuple(v.nvshmem4py_version), version_tuple(v.libnvshmem_version)
     if py[:2] < MIN_NVSHMEM4PY:
         raise RuntimeError(f"nvshmem4py {v.nvshmem4py_version} is too old; need {NVSHMEM4PY_PIN}")
     if lib[:2] < MIN_LIBNVSHMEM:
@@ -102,7 +106,7 @@ def _check_versions(nvshmem: Any) -> str:
         pinned = importlib.metadata.version("nvidia-nvshmem-cu13")
     except importlib.metadata.PackageNotFoundError:
         pinned = None
-    if pinned is not None and _version_tuple(pinned)[:2] != lib[:2]:
+    if pinned is not None and version_tuple(pinned)[:2] != lib[:2]:
         raise RuntimeError(
             f"nvshmem4py loaded libnvshmem {v.libnvshmem_version} but the installed "
             f"nvidia-nvshmem-cu13 is {pinned}: reinstall nvshmem4py with --no-deps so both use "
@@ -116,7 +120,7 @@ def _check_versions(nvshmem: Any) -> str:
 _INITIALISED_MODULES: set[int] = set()
 _PREVIOUS_HOOK: Any = None
 _HOOK_INSTALLED = False
-_BITCODE: str | None = None
+device_bitcode: str | None = None  # libnvshmem_device.bc, found by init_world
 
 
 def uses_nvshmem(fn: Any) -> Any:
@@ -158,9 +162,9 @@ def _install_hook() -> None:
 
 def extern_libs() -> dict[str, str]:
     """The ``extern_libs`` that a kernel calling NVSHMEM device functions compiles with."""
-    if _BITCODE is None:
+    if device_bitcode is None:
         raise RuntimeError("NVSHMEM device calls need init_world() first (no device library yet)")
-    return {"libnvshmem_device": _BITCODE}
+    return {"libnvshmem_device": device_bitcode}
 
 
 def launch(fn: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Any:
@@ -248,7 +252,7 @@ def init_world(
     ``symmetric_size`` (bytes, or NVSHMEM's "1G" form) sets ``NVSHMEM_SYMMETRIC_SIZE``; by default
     the environment's value or 1 GiB. ``world_size``, if given, must match torchrun's.
     """
-    global _BITCODE
+    global device_bitcode
     rank, size, local = _torchrun_env(world_size)
     for key, value in nvshmem_env(symmetric_size).items():
         if key in MULTICAST_OFF_ENV and os.environ.get(key, value) != value:
@@ -261,8 +265,8 @@ def init_world(
             f"rank {rank} (local rank {local}) needs a GPU, but {torch.cuda.device_count()} are "
             "visible"
         )
-    nvshmem = _import_nvshmem()
-    lib_version = _check_versions(nvshmem)
+    nvshmem = import_nvshmem()
+    lib_version = check_versions(nvshmem)
     import numpy as np
     from cuda.core import Device
 
@@ -284,7 +288,7 @@ def init_world(
             f"NVSHMEM gave pe {nvshmem.core.my_pe()} of {nvshmem.core.n_pes()}, "
             f"torchrun rank {rank} of {size}"
         )
-    _BITCODE = nvshmem.core.find_device_bitcode_library()
+    device_bitcode = nvshmem.core.find_device_bitcode_library()
     _install_hook()
     world = NvshmemWorld(rank, size, local, owns_pg, timeout_s)
     world.libnvshmem_version = lib_version

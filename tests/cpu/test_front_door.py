@@ -7,6 +7,7 @@ import importlib.util
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# what a source copy to install from leaves out
+SKIP = (".git", ".venv", ".old", ".whl", "build", "*.egg-info", "__pycache__", "results", "out")
 
 
 def readme_block(heading: str) -> str:
@@ -68,11 +71,14 @@ def test_an_unknown_preset_is_an_error():
 def test_a_plain_install_ships_the_command_line_tools(tmp_path):
     """``pip install .`` (not editable) carries megakernel, symm_mem and the benchmarks that
     ``python -m megakernel`` runs on GPUs, so it works away from the checkout."""
-    site = tmp_path / "site"
+    # a copy of the sources: building in place would leave build/ in the checkout
+    source, site = tmp_path / "source", tmp_path / "site"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*SKIP))
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps"]
     if importlib.util.find_spec("setuptools"):  # else pip fetches it into an isolated build
         pip.append("--no-build-isolation")
-    done = subprocess.run([*pip, "--target", str(site), str(ROOT)], capture_output=True, text=True)
+    pip += ["--target", str(site), str(source)]
+    done = subprocess.run(pip, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     for package in ("megakernel", "symm_mem", "perf"):
         assert (site / package / "__init__.py").exists(), package

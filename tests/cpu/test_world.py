@@ -143,7 +143,7 @@ def test_missing_nvshmem4py_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_nvshmem)
     with pytest.raises(RuntimeError, match="nvshmem4py-cu13==0.4.1"):
-        runtime._import_nvshmem()
+        runtime.import_nvshmem()
 
 
 def test_version_checks():
@@ -156,11 +156,11 @@ def test_version_checks():
         return SimpleNamespace(core=SimpleNamespace(get_version=lambda: version))
 
     with pytest.raises(RuntimeError, match="nvshmem4py 0.3.0 is too old"):
-        runtime._check_versions(fake("0.3.0", "3.4.5"))
+        runtime.check_versions(fake("0.3.0", "3.4.5"))
     with pytest.raises(RuntimeError, match="libnvshmem 3.2.1 is too old"):
-        runtime._check_versions(fake("0.4.1", "3.2.1"))
-    assert runtime._version_tuple("3.4.5") == (3, 4, 5)
-    assert runtime._version_tuple("0.4.1rc2") == (0, 4, 1)
+        runtime.check_versions(fake("0.4.1", "3.2.1"))
+    assert runtime.version_tuple("3.4.5") == (3, 4, 5)
+    assert runtime.version_tuple("0.4.1rc2") == (0, 4, 1)
 
 
 def test_nvshmem_launch_refuses_uninitialised_module(monkeypatch):
@@ -181,10 +181,10 @@ def test_nvshmem_launch_refuses_uninitialised_module(monkeypatch):
         def __getitem__(self, grid):
             raise AssertionError("must not launch an uninitialised NVSHMEM kernel")
 
-    monkeypatch.setattr(runtime, "_BITCODE", "/nonexistent/libnvshmem_device.bc")
+    monkeypatch.setattr(runtime, "device_bitcode", "/nonexistent/libnvshmem_device.bc")
     kernel = runtime.uses_nvshmem(FakeKernel())
     with pytest.raises(RuntimeError, match="fake_kernel.*not initialised"):
         runtime.launch(kernel, (1,))
-    monkeypatch.setattr(runtime, "_BITCODE", None)
+    monkeypatch.setattr(runtime, "device_bitcode", None)
     with pytest.raises(RuntimeError, match="init_world"):
         runtime.launch(kernel, (1,))
