@@ -123,6 +123,7 @@ def moe_megakernel(
     r_lo, r_count = share(task_begin, task_end, M.BASE_REDUCE, num_reduce)
     # a launch holding both whole regions interleaves them (combine_order); else id order
     interleave = (n_count == num_down) & (r_count == num_reduce)
+    shares = (n_lo, n_count, r_lo, num_down, num_tiles, nrb, interleave)
     # TRACE: this program's events so far this call (earlier launches of it appended theirs)
     n_events = trace_begin(state.trace, M.TRACE, M.TRACE_CAP)
     if tl.program_id(0) < M.DISPATCH_CTAS:
@@ -147,36 +148,10 @@ def moe_megakernel(
                 g_lo + q, w13_ptr, w13_desc, act_ptr, plan, mine, state, rank, epoch, deadline, M
             )
         elif M.LAYER:
-            u = q - g_count
-            is_down = u < n_count
-            idx = tl.where(is_down, n_lo + u, r_lo + u - n_count)
-            if M.GROUPS > 1:  # one column group: id order is the interleaved order
-                if interleave:
-                    is_down, idx = combine_order(
-                        u, num_down, num_tiles, nrb, M.LAG, M.GROUP_BLOCKS, M.GROUPS
-                    )
-            if is_down:
-                group, tile, n_block = down_coords(idx, num_tiles, M.GROUP_BLOCKS, M.DOWN_BLOCKS)
-                # NOTE: a program holds one group's pieces at a time: publish them when it moves on
-                if (held >= 0) & (held != group):
-                    publish_pieces(pending_row, peers, held, M)
-                held = group.to(tl.int32)
-                kind = tl.full((), KIND_DOWN, tl.int32)
-                task = M.BASE_DOWN + idx
-                waited = down_task(
-                    tile, n_block, task, w2_ptr, w2_desc, act_ptr, pending_row, plan, peers,
-                    mine, state, rank, epoch, deadline, M,
-                )  # fmt: skip
-            else:
-                # NOTE: publish this program's combine pieces before it waits on anybody's
-                if held >= 0:
-                    publish_pieces(pending_row, peers, held, M)
-                    held = tl.full((), -1, tl.int32)
-                kind = tl.full((), KIND_REDUCE, tl.int32)
-                task = M.BASE_REDUCE + idx
-                waited = reduce_task(
-                    idx, nrb, num_tokens, weights_ptr, out_ptr, plan, mine, state, rank, deadline, M
-                )
+            waited, kind, task, held = _combine_step(
+                q - g_count, held, pending_row, shares, num_tokens, w2_ptr, w2_desc, act_ptr,
+                weights_ptr, out_ptr, plan, peers, mine, state, rank, epoch, deadline, M,
+            )  # fmt: skip
         n_events = trace_task(
             state.trace, n_events, kind, task, start, waited, M.TRACE, M.TRACE_CAP
         )
@@ -186,6 +161,47 @@ def moe_megakernel(
             publish_pieces(pending_row, peers, held, M)
     trace_end(state.trace, n_events, rank, M.TRACE, M.TRACE_CAP)
     _last_out_resets(mine, state, task_begin, task_end, M)
+
+
+@triton.jit
+def _combine_step(
+    u, held, pending_row, shares, num_tokens, w2_ptr, w2_desc, act_ptr, weights_ptr, out_ptr,
+    plan, peers, mine, state, rank, epoch, deadline, M: tl.constexpr,
+):  # fmt: skip
+    """Task ``u`` of the down + reduce part (``shares``: this launch's part of both regions):
+    run it, publishing the program's held combine pieces where it moves on from their column
+    group. Returns (ns waited, kind, task id, the column group now held)."""
+    n_lo, n_count, r_lo, num_down, num_tiles, nrb, interleave = shares
+    is_down = u < n_count
+    idx = tl.where(is_down, n_lo + u, r_lo + u - n_count)
+    if M.GROUPS > 1:  # one column group: id order is the interleaved order
+        if interleave:
+            is_down, idx = combine_order(
+                u, num_down, num_tiles, nrb, M.LAG, M.GROUP_BLOCKS, M.GROUPS
+            )
+    if is_down:
+        group, tile, n_block = down_coords(idx, num_tiles, M.GROUP_BLOCKS, M.DOWN_BLOCKS)
+        # NOTE: a program holds one group's pieces at a time: publish them when it moves on
+        if (held >= 0) & (held != group):
+            publish_pieces(pending_row, peers, held, M)
+        held = group.to(tl.int32)
+        kind = tl.full((), KIND_DOWN, tl.int32)
+        task = M.BASE_DOWN + idx
+        waited = down_task(
+            tile, n_block, task, w2_ptr, w2_desc, act_ptr, pending_row, plan, peers, mine,
+            state, rank, epoch, deadline, M,
+        )  # fmt: skip
+    else:
+        # NOTE: publish this program's combine pieces before it waits on anybody's
+        if held >= 0:
+            publish_pieces(pending_row, peers, held, M)
+            held = tl.full((), -1, tl.int32)
+        kind = tl.full((), KIND_REDUCE, tl.int32)
+        task = M.BASE_REDUCE + idx
+        waited = reduce_task(
+            idx, nrb, num_tokens, weights_ptr, out_ptr, plan, mine, state, rank, deadline, M
+        )
+    return waited, kind, task, held
 
 
 @triton.jit
