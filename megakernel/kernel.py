@@ -80,6 +80,7 @@ class RankState(NamedTuple):
     err: torch.Tensor  # [ERR_WORDS] int64 the error record (symm_mem.errors)
     epoch: torch.Tensor  # [1] int64 this call's epoch (the plan bumped it)
     trace: torch.Tensor  # TRACE: [programs, 1 + TRACE_CAP, 4] int64, zeroed per call
+    routing_err: torch.Tensor  # [4] int64 the first bad routing id of a call (plan.count)
 
 
 @triton.jit(do_not_specialize=["rank", "num_tokens", "task_begin", "task_end", "timeout_ns"])
@@ -199,7 +200,7 @@ def _combine_step(
         kind = tl.full((), KIND_REDUCE, tl.int32)
         task = M.BASE_REDUCE + idx
         waited = reduce_task(
-            idx, nrb, num_tokens, weights_ptr, out_ptr, plan, mine, state, rank, deadline, M
+            idx, nrb, num_tokens, weights_ptr, out_ptr, plan, mine, state, rank, epoch, deadline, M
         )
     return waited, kind, task, held
 

@@ -25,6 +25,7 @@ from megakernel.config import KernelConfig
 from megakernel.placement import Placement
 from megakernel.routing import route_topk
 from megakernel.shapes import MoEShape
+from megakernel.validate import VALIDATE_MODES
 from megakernel.workspace import Megakernel
 from symm_mem.buffer import World
 
@@ -55,8 +56,11 @@ class FusedEPMoE(nn.Module):
     freed by ``close()``, which every rank calls.
 
     Calls need no host synchronisation and can be captured in a CUDA graph (make one call first,
-    so every kernel is compiled). After a ``WaitTimeoutError`` the ranks no longer agree on the
-    call count: close the layer and build a new one.
+    so every kernel is compiled). ``validate="device"`` checks every routing id on the device: a
+    bad one is dropped, that rank's output is NaN and ``RoutingError`` is raised by a later call
+    or ``check_errors()``; ``validate="host"`` reads the id range back first (one sync per
+    call). After a ``WaitTimeoutError`` the ranks no longer agree on the call count: close the
+    layer and build a new one.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class FusedEPMoE(nn.Module):
         router: Router | None = None,
         split: bool = False,
         check_every_call: bool = False,
+        validate: str = "device",
     ) -> None:
         super().__init__()
         self.world, self.shape = world, shape
@@ -90,7 +95,9 @@ class FusedEPMoE(nn.Module):
         self.w13 = self._weights("w13", w13, (L, 2 * I, H))
         self.w2 = self._weights("w2", w2, (L, H, I))
         self.router = router
-        self.split, self.check_every_call = split, check_every_call
+        if validate not in VALIDATE_MODES:
+            raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {validate!r}")
+        self.split, self.check_every_call, self.validate = split, check_every_call, validate
         self.workspace = Megakernel(
             world, shape, placement=self.placement, config=config, capacity=capacity
         )
@@ -178,6 +185,7 @@ class FusedEPMoE(nn.Module):
             {r: self.w2[str(r)] for r in ranks},
             mode="layer",
             split=self.split,
+            validate=self.validate,
         )
         if self.check_every_call:
             self.check_errors()
@@ -210,7 +218,8 @@ class FusedEPMoE(nn.Module):
     # -- workspace ------------------------------------------------------------------------
 
     def check_errors(self) -> None:
-        """Wait for the device; raise ``WaitTimeoutError`` / ``CapacityError`` if a call failed."""
+        """Wait for the device; raise ``WaitTimeoutError``, ``CapacityError`` or ``RoutingError``
+        if a call failed."""
         self.workspace.check_errors()
 
     def describe(self) -> str:

@@ -108,7 +108,8 @@ class Placement:
 
 
 def resolve_ref(topk_ids: torch.Tensor, src_rank: int, placement: Placement) -> torch.Tensor:
-    """(token, k) -> physical slot, ``[T, K]`` int32; -1 (dropped) stays -1.
+    """(token, k) -> physical slot, ``[T, K]`` int32; -1 (dropped) stays -1, and so does an id
+    outside [-1, E) (the plan's count kernel records it as an error and drops it).
 
     Rule: the replica on ``src_rank`` if the expert has one there, else replica
     ``token % num_replicas`` (in the order of ``placement.replicas[e]``).
@@ -123,8 +124,8 @@ def resolve_ref(topk_ids: torch.Tensor, src_rank: int, placement: Placement) -> 
         if mine:
             on_src[e] = mine[0]
     ids = topk_ids.cpu().long()
-    dropped = ids < 0
-    e = ids.clamp(min=0)
+    dropped = (ids < 0) | (ids >= placement.num_experts)
+    e = torch.where(dropped, 0, ids)
     token = torch.arange(T).unsqueeze(1).expand(T, K)
     spread = table[e, token % num_replicas[e]]
     phys = torch.where(on_src[e] >= 0, on_src[e], spread)

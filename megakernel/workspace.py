@@ -11,7 +11,8 @@ A call on every local rank: the plan's kernels (``megakernel.plan``), then ``moe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 import triton
@@ -27,6 +28,7 @@ from megakernel.config import (
     pow2,
 )
 from megakernel.kernel import PlanBuffers, RankState, SymBuffers, moe_megakernel
+from megakernel.launch import Launcher, aligned
 from megakernel.placement import Placement
 from megakernel.plan import STATS, Plan, PlanConfig, PlanWorkspace
 from megakernel.shapes import MoEShape
@@ -39,7 +41,7 @@ from megakernel.tasks import (
     flag_name,
     task_regions,
 )
-from megakernel.validate import check_routing
+from megakernel.validate import VALIDATE_MODES, RoutingWatch, check_routing
 from symm_mem.buffer import World
 
 
@@ -60,9 +62,14 @@ class DispatchHandle:
     recv_src: torch.Tensor  # [C] int32 row holding each row's data
     stats: torch.Tensor  # [4] int32 the plan's stats (megakernel.plan.STATS)
     topk_weights: torch.Tensor | None  # [T, K]
-    plan: Plan | None  # this call's plan (views, overwritten by the next call)
     out: torch.Tensor | None = None  # [T, H] mode "layer"
     trace: torch.Tensor | None = None  # KernelConfig(trace=True): this call's trace records
+    plan_views: Callable[[], Plan] | None = field(default=None, repr=False)
+
+    @property
+    def plan(self) -> Plan | None:
+        """This call's plan (views, overwritten by the next call; made when asked for)."""
+        return self.plan_views() if self.plan_views is not None else None
 
     def num_recv(self) -> int:
         """Rows this rank received (reads the plan's stats back: one sync)."""
@@ -77,7 +84,7 @@ class DispatchHandle:
             recv_x=self.recv_x.clone(),
             recv_src=self.recv_src.clone(),
             stats=self.stats.clone(),
-            plan=None,
+            plan_views=None,
         )
 
     def resolved(self) -> torch.Tensor:
@@ -155,6 +162,16 @@ class Megakernel:
             DISPATCH_ONLY_PROGRAMS_PER_SM if own_gpu else 1
         )
         self._alloc_local()
+        self._groups = {r: self._buffer_groups(r) for r in world.local_ranks}
+        self._recv_views = {  # by rank, then parity: (recv_x [C, H], recv_src [C])
+            r: [(self.sym["recv_x"].peer(r)[p], self.sym["recv_src"].peer(r)[p]) for p in (0, 1)]
+            for r in world.local_ranks
+        }
+        self._kernel = Launcher(moe_megakernel)
+        self._options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        self._meta_cache: dict[tuple[str, int], KernelMeta] = {}
+        self._descriptor_cache: dict[tuple, tuple] = {}
+        self._watch = RoutingWatch(self.plan_ws.routing_err)
         self.epoch = {r: 0 for r in world.local_ranks}  # host mirror of the plan's device epoch
         self._warm: set[tuple[str, int]] = set()  # (mode, probe) compiled and loaded
 
@@ -257,16 +274,19 @@ class Megakernel:
 
     def meta(self, mode: str, probe: int = 0) -> KernelMeta:
         """The kernel's constants for ``mode`` and a timing probe (``megakernel.tasks``)."""
-        return kernel_meta(
-            self.shape,
-            self.plan_cfg,
-            self.config,
-            self.capacity,
-            self.swiglu,
-            self.programs(mode),
-            mode,
-            probe,
-        )
+        meta = self._meta_cache.get((mode, probe))
+        if meta is None:
+            meta = self._meta_cache[(mode, probe)] = kernel_meta(
+                self.shape,
+                self.plan_cfg,
+                self.config,
+                self.capacity,
+                self.swiglu,
+                self.programs(mode),
+                mode,
+                probe,
+            )
+        return meta
 
     def task_regions(self, mode: str) -> dict[str, tuple[int, int]]:
         """The task id range ``[begin, end)`` of each task kind of one call, in id order."""
@@ -277,7 +297,17 @@ class Megakernel:
 
         NOTE: decided by the launch's meta, not by which weights the caller passed, so a call
         passes the argument types ``warmup`` compiled for its mode (a None descriptor and a
-        tensor descriptor are different kernel variants)."""
+        tensor descriptor are different kernel variants). Kept for the last few weights seen:
+        a layer passes the same weights every call."""
+        key = (meta.GEMM1_TMA, meta.PAIRS, meta.DOWN_TMA, _identity(w13), _identity(w2))
+        found = self._descriptor_cache.get(key)
+        if found is None:
+            if len(self._descriptor_cache) >= 8:
+                self._descriptor_cache.pop(next(iter(self._descriptor_cache)))
+            found = self._descriptor_cache[key] = self._make_descriptors(meta, w13, w2)
+        return found
+
+    def _make_descriptors(self, meta: KernelMeta, w13, w2) -> tuple:
         cfg, H, I = self.config, self.shape.hidden, self.shape.ffn
         w13_desc = w2_desc = None
         if meta.GEMM1_TMA:
@@ -299,12 +329,6 @@ class Megakernel:
         read are stood in for by others of the right kind (their kernels never touch them)."""
         x, weights, w13, w2, out = inputs.x, inputs.topk_weights, inputs.w13, inputs.w2, inputs.out
         w13_desc, w2_desc = self._descriptors(meta, w13, w2)
-        plan = self.plan_ws.bufs[rank]
-        stand_in = {"recv_tag": "recv_src", "combine_y": "recv_x", "combine_count": "recv_src"}
-        sym = {
-            name: self.sym[name if name in self.sym else stand_in[name]]
-            for name in SymBuffers._fields
-        }
         return dict(
             x_ptr=x,
             w13_ptr=w13,
@@ -314,6 +338,26 @@ class Megakernel:
             weights_ptr=x if weights is None else weights,
             act_ptr=self.act[rank],
             out_ptr=x if out is None else out,
+            **self._groups[rank],
+            rank=rank,
+            num_tokens=x.shape[0],
+            task_begin=begin,
+            task_end=end,
+            timeout_ns=self.world.timeout_ns(),
+            M=meta,
+        )
+
+    def _buffer_groups(self, rank: int) -> dict[str, tuple]:
+        """The kernel's buffer groups of ``rank`` (``plan``, ``peers``, ``mine``, ``state``): the
+        same tensors every call, built once. Without the combine buffers the kernel never
+        touches theirs (LAYER is off): others of the right kind stand in."""
+        plan = self.plan_ws.bufs[rank]
+        stand_in = {"recv_tag": "recv_src", "combine_y": "recv_x", "combine_count": "recv_src"}
+        sym = {
+            name: self.sym[name if name in self.sym else stand_in[name]]
+            for name in SymBuffers._fields
+        }
+        return dict(
             plan=PlanBuffers(**{name: plan[name] for name in PlanBuffers._fields}),
             peers=SymBuffers(**{name: t.peer_base for name, t in sym.items()}),
             mine=SymBuffers(**{name: t.peer(rank) for name, t in sym.items()}),
@@ -321,13 +365,8 @@ class Megakernel:
                 **{name: t[rank] for name, t in self.state.items()},
                 err=self.world.error_record(rank),
                 epoch=self.plan_ws.epoch[rank],
+                routing_err=plan["routing_err"],
             ),
-            rank=rank,
-            num_tokens=x.shape[0],
-            task_begin=begin,
-            task_end=end,
-            timeout_ns=self.world.timeout_ns(),
-            M=meta,
         )
 
     def _dummy_inputs(self) -> CallInputs:
@@ -349,11 +388,9 @@ class Megakernel:
             return
         self.plan_ws.warmup()
         r = self.world.local_ranks[0]
-        meta = self.meta(mode, probe)
-        args = self.kernel_args(r, self._dummy_inputs(), meta, 0, 0)
-        options = dict(num_warps=self.config.num_warps, num_stages=self.config.num_stages)
-        kernel = moe_megakernel.warmup(**args, **options, grid=(1,))
-        kernel._init_handles()
+        args = self.kernel_args(r, self._dummy_inputs(), self.meta(mode, probe), 0, 0)
+        self._kernel.compile((mode, probe), args, **self._options)
+        self._descriptor_cache.clear()  # only the dummy weights' are there
         self._warm.add((mode, probe))
 
     # -- a call ---------------------------------------------------------------------------
@@ -368,11 +405,12 @@ class Megakernel:
         if t.device != self.world.device:
             raise ValueError(f"{name} is on {t.device}, the layer on {self.world.device}")
 
-    def _validate(self, rank: int, given: CallInputs, layer: bool) -> None:
-        """Host checks of one rank's inputs (the id range read back: one sync, skipped while a
-        CUDA graph is being captured)."""
+    def _validate(self, rank: int, given: CallInputs, layer: bool, values: bool) -> None:
+        """Host checks of one rank's inputs: shapes, dtypes, devices, and with ``values`` the id
+        range, read back (one sync; skipped while a CUDA graph is being captured)."""
         shape, L, dev = self.shape, self.plan_cfg.slots_per_rank, self.world.device
         H, I = shape.hidden, shape.ffn
+        capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
         check_routing(
             given.topk_ids,
             given.topk_weights,
@@ -380,8 +418,7 @@ class Megakernel:
             topk=shape.topk,
             max_tokens=shape.max_tokens_per_rank,
             device=dev,
-            # NOTE: no host read-back while a CUDA graph is being captured
-            check_values=dev.type != "cuda" or not torch.cuda.is_current_stream_capturing(),
+            check_values=values and not capturing,
         )
         self._check_tensor(rank, "x", given.x, (given.topk_ids.shape[0], H), shape.dtype)
         self._check_tensor(rank, "w13", given.w13, (L, 2 * I, H), shape.dtype)
@@ -392,25 +429,26 @@ class Megakernel:
             if not given.out.is_contiguous():
                 raise ValueError("out must be contiguous")
 
-    def _prepare(self, rank: int, given: CallInputs, mode: str, validate: bool) -> CallInputs:
-        """One rank's inputs checked and in the layout the kernels read."""
+    def _prepare(self, rank: int, given: CallInputs, mode: str, validate: str | None) -> CallInputs:
+        """One rank's inputs checked (``validate``: one of ``VALIDATE_MODES``, None: unchecked)
+        and in the layout the kernels read."""
         layer = mode == "layer"
         if layer and given.topk_weights is None:
             raise ValueError('mode "layer" needs topk_weights')
         if layer and given.w2 is None:
             raise ValueError('mode "layer" needs w2 [L, H, I]')
         if validate:
-            self._validate(rank, given, layer)
-        # NOTE: a misaligned view would compile a new kernel variant at launch, while peers spin
-        x, w13, w2 = (
-            t if t is None or (t.is_contiguous() and t.data_ptr() % 16 == 0) else t.clone()
-            for t in (given.x, given.w13, given.w2)
-        )
+            self._validate(rank, given, layer, values=validate == "host")
+        # NOTE: the kernels are compiled for 16-byte aligned pointers (megakernel.launch): a
+        # misaligned view is copied, or would need another variant compiled while peers spin
+        x, w13, w2 = aligned(given.x), aligned(given.w13), aligned(given.w2)
         weights, out = given.topk_weights, given.out
         if layer:
-            weights = weights.to(torch.float32).contiguous()
+            weights = aligned(weights.to(torch.float32))
             if out is None:
                 out = torch.empty(x.shape[0], self.shape.hidden, dtype=x.dtype, device=x.device)
+            elif out.data_ptr() % 16:
+                raise ValueError("out must be 16-byte aligned (a fresh tensor is)")
         ids = self.plan_ws.prepare_ids(given.topk_ids, validate=False)
         return CallInputs(x, ids, weights, w13, w2, out)
 
@@ -426,7 +464,7 @@ class Megakernel:
         mode: str = "gemm",
         overlap: bool | None = None,
         split: bool = False,
-        validate: bool = True,
+        validate: bool | str = "device",
         stage: str = "all",
     ) -> dict[int, DispatchHandle]:
         """One call on every local rank (inputs keyed by rank). ``mode``: "layer" (the whole MoE
@@ -448,8 +486,16 @@ class Megakernel:
         ``overlap`` (default: when the world runs ranks concurrently) runs each rank's task range
         in one launch (two with ``split``); otherwise each task kind runs on every rank before the
         next kind starts (the CPU interpreter must; on one GPU it isolates a hang from a race).
+
+        ``validate``: "device" (or True) checks shapes, dtypes and devices on the host and every
+        routing id on the device, with no host synchronisation: a bad id is dropped, that rank's
+        output is NaN, and ``RoutingError`` is raised at the start of a later call (once the
+        device has run the bad one) or by ``check_errors()``. "host" also reads the id range back
+        before launching (one sync per call); False checks nothing on the host.
         """
         probe = self._check_call(mode, stage)
+        self._watch.raise_found(self.world.local_ranks, self.placement.num_experts, wait=False)
+        validate = _validate_mode(validate)
         ranks = self.world.local_ranks
         none = {r: None for r in ranks}
         given = {
@@ -476,6 +522,7 @@ class Megakernel:
                 self.state["act_ready"][r].zero_()
                 self.state["resolved"][r].zero_()
         self._launch(ready, mode, probe, self._ranges(mode, stage, overlap, split))
+        self._watch.after_call()
         return {r: self._handle(r, ready[r], advance=not rerun) for r in ranks}
 
     def _check_call(self, mode: str, stage: str) -> int:
@@ -497,8 +544,7 @@ class Megakernel:
 
     def _launch(self, ready: dict[int, CallInputs], mode: str, probe: int, ranges) -> None:
         """One megakernel launch per rank and task range, ranges in order."""
-        meta = self.meta(mode, probe)
-        options = dict(num_warps=self.config.num_warps, num_stages=self.config.num_stages)
+        meta, key = self.meta(mode, probe), (mode, probe)
         if self.config.trace:
             for r in self.world.local_ranks:
                 self.state["trace"][r].zero_()
@@ -506,24 +552,25 @@ class Megakernel:
         for begin, end in ranges:
 
             def launch(r: int, begin: int = begin, end: int = end) -> None:
-                moe_megakernel[grid](**self.kernel_args(r, ready[r], meta, begin, end), **options)
+                args = self.kernel_args(r, ready[r], meta, begin, end)
+                self._kernel(key, grid, args, **self._options)
 
             self.world.run_ranks(launch)
 
     def _handle(self, r: int, ready: CallInputs, advance: bool) -> DispatchHandle:
         self.epoch[r] += advance
-        parity = self.epoch[r] % 2
+        recv_x, recv_src = self._recv_views[r][self.epoch[r] % 2]
         return DispatchHandle(
             rank=r,
             epoch=self.epoch[r],
             act=self.act[r],
-            recv_x=self.sym["recv_x"].peer(r)[parity],
-            recv_src=self.sym["recv_src"].peer(r)[parity],
+            recv_x=recv_x,
+            recv_src=recv_src,
             stats=self.plan_ws.bufs[r]["stats"],
             topk_weights=ready.topk_weights,
-            plan=self.plan_ws.plan(r),
             out=ready.out,
             trace=self.state["trace"][r] if self.config.trace else None,
+            plan_views=lambda: self.plan_ws.plan(r),
         )
 
     def _ranges(
@@ -552,14 +599,33 @@ class Megakernel:
         return flag_name(flag, token_blocks, self.world.world_size)
 
     def check_errors(self) -> None:
-        """Wait for the device, then raise if any rank's call failed (timeout, overflow)."""
+        """Wait for the device, then raise if any rank's call failed (``WaitTimeoutError``,
+        ``CapacityError``, ``RoutingError``)."""
         self.world.check_errors(self.flag_name)
+        self._watch.raise_found(self.world.local_ranks, self.placement.num_experts, wait=True)
 
     def close(self) -> None:
         """Free the symmetric buffers (collective, in allocation order)."""
         self.plan_ws.close()
         for t in self.sym.values():
             self.world.free(t)
+
+
+def _identity(t: torch.Tensor | None) -> tuple | None:
+    """What a descriptor depends on: the tensor's address, shape and strides."""
+    return None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+
+
+def _validate_mode(validate: bool | str) -> str | None:
+    if validate is True:
+        return "device"
+    if validate is False:
+        return None
+    if validate not in VALIDATE_MODES:
+        raise ValueError(
+            f"validate must be one of {VALIDATE_MODES}, True or False, got {validate!r}"
+        )
+    return validate
 
 
 def dispatch_gemm(

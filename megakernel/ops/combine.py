@@ -166,12 +166,14 @@ def tile_topk_reduce(
 
 @triton.jit
 def reduce_task(
-    j, nrb, num_tokens, weights_ptr, out_ptr, plan, mine, state, rank, deadline, M: tl.constexpr
-):
+    j, nrb, num_tokens, weights_ptr, out_ptr, plan, mine, state, rank, epoch, deadline,
+    M: tl.constexpr,
+):  # fmt: skip
     """Top-k reduce task ``j`` of ``nrb`` per column group: group ``g = j // nrb`` (columns
     ``g * GROUP_COLS``), tokens ``(j % nrb) * REDUCE_TOKENS``. Waits until the counter of its
     (group, token block) holds every piece the block's kept slots get there (one per column
-    block of the group)."""
+    block of the group). While this rank's routing error record holds a bad id (this call's, or
+    an earlier call's the host has not raised yet) it writes NaN: never plausible numbers."""
     g = j // nrb
     t0 = (j - g * nrb) * M.REDUCE_TOKENS
     block = t0 // M.COMBINE_BLOCK
@@ -192,20 +194,37 @@ def reduce_task(
         waited = globaltimer() - waited
     if ready:
         t_end = tl.minimum(t0 + M.REDUCE_TOKENS, num_tokens)
-        tile_topk_reduce(
-            mine.combine_y,
-            weights_ptr,
-            plan.phys,
-            out_ptr,
-            t0,
-            t_end,
-            g * M.GROUP_COLS,
-            M.H,
-            M.K,
-            M.K_P,
-            M.REDUCE_TOKENS,
-            M.REDUCE_STEP_TOKENS,
-            M.GROUP_COLS,
-            M.REDUCE_STEP_COLS,
-        )
+        if tl.load(state.routing_err) != 0:  # this call's or an earlier one's, not yet raised
+            tile_fill_nan(out_ptr, t0, t_end, g * M.GROUP_COLS, M.H, M.REDUCE_TOKENS, M.GROUP_COLS)
+        else:
+            tile_topk_reduce(
+                mine.combine_y,
+                weights_ptr,
+                plan.phys,
+                out_ptr,
+                t0,
+                t_end,
+                g * M.GROUP_COLS,
+                M.H,
+                M.K,
+                M.K_P,
+                M.REDUCE_TOKENS,
+                M.REDUCE_STEP_TOKENS,
+                M.GROUP_COLS,
+                M.REDUCE_STEP_COLS,
+            )
     return waited
+
+
+@triton.jit
+def tile_fill_nan(
+    out_ptr, t0, t_end, h0, H: tl.constexpr, TOKENS: tl.constexpr, COLS: tl.constexpr
+):  # fmt: skip
+    """``out[t0 : t_end, h0 : h0 + COLS] = NaN``: a reduce task's block of a call that could not
+    compute its answer (a bad routing id) holds no plausible numbers."""
+    for s0 in tl.range(0, TOKENS, 16):
+        t = t0 + s0 + tl.arange(0, 16)[:, None]
+        for c0 in tl.range(0, COLS, 256):
+            h = h0 + c0 + tl.arange(0, 256)[None, :]
+            nan = tl.full([16, 256], float("nan"), tl.float32).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + t.to(tl.int64) * H + h, nan, mask=(t < t_end) & (h < H))

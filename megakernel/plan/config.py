@@ -31,6 +31,7 @@ class PlanMeta(NamedTuple):
     their names. ``*_P`` is the value rounded up to a power of two (a block shape)."""
 
     K: int  # top-k
+    E: int  # experts (logical): an id outside [-1, E) is an error, dropped
     R: int  # ranks
     L: int  # slots per rank
     K_P: int
@@ -116,12 +117,13 @@ class PlanConfig:
             P_P=pow2(self.num_slots),
         )
 
-    def meta(self, max_replicas: int = 1) -> PlanMeta:
+    def meta(self, num_experts: int, max_replicas: int = 1) -> PlanMeta:
         """The plan kernels' constants (``max_replicas``: the placement's most replicas of one
         expert)."""
         p_p = pow2(self.num_slots)
         return PlanMeta(
             **self.sizes(),
+            E=num_experts,
             CT=self.tokens_per_chunk,
             TOKEN_SAVING=self.token_saving,
             SORTED=self.sorted_dispatch,

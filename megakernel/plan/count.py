@@ -5,7 +5,9 @@ chunks of CT tokens (64 (token, k) pairs).
 
 ``plan_count_kernel`` resolves every (token, k) to a physical slot through the placement tables
 and histograms each chunk: rows per slot, and *units* per send group (with token saving, the first
-slot of each (token, destination rank)).
+slot of each (token, destination rank)). It is the one place that reads every routing id: an id
+outside [-1, E) is dropped, so no kernel ever indexes with it, and the first one is recorded
+(``report_bad_id``) for the host to raise and the top-k reduce to poison the call's output.
 
 ``plan_scan_kernel``: an exclusive scan of the chunk histograms down the chunks, column-parallel
 (each program scans a few of the 2 * P columns), in place, giving every chunk its rows and units
@@ -30,15 +32,37 @@ class PlacementTables(NamedTuple):
     on_rank: torch.Tensor  # [E] this rank's replica of each expert, -1 if none
 
 
+# the routing error record: [call epoch (0: none), token, k, id], the first bad id of a call
+ROUTING_ERR_WORDS = 4
+
+
 @triton.jit
-def resolve_block(ids_ptr, placement, t0, T, M: tl.constexpr):
+def report_bad_id(e, bad, t, k, routing_err_ptr, epoch, M: tl.constexpr):
+    """Record the first of the ``bad`` ids ``e`` (token ``t``, slot ``k``) of call ``epoch``,
+    unless a record is there already (the host clears it when it raises)."""
+    pair = tl.where(bad, t * M.K + k, 2**31 - 1)
+    first = tl.min(tl.min(pair, 1), 0)
+    value = tl.sum(tl.sum(tl.where(pair == first, e, 0), 1), 0)
+    zero = tl.zeros((), tl.int64)
+    if tl.atomic_cas(routing_err_ptr, zero, tl.cast(epoch, tl.int64), sem="relaxed") == 0:
+        tl.store(routing_err_ptr + 1, tl.cast(first // M.K, tl.int64))
+        tl.store(routing_err_ptr + 2, tl.cast(first % M.K, tl.int64))
+        tl.store(routing_err_ptr + 3, tl.cast(value, tl.int64))
+
+
+@triton.jit
+def resolve_block(ids_ptr, placement, t0, T, routing_err_ptr, epoch, M: tl.constexpr):
     """[CT, K_P] physical slots of tokens [t0, t0 + CT): this rank's replica if it has one, else
-    replica ``token % num_replicas``; -1 for dropped and padding."""
+    replica ``token % num_replicas``; -1 for dropped and padding, and for an id outside [-1, E),
+    which is recorded as the call's error."""
     t = t0 + tl.arange(0, M.CT)[:, None]
     k = tl.arange(0, M.K_P)[None, :]
     inside = (t < T) & (k < M.K)
     e = tl.load(ids_ptr + t * M.K + k, mask=inside, other=-1)
-    live = inside & (e >= 0)
+    bad = inside & ((e < -1) | (e >= M.E))
+    if tl.max(tl.max(bad.to(tl.int32), 1), 0) > 0:
+        report_bad_id(e, bad, t, k, routing_err_ptr, epoch, M)
+    live = inside & (e >= 0) & (e < M.E)
     on_rank = tl.load(placement.on_rank + e, mask=live, other=-1)
     num_rep = tl.load(placement.num_replicas + e, mask=live, other=1)
     spread = tl.load(placement.replica + e * M.MAX_REPLICAS + t % num_rep, mask=live, other=-1)
@@ -65,10 +89,12 @@ def first_slots(phys, L: tl.constexpr):
 
 
 @triton.jit
-def _count_chunk(ids_ptr, placement, phys_ptr, chunk_rows_ptr, c, T, M: tl.constexpr):
+def _count_chunk(
+    ids_ptr, placement, phys_ptr, chunk_rows_ptr, c, T, routing_err_ptr, epoch, M: tl.constexpr
+):
     """Resolve chunk c's tokens to physical slots and store its two histograms: rows per slot
     and units per send group."""
-    phys = resolve_block(ids_ptr, placement, c * M.CT, T, M)
+    phys = resolve_block(ids_ptr, placement, c * M.CT, T, routing_err_ptr, epoch, M)
     t = c * M.CT + tl.arange(0, M.CT)[:, None]
     k = tl.arange(0, M.K_P)[None, :]
     tl.store(phys_ptr + t * M.K + k, phys, mask=(t < T) & (k < M.K))
@@ -92,13 +118,16 @@ def plan_count_kernel(
     placement,  # PlacementTables
     phys_ptr,  # [T, K] int32 out
     chunk_rows_ptr,  # [NC, 2, P_P] int32 out: per chunk, rows per slot and units per group
+    routing_err_ptr,  # [ROUTING_ERR_WORDS] int64: the first bad id of a call (report_bad_id)
+    epoch_ptr,  # [1] int64: the last call's epoch (plan_scan_kernel bumps it after this kernel)
     T,
     M: tl.constexpr,  # PlanMeta
 ):
     c = tl.program_id(0)
+    epoch = tl.load(epoch_ptr) + 1  # this call's
     num_chunks = tl.maximum(tl.cdiv(T, M.CT), 1)
     while c < num_chunks:  # persistent: the grid may be smaller than the chunk count
-        _count_chunk(ids_ptr, placement, phys_ptr, chunk_rows_ptr, c, T, M)
+        _count_chunk(ids_ptr, placement, phys_ptr, chunk_rows_ptr, c, T, routing_err_ptr, epoch, M)
         c += tl.num_programs(0)
 
 

@@ -10,6 +10,7 @@ import torch
 import triton
 
 from megakernel.config import pow2
+from megakernel.launch import Launcher, aligned
 from megakernel.placement import Placement
 from megakernel.plan.config import (
     DISPATCH_TASK_COLS,
@@ -21,7 +22,12 @@ from megakernel.plan.config import (
     Plan,
     PlanConfig,
 )
-from megakernel.plan.count import PlacementTables, plan_count_kernel, plan_scan_kernel
+from megakernel.plan.count import (
+    ROUTING_ERR_WORDS,
+    PlacementTables,
+    plan_count_kernel,
+    plan_scan_kernel,
+)
 from megakernel.plan.layout import LayoutOut, plan_layout_kernel
 from megakernel.validate import check_routing
 from symm_mem.buffer import World
@@ -54,8 +60,24 @@ class PlanWorkspace:
         self.num_replicas = torch.tensor(
             [len(r) for r in placement.replicas], dtype=torch.int32, device=dev
         )
-        self.meta = cfg.meta(max_replicas=self.replicas.shape[1])
+        self.meta = cfg.meta(placement.num_experts, max_replicas=self.replicas.shape[1])
+        # [local ranks, ROUTING_ERR_WORDS] int64: each rank's first bad routing id (plan.count)
+        self.routing_err = torch.zeros(
+            len(world.local_ranks), ROUTING_ERR_WORDS, dtype=torch.int64, device=dev
+        )
         self.bufs = {r: self._alloc(r) for r in world.local_ranks}
+        # what the kernels read that is the same every call, built once
+        self._tables = {
+            r: PlacementTables(self.replicas, self.num_replicas, self.bufs[r]["on_rank"])
+            for r in world.local_ranks
+        }
+        self._outs = {
+            r: LayoutOut(**{name: self.bufs[r][name] for name in LayoutOut._fields})
+            for r in world.local_ranks
+        }
+        self._count = Launcher(plan_count_kernel)
+        self._scan = Launcher(plan_scan_kernel)
+        self._layout = Launcher(plan_layout_kernel)
         self.num_tokens = {r: 0 for r in world.local_ranks}
         # this rank's call counter on the device: the epoch of its current call
         self.epoch = {r: torch.zeros(1, dtype=torch.int64, device=dev) for r in world.local_ranks}
@@ -95,6 +117,7 @@ class PlanWorkspace:
             tiles=i32(cfg.max_tiles, TILE_COLS),
             dispatch_tasks=i32(cfg.max_dispatch_tasks, DISPATCH_TASK_COLS),
             stats=i32(len(STATS)),
+            routing_err=self.routing_err[self.world.local_ranks.index(rank)],
         )
 
     def nbytes(self) -> int:
@@ -120,13 +143,13 @@ class PlanWorkspace:
         self.num_tokens[rank] = T
         chunks = max(1, triton.cdiv(T, self.cfg.tokens_per_chunk))
         if phase in (None, 0):
-            grid = (min(chunks, self.max_programs),)
-            plan_count_kernel[grid](**self.count_args(rank, topk_ids))
-            grid = (min(self._scan_blocks(), self.max_programs),)
-            plan_scan_kernel[grid](**self.scan_args(rank, T))
+            self._count("plan", (min(chunks, self.max_programs),), self.count_args(rank, topk_ids))
+            self._scan(
+                "plan", (min(self._scan_blocks(), self.max_programs),), self.scan_args(rank, T)
+            )
         if phase in (None, 1):
             grid = (min(self._layout_items(chunks), self.max_programs),)
-            plan_layout_kernel[grid](**self.layout_args(rank, T))
+            self._layout("plan", grid, self.layout_args(rank, T))
 
     def prepare_ids(self, topk_ids: torch.Tensor, validate: bool) -> torch.Tensor:
         """``topk_ids`` as the count kernel reads them (int32, contiguous); ``validate`` checks
@@ -140,7 +163,7 @@ class PlanWorkspace:
                 max_tokens=self.cfg.max_tokens,
                 device=self.world.device,
             )
-        return topk_ids.to(torch.int32).contiguous()
+        return aligned(topk_ids.to(torch.int32))
 
     def _scan_blocks(self) -> int:
         return 2 * pow2(self.cfg.num_slots) // self.meta.SCAN_COLS
@@ -154,12 +177,13 @@ class PlanWorkspace:
     def count_args(self, rank: int, topk_ids: torch.Tensor) -> dict[str, object]:
         """``plan_count_kernel``'s arguments, by name."""
         b = self.bufs[rank]
-        tables = PlacementTables(self.replicas, self.num_replicas, b["on_rank"])
         return dict(
             ids_ptr=topk_ids,
-            placement=tables,
+            placement=self._tables[rank],
             phys_ptr=b["phys"],
             chunk_rows_ptr=b["chunk_rows"],
+            routing_err_ptr=b["routing_err"],
+            epoch_ptr=self.epoch[rank],
             T=topk_ids.shape[0],
             M=self.meta,
         )
@@ -188,7 +212,7 @@ class PlanWorkspace:
             totals_ptr=b["totals"],
             counts_ptr=self.sym_counts.peer(rank),
             ready_ptr=self.sym_ready.peer(rank),
-            out=LayoutOut(**{name: b[name] for name in LayoutOut._fields}),
+            out=self._outs[rank],
             err_ptr=self.world.error_record(rank),
             epoch_ptr=self.epoch[rank],
             rank=rank,
@@ -207,14 +231,10 @@ class PlanWorkspace:
         if self.world.device.type != "cuda":
             return
         ids = torch.zeros(1, self.cfg.topk, dtype=torch.int32, device=self.world.device)
-        for r in self.world.local_ranks:
-            kernels = [
-                plan_count_kernel.warmup(**self.count_args(r, ids), grid=(1,)),
-                plan_scan_kernel.warmup(**self.scan_args(r, 1), grid=(1,)),
-                plan_layout_kernel.warmup(**self.layout_args(r, 1), grid=(1,)),
-            ]
-            for kernel in kernels:
-                kernel._init_handles()
+        r = self.world.local_ranks[0]  # every rank launches the same variants
+        self._count.compile("plan", self.count_args(r, ids))
+        self._scan.compile("plan", self.scan_args(r, 1))
+        self._layout.compile("plan", self.layout_args(r, 1))
 
     def run(self, topk_ids: dict[int, torch.Tensor], validate: bool = True) -> None:
         """Plan the next call on every local rank (``topk_ids[rank] [T, K]``): every rank's count

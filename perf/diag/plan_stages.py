@@ -33,6 +33,7 @@ class _WithOptions:
 
     def __init__(self, kernel, **options):
         self.kernel, self.options = kernel, options
+        self.arg_names = kernel.arg_names
 
     def __getitem__(self, grid):
         return lambda *args, **meta: self.kernel[grid](*args, **meta, **self.options)

@@ -31,12 +31,14 @@ def i64():
 @pytest.mark.parametrize("R,L,K", [(8, 32, 8), (2, 4, 2), (4, 1, 1), (1, 16, 4)])
 def test_plan_kernels_compile(R, L, K, token_saving):
     cfg = PlanConfig(R, L, K, max_tokens=4096, capacity=8192 * K, token_saving=token_saving)
-    meta = {"M": cfg.meta()}
+    meta = {"M": cfg.meta(num_experts=R * L)}
     count_args = dict(
         ids_ptr=i32(),
         placement=PlacementTables(i32(), i32(), i32()),
         phys_ptr=i32(),
         chunk_rows_ptr=i32(),
+        routing_err_ptr=i64(),
+        epoch_ptr=i64(),
         T=4096,
     )
     compile_sm90(plan_count_kernel, signature_of(count_args), meta)

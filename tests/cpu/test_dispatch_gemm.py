@@ -168,17 +168,20 @@ def test_input_validation():
             r"x has shape \(4, 63\)": dict(x=torch.zeros(4, 63)),
             "x is torch.float16 but the layer is torch.float32": dict(x=x.half()),
             r"w13 has shape \(7, 64, 64\), expected \(8, 64, 64\)": dict(w13=w13[:7]),
-            "expert 16 but the layer has 16 experts": dict(ids=ids + 16),
             "topk_weights has shape": dict(weights=torch.zeros(4, 3)),
+            # the id range is read back only with validate="host" (else checked on the device)
+            "expert 16 but the layer has 16 experts": dict(ids=ids + 16, validate="host"),
+            "validate must be one of": dict(validate="always"),
         }
         for message, change in bad.items():
-            args = dict(x=x, ids=ids, weights=None, w13=w13) | change
+            args = dict(x=x, ids=ids, weights=None, w13=w13, validate="device") | change
             with pytest.raises(ValueError, match=message):
                 ws.run(
                     {r: args["x"] for r in range(R)},
                     {r: args["ids"] for r in range(R)},
                     {r: args["weights"] for r in range(R)},
                     {r: args["w13"] for r in range(R)},
+                    validate=args["validate"],
                 )
         with pytest.raises(ValueError, match="runs one rank"):
             dispatch_gemm(x, ids, None, w13, workspace=ws)

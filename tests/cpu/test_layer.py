@@ -18,12 +18,16 @@ from megakernel.placement import Placement
 from megakernel.shapes import PRESETS, MoEShape
 from megakernel.tasks import combine_order, down_coords
 from megakernel.testing import (
+    check_calls,
     check_layer_output,
+    layer_inputs,
     make_tokens,
     make_w2,
     make_w13,
+    poison,
     run_layer_checked,
 )
+from megakernel.validate import RoutingError
 from symm_mem import EmulatedWorld, WaitTimeoutError
 
 SHAPE = PRESETS["small"]  # H 64, I 32, E 16, K 4, fp32
@@ -174,8 +178,6 @@ def test_module_input_validation():
             r"x has shape \(4, 63\)": dict(x=torch.zeros(4, 63)),
             "x is torch.float16 but the layer is torch.float32": dict(x=x.half()),
             "x of rank 0 is not contiguous": dict(x=torch.zeros(SHAPE.hidden, 4).t()),
-            "expert 16 but the layer has 16 experts": dict(ids=ids + 16),
-            "only negative id allowed is -1": dict(ids=ids - 2),
             "101 tokens but max_tokens_per_rank is 100": dict(
                 x=torch.zeros(101, SHAPE.hidden),
                 ids=torch.zeros(101, SHAPE.topk, dtype=torch.int32),
@@ -195,6 +197,23 @@ def test_module_input_validation():
         with pytest.raises(ValueError, match="give x as a dict keyed by rank"):
             layer(x, ids, w)
         layer.close()
+        with pytest.raises(ValueError, match="validate must be one of"):
+            FusedEPMoE.from_dense(world, SHAPE, w13, w2, validate="sometimes")
+        # validate="host": the id range is read back and checked before anything launches
+        strict = FusedEPMoE.from_dense(
+            world, SHAPE, w13, w2, config=small_config(), validate="host"
+        )
+        for message, bad_ids in {
+            "expert 16 but the layer has 16 experts": ids + 16,
+            "only negative id allowed is -1": ids - 2,
+        }.items():
+            with pytest.raises(ValueError, match=message):
+                strict(
+                    {r: x for r in range(R)},
+                    {r: bad_ids for r in range(R)},
+                    {r: w for r in range(R)},
+                )
+        strict.close()
 
 
 def test_a_rank_that_never_calls_makes_the_others_raise_in_time():
@@ -314,3 +333,68 @@ def test_down_and_reduce_order(num_tiles, nrb, GB, NB2, lag):
         following = downs_of.get(g + 1, [])
         assert sum(q < p for q in following) >= min(lag, len(following))
     assert [r[1] for _, r in red] == sorted(r[1] for _, r in red), "reduce tasks in id order"
+
+
+def plant_bad_ids(rt: routing.Routing, rank: int) -> tuple[routing.Routing, routing.Routing]:
+    """``rt`` with an id >= E (token 3, k 1) and one < -1 (token 7, k 0) on ``rank``, and the
+    same routing with those slots dropped (-1), which is what the layer computes."""
+    bad = [ids.clone() for ids in rt.topk_ids]
+    bad[rank][3, 1], bad[rank][7, 0] = SHAPE.num_experts + 5, -4
+    dropped = [torch.where((ids < -1) | (ids >= SHAPE.num_experts), -1, ids) for ids in bad]
+    return routing.Routing(bad, rt.topk_weights), routing.Routing(dropped, rt.topk_weights)
+
+
+def test_bad_routing_ids_are_dropped_recorded_and_poison_that_rank_only():
+    """validate="device" (the default): a rank's ids >= E and < -1 reach the device unchecked.
+    Nothing is read or written with them on any rank (every plan, every received row and GEMM1
+    equal the references with those slots dropped); that rank's output is NaN, the peer's is
+    right; ``check_errors()`` raises RoutingError naming the rank, the token and the id."""
+    R, seed = 2, 31
+    placement = Placement.contiguous(SHAPE.num_experts, R)
+    rt, dropped = plant_bad_ids(routing.uniform(R, T, SHAPE.num_experts, SHAPE.topk, seed=5), 1)
+    with EmulatedWorld(R) as world:
+        ws = Megakernel(world, SHAPE, config=small_config())
+        xs, inputs = layer_inputs(SHAPE, placement, rt, [0, 1], seed, "cpu")
+        for r in range(R):
+            poison(ws, r)
+        handles = ws.run(*inputs, mode="layer")
+        assert ws.plan_ws.mismatches(dropped.topk_ids) == {}
+        assert check_calls(handles, xs, dropped.topk_ids, inputs[3], placement, "layer") == []
+        ids0, w0 = dropped.topk_ids[0], dropped.topk_weights[0]
+        assert check_layer_output(handles[0].out, xs[0], ids0, w0, SHAPE, seed, 0) == []
+        assert handles[1].out.isnan().all(), "the failed call's output is poisoned"
+        expected = rf"rank 1: call 1 routes token 3 \(slot k=1\) to expert {SHAPE.num_experts + 5}"
+        with pytest.raises(RoutingError, match=expected):
+            ws.check_errors()
+        ws.check_errors()  # raised once, then cleared
+        # the next good call computes again
+        _, good = layer_inputs(SHAPE, placement, dropped, [0, 1], seed, "cpu")
+        out = ws.run(*good, mode="layer")
+        for r in range(R):
+            ids, w = dropped.topk_ids[r], dropped.topk_weights[r]
+            assert check_layer_output(out[r].out, xs[r], ids, w, SHAPE, seed, r) == []
+        ws.close()
+
+
+def test_a_bad_id_raises_at_the_next_call():
+    """The layer raises no later than its next call (the device has run the bad one by then
+    here), naming rank and value; the bad call's output is NaN, and calls after the error was
+    raised compute again."""
+    R = 2
+    rt, dropped = plant_bad_ids(routing.uniform(R, T, SHAPE.num_experts, SHAPE.topk, seed=6), 0)
+    w13, w2 = make_w13(SHAPE, 8, "cpu"), make_w2(SHAPE, 8, "cpu")
+    xs = make_tokens(SHAPE, [T] * R, seed=9, device="cpu")
+    x = dict(enumerate(xs))
+    with EmulatedWorld(R) as world:
+        layer = FusedEPMoE.from_dense(world, SHAPE, w13, w2, config=small_config())
+        out = layer(x, dict(enumerate(rt.topk_ids)), dict(enumerate(rt.topk_weights)))
+        assert out[0].isnan().all() and not out[1].isnan().any()
+        good = dict(enumerate(dropped.topk_ids)), dict(enumerate(dropped.topk_weights))
+        with pytest.raises(RoutingError, match=r"rank 0: call 1 routes token 3 .* expert 21"):
+            layer(x, *good)
+        out = layer(x, *good)
+        layer.check_errors()
+        for r in range(R):
+            ids, w = dropped.topk_ids[r], dropped.topk_weights[r]
+            assert check_layer_output(out[r], xs[r], ids, w, SHAPE, 8, r) == []
+        layer.close()

@@ -8,16 +8,20 @@ from megakernel import FusedEPMoE, KernelConfig, Megakernel, routing
 from megakernel.placement import Placement
 from megakernel.shapes import PRESETS, MoEShape
 from megakernel.testing import (
+    check_calls,
     check_layer_output,
     compare_layer_output,
+    layer_inputs,
     layer_ref,
     local_w2,
     local_w13,
     make_tokens,
     make_w2,
     make_w13,
+    poison,
     run_layer_checked,
 )
+from megakernel.validate import RoutingError
 from symm_mem import EmulatedWorld
 
 pytestmark = pytest.mark.gpu
@@ -189,3 +193,41 @@ def test_presets_at_32768_tokens_per_rank(name):
             weights = rt.topk_weights[r]
             assert check_layer_output(out[r], xs[r], ids[r], weights, shape, seed, r) == []
         layer.close()
+
+
+@pytest.mark.parametrize("R", [2, 4])
+def test_bad_routing_ids_are_dropped_and_poison_their_rank(R):
+    """Ids >= E and < -1 planted on rank 1 reach the device unchecked (validate="device"): every
+    received row and GEMM1 equal the references with those slots dropped, rank 1's output is
+    NaN, the others' are right, and RoutingError names rank 1, token 3 and the id."""
+    seed, E = 3, MEDIUM.num_experts
+    placement = Placement.contiguous(E, R)
+    rt = routing.uniform(R, 700, E, MEDIUM.topk, seed=seed)
+    bad = [ids.clone() for ids in rt.topk_ids]
+    bad[1][3, 1], bad[1][7, 0] = E + 5, -4
+    dropped = [torch.where((ids < -1) | (ids >= E), -1, ids) for ids in bad]
+    with EmulatedWorld(R, "cuda") as world:
+        ws = Megakernel(world, MEDIUM, placement=placement)
+        xs, inputs = layer_inputs(
+            MEDIUM,
+            placement,
+            routing.Routing(bad, rt.topk_weights).to("cuda"),
+            world.local_ranks,
+            seed,
+            "cuda",
+        )
+        for r in world.local_ranks:
+            poison(ws, r)
+        handles = ws.run(*inputs, mode="layer")
+        dev_dropped = [ids.cuda() for ids in dropped]
+        assert check_calls(handles, xs, dev_dropped, inputs[3], placement, "layer") == []
+        for r in world.local_ranks:
+            out = handles[r].out
+            if r == 1:
+                assert out.isnan().all()
+            else:
+                w = rt.topk_weights[r].cuda()
+                assert check_layer_output(out, xs[r], dev_dropped[r], w, MEDIUM, seed, r) == []
+        with pytest.raises(RoutingError, match=rf"rank 1: call 1 routes token 3 .* expert {E + 5}"):
+            ws.check_errors()
+        ws.close()
