@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from megakernel.config import KernelConfig
+from megakernel.graphs import CallGraphs
 from megakernel.placement import Placement
 from megakernel.routing import route_topk
 from megakernel.shapes import MoEShape
@@ -77,6 +78,7 @@ class FusedEPMoE(nn.Module):
         split: bool = False,
         check_every_call: bool = False,
         validate: str = "device",
+        graphs: bool = True,
     ) -> None:
         super().__init__()
         self.world, self.shape = world, shape
@@ -101,6 +103,7 @@ class FusedEPMoE(nn.Module):
         self.workspace = Megakernel(
             world, shape, placement=self.placement, config=config, capacity=capacity
         )
+        self.graphs = CallGraphs(self.workspace) if graphs else None
 
     @classmethod
     def from_dense(
@@ -177,6 +180,25 @@ class FusedEPMoE(nn.Module):
         for r in ranks:
             if not xs[r].is_contiguous():
                 raise ValueError(f"x of rank {r} is not contiguous: pass x.contiguous()")
+        outs = self._replayed(xs, ids, weights)
+        if outs is None:
+            outs = self._launched(xs, ids, weights)
+        if self.check_every_call:
+            self.check_errors()
+        return outs[ranks[0]] if plain else outs
+
+    def _replayed(self, xs, ids, weights) -> dict[int, torch.Tensor] | None:
+        """The call replayed from its captured graph (``graphs``, the default checks), or None."""
+        if self.graphs is None or self.validate != "device" or not self.graphs.usable():
+            return None
+        self.workspace.raise_routing_errors(wait=False)
+        ranks = self.world.local_ranks
+        w13 = {r: self.w13[str(r)] for r in ranks}
+        w2 = {r: self.w2[str(r)] for r in ranks}
+        return self.graphs(xs, ids, weights, w13, w2, self.split)
+
+    def _launched(self, xs, ids, weights) -> dict[int, torch.Tensor]:
+        ranks = self.world.local_ranks
         handles = self.workspace.run(
             xs,
             ids,
@@ -187,10 +209,7 @@ class FusedEPMoE(nn.Module):
             split=self.split,
             validate=self.validate,
         )
-        if self.check_every_call:
-            self.check_errors()
-        outs = {r: h.out for r, h in handles.items()}
-        return outs[ranks[0]] if plain else outs
+        return {r: h.out for r, h in handles.items()}
 
     def _by_rank(self, name: str, value) -> dict[int, torch.Tensor] | None:
         """``value`` as {rank: tensor} for this process's ranks: a plain tensor where the process

@@ -405,7 +405,7 @@ class Megakernel:
         if t.device != self.world.device:
             raise ValueError(f"{name} is on {t.device}, the layer on {self.world.device}")
 
-    def _validate(self, rank: int, given: CallInputs, layer: bool, values: bool) -> None:
+    def check_inputs(self, rank: int, given: CallInputs, layer: bool, values: bool) -> None:
         """Host checks of one rank's inputs: shapes, dtypes, devices, and with ``values`` the id
         range, read back (one sync; skipped while a CUDA graph is being captured)."""
         shape, L, dev = self.shape, self.plan_cfg.slots_per_rank, self.world.device
@@ -438,7 +438,7 @@ class Megakernel:
         if layer and given.w2 is None:
             raise ValueError('mode "layer" needs w2 [L, H, I]')
         if validate:
-            self._validate(rank, given, layer, values=validate == "host")
+            self.check_inputs(rank, given, layer, values=validate == "host")
         # NOTE: the kernels are compiled for 16-byte aligned pointers (megakernel.launch): a
         # misaligned view is copied, or would need another variant compiled while peers spin
         x, w13, w2 = aligned(given.x), aligned(given.w13), aligned(given.w2)
@@ -494,7 +494,7 @@ class Megakernel:
         before launching (one sync per call); False checks nothing on the host.
         """
         probe = self._check_call(mode, stage)
-        self._watch.raise_found(self.world.local_ranks, self.placement.num_experts, wait=False)
+        self.raise_routing_errors(wait=False)
         validate = _validate_mode(validate)
         ranks = self.world.local_ranks
         none = {r: None for r in ranks}
@@ -522,7 +522,7 @@ class Megakernel:
                 self.state["act_ready"][r].zero_()
                 self.state["resolved"][r].zero_()
         self._launch(ready, mode, probe, self._ranges(mode, stage, overlap, split))
-        self._watch.after_call()
+        self.watch_routing()
         return {r: self._handle(r, ready[r], advance=not rerun) for r in ranks}
 
     def _check_call(self, mode: str, stage: str) -> int:
@@ -602,7 +602,16 @@ class Megakernel:
         """Wait for the device, then raise if any rank's call failed (``WaitTimeoutError``,
         ``CapacityError``, ``RoutingError``)."""
         self.world.check_errors(self.flag_name)
-        self._watch.raise_found(self.world.local_ranks, self.placement.num_experts, wait=True)
+        self.raise_routing_errors(wait=True)
+
+    def watch_routing(self) -> None:
+        """After a call: bring the routing error records towards the host (no sync)."""
+        self._watch.after_call()
+
+    def raise_routing_errors(self, wait: bool) -> None:
+        """Raise ``RoutingError`` for a bad routing id the device found (``wait``: after it
+        finished; else as far as the host can tell without synchronising)."""
+        self._watch.raise_found(self.world.local_ranks, self.placement.num_experts, wait=wait)
 
     def close(self) -> None:
         """Free the symmetric buffers (collective, in allocation order)."""

@@ -231,3 +231,34 @@ def test_bad_routing_ids_are_dropped_and_poison_their_rank(R):
         with pytest.raises(RoutingError, match=rf"rank 1: call 1 routes token 3 .* expert {E + 5}"):
             ws.check_errors()
         ws.close()
+
+
+@pytest.mark.parametrize("R", [1, 2])
+def test_module_replays_calls_of_a_t_seen_before(R):
+    """FusedEPMoE(graphs=True), the default: a (T, weights) key seen a second time is captured,
+    later calls replay it; T changes between calls; every output equals moe_ref and is a fresh
+    tensor; a bad id on a replayed call still poisons that rank and raises."""
+    E, seed = MEDIUM.num_experts, 4
+    w13, w2 = make_w13(MEDIUM, seed, "cuda"), make_w2(MEDIUM, seed, "cuda")
+    with EmulatedWorld(R, "cuda") as world:
+        layer = FusedEPMoE.from_dense(world, MEDIUM, w13, w2)
+        outs = []
+        for i, T in enumerate([700, 700, 700, 500, 700, 500, 500]):
+            rt = routing.uniform(R, T, E, MEDIUM.topk, seed=i).to("cuda")
+            xs = make_tokens(MEDIUM, [T] * R, seed=100 + i, device="cuda")
+            ids, w = dict(enumerate(rt.topk_ids)), dict(enumerate(rt.topk_weights))
+            out = layer(dict(enumerate(xs)), ids, w)
+            layer.check_errors()
+            for r in range(R):
+                assert check_layer_output(out[r], xs[r], ids[r], w[r], MEDIUM, seed, r) == []
+            outs.append(out[0])
+        assert len(layer.graphs.graphs) == 2, "T 700 and T 500 were each seen twice"
+        assert len({o.data_ptr() for o in outs}) == len(outs), "a fresh output every call"
+        bad = dict(ids)
+        bad[0] = ids[0].clone()
+        bad[0][3, 1] = E + 2
+        out = layer(dict(enumerate(xs)), bad, w)  # T 500: replayed
+        assert out[0].isnan().all()
+        with pytest.raises(RoutingError, match=rf"rank 0: .* token 3 .* expert {E + 2}"):
+            layer.check_errors()
+        layer.close()
