@@ -54,6 +54,8 @@ PRESETS: dict[str, MoEShape] = {
     ),
     "qwen3_30b": MoEShape(hidden=2048, ffn=768, num_experts=128, topk=8, max_tokens_per_rank=4096),
     "mixtral": MoEShape(hidden=4096, ffn=14336, num_experts=8, topk=2, max_tokens_per_rank=4096),
+    # gpt-oss-20b's sizes (its clamped SwiGLU is not this layer's activation)
+    "gpt_oss": MoEShape(hidden=2880, ffn=2880, num_experts=32, topk=4, max_tokens_per_rank=4096),
     # small shapes for the interpreter and unit tests
     "tiny": MoEShape(
         hidden=32, ffn=16, num_experts=8, topk=2, max_tokens_per_rank=40, dtype=torch.float32
