@@ -161,6 +161,8 @@ class FusedEPMoE(nn.Module):
         """``x [T, H]`` -> ``[T, H]``: sum over k of ``topk_weights[t, k] * FFN_{topk_ids[t, k]}
         (x[t])``. Without ids the router picks them. Dicts keyed by rank in a world running
         several ranks per process."""
+        if self.workspace.closed:
+            raise RuntimeError("this FusedEPMoE is closed: build a new layer to call it")
         ranks = self.world.local_ranks
         plain = isinstance(x, torch.Tensor)
         xs, ids, weights = (
@@ -232,6 +234,11 @@ class FusedEPMoE(nn.Module):
             raise ValueError(
                 f"{name} is given for ranks {sorted(value)}, this process runs {ranks}"
             )
+        for r, t in value.items():
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(
+                    f"{name} of rank {r} must be a torch.Tensor, got {type(t).__name__}"
+                )
         return dict(value)
 
     # -- workspace ------------------------------------------------------------------------
@@ -246,7 +253,8 @@ class FusedEPMoE(nn.Module):
         return self.workspace.describe()
 
     def close(self) -> None:
-        """Free the symmetric workspace (collective: every rank calls it)."""
+        """Free the symmetric workspace (collective: every rank calls it). A second call does
+        nothing; a call of the layer after it raises."""
         self.workspace.close()
 
     def extra_repr(self) -> str:

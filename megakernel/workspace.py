@@ -140,7 +140,10 @@ class Megakernel:
         self.swiglu, self.combine = swiglu, combine
         self._check_config()
         L, K = self.placement.slots_per_rank, shape.topk
+        if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
+            raise ValueError(f"capacity must be a positive number of rows, got {capacity!r}")
         C = self.capacity = capacity or default_capacity(shape, world.world_size, L)
+        self.closed = False
         cfg = self.config
         self.plan_cfg = PlanConfig(
             world.world_size,
@@ -397,13 +400,15 @@ class Megakernel:
 
     def _check_tensor(self, rank: int, name: str, t: object, want: tuple, dtype) -> None:
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise ValueError(f"rank {rank}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if tuple(t.shape) != want:
             raise ValueError(f"rank {rank}: {name} has shape {tuple(t.shape)}, expected {want}")
         if t.dtype != dtype:
-            raise ValueError(f"{name} is {t.dtype} but the layer is {dtype}")
+            raise ValueError(f"rank {rank}: {name} is {t.dtype} but the layer is {dtype}")
         if t.device != self.world.device:
-            raise ValueError(f"{name} is on {t.device}, the layer on {self.world.device}")
+            raise ValueError(
+                f"rank {rank}: {name} is on {t.device}, the layer on {self.world.device}"
+            )
 
     def check_inputs(self, rank: int, given: CallInputs, layer: bool, values: bool) -> None:
         """Host checks of one rank's inputs: shapes, dtypes, devices, and with ``values`` the id
@@ -419,6 +424,7 @@ class Megakernel:
             max_tokens=shape.max_tokens_per_rank,
             device=dev,
             check_values=values and not capturing,
+            rank=rank,
         )
         self._check_tensor(rank, "x", given.x, (given.topk_ids.shape[0], H), shape.dtype)
         self._check_tensor(rank, "w13", given.w13, (L, 2 * I, H), shape.dtype)
@@ -493,6 +499,8 @@ class Megakernel:
         device has run the bad one) or by ``check_errors()``. "host" also reads the id range back
         before launching (one sync per call); False checks nothing on the host.
         """
+        if self.closed:
+            raise RuntimeError("this Megakernel workspace is closed: build a new one to call it")
         probe = self._check_call(mode, stage)
         self.raise_routing_errors(wait=False)
         validate = _validate_mode(validate)
@@ -614,7 +622,11 @@ class Megakernel:
         self._watch.raise_found(self.world.local_ranks, self.placement.num_experts, wait=wait)
 
     def close(self) -> None:
-        """Free the symmetric buffers (collective, in allocation order)."""
+        """Free the symmetric buffers (collective, in allocation order). A second call does
+        nothing."""
+        if self.closed:
+            return
+        self.closed = True
         self.plan_ws.close()
         for t in self.sym.values():
             self.world.free(t)

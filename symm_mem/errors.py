@@ -43,9 +43,10 @@ class CapacityError(RuntimeError):
     def __init__(self, rank: int, dst_rank: int, rows: int, capacity: int, epoch: int) -> None:
         self.rank, self.dst_rank, self.rows, self.capacity = rank, dst_rank, rows, capacity
         super().__init__(
-            f"rank {rank}: call {epoch} would send {rows} rows to rank {dst_rank}, whose receive "
-            f"buffer holds {capacity}; nothing was dispatched. Raise the capacity (capacity "
-            "factor or max_tokens_per_rank) or route more evenly"
+            f"call {epoch}: rank {dst_rank} would receive {rows} rows from all ranks (found by "
+            f"rank {rank}), but its receive buffer holds {capacity}; nothing was dispatched. "
+            "Pass a larger capacity= (rows per rank) to FusedEPMoE or Megakernel, or route more "
+            "evenly"
         )
 
 

@@ -398,3 +398,38 @@ def test_a_bad_id_raises_at_the_next_call():
             ids, w = dropped.topk_ids[r], dropped.topk_weights[r]
             assert check_layer_output(out[r], xs[r], ids, w, SHAPE, 8, r) == []
         layer.close()
+
+
+def test_lifecycle_and_input_errors_are_clear():
+    """close() twice is fine; a call after close() says the layer is closed (and touches nothing
+    freed); a non-positive capacity is refused; a non-tensor input, int weights and a bad id
+    (validate="host") name the argument, the rank, the dtype and the value."""
+    R = 2
+    w13, w2 = make_w13(SHAPE, 2, "cpu"), make_w2(SHAPE, 2, "cpu")
+    x = {r: torch.zeros(4, SHAPE.hidden) for r in range(R)}
+    ids = {r: torch.zeros(4, SHAPE.topk, dtype=torch.int32) for r in range(R)}
+    w = {r: torch.full((4, SHAPE.topk), 0.25) for r in range(R)}
+    with EmulatedWorld(R) as world:
+        for capacity in (0, -3):
+            with pytest.raises(ValueError, match=f"capacity must be a positive .*{capacity}"):
+                FusedEPMoE.from_dense(
+                    world, SHAPE, w13, w2, config=small_config(), capacity=capacity
+                )
+        layer = FusedEPMoE.from_dense(world, SHAPE, w13, w2, config=small_config(), validate="host")
+        with pytest.raises(ValueError, match="x of rank 1 must be a torch.Tensor, got ndarray"):
+            layer({0: x[0], 1: x[1].numpy()}, ids, w)
+        with pytest.raises(
+            ValueError, match="rank 0: topk_weights must be floating point, got torch.int64"
+        ):
+            layer(x, ids, {r: torch.ones(4, SHAPE.topk, dtype=torch.int64) for r in range(R)})
+        bad = {0: ids[0], 1: ids[1] + SHAPE.num_experts}
+        with pytest.raises(ValueError, match="rank 1: topk_ids has expert 16 but the layer has 16"):
+            layer(x, bad, w)
+        layer.close()
+        layer.close()
+        with pytest.raises(RuntimeError, match="this FusedEPMoE is closed"):
+            layer(x, ids, w)
+        ws = Megakernel(world, SHAPE, config=small_config())
+        ws.close()
+        with pytest.raises(RuntimeError, match="workspace is closed"):
+            ws.run(x, ids, w, {r: w13[:8] for r in range(R)})
