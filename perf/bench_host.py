@@ -25,6 +25,7 @@ from megakernel import FusedEPMoE, routing
 from megakernel.placement import Placement
 from megakernel.shapes import preset
 from megakernel.testing import check_layer_output, layer_inputs
+from perf.timing import wall_us
 from symm_mem import World
 from symm_mem.launch import run_in_world
 
@@ -46,21 +47,12 @@ def host_us_per_call(call, calls: int) -> tuple[float, bool]:
     return took / calls * 1e6, ahead
 
 
-def wall_us_per_call(call, calls: int) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        call()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
-
-
 def graph_us_per_call(call, calls: int) -> float:
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
         call()
-    return wall_us_per_call(graph.replay, calls)
+    return wall_us(graph.replay, calls)
 
 
 def bench_point(world: World, name: str, T: int, args) -> dict:
@@ -83,7 +75,7 @@ def bench_point(world: World, name: str, T: int, args) -> dict:
     for _ in range(10):
         call()
     host, ahead = host_us_per_call(call, args.calls)
-    eager = wall_us_per_call(call, args.calls)
+    eager = wall_us(call, args.calls)
     layer.check_errors()
     replay = graph_us_per_call(lambda: layer.workspace.run(
         x, ids, weights, w13, w2, mode="layer", validate=False), args.calls)  # fmt: skip

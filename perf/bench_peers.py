@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
@@ -33,6 +32,7 @@ from megakernel.shapes import preset
 from megakernel.testing import compare_layer_output, layer_inputs, layer_ref
 from perf.baseline import baseline_moe
 from perf.record import write_result
+from perf.timing import wall_us
 from symm_mem import EmulatedWorld
 
 IMPLS = ("eager", "graph", "liger", "torch")
@@ -72,15 +72,6 @@ def liger_call():
     except ImportError:
         return None
     return lambda x, w13, w2, ids, w: LigerFusedMoEFunction.apply(x, w13, w2, ids, w)
-
-
-def mean_us(call, calls: int) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        call()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def point_calls(world, name: str, T: int, liger) -> tuple[dict, dict]:
@@ -125,7 +116,7 @@ def bench_point(world, name: str, T: int, liger, bandwidth: float, args) -> dict
     times: dict[str, list[float]] = {impl: [] for impl in names}
     for order in rotations(names, args.rounds):
         for impl in order:
-            times[impl].append(mean_us(calls[impl], args.calls))
+            times[impl].append(wall_us(calls[impl], args.calls))
     facts.pop("layer").close()
     row = {"preset": name, "T": T, **{f"{i}_us": statistics.median(times[i]) for i in names}}
     row["bound_us"] = facts["weight_bytes"] / bandwidth * 1e6
@@ -134,21 +125,25 @@ def bench_point(world, name: str, T: int, liger, bandwidth: float, args) -> dict
     return row
 
 
+def table_row(r: dict) -> str:
+    """One point's line: each implementation's time, then eager / graph, Liger over ours (eager
+    and graph), the weight-read bound and graph over it."""
+    cells = " ".join(f"{r.get(i + '_us', float('nan')):9.1f}" for i in IMPLS)
+    liger = r.get("liger_us", float("nan"))
+    ratios = (r["eager_over_graph"], liger / r["eager_us"], liger / r["graph_us"])
+    return (
+        f"{r['preset']:<12} {r['T']:5d} {cells} {ratios[0]:5.2f} {ratios[1]:7.2f} "
+        f"{ratios[2]:7.2f} {r['bound_us']:8.1f} {r['graph_over_bound']:7.2f}"
+    )
+
+
 def report(rows: list[dict], bandwidth: float) -> None:
     gpu = torch.cuda.get_device_name()
-    name, _ = write_result("peers_one_rank", {"rows": rows, "read_Bps": bandwidth})
-    print(f"\none rank holding every expert, {gpu}, read bandwidth {bandwidth / 1e9:.0f} GB/s")
+    path, _ = write_result("peers_one_rank", {"rows": rows, "read_Bps": bandwidth})
     head = f"{'preset':<12} {'T':>5} " + " ".join(f"{i + ' us':>9}" for i in IMPLS)
-    print(head + f" {'e/g':>5} {'liger/e':>7} {'liger/g':>7} {'bound us':>8} {'g/bound':>7}")
-    for r in rows:
-        cells = " ".join(f"{r.get(i + '_us', float('nan')):9.1f}" for i in IMPLS)
-        liger = r.get("liger_us", float("nan"))
-        print(
-            f"{r['preset']:<12} {r['T']:5d} {cells} {r['eager_over_graph']:5.2f} "
-            f"{liger / r['eager_us']:7.2f} {liger / r['graph_us']:7.2f} {r['bound_us']:8.1f} "
-            f"{r['graph_over_bound']:7.2f}"
-        )
-    print(f"wrote {name}")
+    head += f" {'e/g':>5} {'liger/e':>7} {'liger/g':>7} {'bound us':>8} {'g/bound':>7}"
+    title = f"one rank holding every expert, {gpu}, read bandwidth {bandwidth / 1e9:.0f} GB/s"
+    print("\n".join(["", title, head, *map(table_row, rows), f"wrote {path}"]))
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -95,3 +96,14 @@ def graphed(fn):
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
+
+
+def wall_us(call: Callable[[], object], calls: int) -> float:
+    """Mean wall time per call of ``calls`` calls, synchronised before and after (what a user
+    calling eagerly sees, host work included)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
