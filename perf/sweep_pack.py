@@ -1,7 +1,7 @@
 """Packing strategies swept: ``python -m perf.sweep_pack [--hidden 2048 7168] [--tokens ...]``.
 
 One GPU. For every point (E experts, T tokens, top-K, hidden H, routing uniform or Zipf s) and
-every strategy of ``megakernel.pack``: the pack alone, and the pack + the grouped GEMM1 (+ SwiGLU,
+every strategy of ``perf.studies.pack``: the pack alone, and the pack + the grouped GEMM1 (+ SwiGLU,
 I = 768 for H = 2048 and 2048 for H = 7168, the qwen3_30b and dsv3 widths), each a CUDA graph
 replayed (median us). Every strategy's layout is checked on the device against the ``sort``
 strategy at every point (the atomic one up to the order within an expert), and against the
