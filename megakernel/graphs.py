@@ -49,6 +49,7 @@ class CallGraphs:
                 return None
             entry = self.graphs[key] = self._capture(x, ids, w13, w2, split)
         graph, static = entry
+        self.ws.raise_routing_errors(wait=False)  # as a launched call does at its start
         for r in ranks:
             static["x"][r].copy_(x[r])
             static["ids"][r].copy_(ids[r])

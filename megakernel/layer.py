@@ -193,7 +193,6 @@ class FusedEPMoE(nn.Module):
         """The call replayed from its captured graph (``graphs``, the default checks), or None."""
         if self.graphs is None or self.validate != "device" or not self.graphs.usable():
             return None
-        self.workspace.raise_routing_errors(wait=False)
         ranks = self.world.local_ranks
         w13 = {r: self.w13[str(r)] for r in ranks}
         w2 = {r: self.w2[str(r)] for r in ranks}
