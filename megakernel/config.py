@@ -128,6 +128,10 @@ class KernelConfig:
         within the widest MMA, n256."""
         return self.gemm1_pairs and swiglu and self.gemm1_tma and self.block_n <= 128
 
+    def token_blocks(self, max_tokens: int) -> int:
+        """Combine counters per column group: blocks of ``combine_block`` tokens."""
+        return triton.cdiv(max_tokens, self.combine_block)
+
     def reduce_groups(self, hidden: int) -> tuple[int, int, int]:
         """(columns per group, column groups of H, down-projection column blocks per group). A
         group is a multiple of ``down_block_n`` wide, so each down task feeds one group's combine
@@ -285,7 +289,7 @@ def _combine_meta(
 ) -> dict[str, int]:
     """``KernelMeta``'s down-projection, combine and top-k reduce constants (and MAX_REDUCE)."""
     T = shape.max_tokens_per_rank
-    token_blocks = triton.cdiv(T, cfg.combine_block)
+    token_blocks = cfg.token_blocks(T)
     group_cols, groups, group_blocks = cfg.reduce_groups(shape.hidden)
     rb = min(cfg.reduce_tokens, cfg.combine_block)
     rt = min(REDUCE_ROWS, rb)

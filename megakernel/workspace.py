@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
-import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from megakernel.config import (
@@ -158,9 +157,8 @@ class Megakernel:
         )
         self.plan_ws = PlanWorkspace(world, self.plan_cfg, self.placement)
         self.sym = self._alloc_symmetric()
-        shared = world.concurrent and len(world.local_ranks) > 1  # ranks on one GPU
         self.num_ctas = cfg.num_ctas or world.sms_per_rank
-        own_gpu = world.device.type == "cuda" and not shared
+        own_gpu = world.device.type == "cuda" and not self._ranks_share_a_gpu()
         self.dispatch_only_ctas = cfg.num_ctas or world.sms_per_rank * (
             DISPATCH_ONLY_PROGRAMS_PER_SM if own_gpu else 1
         )
@@ -176,7 +174,6 @@ class Megakernel:
         self._descriptor_cache: dict[tuple, tuple] = {}
         self._watch = RoutingWatch(self.plan_ws.routing_err)
         self.epoch = {r: 0 for r in world.local_ranks}  # host mirror of the plan's device epoch
-        self._warm: set[tuple[str, int]] = set()  # (mode, probe) compiled and loaded
 
     def _check_config(self) -> None:
         """The shape and config fit the kernel's tiles and the world's SMs."""
@@ -192,8 +189,7 @@ class Megakernel:
             raise ValueError(f"ffn size {I} is not a multiple of down_block_k {cfg.down_block_k}")
         if self.combine and cfg.down_tma:
             check_tma_rows("down_tma", "w2", "down_block_k", cfg.down_block_k, shape.dtype)
-        shared = world.concurrent and len(world.local_ranks) > 1  # ranks on one GPU
-        if shared and cfg.num_ctas > world.sms_per_rank:
+        if self._ranks_share_a_gpu() and cfg.num_ctas > world.sms_per_rank:
             # NOTE: with a GPU per rank, extra programs only queue for an SM: a task waits on
             # tasks claimed before it, by programs that run. Ranks sharing a GPU share its SMs too
             raise ValueError(
@@ -201,6 +197,10 @@ class Megakernel:
                 f"SMs per rank of a world whose {len(world.local_ranks)} ranks share one GPU: one "
                 "rank's programs could hold the SMs its peers need while waiting on those peers"
             )
+
+    def _ranks_share_a_gpu(self) -> bool:
+        """Several of this process's ranks run at once on one device (the emulated CUDA world)."""
+        return self.world.concurrent and len(self.world.local_ranks) > 1
 
     def _alloc_symmetric(self) -> dict[str, object]:
         """The symmetric buffers, by ``SymBuffers`` field (collective: the same order on every
@@ -216,7 +216,7 @@ class Megakernel:
             T, K = shape.max_tokens_per_rank, shape.topk
             sym["recv_tag"] = world.alloc((2, C), torch.int32)
             sym["combine_y"] = world.alloc((T * K, H), shape.dtype)
-            groups, token_blocks = cfg.reduce_groups(H)[1], triton.cdiv(T, cfg.combine_block)
+            groups, token_blocks = cfg.reduce_groups(H)[1], cfg.token_blocks(T)
             sym["combine_count"] = world.alloc((groups, token_blocks), torch.int32)
         return sym
 
@@ -226,7 +226,7 @@ class Megakernel:
         world, shape, cfg = self.world, self.shape, self.config
         R, L, MT = world.world_size, self.plan_cfg.slots_per_rank, self.plan_cfg.max_tiles
         width = shape.ffn if self.swiglu else 2 * shape.ffn
-        token_blocks = triton.cdiv(shape.max_tokens_per_rank, cfg.combine_block)
+        token_blocks = cfg.token_blocks(shape.max_tokens_per_rank)
 
         def per_rank(*size: int, dtype: torch.dtype = torch.int32) -> dict[int, torch.Tensor]:
             return {
@@ -387,14 +387,13 @@ class Megakernel:
 
     def warmup(self, mode: str = "gemm", probe: int = 0) -> None:
         """Compile and load the plan kernels and the megakernel before anything spins."""
-        if (mode, probe) in self._warm or self.world.device.type != "cuda":
+        if (mode, probe) in self._kernel.compiled or self.world.device.type != "cuda":
             return
         self.plan_ws.warmup()
         r = self.world.local_ranks[0]
         args = self.kernel_args(r, self._dummy_inputs(), self.meta(mode, probe), 0, 0)
         self._kernel.compile((mode, probe), args, **self._options)
         self._descriptor_cache.clear()  # only the dummy weights' are there
-        self._warm.add((mode, probe))
 
     # -- a call ---------------------------------------------------------------------------
 
@@ -603,7 +602,7 @@ class Megakernel:
 
     def flag_name(self, flag: int) -> str:
         """Names the flag of a ``WaitTimeoutError`` raised by ``world.check_errors``."""
-        token_blocks = triton.cdiv(self.shape.max_tokens_per_rank, self.config.combine_block)
+        token_blocks = self.config.token_blocks(self.shape.max_tokens_per_rank)
         return flag_name(flag, token_blocks, self.world.world_size)
 
     def check_errors(self) -> None:
