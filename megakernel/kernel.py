@@ -23,10 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from megakernel.ops.combine import publish_pieces, reduce_task
+from megakernel.ops.combine import publish_pieces, reduce_task, tile_fill_nan
 from megakernel.ops.dispatch import dispatch_task
 from megakernel.ops.gemm import down_task, gemm1_task
 from megakernel.ops.trace import now, trace_begin, trace_end, trace_task
+from megakernel.plan.count import ROUTING_POISONED
 from megakernel.tasks import (
     COUNTER_COMPUTE,
     COUNTER_DISPATCH,
@@ -40,7 +41,7 @@ from megakernel.tasks import (
     down_coords,
     share,
 )
-from symm_mem.device import globaltimer
+from symm_mem.device import globaltimer, note_call_end, note_skipped, raise_alarm
 
 
 class PlanBuffers(NamedTuple):
@@ -80,7 +81,8 @@ class RankState(NamedTuple):
     err: torch.Tensor  # [ERR_WORDS] int64 the error record (symm_mem.errors)
     epoch: torch.Tensor  # [1] int64 this call's epoch (the plan bumped it)
     trace: torch.Tensor  # TRACE: [programs, 1 + TRACE_CAP, 4] int64, zeroed per call
-    routing_err: torch.Tensor  # [4] int64 the first bad routing id of a call (plan.count)
+    routing_err: torch.Tensor  # [ROUTING_ERR_WORDS] int64 the first bad routing id (plan.count)
+    alarm: torch.Tensor  # [1] int64 host-mapped: set when a record above holds an error
 
 
 @triton.jit(do_not_specialize=["rank", "num_tokens", "task_begin", "task_end", "timeout_ns"])
@@ -109,7 +111,8 @@ def moe_megakernel(
     epoch = tl.load(state.epoch)
     deadline = globaltimer() + timeout_ns
     # this launch's share of each task region (the CPU emulation runs them as separate phases)
-    # (none at all when the plan failed (overflow) or an earlier wait timed out)
+    # (none at all when the plan failed (overflow) or an earlier wait timed out: the call is
+    # skipped, its output NaN: see _last_out)
     ok = tl.load(state.err) == 0
     num_tiles = tl.where(ok, tl.load(plan.stats + 2), 0)
     num_down = 0
@@ -161,7 +164,7 @@ def moe_megakernel(
         if held >= 0:
             publish_pieces(pending_row, peers, held, M)
     trace_end(state.trace, n_events, rank, M.TRACE, M.TRACE_CAP)
-    _last_out_resets(mine, state, task_begin, task_end, M)
+    _last_out(out_ptr, num_tokens, mine, state, epoch, task_begin, task_end, M)
 
 
 @triton.jit
@@ -221,17 +224,45 @@ def _dispatch_tasks(d_lo, d_count, x_ptr, plan, peers, mine, state, rank, epoch,
 
 
 @triton.jit
-def _last_out_resets(mine, state, task_begin, task_end, M: tl.constexpr):
-    """The last program out resets the counters for the next launch (stream-ordered after it)."""
+def _last_out(out_ptr, num_tokens, mine, state, epoch, task_begin, task_end, M: tl.constexpr):
+    """The last program out resets the counters for the next launch (stream-ordered after it);
+    where the launch ends the call, it settles the call's records: a call that ends after the
+    failed one ended was skipped and is counted, a failed or skipped layer call's output becomes
+    NaN, a bad-id record of an earlier call counts this one as poisoned,
+    and any record raises the host-mapped alarm."""
     tl.debug_barrier()
     if tl.atomic_add(state.counters + COUNTER_EXIT, 1, sem="acq_rel") == tl.num_programs(0) - 1:
         tl.store(state.counters + COUNTER_DISPATCH, 0)
         tl.store(state.counters + COUNTER_COMPUTE, 0)
         tl.store(state.counters + COUNTER_EXIT, 0)
+        holds_reduce = (task_begin <= M.BASE_REDUCE) & (task_end >= M.BASE_REDUCE + M.MAX_REDUCE)
         if M.LAYER:
             # NOTE: every reduce task of this call has consumed its block's pieces, and no peer
             # puts pieces for the next call before this rank dispatches it: safe to clear
-            if (task_begin <= M.BASE_REDUCE) & (task_end >= M.BASE_REDUCE + M.MAX_REDUCE):
+            if holds_reduce:
                 b = tl.arange(0, M.COUNTERS_P)
                 n = M.GROUPS * M.TOKEN_BLOCKS
                 tl.store(mine.combine_count + b, tl.full([M.COUNTERS_P], 0, tl.int32), mask=b < n)
+        bad_id_call = tl.load(state.routing_err)
+        if holds_reduce:  # this launch ends the call
+            note_skipped(state.err, epoch)
+            note_call_end(state.err, epoch)
+            if (bad_id_call != 0) & (bad_id_call != epoch):
+                poisoned = state.routing_err + ROUTING_POISONED
+                tl.store(poisoned, tl.load(poisoned) + 1)
+                tl.store(poisoned + 1, tl.cast(epoch, tl.int64))
+            if M.LAYER:
+                if tl.load(state.err, volatile=True) != 0:
+                    _fill_output_nan(out_ptr, num_tokens, M)
+        raise_alarm(state.alarm, state.err, bad_id_call != 0)
+
+
+@triton.jit
+def _fill_output_nan(out_ptr, num_tokens, M: tl.constexpr):
+    """``out[:num_tokens] = NaN`` by one program: a failed call's output (an error path)."""
+    t0 = tl.zeros((), tl.int32)
+    while t0 < num_tokens:
+        t_end = tl.minimum(t0 + M.REDUCE_TOKENS, num_tokens)
+        for g in range(M.GROUPS):
+            tile_fill_nan(out_ptr, t0, t_end, g * M.GROUP_COLS, M.H, M.REDUCE_TOKENS, M.GROUP_COLS)
+        t0 += M.REDUCE_TOKENS

@@ -6,8 +6,10 @@ rank, K top-k, R ranks.
 Each rank holds the experts of its slots (``w13 [L, 2I, H]``, ``w2 [L, H, I]``, placed by a
 ``Placement``) and calls the layer with its own tokens; one persistent kernel per rank then
 dispatches them, runs both expert GEMMs and combines the results, with no host synchronisation
-(``megakernel.kernel``). Errors found on the device (a peer that never arrived, a receive buffer
-that would overflow) surface at ``check_errors()``, or at once with ``check_every_call=True``.
+(``megakernel.kernel``). Errors found on the device (a bad routing id, a peer that never arrived,
+a receive buffer that would overflow) are raised by the next call, with no synchronisation until
+one happens (``megakernel.errors``), by ``check_errors()``, or at once with
+``check_every_call=True``. A failed call's output is NaN, never plausible numbers.
 
 Worlds: with one rank per process (``NvshmemWorld`` under torchrun) tensors are passed plainly;
 a world that runs several ranks in one process (``EmulatedWorld``) takes and returns dicts keyed
@@ -60,8 +62,9 @@ class FusedEPMoE(nn.Module):
     so every kernel is compiled). ``validate="device"`` checks every routing id on the device: a
     bad one is dropped, that rank's output is NaN and ``RoutingError`` is raised by a later call
     or ``check_errors()``; ``validate="host"`` reads the id range back first (one sync per
-    call). After a ``WaitTimeoutError`` the ranks no longer agree on the call count: close the
-    layer and build a new one.
+    call). After a device failure (``WaitTimeoutError``: a peer did not arrive in
+    ``world.timeout_s``) every call is skipped and raises until ``reset()`` brings the ranks back
+    in step.
     """
 
     def __init__(
@@ -243,9 +246,15 @@ class FusedEPMoE(nn.Module):
     # -- workspace ------------------------------------------------------------------------
 
     def check_errors(self) -> None:
-        """Wait for the device; raise ``WaitTimeoutError``, ``CapacityError`` or ``RoutingError``
-        if a call failed."""
+        """Wait for the device; raise if a call failed: ``WaitTimeoutError`` or ``CapacityError``
+        (a device failure: every call raises until ``reset()``), ``RoutingError`` (raised once).
+        The message names the failed call and the later calls skipped because of it."""
         self.workspace.check_errors()
+
+    def reset(self) -> None:
+        """Bring the layer back in step after a device failure (a timeout), so that the next call
+        works again without rebuilding it. Collective: every rank calls it, between calls."""
+        self.workspace.reset()
 
     def describe(self) -> str:
         """Per-buffer sizes of the workspace, per rank."""

@@ -13,13 +13,28 @@ class RoutingError(ValueError):
     """A call's routing named an expert outside [-1, E). Found on the device: the id was dropped
     (nothing was read or written with it) and the call's output on that rank is NaN."""
 
-    def __init__(self, rank: int, call: int, token: int, k: int, expert: int, num_experts: int):
+    def __init__(
+        self,
+        rank: int,
+        call: int,
+        token: int,
+        k: int,
+        expert: int,
+        num_experts: int,
+        poisoned: range = range(0),
+    ):
         self.rank, self.call, self.token, self.k, self.expert = rank, call, token, k, expert
+        self.poisoned = poisoned  # later calls whose output on this rank is NaN as well
+        later = ""
+        if poisoned:
+            first, last = poisoned[0], poisoned[-1]
+            calls = f"call {first}" if first == last else f"calls {first}-{last}"
+            later = f" ({calls} too, made before this error was raised)"
         super().__init__(
             f"rank {rank}: call {call} routes token {token} (slot k={k}) to expert {expert}, but "
             f"the layer has {num_experts} experts (ids must be in [-1, {num_experts}); -1 drops "
             f"a slot); that call's output on rank {rank} is NaN, and so is every later call's "
-            "until this error was raised"
+            f"until this error is raised{later}"
         )
 
 
@@ -78,42 +93,3 @@ def check_routing(
             raise ValueError(
                 where + f"topk_ids has expert {low}; the only negative id allowed is -1 (dropped)"
             )
-
-
-class RoutingWatch:
-    """Brings the plan's routing error records (the first bad id per rank) to the host without
-    synchronising: after each call an asynchronous copy into pinned memory and an event; the next
-    call looks at the copy only if the event has completed."""
-
-    def __init__(self, records: torch.Tensor) -> None:
-        self.records = records  # [local ranks, ROUTING_ERR_WORDS] int64, on the device
-        self.cuda = records.is_cuda
-        self.mirror = torch.zeros_like(records, device="cpu").pin_memory() if self.cuda else records
-        self.copied = torch.cuda.Event() if self.cuda else None
-        self.pending = False
-
-    def after_call(self) -> None:
-        """Queue the copy of the records behind this call (not inside a graph capture: a replay
-        is checked by ``check_errors``)."""
-        if self.cuda and not torch.cuda.is_current_stream_capturing():
-            self.mirror.copy_(self.records, non_blocking=True)
-            self.copied.record()
-            self.pending = True
-
-    def raise_found(self, ranks: list[int], num_experts: int, wait: bool) -> None:
-        """Raise ``RoutingError`` for the first of this process's ``ranks`` whose record holds a
-        bad id, and clear the records. ``wait``: the device has finished (read the records
-        themselves); else look at the last copy if it has landed (no synchronisation)."""
-        if self.cuda and torch.cuda.is_current_stream_capturing():
-            return
-        if wait or not self.cuda:
-            host = self.records.tolist()
-        elif self.pending and self.copied.query():
-            host, self.pending = self.mirror.tolist(), False
-        else:
-            return
-        for rank, (call, token, k, expert) in zip(ranks, host, strict=True):
-            if call:
-                self.records.zero_()
-                self.mirror.zero_()
-                raise RoutingError(rank, call, token, k, expert, num_experts)

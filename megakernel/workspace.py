@@ -26,6 +26,7 @@ from megakernel.config import (
     kernel_meta,
     pow2,
 )
+from megakernel.errors import CallErrors
 from megakernel.kernel import PlanBuffers, RankState, SymBuffers, moe_megakernel
 from megakernel.launch import Launcher, aligned
 from megakernel.placement import Placement
@@ -40,7 +41,7 @@ from megakernel.tasks import (
     flag_name,
     task_regions,
 )
-from megakernel.validate import VALIDATE_MODES, RoutingWatch, check_routing
+from megakernel.validate import VALIDATE_MODES, check_routing
 from symm_mem.buffer import World
 
 
@@ -172,8 +173,10 @@ class Megakernel:
         self._options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         self._meta_cache: dict[tuple[str, int], KernelMeta] = {}
         self._descriptor_cache: dict[tuple, tuple] = {}
-        self._watch = RoutingWatch(self.plan_ws.routing_err)
         self.epoch = {r: 0 for r in world.local_ranks}  # host mirror of the plan's device epoch
+        self.errors = CallErrors(
+            world, self.plan_ws.routing_err, self.placement.num_experts, self.flag_name
+        )
 
     def _check_config(self) -> None:
         """The shape and config fit the kernel's tiles and the world's SMs."""
@@ -221,8 +224,8 @@ class Megakernel:
         return sym
 
     def _alloc_local(self) -> None:
-        """This process's per-rank buffers: ``act`` and every ``RankState`` field but ``err``
-        and ``epoch`` (the world's and the plan's)."""
+        """This process's per-rank buffers: ``act`` and every ``RankState`` field but ``err``,
+        ``alarm``, ``epoch`` and ``routing_err`` (the world's and the plan's)."""
         world, shape, cfg = self.world, self.shape, self.config
         R, L, MT = world.world_size, self.plan_cfg.slots_per_rank, self.plan_cfg.max_tiles
         width = shape.ffn if self.swiglu else 2 * shape.ffn
@@ -369,6 +372,7 @@ class Megakernel:
                 err=self.world.error_record(rank),
                 epoch=self.plan_ws.epoch[rank],
                 routing_err=plan["routing_err"],
+                alarm=self.world.alarm_word(rank),
             ),
         )
 
@@ -494,14 +498,18 @@ class Megakernel:
 
         ``validate``: "device" (or True) checks shapes, dtypes and devices on the host and every
         routing id on the device, with no host synchronisation: a bad id is dropped, that rank's
-        output is NaN, and ``RoutingError`` is raised at the start of a later call (once the
-        device has run the bad one) or by ``check_errors()``. "host" also reads the id range back
-        before launching (one sync per call); False checks nothing on the host.
+        output is NaN, and ``RoutingError`` is raised once a later call was launched (the device
+        has run the bad one by then) or by ``check_errors()``. "host" also reads the id range
+        back before launching (one sync per call); False checks nothing on the host.
+
+        Errors (``megakernel.errors``): each call, once launched, raises what the device has
+        reported so far, reading host-mapped alarm words (no synchronisation unless one is up).
+        After a device failure (a timeout, an overflow) every call is skipped on the device and
+        raises, until ``reset()``.
         """
         if self.closed:
             raise RuntimeError("this Megakernel workspace is closed: build a new one to call it")
         probe = self._check_call(mode, stage)
-        self.raise_routing_errors(wait=False)
         validate = _validate_mode(validate)
         ranks = self.world.local_ranks
         none = {r: None for r in ranks}
@@ -529,8 +537,9 @@ class Megakernel:
                 self.state["act_ready"][r].zero_()
                 self.state["resolved"][r].zero_()
         self._launch(ready, mode, probe, self._ranges(mode, stage, overlap, split))
-        self.watch_routing()
-        return {r: self._handle(r, ready[r], advance=not rerun) for r in ranks}
+        handles = {r: self._handle(r, ready[r], advance=not rerun) for r in ranks}
+        self.after_call()
+        return handles
 
     def _check_call(self, mode: str, stage: str) -> int:
         """The call's mode and stage are known and go together; returns the stage's probe."""
@@ -606,19 +615,33 @@ class Megakernel:
         return flag_name(flag, token_blocks, self.world.world_size)
 
     def check_errors(self) -> None:
-        """Wait for the device, then raise if any rank's call failed (``WaitTimeoutError``,
-        ``CapacityError``, ``RoutingError``)."""
-        self.world.check_errors(self.flag_name)
-        self.raise_routing_errors(wait=True)
+        """Wait for the device, then raise if a call failed: ``WaitTimeoutError`` or
+        ``CapacityError`` (until ``reset()``), ``RoutingError`` (once)."""
+        self.errors.check()
 
-    def watch_routing(self) -> None:
-        """After a call: bring the routing error records towards the host (no sync)."""
-        self._watch.after_call()
+    def after_call(self) -> None:
+        """Raise what the device has reported so far (after a call was launched; no sync unless
+        an alarm is up)."""
+        self.errors.after_call(max(self.epoch.values()))
 
-    def raise_routing_errors(self, wait: bool) -> None:
-        """Raise ``RoutingError`` for a bad routing id the device found (``wait``: after it
-        finished; else as far as the host can tell without synchronising)."""
-        self._watch.raise_found(self.world.local_ranks, self.placement.num_experts, wait=wait)
+    def reset(self) -> None:
+        """Bring the ranks back in step after a failed call, so that the next call works again
+        (collective: every rank calls it, between calls). Waits for every rank's device work,
+        clears the error records, the counters and the combine counts a failed call may have
+        left, and sets every rank's epoch to the latest any rank reached."""
+        self.world.barrier()
+        ranks = self.world.local_ranks
+        for r in ranks:
+            for name in ("group_done", "act_done", "pending", "counters"):
+                self.state[name][r].zero_()
+            if self.combine:
+                self.sym["combine_count"].peer(r).zero_()
+        epoch = self.world.all_max(max(int(self.plan_ws.epoch[r]) for r in ranks))
+        for r in ranks:
+            self.plan_ws.epoch[r].fill_(epoch)
+            self.epoch[r] = epoch
+        self.errors.reset()
+        self.world.barrier()
 
     def close(self) -> None:
         """Free the symmetric buffers (collective, in allocation order). A second call does

@@ -1,13 +1,15 @@
 """Ours against a peer on one GPU: ``python -m perf.bench_peers [--presets ...] [--tokens ...]``.
 
-One rank holds every expert (``EmulatedWorld(1, "cuda")``), uniform routing, the same inputs for
-every implementation, each output checked against ``moe_ref`` (fp32) first:
+One rank holds every expert (``EmulatedWorld(1, "cuda")``), one layer per preset sized for the
+sweep's largest T, uniform routing, the same inputs for every implementation, each output
+checked against ``moe_ref`` (fp32) first:
 
   eager   ``FusedEPMoE`` called as a user calls it (default checks; a T seen before is replayed
           from the layer's own graph)
   graph   one layer call captured in a CUDA graph by the caller, replayed
-  liger   Liger-Kernel's fused MoE (``LigerFusedMoEFunction``, pure Triton, its own autotuning:
-          100-190 s on the first call of a shape); skipped where liger_kernel is not installed
+  liger   Liger-Kernel's fused MoE (``LigerFusedMoEFunction``, pure Triton, its own autotuning,
+          which runs on a shape's first call: made here at the sweep's largest T; 100-190 s a
+          shape where Triton's cache is cold); skipped where liger_kernel is not installed
   torch   the unfused baseline (perf/baseline.py: permute, ``torch._grouped_mm``, SwiGLU, back)
 
 Each round times every implementation once (``--calls`` calls, synchronised at the end), in an
@@ -29,7 +31,7 @@ import torch
 from megakernel import FusedEPMoE, routing
 from megakernel.placement import Placement
 from megakernel.shapes import preset
-from megakernel.testing import compare_layer_output, layer_inputs, layer_ref
+from megakernel.testing import compare_layer_output, layer_ref, local_w2, local_w13, make_tokens
 from perf.baseline import baseline_moe
 from perf.record import write_result
 from perf.timing import wall_us
@@ -37,6 +39,7 @@ from symm_mem import EmulatedWorld
 
 IMPLS = ("eager", "graph", "liger", "torch")
 READ_BYTES = 4 << 30  # the bandwidth probe reads this much
+SEED = 1
 
 
 def rotations(names: list[str], rounds: int) -> list[list[str]]:
@@ -74,54 +77,78 @@ def liger_call():
     return lambda x, w13, w2, ids, w: LigerFusedMoEFunction.apply(x, w13, w2, ids, w)
 
 
-def point_calls(world, name: str, T: int, liger) -> tuple[dict, dict]:
-    """(the implementations' calls, the point's facts), every output checked first."""
-    shape = preset(name).with_tokens(T)
-    E, K = shape.num_experts, shape.topk
-    placement = Placement.contiguous(E, 1)
-    rt = routing.uniform(1, T, E, K, seed=T).to("cuda")
-    xs, (x, ids, w, w13, w2) = layer_inputs(shape, placement, rt, [0], 1, "cuda")
-    layer = FusedEPMoE(world, shape, w13, w2, placement=placement)
-    calls = {
-        "eager": lambda: layer(x[0], ids[0], w[0]),
-        "torch": lambda: baseline_moe(x[0], ids[0], w[0], w13[0], w2[0], shape, 1),
-    }
-    if liger is not None:
-        calls["liger"] = lambda: liger(x[0], w13[0], w2[0], ids[0], w[0])
-    want = layer_ref(x[0], ids[0], w[0], shape, 1)
-    for impl, call in calls.items():
-        wrong = compare_layer_output(call(), want, shape.dtype, 0)
+class PresetCase:
+    """One preset's experts and layer, built once for every T of the sweep (the layer's
+    ``max_tokens_per_rank`` is the sweep's largest T, as a user sizes it)."""
+
+    def __init__(self, world, name: str, max_tokens: int, liger) -> None:
+        self.name, self.liger = name, liger
+        self.shape = preset(name).with_tokens(max_tokens)
+        E = self.shape.num_experts
+        self.placement = Placement.contiguous(E, 1)
+        self.w13 = local_w13(self.shape, self.placement, 0, SEED, "cuda")
+        self.w2 = local_w2(self.shape, self.placement, 0, SEED, "cuda")
+        self.layer = FusedEPMoE(world, self.shape, {0: self.w13}, {0: self.w2},
+                                placement=self.placement)  # fmt: skip
+        if liger is not None:  # Liger tunes on a shape's first call: at the sweep's largest T
+            x, ids, w = self.inputs(max_tokens)
+            liger(x, self.w13, self.w2, ids, w)
+
+    def inputs(self, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shape = self.shape
+        rt = routing.uniform(1, T, shape.num_experts, shape.topk, seed=T)
+        x = make_tokens(shape, [T], SEED + T, "cuda")[0]
+        return x, rt.topk_ids[0].cuda(), rt.topk_weights[0].cuda()
+
+    def calls(self, T: int) -> tuple[dict, int]:
+        """(each implementation's call at ``T``, checked first; the weight bytes it touches)."""
+        shape, layer, (x, ids, w) = self.shape, self.layer, self.inputs(T)
+        calls = {
+            "eager": lambda: layer(x, ids, w),
+            "torch": lambda: baseline_moe(x, ids, w, self.w13, self.w2, shape, 1),
+        }
+        if self.liger is not None:
+            calls["liger"] = lambda: self.liger(x, self.w13, self.w2, ids, w)
+        want = layer_ref(x, ids, w, shape, SEED)
+        for impl, call in calls.items():
+            wrong = compare_layer_output(call(), want, shape.dtype, 0)
+            if wrong:
+                raise SystemExit(f"{self.name} T={T} {impl}: {wrong[0]}")
+        layer.check_errors()
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            captured = layer.workspace.run(
+                {0: x}, {0: ids}, {0: w}, {0: self.w13}, {0: self.w2}, mode="layer",
+                validate=False,
+            )[0].out  # fmt: skip
+        graph.replay()
+        wrong = compare_layer_output(captured, want, shape.dtype, 0)
         if wrong:
-            raise SystemExit(f"{name} T={T} {impl}: {wrong[0]}")
-    layer.check_errors()
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-        captured = layer.workspace.run(x, ids, w, w13, w2, mode="layer", validate=False)[0].out
-    graph.replay()
-    wrong = compare_layer_output(captured, want, shape.dtype, 0)
-    if wrong:
-        raise SystemExit(f"{name} T={T} graph: {wrong[0]}")
-    calls["graph"] = graph.replay
-    for call in calls.values():  # warm: eager's second call of a T captures its own graph
-        call()
-        call()
-    facts = dict(weight_bytes=weight_bytes(ids[0], shape.hidden, shape.ffn, 2), layer=layer)
-    return calls, facts
+            raise SystemExit(f"{self.name} T={T} graph: {wrong[0]}")
+        calls["graph"] = graph.replay
+        for call in calls.values():  # warm: eager's second call of a T captures its own graph
+            call()
+            call()
+        return calls, weight_bytes(ids, shape.hidden, shape.ffn, 2)
+
+    def close(self) -> None:
+        self.layer.close()
 
 
-def bench_point(world, name: str, T: int, liger, bandwidth: float, args) -> dict:
-    calls, facts = point_calls(world, name, T, liger)
+def bench_point(case: PresetCase, T: int, bandwidth: float, args) -> dict:
+    calls, touched = case.calls(T)
     names = [impl for impl in IMPLS if impl in calls]
     times: dict[str, list[float]] = {impl: [] for impl in names}
     for order in rotations(names, args.rounds):
         for impl in order:
             times[impl].append(wall_us(calls[impl], args.calls))
-    facts.pop("layer").close()
-    row = {"preset": name, "T": T, **{f"{i}_us": statistics.median(times[i]) for i in names}}
-    row["bound_us"] = facts["weight_bytes"] / bandwidth * 1e6
+    case.layer.check_errors()
+    row = {"preset": case.name, "T": T, **{f"{i}_us": statistics.median(times[i]) for i in names}}
+    row["bound_us"] = touched / bandwidth * 1e6
     row["graph_over_bound"] = row["graph_us"] / row["bound_us"]
     row["eager_over_graph"] = row["eager_us"] / row["graph_us"]
+    print(table_row(row), flush=True)
     return row
 
 
@@ -137,13 +164,12 @@ def table_row(r: dict) -> str:
     )
 
 
-def report(rows: list[dict], bandwidth: float) -> None:
+def header(bandwidth: float) -> str:
     gpu = torch.cuda.get_device_name()
-    path, _ = write_result("peers_one_rank", {"rows": rows, "read_Bps": bandwidth})
     head = f"{'preset':<12} {'T':>5} " + " ".join(f"{i + ' us':>9}" for i in IMPLS)
     head += f" {'e/g':>5} {'liger/e':>7} {'liger/g':>7} {'bound us':>8} {'g/bound':>7}"
     title = f"one rank holding every expert, {gpu}, read bandwidth {bandwidth / 1e9:.0f} GB/s"
-    print("\n".join(["", title, head, *map(table_row, rows), f"wrote {path}"]))
+    return f"{title}\n{head}"
 
 
 def main() -> None:
@@ -159,13 +185,17 @@ def main() -> None:
     if liger is None:
         print("liger_kernel is not installed: its column stays empty (pip install liger-kernel)")
     bandwidth = read_bandwidth()
+    print(header(bandwidth), flush=True)
+    rows = []
     with EmulatedWorld(1, "cuda") as world:
-        rows = [
-            bench_point(world, p, T, liger, bandwidth, args)
-            for p in args.presets
-            for T in args.tokens
-        ]
-    report(rows, bandwidth)
+        for name in args.presets:
+            case = PresetCase(world, name, max(args.tokens), liger)
+            rows += [bench_point(case, T, bandwidth, args) for T in args.tokens]
+            case.close()
+            del case
+            torch.cuda.empty_cache()
+    path, _ = write_result("peers_one_rank", {"rows": rows, "read_Bps": bandwidth})
+    print("\n".join(["", header(bandwidth), *map(table_row, rows), f"wrote {path}"]))
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ Device helpers (flags, timers, NVSHMEM calls) are in ``symm_mem.device``; the la
 
 from symm_mem.buffer import DEFAULT_TIMEOUT_S, SymmetricTensor, World
 from symm_mem.emulated import EmulatedWorld
-from symm_mem.errors import CapacityError, WaitTimeoutError
+from symm_mem.errors import CapacityError, DeviceCallError, WaitTimeoutError
 from symm_mem.runtime import NvshmemWorld, init_world
 
 __all__ = [
     "CapacityError",
+    "DeviceCallError",
     "DEFAULT_TIMEOUT_S",
     "EmulatedWorld",
     "NvshmemWorld",

@@ -86,7 +86,9 @@ class World(ABC):
     """R ranks sharing symmetric buffers. Subclasses supply allocation, barrier and teardown.
 
     Owns one error record per rank that it runs (``error_record(rank)``); kernels write into it
-    when a bounded wait times out, and ``check_errors()`` raises on the host.
+    when a bounded wait times out, and ``check_errors()`` raises on the host. Beside each record,
+    an alarm word in host-mapped memory (``alarm_word(rank)``): a kernel that leaves an error
+    behind sets it, and ``alarmed()`` reads it with no synchronisation.
     """
 
     rank: int
@@ -104,6 +106,10 @@ class World(ABC):
         self._errors = torch.zeros(
             len(self._local_ranks), dev.ERR_WORDS.value, dtype=torch.int64, device=self.device
         )
+        # pinned memory is mapped into the device's address space (UVA): kernels store into it
+        pinned = self.device.type == "cuda"
+        self._alarm = torch.zeros(len(self._local_ranks), dtype=torch.int64, pin_memory=pinned)
+        self._alarm_host = self._alarm.numpy()  # read without going through torch
 
     # -- allocation -------------------------------------------------------------------------
 
@@ -160,6 +166,11 @@ class World(ABC):
         for r in self._local_ranks:
             launch(r)
 
+    def all_max(self, value: int) -> int:
+        """The largest of every process's ``value`` (collective). One process runs every rank
+        here, so the caller's value is the answer; worlds of several processes reduce."""
+        return value
+
     # -- errors -----------------------------------------------------------------------------
 
     def error_record(self, rank: int | None = None) -> torch.Tensor:
@@ -167,12 +178,37 @@ class World(ABC):
         rank = self.rank if rank is None else rank
         return self._errors[self._local_ranks.index(rank)]
 
+    def alarm_word(self, rank: int | None = None) -> torch.Tensor:
+        """Rank ``rank``'s int64 alarm word ``[1]``, host-mapped (``device.raise_alarm``)."""
+        rank = self.rank if rank is None else rank
+        i = self._local_ranks.index(rank)
+        return self._alarm[i : i + 1]
+
+    def alarmed(self) -> bool:
+        """Whether a kernel of this process has raised an alarm since ``clear_errors`` (a host
+        memory read: no synchronisation; a kernel still running may raise it later)."""
+        return bool(self._alarm_host.any())
+
+    def quiet_alarms(self) -> None:
+        """Lower the alarms, leaving the records (after this process's device work is done)."""
+        self._alarm.zero_()
+
+    def error_records(self) -> list[list[int]]:
+        """Every local rank's error record, as read now (after the device work is done)."""
+        return self._errors.tolist()
+
+    def clear_errors(self) -> None:
+        """Clear every error record and alarm of this process (after its device work is done)."""
+        self._errors.zero_()
+        self._alarm.zero_()
+
     def timeout_ns(self) -> int:
         return int(self.timeout_s * 1e9)
 
     def check_errors(self, flag_name: FlagNamer | None = None) -> None:
         """Wait for this world's kernels, then raise ``WaitTimeoutError`` if any wait timed out."""
         self.synchronize()
+        self._alarm.zero_()
         raise_if_error(self._errors, self._local_ranks, self.timeout_s, flag_name)
 
     # -- lifetime ---------------------------------------------------------------------------

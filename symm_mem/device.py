@@ -11,7 +11,12 @@ until the flag holds at least ``epoch`` or a ``%globaltimer`` deadline passes. N
 flags, so back-to-back calls with increasing epochs need no host work.
 
 On timeout ``wait_flag`` writes an *error record* and returns ``False``; the host turns the record
-into a ``RuntimeError`` (see ``symm_mem.errors``). Nothing spins forever.
+into a ``RuntimeError`` (see ``symm_mem.errors``). Nothing spins forever, and nothing spins on
+once its rank has recorded an error: every wait also watches the record, so one failed wait
+makes every program of the rank leave at once instead of at its own deadline.
+
+A kernel that leaves a record behind raises its rank's *alarm* (``raise_alarm``): a word in
+host-mapped memory the host reads after each call without synchronising.
 
 Under ``TRITON_INTERPRET=1`` inline PTX and extern calls cannot run: ``globaltimer`` falls back to
 the host clock and ``smid`` to 0. The NVSHMEM bindings exist only for compiled kernels; kernels
@@ -31,13 +36,16 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Error-record layout (int64 words). One record per rank; the first failing wait wins.
 # Kept as constexpr so kernels can use them; the host reads them through `.value`.
-ERR_WORDS = tl.constexpr(8)
+ERR_WORDS = tl.constexpr(10)  # even: each rank's record stays 16-byte aligned
 ERR_CODE = tl.constexpr(0)  # 0: no error; ERR_TIMEOUT: a wait ran past its deadline
 ERR_RANK = tl.constexpr(1)  # the rank whose wait failed
 ERR_FLAG = tl.constexpr(2)  # caller-chosen id of the flag it waited on
 ERR_EPOCH = tl.constexpr(3)  # the epoch it waited for
 ERR_SEEN = tl.constexpr(4)  # the flag's value at the deadline
 ERR_TASK = tl.constexpr(5)  # caller-chosen id of the task that waited
+ERR_SKIPPED = tl.constexpr(6)  # later calls skipped because of this record (the kernel counts)
+ERR_LAST = tl.constexpr(7)  # the epoch of the last call skipped
+ERR_CALL = tl.constexpr(8)  # the epoch of the call that failed (set when that call ends)
 ERR_TIMEOUT = tl.constexpr(1)
 # A receive buffer would overflow: ERR_FLAG holds the rank that would overflow, ERR_SEEN the rows
 # it would receive and ERR_TASK its capacity (see symm_mem.errors.CapacityError).
@@ -136,18 +144,51 @@ def report_timeout(err_ptr, rank, flag_id, epoch, seen, task_id):
 
 
 @triton.jit
+def _no_error(err_ptr):
+    """No error recorded for this rank yet (a volatile load: another program may write it)."""
+    return tl.load(err_ptr + ERR_CODE, volatile=True) == 0
+
+
+@triton.jit
+def raise_alarm(alarm_ptr, err_ptr, extra):
+    """Set the rank's host-mapped alarm word when its error record holds an error, or when
+    ``extra`` (another record of the caller's) is set. A plain store: the host synchronises
+    before it reads any record."""
+    if (tl.load(err_ptr + ERR_CODE, volatile=True) != 0) | extra:
+        tl.store(alarm_ptr, tl.full((), 1, tl.int64))
+
+
+@triton.jit
+def note_call_end(err_ptr, epoch):
+    """At the end of call ``epoch`` (one program): a record left by this call gets its epoch."""
+    if (tl.load(err_ptr + ERR_CODE, volatile=True) != 0) & (tl.load(err_ptr + ERR_CALL) == 0):
+        tl.store(err_ptr + ERR_CALL, tl.cast(epoch, tl.int64))
+
+
+@triton.jit
+def note_skipped(err_ptr, epoch):
+    """At the end of call ``epoch`` (one program, before ``note_call_end``): if the record is
+    an earlier call's, count this one as skipped."""
+    failed = tl.load(err_ptr + ERR_CALL)
+    if (failed != 0) & (failed != epoch):
+        tl.store(err_ptr + ERR_SKIPPED, tl.load(err_ptr + ERR_SKIPPED) + 1)
+        tl.store(err_ptr + ERR_LAST, tl.cast(epoch, tl.int64))
+
+
+@triton.jit
 def wait_flag(flag_ptr, epoch, deadline, err_ptr, rank, flag_id, task_id):
     """Spin until ``*flag_ptr >= epoch`` (acquire, system scope) or ``globaltimer() > deadline``.
 
     Returns True when the flag arrived. On timeout it writes an error record naming ``rank``,
     ``flag_id``, ``epoch`` and ``task_id`` into ``err_ptr`` and returns False; the caller must then
-    skip the work that depended on the flag and leave.
+    skip the work that depended on the flag and leave. It also returns False, without a record of
+    its own, as soon as another wait of the rank has recorded an error.
 
     NOTE: every thread of the program spins (a scalar atomic is uniform), so the barrier after the
     loop is not divergent; reads after it see the producer's stores.
     """
     seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
-    while (seen < epoch) & (globaltimer() < deadline):
+    while (seen < epoch) & (globaltimer() < deadline) & _no_error(err_ptr):
         seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
     arrived = seen >= epoch
     if not arrived:
@@ -162,7 +203,7 @@ def wait_flags(flag_ptrs, mask, epoch, deadline, err_ptr, rank, flag_id_base, ta
     least ``epoch``. On timeout the record names ``flag_id_base + i`` for the lowest such flag."""
     seen = tl.atomic_add(flag_ptrs, 0, mask=mask, sem="acquire", scope="sys")
     lowest = tl.min(tl.where(mask, seen, epoch), 0)
-    while (lowest < epoch) & (globaltimer() < deadline):
+    while (lowest < epoch) & (globaltimer() < deadline) & _no_error(err_ptr):
         seen = tl.atomic_add(flag_ptrs, 0, mask=mask, sem="acquire", scope="sys")
         lowest = tl.min(tl.where(mask, seen, epoch), 0)
     arrived = lowest >= epoch

@@ -219,6 +219,11 @@ class NvshmemWorld(World):
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
+    def all_max(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
     def _alloc_views(self, shape: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
         local = self._nvt.tensor(shape, dtype=dtype)
         return [

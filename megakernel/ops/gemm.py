@@ -26,11 +26,24 @@ from megakernel.tasks import (
     PROBE_COMM,
     PROBE_COMPUTE,
 )
-from symm_mem.device import globaltimer, wait_flag, wait_flags
+from symm_mem.device import INTERPRET, globaltimer, wait_flag, wait_flags
+
+# NOTE: the interpreter's bf16 tl.dot returns garbage (fp16 and fp32 are right): there, and only
+# there, the products take fp32 inputs (compiled kernels feed wgmma the bf16 tiles as they are)
+DOT_UPCAST = tl.constexpr(INTERPRET)
 
 # columns of the plan's tile table: (local slot, first row, rows, first source rank, last source
 # rank); local slot -1: no tile
 TILE_COLS = tl.constexpr(5)
+
+
+@triton.jit
+def mma(a, b, acc):
+    """``acc + a @ b``, fp32 accumulation (fp32 inputs under the interpreter: ``DOT_UPCAST``)."""
+    if DOT_UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -89,7 +102,7 @@ def tile_expert_gemm(
         for k in tl.range(0, H // BLOCK_K):
             a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
             b = w13_desc.load([slot, n0, 0, k * BLOCK_K]).reshape([2 * BLOCK_N, BLOCK_K])
-            acc2 = tl.dot(a, b.T, acc2)
+            acc2 = mma(a, b.T, acc2)
             a_ptrs += BLOCK_K
         acc, acc_up = tl.split(tl.reshape(acc2, [BLOCK_M, BLOCK_N, 2]))
     elif B_TMA:
@@ -97,9 +110,9 @@ def tile_expert_gemm(
         n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * BLOCK_N
         for k in tl.range(0, H // BLOCK_K):
             a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-            acc = tl.dot(a, w13_desc.load([n0, k * BLOCK_K]).T, acc)
+            acc = mma(a, w13_desc.load([n0, k * BLOCK_K]).T, acc)
             if SWIGLU:
-                acc_up = tl.dot(a, w13_desc.load([n0 + I, k * BLOCK_K]).T, acc_up)
+                acc_up = mma(a, w13_desc.load([n0 + I, k * BLOCK_K]).T, acc_up)
             a_ptrs += BLOCK_K
     else:
         # B = w^T as a [BLOCK_K, BLOCK_N] view of the [2I, H] weight (H contiguous)
@@ -108,9 +121,9 @@ def tile_expert_gemm(
         up_ptrs = gate_ptrs + I * H
         for _ in tl.range(0, H // BLOCK_K):
             a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-            acc = tl.dot(a, tl.load(gate_ptrs, mask=n_ok, other=0.0), acc)
+            acc = mma(a, tl.load(gate_ptrs, mask=n_ok, other=0.0), acc)
             if SWIGLU:
-                acc_up = tl.dot(a, tl.load(up_ptrs, mask=n_ok, other=0.0), acc_up)
+                acc_up = mma(a, tl.load(up_ptrs, mask=n_ok, other=0.0), acc_up)
                 up_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
             gate_ptrs += BLOCK_K
@@ -150,7 +163,7 @@ def tile_down_gemm(
         n0 = tl.cast(local, tl.int32) * H + n_block * BLOCK_N
         for k in tl.range(0, I // BLOCK_K):
             a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-            acc = tl.dot(a, w2_desc.load([n0, k * BLOCK_K]).T, acc)
+            acc = mma(a, w2_desc.load([n0, k * BLOCK_K]).T, acc)
             a_ptrs += BLOCK_K
     else:
         n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -160,7 +173,7 @@ def tile_down_gemm(
         b_ptrs = w2 + n.to(tl.int64)[None, :] * I + kk[:, None]
         for _ in tl.range(0, I // BLOCK_K):
             a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-            acc = tl.dot(a, tl.load(b_ptrs, mask=n_ok, other=0.0), acc)
+            acc = mma(a, tl.load(b_ptrs, mask=n_ok, other=0.0), acc)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
     return acc

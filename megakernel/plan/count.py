@@ -32,8 +32,10 @@ class PlacementTables(NamedTuple):
     on_rank: torch.Tensor  # [E] this rank's replica of each expert, -1 if none
 
 
-# the routing error record: [call epoch (0: none), token, k, id], the first bad id of a call
-ROUTING_ERR_WORDS = 4
+# the routing error record: [call epoch (0: none), token, k, id], the first bad id of a call,
+# then [later calls poisoned, the last of them] (the megakernel's last program out counts them)
+ROUTING_ERR_WORDS = 6
+ROUTING_POISONED = tl.constexpr(4)
 
 
 @triton.jit

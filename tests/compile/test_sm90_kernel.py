@@ -16,7 +16,7 @@ from megakernel.shapes import PRESETS
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("compiles real kernels: run without TRITON_INTERPRET", allow_module_level=True)
 
-INT64 = {"expert_ready", "act_ready", "resolved", "err", "epoch", "trace", "routing_err"}
+INT64 = {"expert_ready", "act_ready", "resolved", "err", "epoch", "trace", "routing_err", "alarm"}
 DATA = {"x_ptr", "w13_ptr", "w2_ptr", "act_ptr", "out_ptr", "recv_x", "combine_y"}
 SCALARS = {"rank": 1, "num_tokens": 4000, "task_begin": 0, "task_end": 100, "timeout_ns": 10**10}
 GROUPS = {"plan": PlanBuffers, "peers": SymBuffers, "mine": SymBuffers, "state": RankState}

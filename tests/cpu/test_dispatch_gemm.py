@@ -138,6 +138,8 @@ def test_sends_stage_puts_the_same_rows_again():
 
 
 def test_overflow_raises_on_every_rank_and_dispatches_nothing():
+    """The call raises (here, where the device is the host, as soon as it was launched); both
+    ranks hold the record, nothing was dispatched, and the record stays until ``reset()``."""
     R = 2
     rt = routing.all_to_one_rank(R, T, SHAPE.num_experts, SHAPE.topk, dst=1, seed=0)
     placement = Placement.contiguous(SHAPE.num_experts, R)
@@ -147,14 +149,18 @@ def test_overflow_raises_on_every_rank_and_dispatches_nothing():
             poison(ws, r)
         x = make_tokens(SHAPE, [T] * R, 0, "cpu")
         w13 = placement.local_weights(make_w13(SHAPE, 0, "cpu"), 0)
-        ws.run(dict(enumerate(x)), dict(enumerate(rt.topk_ids)), None, {0: w13, 1: w13})
+        args = dict(enumerate(x)), dict(enumerate(rt.topk_ids)), None, {0: w13, 1: w13}
+        with pytest.raises(
+            CapacityError, match="call 1: rank 1 would receive 168 rows .*holds 50.*capacity="
+        ):
+            ws.run(*args)
         records = torch.stack([world.error_record(r).clone() for r in range(R)])
         assert records[:, 0].tolist() == [2, 2], "both ranks report the overflow"
-        with pytest.raises(
-            CapacityError, match="rank 1 would receive 168 rows .*holds 50.*capacity="
-        ):
-            ws.check_errors()
         assert ws.sym["recv_x"].peer(1).isnan().all(), "nothing was dispatched"
+        with pytest.raises(CapacityError, match="until reset()"):
+            ws.check_errors()
+        ws.reset()
+        ws.check_errors()
 
 
 def test_input_validation():

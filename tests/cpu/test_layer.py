@@ -28,7 +28,7 @@ from megakernel.testing import (
     run_layer_checked,
 )
 from megakernel.validate import RoutingError
-from symm_mem import EmulatedWorld, WaitTimeoutError
+from symm_mem import DeviceCallError, EmulatedWorld, WaitTimeoutError
 
 SHAPE = PRESETS["small"]  # H 64, I 32, E 16, K 4, fp32
 T = 21  # not a multiple of the tile (16), the combine block (8) or the chunk (4)
@@ -61,6 +61,19 @@ def test_layer_edge_case_routings(R, case):
         assert all(ws.sym["combine_count"].peer(r).eq(0).all() for r in range(R)), (
             "counters cleared"
         )
+
+
+@pytest.mark.parametrize("R", [1, 2])
+def test_layer_in_bf16_the_default_dtype(R):
+    """bf16, the layer's default, computes the reference under the interpreter too (its bf16
+    ``tl.dot`` is wrong, so the GEMM tiles feed it fp32 there: ``ops.gemm.DOT_UPCAST``)."""
+    shape = MoEShape(64, 32, 8, 2, 100)
+    assert shape.dtype == torch.bfloat16
+    rt = routing.zipf(R, [T] * R, shape.num_experts, shape.topk, 1.0, seed=7)
+    placement = Placement.contiguous(shape.num_experts, R)
+    with EmulatedWorld(R) as world:
+        ws = Megakernel(world, shape, config=small_config())
+        layer_call(ws, rt, placement, seed=8, shape=shape, split=R == 2)
 
 
 def test_layer_top1_one_expert_per_rank_fp16_switches_off():
@@ -216,22 +229,42 @@ def test_module_input_validation():
         strict.close()
 
 
-def test_a_rank_that_never_calls_makes_the_others_raise_in_time():
-    R = 2
+def test_a_rank_that_never_calls_fails_the_call_in_time_and_reset_recovers():
+    """Rank 1 skips call 1. Rank 0's call raises WaitTimeoutError within the timeout (plus the
+    interpreter's own time), its output NaN. Every later call is skipped on the device (output
+    NaN) and raises, and ``check_errors`` names the failed call and the skipped ones. After
+    ``reset()`` the next call on both ranks computes the reference again."""
+    R, timeout = 2, 0.5
     rt = routing.uniform(R, T, SHAPE.num_experts, SHAPE.topk, seed=9)
-    with EmulatedWorld(R, timeout_s=0.5) as world:
-        layer = FusedEPMoE.from_dense(
-            world, SHAPE, make_w13(SHAPE, 0, "cpu"), make_w2(SHAPE, 0, "cpu"), config=small_config()
-        )
+    w13, w2 = make_w13(SHAPE, 0, "cpu"), make_w2(SHAPE, 0, "cpu")
+    xs = make_tokens(SHAPE, [T, T], seed=1, device="cpu")
+    args = dict(enumerate(xs)), dict(enumerate(rt.topk_ids)), dict(enumerate(rt.topk_weights))
+    with EmulatedWorld(R, timeout_s=timeout) as world:
+        layer = FusedEPMoE.from_dense(world, SHAPE, w13, w2, config=small_config())
+        ws = layer.workspace
+        weights = {r: layer.w13[str(r)] for r in range(R)}, {r: layer.w2[str(r)] for r in range(R)}
         launch_all = world.run_ranks
-        world.run_ranks = lambda launch: launch(0)  # rank 1 never calls the layer
-        xs = make_tokens(SHAPE, [T, T], seed=1, device="cpu")
+        world.run_ranks = lambda launch: launch(0)  # rank 1 never makes call 1
+        outs = {r: torch.zeros(T, SHAPE.hidden, dtype=SHAPE.dtype) for r in range(R)}
         start = time.monotonic()
-        layer(dict(enumerate(xs)), dict(enumerate(rt.topk_ids)), dict(enumerate(rt.topk_weights)))
-        with pytest.raises(WaitTimeoutError, match="rank 0 timed out after 0.5 s waiting for"):
-            layer.check_errors()
-        assert time.monotonic() - start < 30, "every later wait fails at the same deadline"
+        with pytest.raises(WaitTimeoutError, match="call 1: rank 0 timed out after 0.5 s"):
+            ws.run(*args, *weights, out=outs, mode="layer")
+        assert time.monotonic() - start < 30, "every wait leaves once one has failed"
+        assert outs[0].isnan().all(), "the failed call's output is NaN"
         world.run_ranks = launch_all
+        for call in (2, 3):
+            outs = {r: torch.zeros(T, SHAPE.hidden, dtype=SHAPE.dtype) for r in range(R)}
+            with pytest.raises(DeviceCallError, match=f"call {call} was skipped: call 1 failed"):
+                ws.run(*args, *weights, out=outs, mode="layer")
+            assert outs[0].isnan().all(), "a skipped call's output is NaN"
+        with pytest.raises(WaitTimeoutError, match="call 1: .*calls 2-3 were skipped"):
+            layer.check_errors()
+        layer.reset()
+        out = layer(*args)
+        layer.check_errors()
+        for r in range(R):
+            ids, w = rt.topk_ids[r], rt.topk_weights[r]
+            assert check_layer_output(out[r], xs[r], ids, w, SHAPE, 0, r) == []
         layer.close()
 
 
@@ -357,6 +390,7 @@ def test_bad_routing_ids_are_dropped_recorded_and_poison_that_rank_only():
         xs, inputs = layer_inputs(SHAPE, placement, rt, [0, 1], seed, "cpu")
         for r in range(R):
             poison(ws, r)
+        ws.errors.after_call = lambda call: None  # the call returns, to show what it left
         handles = ws.run(*inputs, mode="layer")
         assert ws.plan_ws.mismatches(dropped.topk_ids) == {}
         assert check_calls(handles, xs, dropped.topk_ids, inputs[3], placement, "layer") == []
@@ -376,22 +410,30 @@ def test_bad_routing_ids_are_dropped_recorded_and_poison_that_rank_only():
         ws.close()
 
 
-def test_a_bad_id_raises_at_the_next_call():
-    """The layer raises no later than its next call (the device has run the bad one by then
-    here), naming rank and value; the bad call's output is NaN, and calls after the error was
-    raised compute again."""
+def test_a_bad_id_raises_no_later_than_the_next_call():
+    """The layer raises once the device has run the bad call: here, where the device is the host,
+    at the end of that call; on a GPU at the latest at the end of the next one. Calls made before
+    it was raised are poisoned too and listed; calls after it compute again."""
     R = 2
     rt, dropped = plant_bad_ids(routing.uniform(R, T, SHAPE.num_experts, SHAPE.topk, seed=6), 0)
     w13, w2 = make_w13(SHAPE, 8, "cpu"), make_w2(SHAPE, 8, "cpu")
     xs = make_tokens(SHAPE, [T] * R, seed=9, device="cpu")
     x = dict(enumerate(xs))
+    bad = dict(enumerate(rt.topk_ids)), dict(enumerate(rt.topk_weights))
+    good = dict(enumerate(dropped.topk_ids)), dict(enumerate(dropped.topk_weights))
     with EmulatedWorld(R) as world:
         layer = FusedEPMoE.from_dense(world, SHAPE, w13, w2, config=small_config())
-        out = layer(x, dict(enumerate(rt.topk_ids)), dict(enumerate(rt.topk_weights)))
-        assert out[0].isnan().all() and not out[1].isnan().any()
-        good = dict(enumerate(dropped.topk_ids)), dict(enumerate(dropped.topk_weights))
         with pytest.raises(RoutingError, match=r"rank 0: call 1 routes token 3 .* expert 21"):
-            layer(x, *good)
+            layer(x, *bad)
+        layer.check_errors()  # raised once
+        # a host running ahead of its GPU makes calls before the alarm is up: those are NaN too
+        checks = layer.workspace.errors.after_call
+        layer.workspace.errors.after_call = lambda call: None
+        outs = [layer(x, *bad), layer(x, *good), layer(x, *good)]
+        layer.workspace.errors.after_call = checks
+        assert all(out[0].isnan().all() and not out[1].isnan().any() for out in outs)
+        with pytest.raises(RoutingError, match=r"call 2 routes .*\(calls 3-4 too, made before"):
+            layer.check_errors()
         out = layer(x, *good)
         layer.check_errors()
         for r in range(R):

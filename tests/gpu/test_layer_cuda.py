@@ -1,6 +1,8 @@
 """The whole MoE layer on one GPU: EmulatedWorld(R, "cuda"), bf16, against moe_ref (and dispatch
 and GEMM1 against their references), one- and two-kernel modes, CUDA graphs, repeatability."""
 
+import time
+
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ from megakernel.testing import (
     run_layer_checked,
 )
 from megakernel.validate import RoutingError
-from symm_mem import EmulatedWorld
+from symm_mem import DeviceCallError, EmulatedWorld, WaitTimeoutError
 
 pytestmark = pytest.mark.gpu
 
@@ -218,6 +220,7 @@ def test_bad_routing_ids_are_dropped_and_poison_their_rank(R):
         )
         for r in world.local_ranks:
             poison(ws, r)
+        ws.errors.after_call = lambda call: None  # the call returns, to show what it left
         handles = ws.run(*inputs, mode="layer")
         dev_dropped = [ids.cuda() for ids in dropped]
         assert check_calls(handles, xs, dev_dropped, inputs[3], placement, "layer") == []
@@ -257,8 +260,46 @@ def test_module_replays_calls_of_a_t_seen_before(R):
         bad = dict(ids)
         bad[0] = ids[0].clone()
         bad[0][3, 1] = E + 2
+        layer.workspace.errors.after_call = lambda call: None  # (the GPU may be done already)
         out = layer(dict(enumerate(xs)), bad, w)  # T 500: replayed
         assert out[0].isnan().all()
         with pytest.raises(RoutingError, match=rf"rank 0: .* token 3 .* expert {E + 2}"):
             layer.check_errors()
+        layer.close()
+
+
+def test_a_missing_peer_fails_the_call_in_time_and_reset_recovers():
+    """Rank 1 skips a call: rank 0's call fails within timeout_s + 1 s (every program leaves once
+    one wait has failed), its output NaN; a later call is skipped and raises; ``reset()`` brings
+    the ranks back in step and the next call equals moe_ref."""
+    R, timeout, seed, T = 2, 1.0, 5, 700
+    E = MEDIUM.num_experts
+    rt = routing.uniform(R, T, E, MEDIUM.topk, seed=seed).to("cuda")
+    xs = make_tokens(MEDIUM, [T] * R, seed=seed, device="cuda")
+    args = dict(enumerate(xs)), dict(enumerate(rt.topk_ids)), dict(enumerate(rt.topk_weights))
+    w13, w2 = make_w13(MEDIUM, seed, "cuda"), make_w2(MEDIUM, seed, "cuda")
+    with EmulatedWorld(R, "cuda", timeout_s=timeout) as world:
+        layer = FusedEPMoE.from_dense(world, MEDIUM, w13, w2, graphs=False)
+        ws = layer.workspace
+        weights = {r: layer.w13[str(r)] for r in range(R)}, {r: layer.w2[str(r)] for r in range(R)}
+        layer(*args)
+        layer.check_errors()
+        launch_all = world.run_ranks
+        world.run_ranks = lambda launch: launch(0)  # rank 1 never makes call 2
+        outs = {r: torch.zeros_like(xs[r]) for r in range(R)}
+        start = time.monotonic()
+        with pytest.raises(WaitTimeoutError, match="call 2: rank 0 timed out after 1 s"):
+            ws.run(*args, *weights, out=outs, mode="layer")
+            layer.check_errors()
+        assert time.monotonic() - start < timeout + 1
+        assert outs[0].isnan().all(), "the failed call's output is NaN"
+        world.run_ranks = launch_all
+        with pytest.raises(DeviceCallError, match="call 3 was skipped: call 2 failed"):
+            layer(*args)
+        layer.reset()
+        out = layer(*args)
+        layer.check_errors()
+        for r in range(R):
+            ids, w = rt.topk_ids[r], rt.topk_weights[r]
+            assert check_layer_output(out[r], xs[r], ids, w, MEDIUM, seed, r) == []
         layer.close()
