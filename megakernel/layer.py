@@ -131,6 +131,15 @@ class FusedEPMoE(nn.Module):
         }
         return cls(world, shape, local["w13"], local["w2"], placement=placement, **kw)
 
+    @classmethod
+    def from_hf(cls, block: nn.Module, world: World, **kw: object) -> FusedEPMoE:
+        """The routed experts of a Hugging Face sparse MoE block (Qwen3-MoE, Qwen2-MoE,
+        Mixtral, DeepSeek-V3; ``megakernel.integrations.hf``), sharded onto ``world``'s ranks.
+        ``kw``: ``max_tokens`` (per rank per call), ``dtype``, and the constructor's."""
+        from megakernel.integrations.hf import from_hf
+
+        return from_hf(block, world, **kw)
+
     def _weights(self, name: str, w, want: tuple[int, ...]) -> nn.ParameterDict:
         """Checked per-rank weights as parameters (the tensors themselves where contiguous)."""
         params = {}

@@ -1,0 +1,99 @@
+"""A small random Qwen3-MoE model with its MoE blocks on the fused layer: ``python
+examples/hf_qwen3_moe.py [--layers 4] [--new-tokens 32]`` (one GPU).
+
+Builds the model (random weights, bf16), generates greedily with the original blocks, swaps the
+blocks' routed experts for ``FusedEPMoE`` layers (``replace_moe_blocks``), generates again from
+the same prompts and prints how many tokens match. Then times the MoE blocks alone, original
+against swapped, on the hidden states they saw in a prefill and in a decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+
+import torch
+import transformers
+
+from megakernel.integrations.hf import close_moe_blocks, is_moe_block, replace_moe_blocks
+from symm_mem import EmulatedWorld
+
+
+def small_qwen3_moe(layers: int, seed: int) -> transformers.Qwen3MoeForCausalLM:
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=4096, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512,
+        num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+        num_experts=64, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.Qwen3MoeForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+
+
+def block_inputs(model, prompt: torch.Tensor) -> list[list[torch.Tensor]]:
+    """The hidden states each MoE block sees in a prefill of ``prompt`` and in one decode step."""
+    seen: list[list[torch.Tensor]] = []
+    blocks = [m for m in model.modules() if is_moe_block(m)]
+    hooks = [b.register_forward_pre_hook(lambda _, a: seen.append(a[0].clone())) for b in blocks]
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=2, do_sample=False)
+    for h in hooks:
+        h.remove()
+    n = len(blocks)
+    return [seen[:n], seen[n : 2 * n]]  # prefill, first decode step
+
+
+def moe_us(model, inputs: list[torch.Tensor], reps: int = 20) -> float:
+    """Median microseconds of one pass through every MoE block on ``inputs``, called eagerly."""
+    blocks = [m for m in model.modules() if is_moe_block(m)]
+    times = []
+    with torch.no_grad():
+        for i in range(reps + 3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for block, x in zip(blocks, inputs, strict=True):
+                block(x)
+            end.record()
+            end.synchronize()
+            if i >= 3:
+                times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    model = small_qwen3_moe(args.layers, seed=0)
+    cfg = model.config
+    prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), device="cuda")
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
+    original = copy.deepcopy(model)
+    inputs = block_inputs(original, prompt)
+    with EmulatedWorld(1, "cuda") as world:
+        replace_moe_blocks(model, world, max_tokens=args.batch * args.prompt_len)
+        with torch.no_grad():
+            got = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
+        new = want[:, args.prompt_len :], got[:, args.prompt_len :]
+        same = int((new[0] == new[1]).sum())
+        diff = new[0] != new[1]
+        first = [int(d.nonzero()[0]) if d.any() else None for d in diff]
+        print(f"{torch.cuda.get_device_name()}, Qwen3-MoE {args.layers} layers, H {cfg.hidden_size}"
+              f", I {cfg.moe_intermediate_size}, E {cfg.num_experts}, K {cfg.num_experts_per_tok}"
+              f", bf16, random weights")  # fmt: skip
+        print(f"greedy tokens matching: {same} of {new[0].numel()} "
+              f"(first mismatch per sequence: {first})")  # fmt: skip
+        for name, xs in zip(("prefill", "decode"), inputs, strict=True):
+            ours, theirs = moe_us(model, xs), moe_us(original, xs)
+            tokens = xs[0].shape[0] * xs[0].shape[1]
+            print(f"MoE blocks, {name} ({tokens} tokens): original {theirs:.0f} us, fused "
+                  f"{ours:.0f} us ({theirs / ours:.2f}x)")  # fmt: skip
+        close_moe_blocks(model)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+"""Adapters from other libraries' MoE modules to ``FusedEPMoE`` (``hf``: Hugging Face
+``transformers``)."""

@@ -1,0 +1,243 @@
+"""Hugging Face MoE blocks on the fused layer (megakernel.integrations.hf), under the interpreter:
+tiny random configs of every supported family, both module forms, the refusals, and a whole
+model swapped and run."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from megakernel import FusedEPMoE, KernelConfig
+from megakernel.integrations.hf import (
+    FusedExperts,
+    PerExpertBlock,
+    close_moe_blocks,
+    replace_moe_blocks,
+)
+from symm_mem import EmulatedWorld
+
+transformers = pytest.importorskip("transformers")
+
+H, I, E, K, SHARED_I = 64, 32, 8, 2, 48
+BATCH, SEQ = 2, 7
+
+
+def small_config() -> KernelConfig:
+    knobs = dict(block_m=16, block_n=16, block_k=16, down_block_n=32, down_block_k=16)
+    return KernelConfig(**knobs, combine_block=8, reduce_h=32, block_h=32, chunk=4)
+
+
+def family_config(family: str):
+    common = dict(hidden_size=H, num_experts_per_tok=K, hidden_act="silu")
+    if family == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(
+            **common, moe_intermediate_size=I, num_experts=E, norm_topk_prob=True
+        )
+    if family == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(
+            **common,
+            moe_intermediate_size=I,
+            num_experts=E,
+            shared_expert_intermediate_size=SHARED_I,
+            norm_topk_prob=False,
+        )
+    if family == "mixtral":
+        return transformers.MixtralConfig(**common, intermediate_size=I, num_local_experts=E)
+    if family == "deepseek_v3":
+        return transformers.DeepseekV3Config(
+            **common,
+            moe_intermediate_size=I,
+            n_routed_experts=E,
+            n_shared_experts=1,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+        )
+    raise ValueError(family)
+
+
+def family_block(family: str, seed: int) -> nn.Module:
+    """One sparse MoE block of ``family`` with random weights (and router bias), fp32."""
+    cfg = family_config(family)
+    module = {
+        "qwen3_moe": "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock",
+        "qwen2_moe": "transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock",
+        "mixtral": "transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock",
+        "deepseek_v3": "transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE",
+    }[family]
+    path, name = module.rsplit(".", 1)
+    block = getattr(__import__(path, fromlist=[name]), name)(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        for b in block.buffers():  # DeepSeek-V3's e_score_correction_bias
+            b.copy_(torch.rand(b.shape, generator=g) * 0.1)
+    return block.float().eval()
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"])
+def test_fused_form_block_matches_the_hf_block(family):
+    """The block with its experts swapped (router, shared experts and the rest its own) gives
+    the HF block's output."""
+    block = family_block(family, seed=1)
+    x = torch.randn(BATCH, SEQ, H, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = block(x)
+    swapped = copy.deepcopy(block)
+    with EmulatedWorld(1) as world:
+        holder = nn.ModuleDict({"mlp": swapped})
+        assert replace_moe_blocks(holder, world, config=small_config(), max_tokens=64) is holder
+        assert isinstance(swapped.experts, FusedExperts)
+        with torch.no_grad():
+            got = swapped(x)
+        swapped.experts.layer.check_errors()
+        assert got.shape == want.shape
+        assert rel_err(got, want) < 1e-5, rel_err(got, want)
+        close_moe_blocks(holder)
+
+
+def test_from_hf_in_bf16_on_two_emulated_ranks():
+    """``FusedEPMoE.from_hf`` shards a Qwen3-MoE block's experts onto two ranks; each rank's own
+    batch, routed by the block's router, gives the HF block's output within bf16 tolerance."""
+    block = family_block("qwen3_moe", seed=3).to(torch.bfloat16)
+    xs = [torch.randn(SEQ + r, H, generator=torch.Generator().manual_seed(r)) for r in (0, 1)]
+    xs = [x.to(torch.bfloat16) for x in xs]
+    with EmulatedWorld(2) as world:
+        layer = FusedEPMoE.from_hf(block, world, config=small_config(), max_tokens=64)
+        assert layer.shape.dtype == torch.bfloat16 and layer.shape.topk == K
+        with torch.no_grad():
+            routed = [block.gate(x) for x in xs]  # (logits, weights, ids)
+            want = [block(x[None])[0] for x in xs]
+            got = layer(dict(enumerate(xs)), {r: routed[r][2] for r in (0, 1)},
+                        {r: routed[r][1] for r in (0, 1)})  # fmt: skip
+        layer.check_errors()
+        for r in (0, 1):
+            assert rel_err(got[r], want[r]) < 2e-2, (r, rel_err(got[r], want[r]))
+        layer.close()
+
+
+class LegacyMLP(nn.Module):
+    """A transformers-4 expert MLP: ``gate_proj``/``up_proj``/``down_proj`` (Qwen) or
+    ``w1``/``w3``/``w2`` (Mixtral)."""
+
+    def __init__(self, hidden: int, ffn: int, mixtral: bool) -> None:
+        super().__init__()
+        names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+        self.names = names
+        setattr(self, names[0], nn.Linear(hidden, ffn, bias=False))
+        setattr(self, names[1], nn.Linear(hidden, ffn, bias=False))
+        setattr(self, names[2], nn.Linear(ffn, hidden, bias=False))
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(self.act_fn(gate(x)) * up(x))
+
+
+class LegacySparseMoeBlock(nn.Module):
+    """The transformers-4 blocks' forward, as it was: router inline, a loop over the experts,
+    ``(hidden, router_logits)`` returned. Qwen2-MoE's adds a gated shared expert; Mixtral's
+    always renormalises (and has no ``norm_topk_prob``)."""
+
+    def __init__(self, shared: bool, norm_topk_prob: bool, mixtral: bool) -> None:
+        super().__init__()
+        self.top_k, self.renormalize = K, norm_topk_prob or mixtral
+        if not mixtral:
+            self.norm_topk_prob = norm_topk_prob
+        self.gate = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList(LegacyMLP(H, I, mixtral) for _ in range(E))
+        if shared:
+            self.shared_expert = LegacyMLP(H, SHARED_I, mixtral=False)
+            self.shared_expert_gate = nn.Linear(H, 1, bias=False)
+
+    def forward(self, hidden_states):
+        B, S, D = hidden_states.shape
+        x = hidden_states.view(-1, D)
+        router_logits = self.gate(x)
+        weights = torch.softmax(router_logits, dim=1, dtype=torch.float)
+        weights, selected = torch.topk(weights, self.top_k, dim=-1)
+        if self.renormalize:
+            weights /= weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in range(len(self.experts)):
+            token, k = torch.where(selected == e)
+            out.index_add_(0, token, self.experts[e](x[token]) * weights[token, k, None])
+        if hasattr(self, "shared_expert"):
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.reshape(B, S, D), router_logits
+
+
+@pytest.mark.parametrize(
+    "shared, norm, mixtral", [(False, True, False), (True, False, False), (False, False, True)]
+)
+def test_per_expert_form_block_matches(shared, norm, mixtral):
+    """The transformers-4 form (Qwen3-MoE, Qwen2-MoE with its shared expert, Mixtral's w1/w3/w2):
+    the whole block is replaced, routes as it did and returns (hidden, router_logits)."""
+    torch.manual_seed(4)
+    block = LegacySparseMoeBlock(shared, norm, mixtral)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.mul_(2.0)
+    x = torch.randn(BATCH, SEQ, H)
+    with torch.no_grad():
+        want, want_logits = block(x)
+    model = nn.ModuleDict({"moe": block})
+    with EmulatedWorld(1) as world:
+        replace_moe_blocks(model, world, config=small_config(), max_tokens=64)
+        assert isinstance(model["moe"], PerExpertBlock)
+        with torch.no_grad():
+            got, logits = model["moe"](x)
+        assert torch.equal(logits, want_logits)
+        assert rel_err(got, want) < 1e-5, rel_err(got, want)
+        close_moe_blocks(model)
+
+
+def test_gpt_oss_and_other_activations_are_refused_clearly():
+    cfg = transformers.GptOssConfig(
+        hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K
+    )
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    model = nn.ModuleDict({"mlp": GptOssMLP(cfg)})
+    with EmulatedWorld(1) as world:
+        with pytest.raises(NotImplementedError, match="gpt-oss experts compute .*not supported"):
+            replace_moe_blocks(model, world)
+        gelu = family_block("mixtral", seed=5)
+        gelu.experts.act_fn = nn.GELU()
+        with pytest.raises(NotImplementedError, match="experts use GELU.*SwiGLU"):
+            FusedEPMoE.from_hf(gelu, world)
+        with pytest.raises(ValueError, match="has no sparse MoE block"):
+            replace_moe_blocks(nn.Linear(2, 2), world)
+    assert isinstance(model["mlp"].experts, nn.Module) and not isinstance(
+        model["mlp"].experts, FusedExperts
+    ), "nothing was swapped"
+
+
+def test_a_whole_qwen3_moe_model_generates_the_same_tokens():
+    """A one-layer random Qwen3-MoE model, its blocks swapped in place: the logits of a prompt
+    match and greedy decoding gives the same tokens."""
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=97, hidden_size=H, intermediate_size=2 * H, moe_intermediate_size=I,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_experts=E, num_experts_per_tok=K, norm_topk_prob=True, decoder_sparse_step=1,
+    )  # fmt: skip
+    torch.manual_seed(6)
+    model = transformers.Qwen3MoeForCausalLM(cfg).float().eval()
+    prompt = torch.randint(0, cfg.vocab_size, (1, 6))
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    with EmulatedWorld(1) as world:
+        replace_moe_blocks(model, world, config=small_config(), max_tokens=64)
+        assert sum(isinstance(m, FusedExperts) for m in model.modules()) == 1
+        with torch.no_grad():
+            got = model.generate(prompt, max_new_tokens=4, do_sample=False)
+        assert torch.equal(got, want)
+        close_moe_blocks(model)
