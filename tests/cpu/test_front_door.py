@@ -37,7 +37,7 @@ def test_readme_quickstart_runs_as_written():
         float(e) for e in re.findall(r"relative error against moe_ref (\S+)", printed.getvalue())
     ]
     assert len(errors) == 2, printed.getvalue()
-    assert all(e < 1e-4 for e in errors), errors  # fp32 under the interpreter
+    assert all(e < 2e-2 for e in errors), errors  # bf16, as on a GPU
     assert "Megakernel workspace per rank" in printed.getvalue()
 
 
