@@ -1,5 +1,7 @@
 """A small random Qwen3-MoE model with its MoE blocks on the fused layer: ``python
-examples/hf_qwen3_moe.py [--layers 4] [--new-tokens 32]`` (one GPU).
+examples/hf_qwen3_moe.py [--layers 4] [--new-tokens 32]`` (one GPU), or ``python -m
+symm_mem.launch [--nproc N] examples/hf_qwen3_moe.py`` (N GPUs: each rank holds E / N experts and
+generates from its own prompts).
 
 Builds the model (random weights, bf16), generates greedily with the original blocks, swaps the
 blocks' routed experts for ``FusedEPMoE`` layers (``replace_moe_blocks``), generates again from
@@ -11,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 
 import torch
 import transformers
 
 from megakernel.integrations.hf import close_moe_blocks, is_moe_block, replace_moe_blocks
-from symm_mem import EmulatedWorld
+from symm_mem import EmulatedWorld, World, init_world
 
 
 def small_qwen3_moe(layers: int, seed: int) -> transformers.Qwen3MoeForCausalLM:
@@ -60,6 +63,16 @@ def moe_us(model, inputs: list[torch.Tensor], reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def greedy(tokens: int) -> dict:
+    """Greedy decoding of exactly ``tokens`` tokens: every rank makes the same layer calls."""
+    return dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+
+
+def open_world() -> World:
+    """Under ``symm_mem.launch`` (torchrun): the NVSHMEM world; else one rank on this GPU."""
+    return init_world() if "RANK" in os.environ else EmulatedWorld(1, "cuda")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -67,31 +80,36 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
-    model = small_qwen3_moe(args.layers, seed=0)
+    world = open_world()
+    model = small_qwen3_moe(args.layers, seed=0)  # the same model on every rank
     cfg = model.config
-    prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(1 + world.rank)  # each rank its own prompts
+    prompt = torch.randint(
+        0, cfg.vocab_size, (args.batch, args.prompt_len), device="cuda", generator=g
+    )
     with torch.no_grad():
-        want = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
+        want = model.generate(prompt, **greedy(args.new_tokens))
     original = copy.deepcopy(model)
     inputs = block_inputs(original, prompt)
-    with EmulatedWorld(1, "cuda") as world:
+    with world:
         replace_moe_blocks(model, world, max_tokens=args.batch * args.prompt_len)
         with torch.no_grad():
-            got = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
+            got = model.generate(prompt, **greedy(args.new_tokens))
         new = want[:, args.prompt_len :], got[:, args.prompt_len :]
         same = int((new[0] == new[1]).sum())
         diff = new[0] != new[1]
         first = [int(d.nonzero()[0]) if d.any() else None for d in diff]
-        print(f"{torch.cuda.get_device_name()}, Qwen3-MoE {args.layers} layers, H {cfg.hidden_size}"
-              f", I {cfg.moe_intermediate_size}, E {cfg.num_experts}, K {cfg.num_experts_per_tok}"
-              f", bf16, random weights")  # fmt: skip
-        print(f"greedy tokens matching: {same} of {new[0].numel()} "
-              f"(first mismatch per sequence: {first})")  # fmt: skip
+        say = print if world.rank == 0 else (lambda *a: None)
+        say(f"{torch.cuda.get_device_name()} x {world.world_size}, Qwen3-MoE {args.layers} "
+            f"layers, H {cfg.hidden_size}, I {cfg.moe_intermediate_size}, E {cfg.num_experts}, "
+            f"K {cfg.num_experts_per_tok}, bf16, random weights")  # fmt: skip
+        say(f"rank 0: greedy tokens matching: {same} of {new[0].numel()} "
+            f"(first mismatch per sequence: {first})")  # fmt: skip
         for name, xs in zip(("prefill", "decode"), inputs, strict=True):
             ours, theirs = moe_us(model, xs), moe_us(original, xs)
             tokens = xs[0].shape[0] * xs[0].shape[1]
-            print(f"MoE blocks, {name} ({tokens} tokens): original {theirs:.0f} us, fused "
-                  f"{ours:.0f} us ({theirs / ours:.2f}x)")  # fmt: skip
+            say(f"rank 0, MoE blocks, {name} ({tokens} tokens): original {theirs:.0f} us, fused "
+                f"{ours:.0f} us ({theirs / ours:.2f}x)")  # fmt: skip
         close_moe_blocks(model)
 
 
