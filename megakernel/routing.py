@@ -116,6 +116,36 @@ def hot_expert(
     return _from_scores(scores, topk, g, counts)
 
 
+def correlated(
+    world_size: int,
+    num_tokens: int | Sequence[int],
+    num_experts: int,
+    topk: int,
+    group_size: int,
+    affinity: float,
+    seed: int,
+) -> Routing:
+    """Tokens in classes with correlated expert sets: the experts are split at random into sets
+    of ``group_size``; each token belongs to one set (uniformly) and, with probability
+    ``affinity``, picks its K experts within it (else K uniform experts). Contiguous placement
+    spreads each set over many ranks; a placement that keeps a set on one rank sends such a
+    token's row once."""
+    if num_experts % group_size or group_size < topk:
+        raise ValueError(
+            f"group_size {group_size} must divide {num_experts} experts and be >= top-k {topk}"
+        )
+    counts = _tokens(num_tokens, world_size)
+    g = _generator(seed)
+    sets = torch.randperm(num_experts, generator=g).view(-1, group_size)  # [classes, size]
+    n = sum(counts)
+    scores = torch.rand(n, num_experts, generator=g)
+    cls = torch.randint(0, sets.shape[0], (n,), generator=g)
+    on = torch.rand(n, generator=g) < affinity
+    rows = torch.nonzero(on).flatten()
+    scores[rows[:, None], sets[cls[rows]]] += 1.0  # above every other score: picked first
+    return _from_scores(scores, topk, g, counts)
+
+
 def restricted(
     world_size: int,
     num_tokens: int | Sequence[int],
