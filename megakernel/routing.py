@@ -50,6 +50,11 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _layout(seed: int, layout_seed: int | None) -> int:
+    """The seed of a routing's fixed structure (a ranking, expert sets): ``seed`` unless given."""
+    return seed + 7_919 if layout_seed is None else layout_seed
+
+
 def _weights(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
     return torch.softmax(torch.randn(shape, generator=g), dim=-1)
 
@@ -84,13 +89,16 @@ def zipf(
     topk: int,
     s: float,
     seed: int,
+    layout_seed: int | None = None,
 ) -> Routing:
     """K distinct experts per token, expert popularity ~ 1 / rank^s over a random ranking
-    (Gumbel top-k sampling without replacement). ``s = 0`` is uniform."""
+    (Gumbel top-k sampling without replacement). ``s = 0`` is uniform. ``layout_seed`` (default
+    ``seed``) draws the ranking: two routings with the same one share their popular experts."""
     counts = _tokens(num_tokens, world_size)
     g = _generator(seed)
     popularity = torch.arange(1, num_experts + 1, dtype=torch.float64) ** -s
-    logp = popularity[torch.randperm(num_experts, generator=g)].log()
+    ranking = torch.randperm(num_experts, generator=_generator(_layout(seed, layout_seed)))
+    logp = popularity[ranking].log()
     gumbel = -torch.log(
         -torch.log(torch.rand(sum(counts), num_experts, generator=g, dtype=torch.float64))
     )
@@ -124,19 +132,21 @@ def correlated(
     group_size: int,
     affinity: float,
     seed: int,
+    layout_seed: int | None = None,
 ) -> Routing:
     """Tokens in classes with correlated expert sets: the experts are split at random into sets
     of ``group_size``; each token belongs to one set (uniformly) and, with probability
     ``affinity``, picks its K experts within it (else K uniform experts). Contiguous placement
     spreads each set over many ranks; a placement that keeps a set on one rank sends such a
-    token's row once."""
+    token's row once. ``layout_seed`` (default ``seed``) draws the sets."""
     if num_experts % group_size or group_size < topk:
         raise ValueError(
             f"group_size {group_size} must divide {num_experts} experts and be >= top-k {topk}"
         )
     counts = _tokens(num_tokens, world_size)
     g = _generator(seed)
-    sets = torch.randperm(num_experts, generator=g).view(-1, group_size)  # [classes, size]
+    layout = _generator(_layout(seed, layout_seed))
+    sets = torch.randperm(num_experts, generator=layout).view(-1, group_size)  # [classes, size]
     n = sum(counts)
     scores = torch.rand(n, num_experts, generator=g)
     cls = torch.randint(0, sets.shape[0], (n,), generator=g)

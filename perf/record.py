@@ -23,7 +23,7 @@ def run_meta() -> dict[str, str]:
     """GPU, versions, git commit (``GIT_SHA`` where the checkout has no .git) and UTC date."""
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return {
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "git": os.environ.get("GIT_SHA") or git.stdout.strip() or "unknown",

@@ -93,9 +93,10 @@ def group_experts(
     """``groups`` equal groups of the E experts with a large total co-selection weight inside the
     groups (``weights [E, E]`` symmetric, zero diagonal), none holding more than ``1 + slack``
     times the mean rows (``load``), where the experts allow: each group is grown from the
-    heaviest expert left by the expert most co-selected with it that still fits; then swaps
-    between two groups while one raises the weight inside the groups without breaking the cap
-    (Kernighan-Lin style, best swap first)."""
+    heaviest expert left by the expert most co-selected with it that still fits (with room left
+    for the lightest experts in its other places); then swaps between two groups while one
+    raises the weight inside the groups without breaking the cap (Kernighan-Lin style, best
+    swap first)."""
     E = weights.shape[0]
     if E % groups:
         raise ValueError(f"{E} experts do not split into {groups} equal groups")
@@ -108,7 +109,9 @@ def group_experts(
         group, pull, rows = [seed], weights[seed].clone(), float(load[seed])
         left.remove(seed)
         while len(group) < size:
-            fits = [e for e in left if rows + float(load[e]) <= cap]
+            # room for this expert and, after it, the lightest experts left in the other places
+            lightest = sorted(float(load[e]) for e in left)[: size - len(group) - 1]
+            fits = [e for e in left if rows + float(load[e]) + sum(lightest) <= cap]
             e = (
                 max(fits, key=lambda e: (float(pull[e]), float(load[e]), -e))
                 if fits
