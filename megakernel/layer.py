@@ -26,6 +26,7 @@ from torch import nn
 from megakernel.config import KernelConfig
 from megakernel.graphs import CallGraphs
 from megakernel.placement import Placement
+from megakernel.placement.stats import RoutingStats
 from megakernel.routing import route_topk
 from megakernel.shapes import MoEShape
 from megakernel.validate import VALIDATE_MODES
@@ -264,6 +265,17 @@ class FusedEPMoE(nn.Module):
         """Bring the layer back in step after a device failure (a timeout), so that the next call
         works again without rebuilding it. Collective: every rank calls it, between calls."""
         self.workspace.reset()
+
+    def routing_stats(self) -> RoutingStats:
+        """Per-expert token counts and co-selected expert pairs (of every 4th chunk of tokens)
+        of this process's ranks, accumulated on the device by every call since the layer was
+        built or ``clear_routing_stats()``; the input of the placement policies
+        (``megakernel.placement.policies``). Reading waits for the calls made so far; the calls
+        themselves never wait. Sum them over processes for the whole world's."""
+        return self.workspace.plan_ws.routing_stats()
+
+    def clear_routing_stats(self) -> None:
+        self.workspace.plan_ws.clear_stats()
 
     def describe(self) -> str:
         """Per-buffer sizes of the workspace, per rank."""

@@ -44,9 +44,15 @@ class RoutingStats:
 
     @classmethod
     def count(
-        cls, topk_ids: Sequence[torch.Tensor], num_experts: int, sample_every: int = 1
+        cls,
+        topk_ids: Sequence[torch.Tensor],
+        num_experts: int,
+        sample_every: int = 1,
+        chunk: int = 1,
     ) -> RoutingStats:
-        """From every rank's ``topk_ids [T, K]`` (ids < 0: dropped slots, not counted)."""
+        """From every rank's ``topk_ids [T, K]`` (ids < 0: dropped slots, not counted). The pairs
+        count the tokens of every ``sample_every``-th chunk of ``chunk`` tokens, as the plan's
+        count kernel samples them (``chunk``: ``PlanConfig.tokens_per_chunk``)."""
         E = num_experts
         load = torch.zeros(E, dtype=torch.int64)
         pairs = torch.zeros(E * E, dtype=torch.int64)
@@ -56,7 +62,7 @@ class RoutingStats:
             live = ids >= 0
             load += torch.bincount(ids[live], minlength=E)
             tokens += ids.shape[0]
-            rows = ids[::sample_every]
+            rows = ids[(torch.arange(ids.shape[0]) // chunk) % sample_every == 0]
             sampled += rows.shape[0]
             a, b = rows[:, :, None], rows[:, None, :]
             both = (a >= 0) & (b >= 0) & (a < b)

@@ -23,6 +23,7 @@ SCAN_COLS = 8  # histogram columns per scan program
 SCAN_ROWS = 512  # chunks per step of a scan program
 TABLE_BLOCK = 128  # tile/task table rows per table item
 PAD_BLOCK = 1024  # send_units entries padded per item
+PAIR_SAMPLE = 4  # routing statistics: pairs of the tokens of every 4th chunk
 PROGRAMS_PER_SM = 4  # plan programs per SM of a rank's share (see PlanWorkspace.max_programs)
 
 
@@ -48,6 +49,7 @@ class PlanMeta(NamedTuple):
     PAD_ROWS: int  # send_units entries padded per layout item (PAD_BLOCK)
     SCAN_COLS: int  # histogram columns per scan program
     SCAN_ROWS: int  # chunks per step of a scan program
+    PAIR_SAMPLE: int  # routing statistics: co-selected pairs of every PAIR_SAMPLE-th chunk
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ class PlanConfig:
             PAD_ROWS=PAD_BLOCK,
             SCAN_COLS=min(SCAN_COLS, 2 * p_p),
             SCAN_ROWS=min(SCAN_ROWS, pow2(self.max_chunks)),
+            PAIR_SAMPLE=PAIR_SAMPLE,
         )
 
 

@@ -114,6 +114,19 @@ def _count_chunk(
     tl.store(chunk_rows_ptr + (c * 2 + 1) * M.P_P + p, h_units)
 
 
+@triton.jit
+def _count_pairs(ids_ptr, c, T, pairs_ptr, M: tl.constexpr):
+    """Routing statistics: ``pairs[a * E + b] += 1`` for every two experts a < b that a token
+    of chunk c chose (ids outside [0, E) left out)."""
+    t = c * M.CT + tl.arange(0, M.CT)[:, None]
+    k = tl.arange(0, M.K_P)[None, :]
+    e = tl.load(ids_ptr + t * M.K + k, mask=(t < T) & (k < M.K), other=-1)
+    e = tl.where((e >= 0) & (e < M.E), e, -1)
+    a, b = e[:, :, None], e[:, None, :]  # [CT, K_P, K_P]
+    both = (a >= 0) & (a < b)
+    tl.atomic_add(pairs_ptr + tl.where(both, a * M.E + b, 0), 1, mask=both, sem="relaxed")
+
+
 @triton.jit(do_not_specialize=["T"])
 def plan_count_kernel(
     ids_ptr,  # [T, K] int32 logical experts, -1 dropped
@@ -121,6 +134,7 @@ def plan_count_kernel(
     phys_ptr,  # [T, K] int32 out
     chunk_rows_ptr,  # [NC, 2, P_P] int32 out: per chunk, rows per slot and units per group
     routing_err_ptr,  # [ROUTING_ERR_WORDS] int64: the first bad id of a call (report_bad_id)
+    pairs_ptr,  # [E * E] int64 routing statistics: co-selected pairs of sampled tokens
     epoch_ptr,  # [1] int64: the last call's epoch (plan_scan_kernel bumps it after this kernel)
     T,
     M: tl.constexpr,  # PlanMeta
@@ -130,6 +144,8 @@ def plan_count_kernel(
     num_chunks = tl.maximum(tl.cdiv(T, M.CT), 1)
     while c < num_chunks:  # persistent: the grid may be smaller than the chunk count
         _count_chunk(ids_ptr, placement, phys_ptr, chunk_rows_ptr, c, T, routing_err_ptr, epoch, M)
+        if c % M.PAIR_SAMPLE == 0:
+            _count_pairs(ids_ptr, c, T, pairs_ptr, M)
         c += tl.num_programs(0)
 
 
@@ -158,6 +174,7 @@ def plan_scan_kernel(
     counts_base,  # [R] int64: every rank's sym counts [2, R, P]
     ready_base,  # [R] int64: every rank's sym counts_ready [R]
     epoch_ptr,  # [1] int64: the last call's epoch; the last program out bumps it
+    load_ptr,  # [P_P] int64 routing statistics: rows this rank sent to each slot, all calls
     rank,
     T,
     M: tl.constexpr,  # PlanMeta
@@ -190,3 +207,5 @@ def plan_scan_kernel(
         epoch = tl.load(epoch_ptr) + 1
         tl.store(epoch_ptr, epoch)
         _publish_counts(totals_ptr, counts_base, ready_base, rank, epoch, M)
+        p = tl.arange(0, M.P_P)  # routing statistics: this call's rows per slot, added up
+        tl.store(load_ptr + p, tl.load(load_ptr + p) + tl.load(totals_ptr + p))

@@ -12,6 +12,7 @@ import triton
 from megakernel.config import pow2
 from megakernel.launch import Launcher, aligned
 from megakernel.placement import Placement
+from megakernel.placement.stats import RoutingStats
 from megakernel.plan.config import (
     DISPATCH_TASK_COLS,
     PAD_BLOCK,
@@ -65,6 +66,13 @@ class PlanWorkspace:
         self.routing_err = torch.zeros(
             len(world.local_ranks), ROUTING_ERR_WORDS, dtype=torch.int64, device=dev
         )
+        self._index = {r: i for i, r in enumerate(world.local_ranks)}
+        # routing statistics, added up over calls (megakernel.placement.stats): rows sent to
+        # each slot, co-selected pairs of sampled tokens, and the host's token counts
+        n, E = len(world.local_ranks), placement.num_experts
+        self.stat_load = torch.zeros(n, pow2(cfg.num_slots), dtype=torch.int64, device=dev)
+        self.stat_pairs = torch.zeros(n, E * E, dtype=torch.int64, device=dev)
+        self.stat_tokens = [0, 0]  # tokens counted, tokens sampled for the pairs
         self.bufs = {r: self._alloc(r) for r in world.local_ranks}
         # what the kernels read that is the same every call, built once
         self._tables = {
@@ -143,6 +151,7 @@ class PlanWorkspace:
         self.num_tokens[rank] = T
         chunks = max(1, triton.cdiv(T, self.cfg.tokens_per_chunk))
         if phase in (None, 0):
+            self.count_tokens(T)
             self._count("plan", (min(chunks, self.max_programs),), self.count_args(rank, topk_ids))
             self._scan(
                 "plan", (min(self._scan_blocks(), self.max_programs),), self.scan_args(rank, T)
@@ -150,6 +159,29 @@ class PlanWorkspace:
         if phase in (None, 1):
             grid = (min(self._layout_items(chunks), self.max_programs),)
             self._layout("plan", grid, self.layout_args(rank, T))
+
+    def count_tokens(self, T: int) -> None:
+        """The host's part of the routing statistics: tokens, and tokens of sampled chunks."""
+        ct, sample = self.cfg.tokens_per_chunk, self.meta.PAIR_SAMPLE
+        self.stat_tokens[0] += T
+        self.stat_tokens[1] += sum(min(ct, T - c) for c in range(0, T, ct * sample))
+
+    def routing_stats(self) -> RoutingStats:
+        """The routing statistics of this process's ranks since the last ``clear_stats``, summed
+        (reading them waits for the calls made so far: the calls themselves never wait)."""
+        slots = self.placement.num_slots
+        load_per_slot = self.stat_load[:, :slots].sum(0).cpu()
+        load = torch.zeros(self.placement.num_experts, dtype=torch.int64)
+        for e, replicas in enumerate(self.placement.replicas):
+            load[e] = load_per_slot[list(replicas)].sum()
+        E = self.placement.num_experts
+        pairs = self.stat_pairs.sum(0).cpu().view(E, E)
+        return RoutingStats(load, pairs, *self.stat_tokens)
+
+    def clear_stats(self) -> None:
+        self.stat_load.zero_()
+        self.stat_pairs.zero_()
+        self.stat_tokens = [0, 0]
 
     def prepare_ids(self, topk_ids: torch.Tensor, validate: bool) -> torch.Tensor:
         """``topk_ids`` as the count kernel reads them (int32, contiguous); ``validate`` checks
@@ -183,6 +215,7 @@ class PlanWorkspace:
             phys_ptr=b["phys"],
             chunk_rows_ptr=b["chunk_rows"],
             routing_err_ptr=b["routing_err"],
+            pairs_ptr=self.stat_pairs[self._index[rank]],
             epoch_ptr=self.epoch[rank],
             T=topk_ids.shape[0],
             M=self.meta,
@@ -198,6 +231,7 @@ class PlanWorkspace:
             counts_base=self.sym_counts.peer_base,
             ready_base=self.sym_ready.peer_base,
             epoch_ptr=self.epoch[rank],
+            load_ptr=self.stat_load[self._index[rank]],
             rank=rank,
             T=T,
             M=self.meta,

@@ -38,6 +38,7 @@ def test_plan_kernels_compile(R, L, K, token_saving):
         phys_ptr=i32(),
         chunk_rows_ptr=i32(),
         routing_err_ptr=i64(),
+        pairs_ptr=i64(),
         epoch_ptr=i64(),
         T=4096,
     )
@@ -49,6 +50,7 @@ def test_plan_kernels_compile(R, L, K, token_saving):
         counts_base=i64(),
         ready_base=i64(),
         epoch_ptr=i64(),
+        load_ptr=i64(),
         rank=3,
         T=4096,
     )

@@ -268,6 +268,36 @@ def test_a_rank_that_never_calls_fails_the_call_in_time_and_reset_recovers():
         layer.close()
 
 
+def test_routing_stats_accumulate_on_the_device():
+    """Per-expert loads and the co-selected pairs of every PAIR_SAMPLE-th chunk, summed over
+    calls and ranks, as counted on the host; ``clear_routing_stats`` starts again."""
+    from megakernel.placement.stats import RoutingStats
+    from megakernel.plan.config import PAIR_SAMPLE
+
+    R, E = 2, SHAPE.num_experts
+    with EmulatedWorld(R) as world:
+        layer = FusedEPMoE.from_dense(
+            world, SHAPE, make_w13(SHAPE, 0, "cpu"), make_w2(SHAPE, 0, "cpu"), config=small_config()
+        )
+        chunk = layer.workspace.plan_cfg.tokens_per_chunk
+        want = None
+        for i, tokens in enumerate([[T, 40], [17, 33]]):
+            rt = routing.drop(routing.zipf(R, tokens, E, SHAPE.topk, 1.0, seed=i), 0.1, seed=i)
+            xs = make_tokens(SHAPE, tokens, seed=i, device="cpu")
+            layer(
+                dict(enumerate(xs)), dict(enumerate(rt.topk_ids)), dict(enumerate(rt.topk_weights))
+            )
+            got = RoutingStats.count(rt.topk_ids, E, sample_every=PAIR_SAMPLE, chunk=chunk)
+            want = got if want is None else want + got
+        st = layer.routing_stats()
+        assert torch.equal(st.load, want.load) and torch.equal(st.pairs, want.pairs)
+        assert (st.tokens, st.sampled) == (want.tokens, want.sampled) and st.tokens == T + 90
+        assert st.pairs.sum() > 0
+        layer.clear_routing_stats()
+        assert layer.routing_stats().load.sum() == 0
+        layer.close()
+
+
 def test_timing_probes():
     """stage="compute" recomputes the same activations; stage="comm" moves zeros end to end."""
     R = 2
