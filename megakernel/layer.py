@@ -266,6 +266,37 @@ class FusedEPMoE(nn.Module):
         works again without rebuilding it. Collective: every rank calls it, between calls."""
         self.workspace.reset()
 
+    def rebalance(self, placement: Placement) -> None:
+        """Move to ``placement`` (the same experts, ranks and slots per rank), between calls:
+        collective, every rank calls it with the same placement. Each rank stages its experts
+        in a symmetric buffer, then copies the experts of its new slots from whichever rank held
+        them (its own where it did: over NVLink otherwise, no host staging), and the plan's
+        tables switch in place: nothing is recompiled, and captured graphs stay valid. Needs
+        room for a second copy of this rank's weights while it runs."""
+        old, ranks, L = self.placement, self.world.local_ranks, self.placement.slots_per_rank
+        if (placement.num_experts, placement.world_size, L) != (
+            old.num_experts, old.world_size, placement.slots_per_rank,
+        ):  # fmt: skip
+            raise ValueError(
+                "rebalance keeps the experts, the ranks and the slots per rank: build a new layer "
+                "to change them"
+            )
+        self.world.barrier()  # every rank's calls are done: nobody reads the weights
+        for weights in (self.w13, self.w2):
+            staged = self.world.alloc(tuple(weights[str(ranks[0])].shape), self.shape.dtype)
+            for r in ranks:
+                staged.peer(r).copy_(weights[str(r)])
+            self.world.barrier()
+            for r in ranks:
+                for local, e in enumerate(placement.slot_expert()[r * L : (r + 1) * L]):
+                    if e >= 0:
+                        src = next((p for p in old.replicas[e] if p // L == r), old.replicas[e][0])
+                        weights[str(r)].data[local].copy_(staged.peer(src // L)[src % L])
+            self.world.barrier()  # every rank has its copies before the staging is freed
+            self.world.free(staged)
+        self.workspace.set_placement(placement)
+        self.placement = placement
+
     def routing_stats(self) -> RoutingStats:
         """Per-expert token counts and co-selected expert pairs (of every 4th chunk of tokens)
         of this process's ranks, accumulated on the device by every call since the layer was

@@ -624,6 +624,12 @@ class Megakernel:
         an alarm is up)."""
         self.errors.after_call(max(self.epoch.values()))
 
+    def set_placement(self, placement: Placement) -> None:
+        """Switch to ``placement`` (same E, R and L; between calls, no recompilation): the plan's
+        tables change in place. The caller moves the weights (``FusedEPMoE.rebalance``)."""
+        self.plan_ws.set_placement(placement)
+        self.placement = placement
+
     def reset(self) -> None:
         """Bring the ranks back in step after a failed call, so that the next call works again
         (collective: every rank calls it, between calls). Waits for every rank's device work,

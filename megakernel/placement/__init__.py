@@ -89,12 +89,23 @@ class Placement:
                 table[p] = e
         return table
 
-    def replica_table(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """[E, max_replicas] int32 physical slot ids, padded with -1 (for the resolve kernel)."""
-        table = torch.full((self.num_experts, self.max_replicas), -1, dtype=torch.int32)
+    def replica_table(
+        self, device: torch.device | str = "cpu", width: int | None = None
+    ) -> torch.Tensor:
+        """[E, width] int32 physical slot ids, padded with -1 (for the resolve kernel); ``width``
+        defaults to ``max_replicas``."""
+        width = self.max_replicas if width is None else width
+        if width < self.max_replicas:
+            raise ValueError(f"a replica table of width {width} cannot hold {self.max_replicas}")
+        table = torch.full((self.num_experts, width), -1, dtype=torch.int32)
         for e, slots in enumerate(self.replicas):
             table[e, : len(slots)] = torch.tensor(slots, dtype=torch.int32)
         return table.to(device)
+
+    def on_rank(self, rank: int) -> list[int]:
+        """[E] this rank's replica of each expert (the first one), -1 where it holds none."""
+        L = self.slots_per_rank
+        return [next((p for p in slots if p // L == rank), -1) for slots in self.replicas]
 
     def local_weights(self, weights: torch.Tensor, rank: int) -> torch.Tensor:
         """Rank ``rank``'s slice ``[L, ...]`` of a per-expert weight ``[E, ...]`` (zeros for

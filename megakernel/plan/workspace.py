@@ -57,11 +57,13 @@ class PlanWorkspace:
         R, P, dev = cfg.world_size, cfg.num_slots, world.device
         self.sym_counts = world.alloc((2, R, P), torch.int32)
         self.sym_ready = world.alloc((R,), torch.int64)
-        self.replicas = placement.replica_table(dev)
+        # NOTE: one column per rank, the most replicas an expert can have (one per rank), so a
+        # new placement (set_placement) changes no kernel constant
+        self.replicas = placement.replica_table(dev, width=R)
         self.num_replicas = torch.tensor(
             [len(r) for r in placement.replicas], dtype=torch.int32, device=dev
         )
-        self.meta = cfg.meta(placement.num_experts, max_replicas=self.replicas.shape[1])
+        self.meta = cfg.meta(placement.num_experts, max_replicas=R)
         # [local ranks, ROUTING_ERR_WORDS] int64: each rank's first bad routing id (plan.count)
         self.routing_err = torch.zeros(
             len(world.local_ranks), ROUTING_ERR_WORDS, dtype=torch.int64, device=dev
@@ -103,13 +105,8 @@ class PlanWorkspace:
         def i32(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=torch.int32, device=dev)
 
-        on_rank = torch.full((placement.num_experts,), -1, dtype=torch.int32)
-        for e, slots in enumerate(placement.replicas):
-            mine = [p for p in slots if p // L == rank]
-            if mine:
-                on_rank[e] = mine[0]
         return dict(
-            on_rank=on_rank.to(dev),
+            on_rank=torch.tensor(placement.on_rank(rank), dtype=torch.int32, device=dev),
             phys=i32(T, K),
             chunk_rows=i32(cfg.max_chunks, 2, pow2(cfg.num_slots)),
             totals=i32(2, pow2(cfg.num_slots)),
@@ -159,6 +156,27 @@ class PlanWorkspace:
         if phase in (None, 1):
             grid = (min(self._layout_items(chunks), self.max_programs),)
             self._layout("plan", grid, self.layout_args(rank, T))
+
+    def set_placement(self, placement: Placement) -> None:
+        """Switch the plan's placement tables in place (between calls; the kernels and any
+        captured graph read the same tensors). Same experts, ranks and slots per rank."""
+
+        def sizes(pl: Placement) -> tuple[int, int, int]:
+            return pl.num_experts, pl.world_size, pl.slots_per_rank
+
+        if sizes(placement) != sizes(self.placement):
+            raise ValueError(
+                f"the new placement has (E, R, L) = {sizes(placement)}, the plan "
+                f"{sizes(self.placement)}: build a new layer to change them"
+            )
+        dev = self.world.device
+        self.replicas.copy_(placement.replica_table(dev, width=self.replicas.shape[1]))
+        self.num_replicas.copy_(
+            torch.tensor([len(r) for r in placement.replicas], dtype=torch.int32)
+        )
+        for r in self.world.local_ranks:
+            self.bufs[r]["on_rank"].copy_(torch.tensor(placement.on_rank(r), dtype=torch.int32))
+        self.placement = placement
 
     def count_tokens(self, T: int) -> None:
         """The host's part of the routing statistics: tokens, and tokens of sampled chunks."""

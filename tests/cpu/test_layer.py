@@ -298,6 +298,50 @@ def test_routing_stats_accumulate_on_the_device():
         layer.close()
 
 
+def test_rebalance_moves_the_experts_and_the_next_call_is_right():
+    """A layer with a spare slot per rank, fed a hot-expert routing; its routing statistics give
+    a balanced replication, ``rebalance`` moves the weights through symmetric memory, and the
+    next call equals the reference; then a co-activation grouping (unused spare slots)."""
+    from megakernel.placement.policies import balanced_replication, coactivation_grouping
+
+    R, E, seed = 2, SHAPE.num_experts, 5
+    L = E // R + 1
+    start = Placement.from_slots(R, L, [[(e // (E // R), e % (E // R))] for e in range(E)])
+    rt = routing.hot_expert(R, T, E, SHAPE.topk, 0.5, seed=seed)
+    xs = make_tokens(SHAPE, [T] * R, seed=seed, device="cpu")
+    args = dict(enumerate(xs)), dict(enumerate(rt.topk_ids)), dict(enumerate(rt.topk_weights))
+
+    def check(out):
+        for r in range(R):
+            ids, w = rt.topk_ids[r], rt.topk_weights[r]
+            assert check_layer_output(out[r], xs[r], ids, w, SHAPE, seed, r) == []
+
+    with EmulatedWorld(R) as world:
+        w13, w2 = make_w13(SHAPE, seed, "cpu"), make_w2(SHAPE, seed, "cpu")
+        layer = FusedEPMoE.from_dense(world, SHAPE, w13, w2, placement=start, config=small_config())
+        check(layer(*args))
+        balanced = balanced_replication(layer.routing_stats(), R, L)
+        assert len(balanced.replicas[0]) == 2, "the hot expert gets the spare slots' replica"
+        layer.rebalance(balanced)
+        check(layer(*args))
+        stats = layer.routing_stats()
+        grouped = Placement.from_slots(
+            R, L, [[(r, local)] for r, local in _slots_of(coactivation_grouping(stats, R), R)]
+        )
+        layer.rebalance(grouped)
+        check(layer(*args))
+        layer.check_errors()
+        with pytest.raises(ValueError, match="keeps the experts, the ranks and the slots"):
+            layer.rebalance(Placement.contiguous(E, R))
+        layer.close()
+
+
+def _slots_of(pl: Placement, R: int) -> list[tuple[int, int]]:
+    """Each expert's (rank, local slot) in a one-replica placement."""
+    L = pl.slots_per_rank
+    return [divmod(slots[0], L) for slots in pl.replicas]
+
+
 def test_timing_probes():
     """stage="compute" recomputes the same activations; stage="comm" moves zeros end to end."""
     R = 2
