@@ -38,6 +38,20 @@ class RoutingError(ValueError):
         )
 
 
+def check_tensor(
+    rank: int, name: str, t: object, want: tuple, dtype: torch.dtype, device: torch.device
+) -> None:
+    """One rank's input ``name``: a tensor of shape ``want``, ``dtype``, on ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"rank {rank}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != want:
+        raise ValueError(f"rank {rank}: {name} has shape {tuple(t.shape)}, expected {want}")
+    if t.dtype != dtype:
+        raise ValueError(f"rank {rank}: {name} is {t.dtype} but the layer is {dtype}")
+    if t.device != device:
+        raise ValueError(f"rank {rank}: {name} is on {t.device}, the layer on {device}")
+
+
 def check_routing(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor | None,

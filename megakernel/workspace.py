@@ -41,7 +41,7 @@ from megakernel.tasks import (
     flag_name,
     task_regions,
 )
-from megakernel.validate import VALIDATE_MODES, check_routing
+from megakernel.validate import VALIDATE_MODES, check_routing, check_tensor
 from symm_mem.buffer import World
 
 
@@ -401,18 +401,6 @@ class Megakernel:
 
     # -- a call ---------------------------------------------------------------------------
 
-    def _check_tensor(self, rank: int, name: str, t: object, want: tuple, dtype) -> None:
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"rank {rank}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != want:
-            raise ValueError(f"rank {rank}: {name} has shape {tuple(t.shape)}, expected {want}")
-        if t.dtype != dtype:
-            raise ValueError(f"rank {rank}: {name} is {t.dtype} but the layer is {dtype}")
-        if t.device != self.world.device:
-            raise ValueError(
-                f"rank {rank}: {name} is on {t.device}, the layer on {self.world.device}"
-            )
-
     def check_inputs(self, rank: int, given: CallInputs, layer: bool, values: bool) -> None:
         """Host checks of one rank's inputs: shapes, dtypes, devices, and with ``values`` the id
         range, read back (one sync; skipped while a CUDA graph is being captured)."""
@@ -429,12 +417,12 @@ class Megakernel:
             check_values=values and not capturing,
             rank=rank,
         )
-        self._check_tensor(rank, "x", given.x, (given.topk_ids.shape[0], H), shape.dtype)
-        self._check_tensor(rank, "w13", given.w13, (L, 2 * I, H), shape.dtype)
+        check_tensor(rank, "x", given.x, (given.topk_ids.shape[0], H), shape.dtype, dev)
+        check_tensor(rank, "w13", given.w13, (L, 2 * I, H), shape.dtype, dev)
         if layer:
-            self._check_tensor(rank, "w2", given.w2, (L, H, I), shape.dtype)
+            check_tensor(rank, "w2", given.w2, (L, H, I), shape.dtype, dev)
         if given.out is not None:
-            self._check_tensor(rank, "out", given.out, (given.x.shape[0], H), shape.dtype)
+            check_tensor(rank, "out", given.out, (given.x.shape[0], H), shape.dtype, dev)
             if not given.out.is_contiguous():
                 raise ValueError("out must be contiguous")
 
