@@ -106,7 +106,7 @@ def plot(rows: list[dict], title: str) -> str:
                          strict=True):  # fmt: skip
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30)
         ax.set_ylabel(label)
-    axes[0].legend()
+    axes[0].legend(loc="lower left", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     RESULTS.mkdir(parents=True, exist_ok=True)
