@@ -1,0 +1,124 @@
+"""FP8 (e4m3) block-scaled formats of the FP8 path, as DeepSeek-V3 checkpoints store them, and
+their pure-torch reference.
+
+Shape legend: T tokens, H hidden, I expert FFN width, E experts, B = 128 (the block).
+
+- **Weights**: e4m3 ``w13 [E, 2I, H]`` and ``w2 [E, H, I]``, with fp32 scales per 128 x 128
+  block, ``[E, 2I/B, H/B]`` and ``[E, H/B, I/B]``: the ``weight_scale_inv`` of the checkpoints,
+  so ``w ~ w_fp8 * scale`` blockwise.
+- **Activations**: e4m3 per token, with one fp32 scale per 128 columns (``x [T, H]``, scales
+  ``[T, H/B]``): quantised at dispatch, and the SwiGLU output again before the down projection.
+
+Scales are ``amax / 448`` (e4m3's largest finite value), so each block's largest magnitude maps
+to 448; an all-zero block gets scale 1. ``moe_fp8_ref`` computes what the FP8 layer computes, in
+fp32 on dequantised operands; ``FP8_TOLERANCE`` is how far the layer may be from it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megakernel.reference import moe_ref_by_expert
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+BLOCK = 128
+# the FP8 layer against moe_fp8_ref (rtol, atol): both see the same quantised operands; they differ
+# in accumulation order and in the bf16 rounding of the combine
+FP8_TOLERANCE = (2e-2, 2e-2)
+
+
+def _check_blocks(t: torch.Tensor, dims: tuple[int, ...]) -> None:
+    for d in dims:
+        if t.shape[d] % BLOCK:
+            raise ValueError(
+                f"FP8 blocks are {BLOCK} wide: dimension {d} of shape {tuple(t.shape)} is not a "
+                "multiple"
+            )
+
+
+def _scale(amax: torch.Tensor) -> torch.Tensor:
+    return torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+
+
+def quantize_weight_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [..., N, K]`` -> (e4m3 ``[..., N, K]``, fp32 scales ``[..., N/B, K/B]``), one scale
+    per 128 x 128 block."""
+    _check_blocks(w, (-2, -1))
+    *lead, N, K = w.shape
+    blocks = w.float().reshape(*lead, N // BLOCK, BLOCK, K // BLOCK, BLOCK)
+    scale = _scale(blocks.abs().amax(dim=(-3, -1)))  # [..., N/B, K/B]
+    q = (blocks / scale[..., :, None, :, None]).to(E4M3)
+    return q.reshape(w.shape), scale
+
+
+def dequantize_weight_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[..., N, K]`` from e4m3 blocks and their scales (``quantize_weight_blocks``)."""
+    *lead, N, K = q.shape
+    blocks = q.float().reshape(*lead, N // BLOCK, BLOCK, K // BLOCK, BLOCK)
+    return (blocks * scale[..., :, None, :, None]).reshape(q.shape)
+
+
+def quantize_token_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [T, H]`` -> (e4m3 ``[T, H]``, fp32 scales ``[T, H/B]``), one scale per token and 128
+    columns."""
+    _check_blocks(x, (-1,))
+    T, H = x.shape
+    groups = x.float().reshape(T, H // BLOCK, BLOCK)
+    scale = _scale(groups.abs().amax(dim=-1))
+    return (groups / scale[..., None]).to(E4M3).reshape(T, H), scale
+
+
+def dequantize_token_groups(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    T, H = q.shape
+    return (q.float().reshape(T, H // BLOCK, BLOCK) * scale[..., None]).reshape(T, H)
+
+
+def fp8_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the FP8 path sees it: quantised per token and 128 columns, then dequantised."""
+    return dequantize_token_groups(*quantize_token_groups(x))
+
+
+def moe_fp8_ref(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: tuple[torch.Tensor, torch.Tensor],
+    w2: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """The FP8 layer's result, fp32 ``[T, H]``: ``x`` quantised per token group (the dispatch),
+    each expert's ``w13`` / ``w2`` given as (e4m3, block scales) and dequantised, GEMM1 and SwiGLU
+    in fp32, the SwiGLU output quantised per token group again, GEMM2 in fp32, the top-k sum in
+    fp32. Dropped slots (id -1) contribute nothing."""
+    (w13_q, w13_s), (w2_q, w2_s) = w13, w2
+    xq = fp8_roundtrip(x)
+    ffn = w13_q.shape[1] // 2
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    ids = topk_ids.to(x.device).long()
+    weights = topk_weights.to(x.device).float()
+    for e in ids[ids >= 0].unique().tolist():
+        t, k = (ids == e).nonzero(as_tuple=True)
+        h = xq[t] @ dequantize_weight_blocks(w13_q[e], w13_s[e]).t()
+        act = fp8_roundtrip(torch.nn.functional.silu(h[:, :ffn]) * h[:, ffn:])
+        y = act @ dequantize_weight_blocks(w2_q[e], w2_s[e]).t()
+        out.index_add_(0, t, weights[t, k].unsqueeze(1) * y)
+    return out
+
+
+def moe_dequantized_ref(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: tuple[torch.Tensor, torch.Tensor],
+    w2: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """``moe_ref`` on the dequantised weights with unquantised activations (fp32): the part of
+    the FP8 error that the weights alone bring."""
+
+    def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            dequantize_weight_blocks(w13[0][e], w13[1][e]),
+            dequantize_weight_blocks(w2[0][e], w2[1][e]),
+        )
+
+    return moe_ref_by_expert(x, topk_ids, topk_weights, expert)
