@@ -34,11 +34,12 @@ class CallGraphs:
 
     def __call__(self, x, ids, weights, w13, w2, split: bool) -> dict[int, torch.Tensor] | None:
         """The outputs of one layer call by rank, replayed; None where this key has no graph
-        (yet): the caller then runs the call itself. Inputs are checked as a call checks them."""
+        (yet): the caller then runs the call itself. Inputs are checked as a call checks them
+        (the weights are the layer's own, checked when it was built)."""
         ranks = self.ws.world.local_ranks
         for r in ranks:
             given = CallInputs(x[r], ids[r], weights[r], w13[r], w2[r], None)
-            self.ws.check_inputs(r, given, layer=True, values=False)
+            self.ws.check_inputs(r, given, layer=True, values=False, weights=False)
         key = (split, *((x[r].shape[0], w13[r].data_ptr(), w2[r].data_ptr()) for r in ranks))
         entry = self.graphs.get(key)
         if entry is None:

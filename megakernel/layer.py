@@ -100,6 +100,7 @@ class FusedEPMoE(nn.Module):
         L, H, I = self.placement.slots_per_rank, shape.hidden, shape.ffn
         self.w13 = self._weights("w13", w13, (L, 2 * I, H))
         self.w2 = self._weights("w2", w2, (L, H, I))
+        self._by_rank_cache: tuple[dict, dict] | None = None
         self.router = router
         if validate not in VALIDATE_MODES:
             raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {validate!r}")
@@ -206,19 +207,29 @@ class FusedEPMoE(nn.Module):
         """The call replayed from its captured graph (``graphs``, the default checks), or None."""
         if self.graphs is None or self.validate != "device" or not self.graphs.usable():
             return None
-        ranks = self.world.local_ranks
-        w13 = {r: self.w13[str(r)] for r in ranks}
-        w2 = {r: self.w2[str(r)] for r in ranks}
-        return self.graphs(xs, ids, weights, w13, w2, self.split)
+        return self.graphs(xs, ids, weights, *self._weights_by_rank(), self.split)
+
+    def _weights_by_rank(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """(w13, w2) as {rank: tensor}, built once (host time per call otherwise); ``_apply``,
+        which may give the module new parameters (``.to()``), forgets them."""
+        if self._by_rank_cache is None:
+            ranks = self.world.local_ranks
+            self._by_rank_cache = (
+                {r: self.w13[str(r)] for r in ranks},
+                {r: self.w2[str(r)] for r in ranks},
+            )
+        return self._by_rank_cache
+
+    def _apply(self, fn, *args, **kw):
+        self._by_rank_cache = None
+        return super()._apply(fn, *args, **kw)
 
     def _launched(self, xs, ids, weights) -> dict[int, torch.Tensor]:
-        ranks = self.world.local_ranks
         handles = self.workspace.run(
             xs,
             ids,
             weights,
-            {r: self.w13[str(r)] for r in ranks},
-            {r: self.w2[str(r)] for r in ranks},
+            *self._weights_by_rank(),
             mode="layer",
             split=self.split,
             validate=self.validate,

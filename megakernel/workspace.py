@@ -401,12 +401,16 @@ class Megakernel:
 
     # -- a call ---------------------------------------------------------------------------
 
-    def check_inputs(self, rank: int, given: CallInputs, layer: bool, values: bool) -> None:
+    def check_inputs(
+        self, rank: int, given: CallInputs, layer: bool, values: bool, weights: bool = True
+    ) -> None:
         """Host checks of one rank's inputs: shapes, dtypes, devices, and with ``values`` the id
-        range, read back (one sync; skipped while a CUDA graph is being captured)."""
+        range, read back (one sync; skipped while a CUDA graph is being captured). ``weights``:
+        also the weights' (a layer's own were checked when it was built)."""
         shape, L, dev = self.shape, self.plan_cfg.slots_per_rank, self.world.device
         H, I = shape.hidden, shape.ffn
-        capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if values and dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            values = False
         check_routing(
             given.topk_ids,
             given.topk_weights,
@@ -414,12 +418,13 @@ class Megakernel:
             topk=shape.topk,
             max_tokens=shape.max_tokens_per_rank,
             device=dev,
-            check_values=values and not capturing,
+            check_values=values,
             rank=rank,
         )
         check_tensor(rank, "x", given.x, (given.topk_ids.shape[0], H), shape.dtype, dev)
-        check_tensor(rank, "w13", given.w13, (L, 2 * I, H), shape.dtype, dev)
-        if layer:
+        if weights:
+            check_tensor(rank, "w13", given.w13, (L, 2 * I, H), shape.dtype, dev)
+        if weights and layer:
             check_tensor(rank, "w2", given.w2, (L, H, I), shape.dtype, dev)
         if given.out is not None:
             check_tensor(rank, "out", given.out, (given.x.shape[0], H), shape.dtype, dev)
