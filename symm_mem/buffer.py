@@ -108,7 +108,8 @@ class World(ABC):
         )
         # pinned memory is mapped into the device's address space (UVA): kernels store into it
         pinned = self.device.type == "cuda"
-        self._alarm = torch.zeros(len(self._local_ranks), dtype=torch.int64, pin_memory=pinned)
+        # two words a rank, of which the first is the alarm: each rank's stays 16-byte aligned
+        self._alarm = torch.zeros(len(self._local_ranks), 2, dtype=torch.int64, pin_memory=pinned)
         self._alarm_host = self._alarm.numpy()  # read without going through torch
 
     # -- allocation -------------------------------------------------------------------------
@@ -181,8 +182,7 @@ class World(ABC):
     def alarm_word(self, rank: int | None = None) -> torch.Tensor:
         """Rank ``rank``'s int64 alarm word ``[1]``, host-mapped (``device.raise_alarm``)."""
         rank = self.rank if rank is None else rank
-        i = self._local_ranks.index(rank)
-        return self._alarm[i : i + 1]
+        return self._alarm[self._local_ranks.index(rank), :1]
 
     def alarmed(self) -> bool:
         """Whether a kernel of this process has raised an alarm since ``clear_errors`` (a host
