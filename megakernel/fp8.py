@@ -79,6 +79,26 @@ def fp8_roundtrip(x: torch.Tensor) -> torch.Tensor:
     return dequantize_token_groups(*quantize_token_groups(x))
 
 
+def _dequantized_experts(w13, w2):
+    """``expert(e) -> (w13 [2I, H], w2 [H, I])`` fp32, from (e4m3, block scales) pairs."""
+
+    def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            dequantize_weight_blocks(w13[0][e], w13[1][e]),
+            dequantize_weight_blocks(w2[0][e], w2[1][e]),
+        )
+
+    return expert
+
+
+def _fp8_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One expert's FFN as the FP8 path runs it: the SwiGLU output quantised per token group
+    before the down projection."""
+    ffn = w13.shape[0] // 2
+    h = x @ w13.t()
+    return fp8_roundtrip(torch.nn.functional.silu(h[:, :ffn]) * h[:, ffn:]) @ w2.t()
+
+
 def moe_fp8_ref(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -90,19 +110,8 @@ def moe_fp8_ref(
     each expert's ``w13`` / ``w2`` given as (e4m3, block scales) and dequantised, GEMM1 and SwiGLU
     in fp32, the SwiGLU output quantised per token group again, GEMM2 in fp32, the top-k sum in
     fp32. Dropped slots (id -1) contribute nothing."""
-    (w13_q, w13_s), (w2_q, w2_s) = w13, w2
-    xq = fp8_roundtrip(x)
-    ffn = w13_q.shape[1] // 2
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-    ids = topk_ids.to(x.device).long()
-    weights = topk_weights.to(x.device).float()
-    for e in ids[ids >= 0].unique().tolist():
-        t, k = (ids == e).nonzero(as_tuple=True)
-        h = xq[t] @ dequantize_weight_blocks(w13_q[e], w13_s[e]).t()
-        act = fp8_roundtrip(torch.nn.functional.silu(h[:, :ffn]) * h[:, ffn:])
-        y = act @ dequantize_weight_blocks(w2_q[e], w2_s[e]).t()
-        out.index_add_(0, t, weights[t, k].unsqueeze(1) * y)
-    return out
+    expert = _dequantized_experts(w13, w2)
+    return moe_ref_by_expert(fp8_roundtrip(x), topk_ids, topk_weights, expert, _fp8_ffn)
 
 
 def moe_dequantized_ref(
@@ -114,11 +123,4 @@ def moe_dequantized_ref(
 ) -> torch.Tensor:
     """``moe_ref`` on the dequantised weights with unquantised activations (fp32): the part of
     the FP8 error that the weights alone bring."""
-
-    def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (
-            dequantize_weight_blocks(w13[0][e], w13[1][e]),
-            dequantize_weight_blocks(w2[0][e], w2[1][e]),
-        )
-
-    return moe_ref_by_expert(x, topk_ids, topk_weights, expert)
+    return moe_ref_by_expert(x, topk_ids, topk_weights, _dequantized_experts(w13, w2))

@@ -45,17 +45,18 @@ def moe_ref_by_expert(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     expert_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    ffn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = expert_ffn_ref,
 ) -> torch.Tensor:
     """``moe_ref`` in fp32, asking ``expert_weights(e) -> (w13 [2I, H], w2 [H, I])`` for one
     expert at a time, only for the experts the tokens picked: a rank can check its output without
-    holding every expert (dsv3: 22 GB of weights)."""
+    holding every expert (dsv3: 22 GB of weights). ``ffn(x, w13, w2)``: one expert's FFN."""
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     ids = topk_ids.to(x.device).long()
     weights = topk_weights.to(x.device).float()
     for e in ids[ids >= 0].unique().tolist():
         t, k = (ids == e).nonzero(as_tuple=True)
         w13_e, w2_e = expert_weights(e)
-        out.index_add_(0, t, weights[t, k].unsqueeze(1) * expert_ffn_ref(x[t], w13_e, w2_e))
+        out.index_add_(0, t, weights[t, k].unsqueeze(1) * ffn(x[t], w13_e, w2_e))
     return out
 
 
