@@ -284,14 +284,8 @@ class FusedEPMoE(nn.Module):
         them (its own where it did: over NVLink otherwise, no host staging), and the plan's
         tables switch in place: nothing is recompiled, and captured graphs stay valid. Needs
         room for a second copy of this rank's weights while it runs."""
+        self.workspace.plan_ws.check_placement(placement)  # before any weight moves
         old, ranks, L = self.placement, self.world.local_ranks, self.placement.slots_per_rank
-        if (placement.num_experts, placement.world_size, L) != (
-            old.num_experts, old.world_size, placement.slots_per_rank,
-        ):  # fmt: skip
-            raise ValueError(
-                "rebalance keeps the experts, the ranks and the slots per rank: build a new layer "
-                "to change them"
-            )
         self.world.barrier()  # every rank's calls are done: nobody reads the weights
         for weights in (self.w13, self.w2):
             staged = self.world.alloc(tuple(weights[str(ranks[0])].shape), self.shape.dtype)

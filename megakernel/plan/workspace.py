@@ -157,18 +157,23 @@ class PlanWorkspace:
             grid = (min(self._layout_items(chunks), self.max_programs),)
             self._layout("plan", grid, self.layout_args(rank, T))
 
-    def set_placement(self, placement: Placement) -> None:
-        """Switch the plan's placement tables in place (between calls; the kernels and any
-        captured graph read the same tensors). Same experts, ranks and slots per rank."""
+    def check_placement(self, placement: Placement) -> None:
+        """A placement the plan can switch to: the same experts, ranks and slots per rank."""
 
         def sizes(pl: Placement) -> tuple[int, int, int]:
             return pl.num_experts, pl.world_size, pl.slots_per_rank
 
         if sizes(placement) != sizes(self.placement):
             raise ValueError(
-                f"the new placement has (E, R, L) = {sizes(placement)}, the plan "
-                f"{sizes(self.placement)}: build a new layer to change them"
+                "a new placement keeps the experts, the ranks and the slots per rank: (E, R, L) "
+                f"= {sizes(placement)}, the plan's {sizes(self.placement)}; build a new layer "
+                "to change them"
             )
+
+    def set_placement(self, placement: Placement) -> None:
+        """Switch the plan's placement tables in place (between calls; the kernels and any
+        captured graph read the same tensors). Same experts, ranks and slots per rank."""
+        self.check_placement(placement)
         dev = self.world.device
         self.replicas.copy_(placement.replica_table(dev, width=self.replicas.shape[1]))
         self.num_replicas.copy_(
