@@ -173,6 +173,7 @@ class KernelMeta(NamedTuple):
     H: int  # hidden
     I: int  # expert FFN width
     C: int  # receive rows per rank (capacity)
+    ROUNDS: int  # launches per call: the most rounds a call may take (1 outside mode "layer")
     TK: int  # T_max * K: a tag's source-rank stride
     # -- the task id regions of one call (megakernel.tasks): dispatch [0, MAX_DISPATCH), GEMM1
     #    [MAX_DISPATCH, BASE_DOWN), down [BASE_DOWN, BASE_REDUCE), reduce [BASE_REDUCE, +MAX_REDUCE)
@@ -263,6 +264,7 @@ def kernel_meta(
         H=shape.hidden,
         I=shape.ffn,
         C=capacity,
+        ROUNDS=pc.rounds if layer else 1,
         TK=shape.max_tokens_per_rank * pc.topk,
         MAX_DISPATCH=pc.max_dispatch_tasks,
         BASE_DOWN=base_down,

@@ -13,6 +13,12 @@ Back-to-back calls with no host synchronisation: ``recv_x`` / ``recv_src`` / ``r
 double-buffered by epoch parity. A sender can only reach call e + 2 after its plan saw every
 peer's e + 2 counts, which a peer publishes after its call-e megakernel finished reading parity
 e % 2. Flags hold epochs and are never reset; counters are reset by the last program out.
+
+Rounds (a call whose busiest rank receives more than C rows, mode "layer"): one launch per
+round, ``rnd`` = 0 .. ROUNDS - 1, each with its round's tables and flags (the host passes views);
+launches past the call's rounds do nothing. A round's dispatch to a rank waits for that rank's
+previous launch to end (``round_free``), since the round reuses its receive rows; the last
+round runs the top-k reduce, and the last launch settles the call.
 """
 
 from __future__ import annotations
@@ -47,9 +53,9 @@ from symm_mem.device import globaltimer, note_call_end, note_skipped, raise_alar
 class PlanBuffers(NamedTuple):
     """This rank's plan of the call (``megakernel.plan``), int32."""
 
-    dispatch_tasks: torch.Tensor  # [max_dispatch, 3] (send group, first unit, units)
+    dispatch_tasks: torch.Tensor  # [max_dispatch, 4] (send group, first unit, units, group tasks)
     tiles: torch.Tensor  # [max_tiles, 5] (local slot, first row, rows, src_lo, src_hi)
-    stats: torch.Tensor  # [4] megakernel.plan.STATS
+    stats: torch.Tensor  # [5] megakernel.plan.STATS (the launch's round)
     totals: torch.Tensor  # [2, P_P] rows per slot, units per send group
     send_units: torch.Tensor  # [U_max] token * K + k in send order
     phys: torch.Tensor  # [T, K] physical slot, -1 dropped
@@ -64,7 +70,8 @@ class SymBuffers(NamedTuple):
     recv_x: torch.Tensor  # [2, C, H] receive rows, by epoch parity
     recv_src: torch.Tensor  # [2, C] int32 the row holding each row's data
     recv_tag: torch.Tensor  # [2, C] int32 where each row's output goes (mode "layer")
-    expert_ready: torch.Tensor  # [L, R] int64 flags: (local slot, source rank) -> epoch
+    expert_ready: torch.Tensor  # [L, R] int64 flags: (local slot, source rank) -> epoch (round's)
+    round_free: torch.Tensor  # [ROUNDS] int64 flags: round -> epoch whose launch of it ended
     combine_y: torch.Tensor  # [T_max * K, H] expert outputs of this rank's (token, k)
     combine_count: torch.Tensor  # [groups, token blocks] int32 combine pieces arrived
 
@@ -85,7 +92,7 @@ class RankState(NamedTuple):
     alarm: torch.Tensor  # [1] int64 host-mapped: set when a record above holds an error
 
 
-@triton.jit(do_not_specialize=["rank", "num_tokens", "task_begin", "task_end", "timeout_ns"])
+@triton.jit(do_not_specialize=["rank", "num_tokens", "rnd", "task_begin", "task_end", "timeout_ns"])
 def moe_megakernel(
     x_ptr,  # [T, H] this rank's tokens
     w13_ptr,  # [L, 2I, H] this rank's experts
@@ -101,7 +108,8 @@ def moe_megakernel(
     state,  # RankState
     rank,
     num_tokens,
-    task_begin,  # this launch runs the task ids [task_begin, task_end) of the call
+    rnd,  # this launch's round (the tables and flags passed are its own)
+    task_begin,  # this launch runs the task ids [task_begin, task_end) of the round
     task_end,
     timeout_ns,
     M: tl.constexpr,  # KernelMeta
@@ -119,21 +127,23 @@ def moe_megakernel(
     nrb = 0  # reduce tasks per column group
     if M.LAYER:
         num_down = num_tiles * M.DOWN_BLOCKS
-        nrb = tl.where(ok, tl.cdiv(num_tokens, M.REDUCE_TOKENS), 0)
+        last_round = rnd == tl.load(plan.stats + 4) - 1
+        nrb = tl.where(ok & last_round, tl.cdiv(num_tokens, M.REDUCE_TOKENS), 0)
     num_reduce = nrb * M.GROUPS
     d_lo, d_count = share(task_begin, task_end, 0, tl.where(ok, tl.load(plan.stats + 3), 0))
     g_lo, g_count = share(task_begin, task_end, M.MAX_DISPATCH, num_tiles * M.GEMM1_BLOCKS)
     n_lo, n_count = share(task_begin, task_end, M.BASE_DOWN, num_down)
     r_lo, r_count = share(task_begin, task_end, M.BASE_REDUCE, num_reduce)
     # a launch holding both whole regions interleaves them (combine_order); else id order
-    interleave = (n_count == num_down) & (r_count == num_reduce)
+    interleave = (n_count == num_down) & (r_count == num_reduce) & (nrb > 0)
     shares = (n_lo, n_count, r_lo, num_down, num_tiles, nrb, interleave)
     # TRACE: this program's events so far this call (earlier launches of it appended theirs)
     n_events = trace_begin(state.trace, M.TRACE, M.TRACE_CAP)
     if tl.program_id(0) < M.DISPATCH_CTAS:
         n_events = _dispatch_tasks(
-            d_lo, d_count, x_ptr, plan, peers, mine, state, rank, epoch, n_events, M
-        )
+            d_lo, d_count, x_ptr, plan, peers, mine, state, rank, epoch, rnd, deadline, n_events,
+            M,
+        )  # fmt: skip
     # compute tasks: GEMM1 (or resolve) in id order, then down projection + combine put and
     # top-k reduce, interleaved by column group (combine_order); a task only waits on lower ids
     # here or on dispatch / down tasks of peers
@@ -164,7 +174,7 @@ def moe_megakernel(
         if held >= 0:
             publish_pieces(pending_row, peers, held, M)
     trace_end(state.trace, n_events, rank, M.TRACE, M.TRACE_CAP)
-    _last_out(out_ptr, num_tokens, mine, state, epoch, task_begin, task_end, M)
+    _last_out(out_ptr, num_tokens, mine, state, epoch, rnd, task_begin, task_end, M)
 
 
 @triton.jit
@@ -209,13 +219,15 @@ def _combine_step(
 
 
 @triton.jit
-def _dispatch_tasks(d_lo, d_count, x_ptr, plan, peers, mine, state, rank, epoch, n_events, M):
+def _dispatch_tasks(
+    d_lo, d_count, x_ptr, plan, peers, mine, state, rank, epoch, rnd, deadline, n_events, M
+):  # fmt: skip
     """Claim and run dispatch tasks ``d_lo + [0, d_count)`` until none is left; returns the
     program's trace event count."""
     d = tl.atomic_add(state.counters + COUNTER_DISPATCH, 1, sem="relaxed")
     while d < d_count:
         start = now(M.TRACE)
-        dispatch_task(d_lo + d, x_ptr, plan, peers, mine, state, rank, epoch, M)
+        dispatch_task(d_lo + d, x_ptr, plan, peers, mine, state, rank, epoch, rnd, deadline, M)
         n_events = trace_task(
             state.trace, n_events, KIND_DISPATCH, d_lo + d, start, 0, M.TRACE, M.TRACE_CAP
         )
@@ -224,8 +236,11 @@ def _dispatch_tasks(d_lo, d_count, x_ptr, plan, peers, mine, state, rank, epoch,
 
 
 @triton.jit
-def _last_out(out_ptr, num_tokens, mine, state, epoch, task_begin, task_end, M: tl.constexpr):
-    """The last program out resets the counters for the next launch (stream-ordered after it);
+def _last_out(
+    out_ptr, num_tokens, mine, state, epoch, rnd, task_begin, task_end, M: tl.constexpr
+):  # fmt: skip
+    """The last program out resets the counters for the next launch (stream-ordered after it)
+    and, with rounds, tells the peers that this rank is done with round ``rnd``'s receive rows;
     where the launch ends the call, it settles the call's records: a call that ends after the
     failed one ended was skipped and is counted, a failed or skipped layer call's output becomes
     NaN, a bad-id record of an earlier call counts this one as poisoned,
@@ -236,6 +251,11 @@ def _last_out(out_ptr, num_tokens, mine, state, epoch, task_begin, task_end, M: 
         tl.store(state.counters + COUNTER_COMPUTE, 0)
         tl.store(state.counters + COUNTER_EXIT, 0)
         holds_reduce = (task_begin <= M.BASE_REDUCE) & (task_end >= M.BASE_REDUCE + M.MAX_REDUCE)
+        if M.ROUNDS > 1:
+            if holds_reduce:  # (every task of the round is done: the launch's last range)
+                value = tl.cast(epoch, tl.int64)
+                tl.atomic_xchg(mine.round_free + rnd, value, sem="release", scope="sys")
+            holds_reduce = holds_reduce & (rnd == M.ROUNDS - 1)
         if M.LAYER:
             # NOTE: every reduce task of this call has consumed its block's pieces, and no peer
             # puts pieces for the next call before this rank dispatches it: safe to clear

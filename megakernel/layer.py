@@ -313,6 +313,19 @@ class FusedEPMoE(nn.Module):
     def clear_routing_stats(self) -> None:
         self.workspace.plan_ws.clear_stats()
 
+    def stats(self) -> dict[str, int]:
+        """Calls of this process's ranks that took several rounds (their busiest rank received
+        more than ``capacity`` rows), and those calls' rounds, since the layer was built; with
+        the capacity and the most rounds a call may take. Reading waits for the calls made so
+        far."""
+        calls, rounds = self.workspace.plan_ws.round_calls()
+        return {
+            "calls_in_rounds": calls,
+            "rounds_of_those_calls": rounds,
+            "capacity": self.workspace.capacity,
+            "max_rounds": self.workspace.plan_cfg.rounds,
+        }
+
     def describe(self) -> str:
         """Per-buffer sizes of the workspace, per rank."""
         return self.workspace.describe()

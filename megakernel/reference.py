@@ -214,9 +214,9 @@ def _sender_rows(phys: torch.Tensor, all_counts: torch.Tensor, cfg: PlanConfig, 
 
 
 def _send_order(phys: torch.Tensor, cfg: PlanConfig):
-    """(send_units [U_max], dispatch_tasks [max_dispatch, 3], tasks made) of one sender: units in
+    """(send_units [U_max], dispatch_tasks [max_dispatch, 4], tasks made) of one sender: units in
     (send group, token) order, then a task per ``chunk`` of a group's units (one for an empty
-    group)."""
+    group), each with its group's task count (a call of one round)."""
     T, K = phys.shape
     units = first_mask(phys, cfg.slots_per_rank) if cfg.token_saving else phys >= 0
     t_idx, k_idx = units.nonzero(as_tuple=True)
@@ -229,10 +229,11 @@ def _send_order(phys: torch.Tensor, cfg: PlanConfig):
     tasks = torch.zeros(cfg.max_dispatch_tasks, DISPATCH_TASK_COLS, dtype=torch.int64)
     j = 0
     for g in range(cfg.num_groups):
-        for m in range(max(1, triton.cdiv(int(units_g[g]), cfg.chunk))):  # empty groups: 1
+        n = max(1, triton.cdiv(int(units_g[g]), cfg.chunk))  # empty groups: 1
+        for m in range(n):
             start = int(unit_base_g[g]) + m * cfg.chunk
             count = min(cfg.chunk, int(units_g[g]) - m * cfg.chunk)
-            tasks[j] = torch.tensor([g, start, count])
+            tasks[j] = torch.tensor([g, start, count, n])
             j += 1
     return send_units, tasks, j
 
@@ -270,7 +271,7 @@ def plan_ref(phys_all: list[torch.Tensor], cfg: PlanConfig, rank: int) -> Plan:
     tiles, num_tiles = _tile_table(recv_offset, cnt, cfg)
     num_units = int((send_units >= 0).sum())
     num_recv = int(all_counts.sum(0).view(R, L).sum(1)[rank])
-    stats = torch.tensor([num_units, num_recv, num_tiles, num_tasks])
+    stats = torch.tensor([num_units, num_recv, num_tiles, num_tasks, 1])  # (one round)
     i32 = torch.int32
     return Plan(
         phys=phys.to(i32),

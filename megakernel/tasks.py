@@ -85,6 +85,7 @@ FLAG_EXPERT_READY = tl.constexpr(1 << 20)  # + local * R_P + source rank
 FLAG_ACT_READY = tl.constexpr(2 << 20)  # + tile
 FLAG_COMBINE = tl.constexpr(3 << 20)  # + column group * TOKEN_BLOCKS + token block
 FLAG_ROWS_RESOLVED = tl.constexpr(4 << 20)  # + tile (KernelConfig.pack = "scan")
+FLAG_ROUND_FREE = tl.constexpr(5 << 20)  # + destination rank (a call of several rounds)
 # the kernel's counters: [3] int32 per rank
 COUNTER_DISPATCH = tl.constexpr(0)
 COUNTER_COMPUTE = tl.constexpr(1)
@@ -115,6 +116,9 @@ def task_regions(meta) -> dict[str, tuple[int, int]]:
 def flag_name(flag: int, token_blocks: int, world_size: int) -> str:
     """Names the flag of a ``WaitTimeoutError`` (``token_blocks``: combine counters per column
     group)."""
+    if flag >= FLAG_ROUND_FREE.value:
+        dst = flag - FLAG_ROUND_FREE.value
+        return f"round_free[rank {dst}] (its previous round of the call done)"
     if flag >= FLAG_ROWS_RESOLVED.value:
         return f"resolved[tile {flag - FLAG_ROWS_RESOLVED.value}] (its column block 0)"
     if flag >= FLAG_COMBINE.value:

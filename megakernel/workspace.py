@@ -30,7 +30,7 @@ from megakernel.errors import CallErrors
 from megakernel.kernel import PlanBuffers, RankState, SymBuffers, moe_megakernel
 from megakernel.launch import Launcher, aligned
 from megakernel.placement import Placement
-from megakernel.plan import STATS, Plan, PlanConfig, PlanWorkspace
+from megakernel.plan import MAX_ROUNDS, STATS, Plan, PlanConfig, PlanWorkspace
 from megakernel.shapes import MoEShape
 from megakernel.tasks import (
     MODES,
@@ -60,7 +60,7 @@ class DispatchHandle:
     act: torch.Tensor  # [C, I]
     recv_x: torch.Tensor  # [C, H] this call's receive rows (indirect rows unresolved in "gemm")
     recv_src: torch.Tensor  # [C] int32 row holding each row's data
-    stats: torch.Tensor  # [4] int32 the plan's stats (megakernel.plan.STATS)
+    stats: torch.Tensor  # [5] int32 the plan's stats of the first round (megakernel.plan.STATS)
     topk_weights: torch.Tensor | None  # [T, K]
     out: torch.Tensor | None = None  # [T, H] mode "layer"
     trace: torch.Tensor | None = None  # KernelConfig(trace=True): this call's trace records
@@ -111,7 +111,8 @@ class Megakernel:
     Owns the plan workspace and the symmetric buffers (``sizes()`` lists them):
       ``recv_x [2, C, H]``      receive rows, double-buffered by epoch parity;
       ``recv_src [2, C]``       int32, the row holding each row's data;
-      ``expert_ready [L, R]``   int64 flags: (local slot, source rank) -> epoch;
+      ``expert_ready [rounds, L, R]``  int64 flags: (round, local slot, source rank) -> epoch;
+      ``round_free [rounds]``   int64 flags: round -> epoch whose launch of it ended here;
     with ``combine`` (what mode "layer" needs) also
       ``recv_tag [2, C]``       int32, each row's (source rank, token, k): where its output goes;
       ``combine_y [T * K, H]``  the expert outputs of this rank's tokens, one row per (token, k);
@@ -156,6 +157,8 @@ class Megakernel:
             token_saving=cfg.token_saving,
             sorted_dispatch=cfg.sorted_dispatch,
         )
+        if combine:  # mode "layer" computes any routing, in rounds where it must
+            self.plan_cfg = replace(self.plan_cfg, rounds=self._rounds_needed())
         self.plan_ws = PlanWorkspace(world, self.plan_cfg, self.placement)
         self.sym = self._alloc_symmetric()
         self.num_ctas = cfg.num_ctas or world.sms_per_rank
@@ -201,6 +204,22 @@ class Megakernel:
                 "rank's programs could hold the SMs its peers need while waiting on those peers"
             )
 
+    def _rounds_needed(self) -> int:
+        """Rounds the worst routing takes at this capacity (every rank sends all its tokens to
+        one rank); a capacity that would need more than ``MAX_ROUNDS`` is refused."""
+        rounds, cfg = self.plan_cfg.rounds_needed(), self.plan_cfg
+        if rounds > MAX_ROUNDS:
+            slots = min(cfg.topk, cfg.slots_per_rank)
+            worst = cfg.world_size * cfg.max_tokens * slots
+            least = -(-worst // MAX_ROUNDS)
+            raise ValueError(
+                f"capacity {cfg.capacity} rows: the worst routing sends {worst} rows to one rank "
+                f"({cfg.world_size} ranks x {cfg.max_tokens} tokens x {slots} slots), which "
+                f"would take {rounds} rounds; at most {MAX_ROUNDS} are allowed, so "
+                f"pass capacity >= {least} (or None for the default)"
+            )
+        return rounds
+
     def _ranks_share_a_gpu(self) -> bool:
         """Several of this process's ranks run at once on one device (the emulated CUDA world)."""
         return self.world.concurrent and len(self.world.local_ranks) > 1
@@ -210,10 +229,13 @@ class Megakernel:
         rank). Without ``combine`` the kernel never touches the combine's (LAYER is off)."""
         world, shape, cfg = self.world, self.shape, self.config
         C, H, R, L = self.capacity, shape.hidden, world.world_size, self.plan_cfg.slots_per_rank
+        rounds = self.plan_cfg.rounds
         sym = {
             "recv_x": world.alloc((2, C, H), shape.dtype),
             "recv_src": world.alloc((2, C), torch.int32),
-            "expert_ready": world.alloc((L, R), torch.int64),
+            # a round's flags start 16-byte aligned (the kernels are compiled for that)
+            "expert_ready": world.alloc((rounds, _even(L * R)), torch.int64),
+            "round_free": world.alloc((max(2, rounds),), torch.int64),
         }
         if self.combine:
             T, K = shape.max_tokens_per_rank, shape.topk
@@ -240,11 +262,12 @@ class Megakernel:
         # [programs, 1 + events, 4] int64: a header, then (kind << 32 | task, start, end, waited)
         programs = max(self.num_ctas, self.dispatch_only_ctas)
         trace_shape = (programs, cfg.trace_events + 1, 4) if cfg.trace else (4,)
+        rounds = self.plan_cfg.rounds  # (MT is a multiple of 4: each round's rows are aligned)
         self.state = {
             "group_done": per_rank(pow2(R * L)),
-            "act_done": per_rank(MT),
-            "act_ready": per_rank(MT, dtype=torch.int64),
-            "resolved": per_rank(MT, dtype=torch.int64),
+            "act_done": per_rank(rounds, MT),
+            "act_ready": per_rank(rounds, MT, dtype=torch.int64),
+            "resolved": per_rank(rounds, MT, dtype=torch.int64),
             "pending": per_rank(self.num_ctas, pow2(R * token_blocks)),
             "counters": per_rank(3),
             "trace": per_rank(*trace_shape, dtype=torch.int64),
@@ -329,10 +352,11 @@ class Megakernel:
         return w13_desc, w2_desc
 
     def kernel_args(
-        self, rank: int, inputs: CallInputs, meta: KernelMeta, begin: int, end: int
+        self, rank: int, inputs: CallInputs, meta: KernelMeta, begin: int, end: int, rnd: int = 0
     ) -> dict[str, object]:
-        """Every argument of one ``moe_megakernel`` launch, by name. Tensors a mode does not
-        read are stood in for by others of the right kind (their kernels never touch them)."""
+        """Every argument of one ``moe_megakernel`` launch (of round ``rnd``), by name. Tensors a
+        mode does not read are stood in for by others of the right kind (their kernels never
+        touch them)."""
         x, weights, w13, w2, out = inputs.x, inputs.topk_weights, inputs.w13, inputs.w2, inputs.out
         w13_desc, w2_desc = self._descriptors(meta, w13, w2)
         return dict(
@@ -344,37 +368,53 @@ class Megakernel:
             weights_ptr=x if weights is None else weights,
             act_ptr=self.act[rank],
             out_ptr=x if out is None else out,
-            **self._groups[rank],
+            **self._groups[rank][rnd],
             rank=rank,
             num_tokens=x.shape[0],
+            rnd=rnd,
             task_begin=begin,
             task_end=end,
             timeout_ns=self.world.timeout_ns(),
             M=meta,
         )
 
-    def _buffer_groups(self, rank: int) -> dict[str, tuple]:
-        """The kernel's buffer groups of ``rank`` (``plan``, ``peers``, ``mine``, ``state``): the
-        same tensors every call, built once. Without the combine buffers the kernel never
-        touches theirs (LAYER is off): others of the right kind stand in."""
+    def _buffer_groups(self, rank: int) -> list[dict[str, tuple]]:
+        """The kernel's buffer groups of ``rank`` (``plan``, ``peers``, ``mine``, ``state``), one
+        set per round (each round's tables and flags are views of its own rows): the same
+        tensors every call, built once. Without the combine buffers the kernel never touches
+        theirs (LAYER is off): others of the right kind stand in."""
         plan = self.plan_ws.bufs[rank]
         stand_in = {"recv_tag": "recv_src", "combine_y": "recv_x", "combine_count": "recv_src"}
         sym = {
             name: self.sym[name if name in self.sym else stand_in[name]]
             for name in SymBuffers._fields
         }
-        return dict(
-            plan=PlanBuffers(**{name: plan[name] for name in PlanBuffers._fields}),
-            peers=SymBuffers(**{name: t.peer_base for name, t in sym.items()}),
-            mine=SymBuffers(**{name: t.peer(rank) for name, t in sym.items()}),
-            state=RankState(
-                **{name: t[rank] for name, t in self.state.items()},
-                err=self.world.error_record(rank),
-                epoch=self.plan_ws.epoch[rank],
-                routing_err=plan["routing_err"],
-                alarm=self.world.alarm_word(rank),
-            ),
-        )
+        by_round = {"tiles", "dispatch_tasks", "stats", "act_done", "act_ready", "resolved"}
+        flags = sym["expert_ready"]
+        L, R = self.plan_cfg.slots_per_rank, self.world.world_size
+
+        def groups(rnd: int) -> dict[str, tuple]:
+            def pick(name: str, t: torch.Tensor) -> torch.Tensor:
+                return t[rnd] if name in by_round else t
+
+            peers = {name: t.peer_base for name, t in sym.items()}
+            peers["expert_ready"] = flags.peer_base + rnd * flags.peer(rank)[0].nbytes
+            mine = {name: t.peer(rank) for name, t in sym.items()}
+            mine["expert_ready"] = flags.peer(rank)[rnd, : L * R]
+            return dict(
+                plan=PlanBuffers(**{name: pick(name, plan[name]) for name in PlanBuffers._fields}),
+                peers=SymBuffers(**peers),
+                mine=SymBuffers(**mine),
+                state=RankState(
+                    **{name: pick(name, t[rank]) for name, t in self.state.items()},
+                    err=self.world.error_record(rank),
+                    epoch=self.plan_ws.epoch[rank],
+                    routing_err=plan["routing_err"],
+                    alarm=self.world.alarm_word(rank),
+                ),
+            )
+
+        return [groups(rnd) for rnd in range(self.plan_cfg.rounds)]
 
     def _dummy_inputs(self) -> CallInputs:
         dev, shape, L = self.world.device, self.shape, self.plan_cfg.slots_per_rank
@@ -521,9 +561,12 @@ class Megakernel:
         self.warmup(mode, probe)
         rerun = stage in ("sends", "tiles", "compute")
         if not rerun:
+            rounds = self.meta(mode, probe).ROUNDS
             for phase in self.plan_ws.phases():
                 self.world.run_ranks(
-                    lambda r, p=phase: self.plan_ws.launch(r, ready[r].topk_ids, p, validate=False)
+                    lambda r, p=phase: self.plan_ws.launch(
+                        r, ready[r].topk_ids, p, validate=False, max_rounds=rounds
+                    )
                 )
         elif stage != "sends":  # (the puts alone wait on nothing; clearing would be timed too)
             for r in ranks:  # the rerun's tasks wait for its own GEMM1 tasks and resolves
@@ -552,19 +595,21 @@ class Megakernel:
         return {"comm": PROBE_COMM, "compute": PROBE_COMPUTE}.get(stage, PROBE_OFF).value
 
     def _launch(self, ready: dict[int, CallInputs], mode: str, probe: int, ranges) -> None:
-        """One megakernel launch per rank and task range, ranges in order."""
+        """One megakernel launch per rank, round and task range: rounds in order, each round's
+        ranges in order (launches past a call's rounds do nothing)."""
         meta, key = self.meta(mode, probe), (mode, probe)
         if self.config.trace:
             for r in self.world.local_ranks:
                 self.state["trace"][r].zero_()
         grid = (self.programs(mode),)
-        for begin, end in ranges:
+        for rnd in range(meta.ROUNDS):
+            for begin, end in ranges:
 
-            def launch(r: int, begin: int = begin, end: int = end) -> None:
-                args = self.kernel_args(r, ready[r], meta, begin, end)
-                self._kernel(key, grid, args, **self._options)
+                def launch(r: int, begin: int = begin, end: int = end, rnd: int = rnd) -> None:
+                    args = self.kernel_args(r, ready[r], meta, begin, end, rnd)
+                    self._kernel(key, grid, args, **self._options)
 
-            self.world.run_ranks(launch)
+                self.world.run_ranks(launch)
 
     def _handle(self, r: int, ready: CallInputs, advance: bool) -> DispatchHandle:
         self.epoch[r] += advance
@@ -575,7 +620,7 @@ class Megakernel:
             act=self.act[r],
             recv_x=recv_x,
             recv_src=recv_src,
-            stats=self.plan_ws.bufs[r]["stats"],
+            stats=self.plan_ws.bufs[r]["stats"][0, : len(STATS)],
             topk_weights=ready.topk_weights,
             out=ready.out,
             trace=self.state["trace"][r] if self.config.trace else None,
@@ -651,6 +696,10 @@ class Megakernel:
         self.plan_ws.close()
         for t in self.sym.values():
             self.world.free(t)
+
+
+def _even(n: int) -> int:
+    return n + n % 2
 
 
 def _identity(t: torch.Tensor | None) -> tuple | None:

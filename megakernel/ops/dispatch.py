@@ -14,7 +14,9 @@ Receive side of one call (one parity of the double-buffered symmetric buffers):
 - ``tile_resolve_rows``: copies the indirect rows of one GEMM tile in place, so ``recv_x`` holds
   every row (mode "dispatch", and GEMM1 with ``KernelConfig(pack="scan")``).
 - ``dispatch_task``: one task of the plan's dispatch table: ``tile_dispatch_put``, then the send
-  group's last task publishes the group on the destination (``expert_ready``).
+  group's last task publishes the group on the destination (``expert_ready``). In a round after
+  the first, it first waits until the destination has finished the round before
+  (``round_free``): the round's rows reuse its receive rows.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from symm_mem.device import peer_ptr
+from megakernel.tasks import FLAG_ROUND_FREE
+from symm_mem.device import peer_ptr, wait_flag
 
-# columns of the plan's dispatch task table: (send group, first unit, units)
-DISPATCH_TASK_COLS = tl.constexpr(3)
+# columns of the plan's dispatch task table: (send group, first unit, units, tasks of the group
+# in the round)
+DISPATCH_TASK_COLS = tl.constexpr(4)
 
 
 @triton.jit
@@ -42,6 +46,7 @@ def tile_dispatch_put(
     start,
     count,
     dst,
+    saving,  # token saving this call (with TOKEN_SAVING: a call of one round)
     K: tl.constexpr,
     KP: tl.constexpr,
     L: tl.constexpr,
@@ -53,7 +58,8 @@ def tile_dispatch_put(
     COPY_STAGES: tl.constexpr = 1,
 ):
     """Put units ``send_units[start : start + count]`` (all bound for rank ``dst``). With ``TAG``
-    every slot fed also gets its tag, which tells the combine where the slot's output goes."""
+    every slot fed also gets its tag, which tells the combine where the slot's output goes. A
+    unit feeds every slot of its token at ``dst`` with token saving (``saving``), else its own."""
     i = tl.arange(0, CHUNK)
     live = i < count
     unit = tl.load(send_units_ptr + start + i, mask=live, other=0)
@@ -65,7 +71,7 @@ def tile_dispatch_put(
     in_k = live[:, None] & (k < K)
     if TOKEN_SAVING:
         phys = tl.load(phys_ptr + pair, mask=in_k, other=-1)
-        feeds = in_k & (phys >= 0) & (phys // L == dst)
+        feeds = in_k & tl.where(saving, (phys >= 0) & (phys // L == dst), pair == unit[:, None])
     else:
         feeds = in_k & (pair == unit[:, None])
     slot_row = tl.load(slot_pos_ptr + pair, mask=feeds, other=0)
@@ -117,10 +123,13 @@ def tile_resolve_rows(
 
 
 @triton.jit
-def dispatch_task(d, x_ptr, plan, peers, mine, state, rank, epoch, M: tl.constexpr):
-    """Run dispatch task ``d`` (a row of ``plan.dispatch_tasks``); the send group's last task
-    raises its flag(s) on the destination. ``plan`` / ``peers`` / ``mine`` / ``state``: the
-    kernel's buffer groups (``megakernel.kernel``), ``M`` its ``KernelMeta``."""
+def dispatch_task(
+    d, x_ptr, plan, peers, mine, state, rank, epoch, rnd, deadline, M: tl.constexpr
+):  # fmt: skip
+    """Run dispatch task ``d`` (a row of ``plan.dispatch_tasks``, the tables of round ``rnd``);
+    the send group's last task of the round raises its flag(s) on the destination. ``plan`` /
+    ``peers`` / ``mine`` / ``state``: the kernel's buffer groups (``megakernel.kernel``), ``M``
+    its ``KernelMeta``."""
     row = plan.dispatch_tasks + d * DISPATCH_TASK_COLS
     g = tl.load(row)
     start = tl.load(row + 1)
@@ -129,6 +138,11 @@ def dispatch_task(d, x_ptr, plan, peers, mine, state, rank, epoch, M: tl.constex
         dst = g % M.R
     else:
         dst = g
+    if M.ROUNDS > 1:
+        if rnd > 0:  # the destination's previous round has read its receive rows
+            free = peer_ptr(peers.round_free, dst, mine.round_free) + rnd - 1
+            if not wait_flag(free, epoch, deadline, state.err, rank, FLAG_ROUND_FREE + dst, d):
+                return
     parity = epoch % 2
     tile_dispatch_put(
         x_ptr,
@@ -143,6 +157,7 @@ def dispatch_task(d, x_ptr, plan, peers, mine, state, rank, epoch, M: tl.constex
         start,
         count,
         dst,
+        tl.load(plan.stats + 4) == 1,
         M.K,
         M.K_P,
         M.L,
@@ -154,14 +169,14 @@ def dispatch_task(d, x_ptr, plan, peers, mine, state, rank, epoch, M: tl.constex
         M.COPY_STAGES,
     )
     tl.debug_barrier()  # every thread's puts before the arrival below
-    _publish_group(g, dst, plan, peers, mine, state, rank, epoch, M)
+    _publish_group(g, dst, tl.load(row + 3), peers, mine, state, rank, epoch, M)
 
 
 @triton.jit
-def _publish_group(g, dst, plan, peers, mine, state, rank, epoch, M: tl.constexpr):
-    """Count this task's arrival in send group ``g``; the last one raises ``expert_ready[local,
-    rank] = epoch`` on ``dst`` (the group's local slot, or every slot when unsorted)."""
-    num_chunks = tl.maximum(tl.cdiv(tl.load(plan.totals + M.P_P + g), M.CHUNK), 1)
+def _publish_group(g, dst, num_chunks, peers, mine, state, rank, epoch, M: tl.constexpr):
+    """Count this task's arrival in send group ``g`` (``num_chunks`` tasks this round); the last
+    one raises ``expert_ready[local, rank] = epoch`` on ``dst`` (the group's local slot, or
+    every slot when unsorted: the round's flags)."""
     # NOTE: acq_rel at system scope: the last arrival's release below then covers the puts of
     # every earlier task of the group (they released into this counter)
     if tl.atomic_add(state.group_done + g, 1, sem="acq_rel", scope="sys") == num_chunks - 1:

@@ -19,6 +19,7 @@ The pure-torch oracle of the whole plan is ``megakernel.reference.plan_ref``.
 """
 
 from megakernel.plan.config import (
+    MAX_ROUNDS,
     PROGRAMS_PER_SM,
     STATS,
     Plan,
@@ -30,6 +31,7 @@ from megakernel.plan.layout import LayoutOut, plan_layout_kernel
 from megakernel.plan.workspace import PlanWorkspace
 
 __all__ = [
+    "MAX_ROUNDS",
     "PROGRAMS_PER_SM",
     "STATS",
     "LayoutOut",

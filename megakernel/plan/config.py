@@ -17,7 +17,11 @@ from megakernel.config import pow2
 from megakernel.ops.dispatch import DISPATCH_TASK_COLS
 from megakernel.ops.gemm import TILE_COLS
 
-STATS = ("num_units", "num_recv", "num_tiles", "num_dispatch_tasks")
+# per round of a call (a row of the plan's stats): units sent, rows received, GEMM tiles and
+# dispatch tasks of the round, and the call's rounds (the same in every row)
+STATS = ("num_units", "num_recv", "num_tiles", "num_dispatch_tasks", "num_rounds")
+MAX_ROUNDS = 16  # the most rounds a layer may need for its worst routing (PlanConfig.rounds)
+STATS_STRIDE = 8  # a round's row of the stats buffer (16-byte aligned)
 CHUNK_ELEMS = 64  # (token, k) pairs per chunk, the plan's unit of work: a [64, 64] compare
 SCAN_COLS = 8  # histogram columns per scan program
 SCAN_ROWS = 512  # chunks per step of a scan program
@@ -65,6 +69,9 @@ class PlanConfig:
     chunk: int = 8  # units per dispatch task
     token_saving: bool = True
     sorted_dispatch: bool = True  # send order (local slot, dst, token); False: (dst, token)
+    # the most rounds a call may take: a call whose busiest rank would receive more than
+    # ``capacity`` rows runs as ceil(rows / capacity) rounds (mode "layer"; DESIGN §4)
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -93,18 +100,30 @@ class PlanConfig:
 
     @property
     def max_units(self) -> int:
-        per_token = min(self.topk, self.world_size) if self.token_saving else self.topk
+        # a call of several rounds sends every row (no token saving: a token's slots at one
+        # destination may fall in different rounds)
+        saving = self.token_saving and self.rounds == 1
+        per_token = min(self.topk, self.world_size) if saving else self.topk
         return self.max_tokens * per_token
 
     @property
     def max_dispatch_tasks(self) -> int:
-        # full chunks, plus at most one partial (or, for an empty group, one empty) per group
+        """Dispatch tasks of one round: full chunks, plus at most one partial (or, for an empty
+        group, one empty) per group."""
         return self.max_units // self.chunk + self.num_groups
 
     @property
     def max_tiles(self) -> int:
-        # full tiles, plus at most one partial tile per local slot
-        return self.capacity // self.block_m + self.slots_per_rank
+        """GEMM tiles of one round: full tiles, plus at most one partial tile per local slot;
+        rounded up to a multiple of 4, so that each round's tables and flags start 16-byte
+        aligned (the kernels are compiled for aligned pointers)."""
+        return -(-(self.capacity // self.block_m + self.slots_per_rank) // 4) * 4
+
+    def rounds_needed(self) -> int:
+        """Rounds of the worst routing: every rank sends each of its T_max tokens to min(K, L)
+        slots of one rank."""
+        worst = self.world_size * self.max_tokens * min(self.topk, self.slots_per_rank)
+        return triton.cdiv(worst, self.capacity)
 
     def sizes(self) -> dict[str, int]:
         """The sizes every kernel of the layer is compiled for (``PlanMeta``'s and
@@ -154,9 +173,9 @@ class Plan:
     recv_offset: torch.Tensor  # [L, R] int32 first row of (local slot, source rank)
     expert_start: torch.Tensor  # [L] int32
     expert_rows: torch.Tensor  # [L] int32
-    tiles: torch.Tensor  # [max_tiles, TILE_COLS] int32
-    dispatch_tasks: torch.Tensor  # [max_dispatch_tasks, DISPATCH_TASK_COLS] int32
-    stats: torch.Tensor  # [len(STATS)] int32
+    tiles: torch.Tensor  # [max_tiles, TILE_COLS] int32 (the first round's)
+    dispatch_tasks: torch.Tensor  # [max_dispatch_tasks, DISPATCH_TASK_COLS] int32 (first round's)
+    stats: torch.Tensor  # [len(STATS)] int32 (the first round's)
 
     def stat(self, name: str) -> int:
         return int(self.stats[STATS.index(name)])
@@ -165,6 +184,8 @@ class Plan:
 __all__ = [
     "CHUNK_ELEMS",
     "DISPATCH_TASK_COLS",
+    "MAX_ROUNDS",
+    "STATS_STRIDE",
     "PAD_BLOCK",
     "PROGRAMS_PER_SM",
     "STATS",

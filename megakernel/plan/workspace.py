@@ -18,6 +18,7 @@ from megakernel.plan.config import (
     PAD_BLOCK,
     PROGRAMS_PER_SM,
     STATS,
+    STATS_STRIDE,
     TABLE_BLOCK,
     TILE_COLS,
     Plan,
@@ -119,9 +120,10 @@ class PlanWorkspace:
             recv_offset=i32(L, R),
             expert_start=i32(L),
             expert_rows=i32(L),
-            tiles=i32(cfg.max_tiles, TILE_COLS),
-            dispatch_tasks=i32(cfg.max_dispatch_tasks, DISPATCH_TASK_COLS),
-            stats=i32(len(STATS)),
+            tiles=i32(cfg.rounds, cfg.max_tiles, TILE_COLS),
+            dispatch_tasks=i32(cfg.rounds, cfg.max_dispatch_tasks, DISPATCH_TASK_COLS),
+            stats=i32(cfg.rounds, STATS_STRIDE),
+            round_calls=torch.zeros(2, dtype=torch.int64, device=dev),
             routing_err=self.routing_err[self.world.local_ranks.index(rank)],
         )
 
@@ -134,11 +136,17 @@ class PlanWorkspace:
         return [0, 1]
 
     def launch(
-        self, rank: int, topk_ids: torch.Tensor, phase: int | None = None, validate: bool = True
+        self,
+        rank: int,
+        topk_ids: torch.Tensor,
+        phase: int | None = None,
+        validate: bool = True,
+        max_rounds: int = 1,
     ) -> None:
         """Plan the next call of ``rank`` (``phase`` 0: bump the epoch and count, 1: layout;
         None: both). ``topk_ids [T, K]`` logical experts (-1 dropped). ``validate`` checks them on
-        the host first (one sync); without it, ids must already be valid.
+        the host first (one sync); without it, ids must already be valid. ``max_rounds``: the
+        most rounds the call may take (more rows than that at a rank is an overflow).
 
         NOTE: the epoch lives in device memory and the count kernel bumps it, so a captured
         CUDA graph replays with a fresh epoch each time and flags are never reset.
@@ -155,7 +163,7 @@ class PlanWorkspace:
             )
         if phase in (None, 1):
             grid = (min(self._layout_items(chunks), self.max_programs),)
-            self._layout("plan", grid, self.layout_args(rank, T))
+            self._layout("plan", grid, self.layout_args(rank, T, max_rounds))
 
     def check_placement(self, placement: Placement) -> None:
         """A placement the plan can switch to: the same experts, ranks and slots per rank."""
@@ -224,6 +232,7 @@ class PlanWorkspace:
         return 2 * pow2(self.cfg.num_slots) // self.meta.SCAN_COLS
 
     def _layout_items(self, chunks: int) -> int:
+        """The layout's items for a call of one round (a call of more takes more, persistently)."""
         cfg = self.cfg
         items = chunks + 1 + triton.cdiv(cfg.max_tiles, TABLE_BLOCK)
         items += triton.cdiv(cfg.max_dispatch_tasks, TABLE_BLOCK)
@@ -260,7 +269,7 @@ class PlanWorkspace:
             M=self.meta,
         )
 
-    def layout_args(self, rank: int, T: int) -> dict[str, object]:
+    def layout_args(self, rank: int, T: int, max_rounds: int = 1) -> dict[str, object]:
         """``plan_layout_kernel``'s arguments, by name."""
         b, cfg = self.bufs[rank], self.cfg
         return dict(
@@ -275,6 +284,7 @@ class PlanWorkspace:
             rank=rank,
             T=T,
             capacity=cfg.capacity,
+            max_rounds=max_rounds,
             timeout_ns=self.world.timeout_ns(),
             max_units=cfg.max_units,
             max_dispatch=cfg.max_dispatch_tasks,
@@ -337,10 +347,17 @@ class PlanWorkspace:
             recv_offset=b["recv_offset"],
             expert_start=b["expert_start"],
             expert_rows=b["expert_rows"],
-            tiles=b["tiles"],
-            dispatch_tasks=b["dispatch_tasks"],
-            stats=b["stats"],
+            tiles=b["tiles"][0],
+            dispatch_tasks=b["dispatch_tasks"][0],
+            stats=b["stats"][0, : len(STATS)],
         )
+
+    def round_calls(self) -> tuple[int, int]:
+        """(calls that took several rounds, their rounds) since the workspace was built (every
+        rank counts the same calls; reading them waits for the calls made so far)."""
+        counts = torch.stack([self.bufs[r]["round_calls"] for r in self.world.local_ranks])
+        calls, rounds = counts.amax(0).tolist()
+        return calls, rounds
 
     def close(self) -> None:
         self.world.free(self.sym_ready)

@@ -2,6 +2,7 @@
 
 import os
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,9 +17,15 @@ from megakernel.shapes import PRESETS
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("compiles real kernels: run without TRITON_INTERPRET", allow_module_level=True)
 
-INT64 = {"expert_ready", "act_ready", "resolved", "err", "epoch", "trace", "routing_err", "alarm"}
+INT64 = {
+    "expert_ready", "round_free", "act_ready", "resolved", "err", "epoch", "trace", "routing_err",
+    "alarm",
+}  # fmt: skip
 DATA = {"x_ptr", "w13_ptr", "w2_ptr", "act_ptr", "out_ptr", "recv_x", "combine_y"}
-SCALARS = {"rank": 1, "num_tokens": 4000, "task_begin": 0, "task_end": 100, "timeout_ns": 10**10}
+SCALARS = {
+    "rank": 1, "num_tokens": 4000, "rnd": 0, "task_begin": 0, "task_end": 100,
+    "timeout_ns": 10**10,
+}  # fmt: skip
 GROUPS = {"plan": PlanBuffers, "peers": SymBuffers, "mine": SymBuffers, "state": RankState}
 
 
@@ -73,6 +80,7 @@ def kernel_meta_of(cfg: KernelConfig, mode: str, shape=PRESETS["dsv3"], R: int =
     plan_cfg = PlanConfig(
         R, L, shape.topk, shape.max_tokens_per_rank, capacity, cfg.block_m, cfg.chunk
     )
+    plan_cfg = replace(plan_cfg, rounds=plan_cfg.rounds_needed())  # as a layer's workspace has
     return kernel_meta(shape, plan_cfg, cfg, capacity, True, 132, mode)
 
 

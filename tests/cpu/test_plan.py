@@ -113,7 +113,7 @@ def test_plan_input_validation():
 
 def dispatch_task_of(plan, unit_index):
     for i in range(plan.stat("num_dispatch_tasks")):
-        _, start, count = plan.dispatch_tasks[i].tolist()
+        _, start, count, _ = plan.dispatch_tasks[i].tolist()
         if start <= unit_index < start + count:
             return i
     raise AssertionError(f"unit {unit_index} is in no dispatch task")
