@@ -16,7 +16,7 @@ from megakernel.testing import check_layer_output, make_tokens, make_w2, make_w1
 from symm_mem import EmulatedWorld
 
 SHAPE = MoEShape(
-    hidden=64, ffn=32, num_experts=32, topk=4, max_tokens_per_rank=48, dtype=torch.float32
+    hidden=32, ffn=32, num_experts=32, topk=4, max_tokens_per_rank=32, dtype=torch.float32
 )
 
 
@@ -89,22 +89,22 @@ def test_skew_at_max_tokens_is_computed_in_rounds(R, capacity, kind):
 
 
 def test_rounds_with_a_different_token_count_per_rank_back_to_back():
-    """Ranks with 48, 1, 0 and 30 tokens, skewed calls around a uniform one: every rank agrees on
+    """Ranks with 32, 1, 0 and 20 tokens, skewed calls around a uniform one: every rank agrees on
     the rounds from the exchanged counts (no host knows the others' T)."""
     R, seed = 4, 7
     w13, w2 = make_w13(SHAPE, seed, "cpu"), make_w2(SHAPE, seed, "cpu")
     with EmulatedWorld(R) as world:
         layer = FusedEPMoE.from_dense(
-            world, SHAPE, w13, w2, config=small_config(), capacity=100, graphs=False
+            world, SHAPE, w13, w2, config=small_config(), capacity=70, graphs=False
         )
-        Ts = [48, 1, 0, 30]
+        Ts = [32, 1, 0, 20]
         rounds = []
         for i, kind in enumerate(["all_to_one", "uniform", "hot"]):
             if kind == "uniform":
                 rt = routing.uniform(R, Ts, SHAPE.num_experts, SHAPE.topk, seed=i)
             else:
                 rt = skewed(kind, R, Ts, seed + i)
-            rounds.append(rounds_of(rt, R, 100))
+            rounds.append(rounds_of(rt, R, 70))
             call_and_check(layer, rt, seed)
         assert rounds[0] > 1 and rounds[1] == 1 and rounds[2] > 1, rounds
         stats = layer.stats()
@@ -117,7 +117,7 @@ def test_a_capacity_that_would_need_too_many_rounds_is_refused_with_the_numbers(
     """Only a capacity whose worst routing needs more than MAX_ROUNDS rounds is refused, when
     the layer is built."""
     R = 2
-    worst = R * SHAPE.max_tokens_per_rank * SHAPE.topk  # 384 rows to one rank
+    worst = R * SHAPE.max_tokens_per_rank * SHAPE.topk  # 256 rows to one rank
     least = triton.cdiv(worst, MAX_ROUNDS)
     w13, w2 = make_w13(SHAPE, 0, "cpu"), make_w2(SHAPE, 0, "cpu")
     with EmulatedWorld(R) as world:

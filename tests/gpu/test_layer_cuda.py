@@ -269,7 +269,11 @@ def test_module_replays_calls_of_a_t_seen_before(R):
 
 
 def _missing_peer_case() -> None:
-    """Rank 1 skips call 2 (see the test below); prints each step, so a stall names its step."""
+    """Rank 1 skips call 2 (see the test below); prints each step, so a stall names its step,
+    and every thread's Python stack if the case has not ended after 60 s."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(60, exit=True)
     R, timeout, seed, T = 2, 1.0, 5, 700
     E = MEDIUM.num_experts
     t0 = time.monotonic()
@@ -322,8 +326,8 @@ def test_a_missing_peer_fails_the_call_in_time_and_reset_recovers():
 
     child = multiprocessing.get_context("spawn").Process(target=_missing_peer_case)
     child.start()
-    child.join(180)
+    child.join(90)
     if child.is_alive():
         child.kill()
-        pytest.fail("the missing-peer case did not finish in 180 s (a hang: see its last step)")
+        pytest.fail("the missing-peer case did not finish in 90 s (a hang: see its last step)")
     assert child.exitcode == 0, "the missing-peer case failed (its traceback is above)"

@@ -1,0 +1,47 @@
+"""Random sequences of layer calls under the interpreter (``megakernel.fuzz``): R in {1, 2, 4},
+fp32 / fp16 / bf16, random capacities (a few too small, which must be refused), 1-3 calls each
+with token counts from 0 to max_tokens and uniform, zipf, all-to-one, hot-expert, dropped or
+bad-id routing. Every output is compared with moe_ref, or the expected error checked.
+
+CI runs ``MK_RANDOM_SEQUENCES`` sequences (default 12); ``MK_RANDOM_SEQUENCES=200`` is the full
+suite (about 25 minutes on two cores).
+"""
+
+import os
+
+import pytest
+import torch
+
+from megakernel import KernelConfig
+from megakernel.fuzz import DTYPES, draw_sequence, run_sequence
+from megakernel.shapes import MoEShape
+
+BASE = MoEShape(hidden=32, ffn=16, num_experts=8, topk=2, max_tokens_per_rank=24)
+COUNT = int(os.environ.get("MK_RANDOM_SEQUENCES", "12"))
+
+
+def tiny_config() -> KernelConfig:
+    knobs = dict(block_m=16, block_n=16, block_k=16, down_block_n=32, down_block_k=16)
+    return KernelConfig(**knobs, combine_block=8, reduce_h=32, block_h=32, chunk=4)
+
+
+@pytest.mark.parametrize("seed", range(COUNT))
+def test_random_sequence(seed):
+    seq = draw_sequence(seed, ranks=(1, 2, 4), dtypes=DTYPES, base=BASE)
+    problems = run_sequence(seq, "cpu", config=tiny_config())
+    assert problems == [], f"{seq.describe()}: {problems}"
+
+
+def test_the_draws_cover_what_the_suite_promises():
+    """Over the full suite's 200 seeds: every R, dtype and routing kind, token counts 0, 1 and
+    max_tokens, the default capacity, a custom one and a refused one all occur."""
+    seqs = [draw_sequence(s, ranks=(1, 2, 4), dtypes=DTYPES, base=BASE) for s in range(200)]
+    calls = [c for s in seqs for c in s.calls]
+    assert {s.world_size for s in seqs} == {1, 2, 4}
+    assert {s.shape.dtype for s in seqs} == set(DTYPES)
+    assert {c.kind for c in calls} == {"uniform", "zipf", "all_to_one", "hot", "dropped", "bad_id"}
+    counts = {t for c in calls for t in c.tokens}
+    assert {0, 1, BASE.max_tokens_per_rank} <= counts
+    assert any(s.capacity is None for s in seqs) and any(s.capacity for s in seqs)
+    assert any(s.refused for s in seqs)
+    assert torch.bfloat16 in {s.shape.dtype for s in seqs}
