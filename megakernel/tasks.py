@@ -32,6 +32,11 @@ Task ids of one call, in claim order (``KernelMeta`` holds the region bounds):
                                                     of peers, of that group, claimed earlier.
   ============  ==================================  =============================================
 
+A call in rounds (more rows for one rank than its capacity, DESIGN §4) is one launch per round,
+each with these regions over its own round's tables; only the last round has REDUCE tasks. A
+round's DISPATCH tasks to a rank also wait on ``round_free`` of that rank's previous round: set
+by the last program out of its launch, which every task of that launch finished before.
+
 NOTE (the deadlock-freedom rule): every wait targets a task claimed earlier on this rank, or a
 task of a peer that the peer claims earlier in the same order and that itself waits only on
 earlier tasks. Programs claim ids from one atomic counter in order (``moe_megakernel``), so
