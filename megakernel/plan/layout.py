@@ -131,6 +131,13 @@ def _row_bases(all_counts, totals_ptr, rank, M: tl.constexpr):
 
 
 @triton.jit
+def _slot_of_group(g, M: tl.constexpr):
+    """The slot of sorted send group ``g = local * R + dst`` (``dst * L + local``; clamped to a
+    valid index past the last group)."""
+    return tl.minimum((g % M.R) * M.L + g // M.R, M.P_P - 1)
+
+
+@triton.jit
 def _send_first(totals_ptr, M: tl.constexpr):
     """[P_P] per slot p, the send position of this rank's first row of p in a call of several
     rounds, where every row is a unit: groups in send order, a group's slots in slot order, a
@@ -139,8 +146,7 @@ def _send_first(totals_ptr, M: tl.constexpr):
     p = tl.arange(0, M.P_P)
     rows_p = tl.load(totals_ptr + p)
     if M.SORTED:  # group g = local * R + dst holds slot dst * L + local alone
-        slot_of_g = tl.minimum((p % M.R) * M.L + p // M.R, M.P_P - 1)
-        rows_g = tl.where(p < P, tl.gather(rows_p, slot_of_g, 0), 0)
+        rows_g = tl.where(p < P, tl.gather(rows_p, _slot_of_group(p, M), 0), 0)
         g_of_p = tl.where(p < P, group_of(p, M.R, M.L, M.SORTED), p)
         return tl.gather(_exclusive_cumsum(rows_g), g_of_p, 0)
     else:  # group dst holds its slots in slot order: slot order is send order
@@ -160,7 +166,7 @@ def _round_units(totals_ptr, slot_base, rnd, n_rounds, capacity, M: tl.constexpr
         rows_p = tl.load(totals_ptr + g)
         before_p, in_p = _in_round(slot_base, rows_p, rnd, capacity)
         if M.SORTED:
-            slot_of_g = tl.minimum((g % M.R) * M.L + g // M.R, M.P_P - 1)
+            slot_of_g = _slot_of_group(g, M)
             first_g = tl.gather(_send_first(totals_ptr, M) + before_p, slot_of_g, 0)
             units_g = tl.where(g < P, tl.gather(in_p, slot_of_g, 0), 0)
         else:  # sums over each destination's L slots, from inclusive prefix sums

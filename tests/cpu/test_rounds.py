@@ -5,6 +5,8 @@ Each output is poisoned first (a fresh NaN tensor) and compared with ``moe_ref``
 must have counted the call's rounds, which are computed here from the routing independently.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 import triton
@@ -39,72 +41,73 @@ def rounds_of(rt: routing.Routing, R: int, capacity: int) -> int:
 def call_and_check(layer, rt, seed: int) -> dict[int, torch.Tensor]:
     """One layer call with tokens from ``seed`` (the layer's experts were made from it too);
     every rank's output against moe_ref."""
-    R = layer.world.world_size
-    xs = make_tokens(SHAPE, [ids.shape[0] for ids in rt.topk_ids], seed, "cpu")
+    R, shape = layer.world.world_size, layer.shape
+    xs = make_tokens(shape, [ids.shape[0] for ids in rt.topk_ids], seed, "cpu")
     out = layer(dict(enumerate(xs)), dict(enumerate(rt.topk_ids)), dict(enumerate(rt.topk_weights)))
     layer.check_errors()
     for r in range(R):
         ids, w = rt.topk_ids[r], rt.topk_weights[r]
-        assert check_layer_output(out[r], xs[r], ids, w, SHAPE, seed, r) == [], f"rank {r}"
+        assert check_layer_output(out[r], xs[r], ids, w, shape, seed, r) == [], f"rank {r}"
     return out
 
 
-def skewed(kind: str, R: int, T: int | list[int], seed: int) -> routing.Routing:
+def skewed(kind: str, R: int, T: int | list[int], seed: int, dst: int = -1) -> routing.Routing:
     E, K = SHAPE.num_experts, SHAPE.topk
-    if kind == "all_to_one":  # every token of every rank to the experts of the last rank
-        return routing.all_to_one_rank(R, T, E, K, dst=R - 1, seed=seed)
+    if kind == "all_to_one":  # every token of every rank to the experts of one rank (the last)
+        return routing.all_to_one_rank(R, T, E, K, dst=dst % R, seed=seed)
     return routing.hot_expert(R, T, E, K, fraction=1.0, seed=seed, hot=E // 2)  # one hot expert
 
 
 @pytest.mark.parametrize(
-    "R,capacity,kind",
+    "R,capacity,kind,max_tokens",
     [
-        (2, 100, "all_to_one"),  # (the default holds any routing of 2 ranks: no round needed)
-        (2, 100, "hot"),
-        (4, None, "all_to_one"),  # default capacity: twice the uniform average
-        (4, 100, "hot"),  # (one hot expert takes R T of the 2 T K rows the default holds)
-        (8, None, "all_to_one"),
+        (2, 100, "all_to_one", 32),  # (the default holds any routing of 2 ranks: no round needed)
+        (2, 100, "hot", 32),
+        (4, None, "all_to_one", 32),  # default capacity: twice the uniform average
+        (4, 60, "hot", 24),  # (one hot expert takes R T of the 2 T K rows the default holds)
+        (8, None, "all_to_one", 12),  # (a smaller T_max: the interpreter's time)
     ],
 )
-def test_skew_at_max_tokens_is_computed_in_rounds(R, capacity, kind):
+def test_skew_at_max_tokens_is_computed_in_rounds(R, capacity, kind, max_tokens):
     """Every rank sends its max_tokens tokens to one rank (or one expert): the call takes the
     rounds the routing needs, and every output equals moe_ref."""
     seed = 10 * R + len(kind)
-    w13, w2 = make_w13(SHAPE, seed, "cpu"), make_w2(SHAPE, seed, "cpu")
+    shape = replace(SHAPE, max_tokens_per_rank=max_tokens)
+    w13, w2 = make_w13(shape, seed, "cpu"), make_w2(shape, seed, "cpu")
     with EmulatedWorld(R) as world:
         layer = FusedEPMoE.from_dense(
-            world, SHAPE, w13, w2, config=small_config(), capacity=capacity, graphs=False
+            world, shape, w13, w2, config=small_config(), capacity=capacity, graphs=False
         )
         C = layer.workspace.capacity
-        rt = skewed(kind, R, SHAPE.max_tokens_per_rank, seed)
+        rt = skewed(kind, R, max_tokens, seed)
         rounds = rounds_of(rt, R, C)
         assert rounds > 1, "the case must need rounds"
         call_and_check(layer, rt, seed)
         stats = layer.stats()
         assert (stats["calls_in_rounds"], stats["rounds_of_those_calls"]) == (1, rounds)
         # the next call, uniform, fits in one round and is computed as before
-        call_and_check(layer, routing.uniform(R, 13, SHAPE.num_experts, SHAPE.topk, seed=1), seed)
+        call_and_check(layer, routing.uniform(R, 8, SHAPE.num_experts, SHAPE.topk, seed=1), seed)
         assert layer.stats()["calls_in_rounds"] == 1
         layer.close()
 
 
 def test_rounds_with_a_different_token_count_per_rank_back_to_back():
-    """Ranks with 32, 1, 0 and 20 tokens, skewed calls around a uniform one: every rank agrees on
-    the rounds from the exchanged counts (no host knows the others' T)."""
+    """Ranks with 32, 1, 0 and 20 tokens, calls all to one rank around a uniform one: every rank
+    agrees on the rounds from the exchanged counts (no host knows the others' T)."""
     R, seed = 4, 7
     w13, w2 = make_w13(SHAPE, seed, "cpu"), make_w2(SHAPE, seed, "cpu")
     with EmulatedWorld(R) as world:
         layer = FusedEPMoE.from_dense(
-            world, SHAPE, w13, w2, config=small_config(), capacity=70, graphs=False
+            world, SHAPE, w13, w2, config=small_config(), capacity=100, graphs=False
         )
         Ts = [32, 1, 0, 20]
         rounds = []
-        for i, kind in enumerate(["all_to_one", "uniform", "hot"]):
-            if kind == "uniform":
+        for i, dst in enumerate([3, None, 0]):  # all to rank 3, uniform, all to rank 0
+            if dst is None:
                 rt = routing.uniform(R, Ts, SHAPE.num_experts, SHAPE.topk, seed=i)
             else:
-                rt = skewed(kind, R, Ts, seed + i)
-            rounds.append(rounds_of(rt, R, 70))
+                rt = skewed("all_to_one", R, Ts, seed + i, dst=dst)
+            rounds.append(rounds_of(rt, R, 100))
             call_and_check(layer, rt, seed)
         assert rounds[0] > 1 and rounds[1] == 1 and rounds[2] > 1, rounds
         stats = layer.stats()
