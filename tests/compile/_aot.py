@@ -24,6 +24,7 @@ _TORCH_TYPES = {
     "torch.float16": "fp16",
     "torch.bfloat16": "bf16",
     "torch.uint8": "u8",
+    "torch.float8_e4m3fn": "fp8e4nv",
 }
 
 

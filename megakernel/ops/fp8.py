@@ -1,0 +1,175 @@
+"""The expert GEMMs of the FP8 path (issue "FP8 path"; not yet wired into the megakernel): e4m3
+operands with 128-wide block scales (``megakernel.fp8``), e4m3 products accumulated in fp32 and
+scaled once per 128-column K block.
+
+Shape legend: H hidden, I expert FFN width, L local slots, C receive rows, B = 128 (the scale
+block), BM rows per tile.
+
+- ``tile_gemm1_fp8``: one ``[BM, B]`` block of an expert's SwiGLU output from gathered e4m3 rows
+  (``x [*, H]`` with scales ``[*, H/B]``) and ``w13 [L, 2I, H]`` (scales ``[L, 2I/B, H/B]``),
+  quantised again per row over its 128 columns: e4m3 ``act [C, I]`` and scales ``[C, I/B]``.
+- ``tile_down_fp8``: the fp32 ``[BM, B]`` block of ``act @ w2^T`` from e4m3 ``act`` and
+  ``w2 [L, H, I]`` (scales ``[L, H/B, I/B]``).
+- ``fp8_gemm1_kernel`` / ``fp8_down_kernel``: each tile alone over a grid of (row tiles, column
+  blocks) of one expert, for the tests and the compile checks.
+
+A column block is one scale block of the weights (BLOCK_N = B), so one scale per (tile row, K
+block) from the activations and one scalar per K block from the weights scale each product.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from symm_mem.device import INTERPRET
+
+FP8_BLOCK = tl.constexpr(128)
+E4M3_MAX = tl.constexpr(448.0)
+# NOTE: the interpreter's fp32 -> e4m3 conversion loses a rounding carry into the exponent (1.98
+# becomes 1.0, 31.8 becomes 16.0); there, and only there, values are rounded onto e4m3's grid in
+# fp32 first, which that conversion then keeps exactly (compiled kernels convert with cvt.rn)
+E4M3_PREROUND = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _onto_e4m3_grid(v):
+    """``v`` (|v| <= 448) rounded to the nearest e4m3 value, ties away from zero, in fp32: 3
+    mantissa bits, subnormals spaced like the smallest normals (2^-9)."""
+    mag = tl.abs(v)
+    step = tl.exp2(tl.floor(tl.log2(tl.maximum(mag, 2.0**-6))) - 3.0)
+    return tl.where(v < 0, -1.0, 1.0) * tl.floor(mag / step + 0.5) * step
+
+
+@triton.jit
+def quantize_rows(h):
+    """``h [BM, B]`` fp32 -> (e4m3 ``[BM, B]``, fp32 scales ``[BM]``): each row's largest
+    magnitude maps to 448; an all-zero row gets scale 1 (``megakernel.fp8``'s rule)."""
+    amax = tl.max(tl.abs(h), 1)
+    scale = tl.where(amax > 0, amax / E4M3_MAX, 1.0)
+    v = h / scale[:, None]
+    if E4M3_PREROUND:
+        v = _onto_e4m3_grid(v)
+    return v.to(tl.float8e4nv), scale
+
+
+@triton.jit
+def _scaled_gemm(
+    a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptr, live, K: tl.constexpr, BLOCK_M: tl.constexpr
+):
+    """``sum_k (a_k @ b_k) * a_scale[:, k] * b_scale[k]`` over the K blocks of 128: ``a_ptrs``
+    [BM, B] e4m3 row pointers, ``a_scale_ptrs`` [BM] (scales of block 0), ``b_ptrs`` [B, B] (a
+    transposed view of one 128-row block of the weight), ``b_scale_ptr`` its block-0 scale."""
+    acc = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
+    for kb in tl.range(0, K // FP8_BLOCK):
+        a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+        part = tl.dot(a, tl.load(b_ptrs))
+        a_scale = tl.load(a_scale_ptrs + kb, mask=live, other=0.0)
+        acc += part * (a_scale * tl.load(b_scale_ptr + kb))[:, None]
+        a_ptrs += FP8_BLOCK
+        b_ptrs += FP8_BLOCK
+    return acc
+
+
+@triton.jit
+def tile_gemm1_fp8(
+    x_ptr,  # [*, H] e4m3 rows (the receive buffer)
+    x_scale_ptr,  # [*, H / B] fp32
+    src_ptr,  # [C] int32: the row of x holding each row's data
+    w13_ptr,  # [L, 2I, H] e4m3: gate rows, then up rows
+    w13_scale_ptr,  # [L, 2I / B, H / B] fp32
+    act_ptr,  # [C, I] e4m3 out
+    act_scale_ptr,  # [C, I / B] fp32 out
+    local,
+    row0,
+    rows,
+    n_block,
+    H: tl.constexpr,
+    I: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Columns ``[n_block B, (n_block + 1) B)`` of ``silu(x @ gate^T) * (x @ up^T)`` for rows
+    ``[row0, row0 + rows)`` (A row r is ``x[src[r]]``), quantised per row: e4m3 into ``act`` and
+    one scale per row into ``act_scale[:, n_block]``."""
+    KB: tl.constexpr = H // FP8_BLOCK
+    r = tl.arange(0, BLOCK_M)
+    live = r < rows
+    src = tl.load(src_ptr + row0 + r, mask=live, other=0).to(tl.int64)
+    kk = tl.arange(0, FP8_BLOCK)
+    a_ptrs = x_ptr + src[:, None] * H + kk[None, :]
+    a_scales = x_scale_ptr + src * KB
+    n = n_block * FP8_BLOCK + kk  # gate rows of w13; up rows are I further
+    w = w13_ptr + tl.cast(local, tl.int64) * (2 * I * H)
+    gate_ptrs = w + n.to(tl.int64)[None, :] * H + kk[:, None]  # [B(k), B(n)]: w^T
+    scales = w13_scale_ptr + tl.cast(local, tl.int64) * (2 * I // FP8_BLOCK) * KB
+    gate = _scaled_gemm(
+        a_ptrs, a_scales, gate_ptrs, scales + n_block * KB, live, H, BLOCK_M
+    )  # fmt: skip
+    up_block = I // FP8_BLOCK + n_block
+    up = _scaled_gemm(
+        a_ptrs, a_scales, gate_ptrs + I * H, scales + up_block * KB, live, H, BLOCK_M
+    )  # fmt: skip
+    q, scale = quantize_rows(gate * tl.sigmoid(gate) * up)
+    out_rows = (row0 + r).to(tl.int64)
+    tl.store(act_ptr + out_rows[:, None] * I + n[None, :], q, mask=live[:, None])
+    tl.store(act_scale_ptr + out_rows * (I // FP8_BLOCK) + n_block, scale, mask=live)
+
+
+@triton.jit
+def tile_down_fp8(
+    act_ptr,  # [C, I] e4m3
+    act_scale_ptr,  # [C, I / B] fp32
+    w2_ptr,  # [L, H, I] e4m3
+    w2_scale_ptr,  # [L, H / B, I / B] fp32
+    local,
+    row0,
+    rows,
+    n_block,
+    H: tl.constexpr,
+    I: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """The fp32 ``[BM, B]`` block ``act[row0 : row0 + rows] @ w2[local, n_block B : +B]^T``
+    (rows past ``rows`` are 0)."""
+    KB: tl.constexpr = I // FP8_BLOCK
+    r = tl.arange(0, BLOCK_M)
+    live = r < rows
+    rows64 = (row0 + r).to(tl.int64)
+    kk = tl.arange(0, FP8_BLOCK)
+    a_ptrs = act_ptr + rows64[:, None] * I + kk[None, :]
+    n = n_block * FP8_BLOCK + kk
+    w2 = w2_ptr + tl.cast(local, tl.int64) * (H * I)
+    b_ptrs = w2 + n.to(tl.int64)[None, :] * I + kk[:, None]
+    scales = w2_scale_ptr + tl.cast(local, tl.int64) * (H // FP8_BLOCK) * KB + n_block * KB
+    return _scaled_gemm(a_ptrs, act_scale_ptr + rows64 * KB, b_ptrs, scales, live, I, BLOCK_M)
+
+
+@triton.jit
+def fp8_gemm1_kernel(
+    x, x_scale, src, w13, w13_scale, act, act_scale, local, rows, H: tl.constexpr,
+    I: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """``tile_gemm1_fp8`` over a grid (row tiles of ``rows``, I / 128 column blocks)."""
+    row0 = tl.program_id(0) * BLOCK_M
+    n_block = tl.program_id(1)
+    tile_gemm1_fp8(
+        x, x_scale, src, w13, w13_scale, act, act_scale, local, row0, rows - row0, n_block, H, I,
+        BLOCK_M,
+    )  # fmt: skip
+
+
+@triton.jit
+def fp8_down_kernel(
+    act, act_scale, w2, w2_scale, out, local, rows, H: tl.constexpr, I: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """``tile_down_fp8`` over a grid (row tiles of ``rows``, H / 128 column blocks), fp32 out
+    ``[rows, H]``."""
+    row0 = tl.program_id(0) * BLOCK_M
+    n_block = tl.program_id(1)
+    acc = tile_down_fp8(
+        act, act_scale, w2, w2_scale, local, row0, rows - row0, n_block, H, I, BLOCK_M
+    )
+    r = row0 + tl.arange(0, BLOCK_M)
+    c = n_block * FP8_BLOCK + tl.arange(0, FP8_BLOCK)
+    tl.store(out + r.to(tl.int64)[:, None] * H + c[None, :], acc, mask=(r < rows)[:, None])
