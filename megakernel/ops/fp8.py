@@ -10,8 +10,10 @@ block), BM rows per tile.
   quantised again per row over its 128 columns: e4m3 ``act [C, I]`` and scales ``[C, I/B]``.
 - ``tile_down_fp8``: the fp32 ``[BM, B]`` block of ``act @ w2^T`` from e4m3 ``act`` and
   ``w2 [L, H, I]`` (scales ``[L, H/B, I/B]``).
-- ``fp8_gemm1_kernel`` / ``fp8_down_kernel``: each tile alone over a grid of (row tiles, column
-  blocks) of one expert, for the tests and the compile checks.
+- ``quantize_copy_rows``: token rows quantised per 128 columns on their way out: the dispatch
+  put of the FP8 path (e4m3 rows and their scales into the destination's receive buffers).
+- ``fp8_gemm1_kernel`` / ``fp8_down_kernel`` / ``fp8_quantize_kernel``: each alone over a grid,
+  for the tests and the compile checks.
 
 A column block is one scale block of the weights (BLOCK_N = B), so one scale per (tile row, K
 block) from the activations and one scalar per K block from the weights scale each product.
@@ -51,6 +53,19 @@ def quantize_rows(h):
     if E4M3_PREROUND:
         v = _onto_e4m3_grid(v)
     return v.to(tl.float8e4nv), scale
+
+
+@triton.jit
+def quantize_copy_rows(src_rows, out_rows, scale_rows, live, H: tl.constexpr):
+    """``src_rows[i, :H]`` (``[N, 1]`` row pointers, any float type) quantised per 128 columns
+    into e4m3 ``out_rows[i, :H]`` and fp32 ``scale_rows[i, :H / 128]`` where ``live[i]``
+    (``[N, 1]``)."""
+    c = tl.arange(0, FP8_BLOCK)[None, :]
+    for g in tl.range(0, H // FP8_BLOCK):
+        x = tl.load(src_rows + g * FP8_BLOCK + c, mask=live, other=0.0).to(tl.float32)
+        q, scale = quantize_rows(x)
+        tl.store(out_rows + g * FP8_BLOCK + c, q, mask=live)
+        tl.store(scale_rows + g, scale[:, None], mask=live)
 
 
 @triton.jit
@@ -173,3 +188,11 @@ def fp8_down_kernel(
     r = row0 + tl.arange(0, BLOCK_M)
     c = n_block * FP8_BLOCK + tl.arange(0, FP8_BLOCK)
     tl.store(out + r.to(tl.int64)[:, None] * H + c[None, :], acc, mask=(r < rows)[:, None])
+
+
+@triton.jit
+def fp8_quantize_kernel(x, q, q_scale, rows, H: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``quantize_copy_rows`` of ``x [rows, H]`` over row tiles: e4m3 ``q`` and ``q_scale``."""
+    r = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    live = r < rows
+    quantize_copy_rows(x + r * H, q + r * H, q_scale + r * (H // FP8_BLOCK), live, H)

@@ -1,5 +1,6 @@
 """The FP8 expert GEMM tiles (``megakernel.ops.fp8``) compile for sm_90 to e4m3 warpgroup MMAs
-with fp32 accumulation (dsv3's H 7168, I 2048)."""
+with fp32 accumulation (dsv3's H 7168, I 2048), and the dispatch's quantisation to e4m3
+conversions."""
 
 import os
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from _aot import compile_sm90, signature_of
 
-from megakernel.ops.fp8 import fp8_down_kernel, fp8_gemm1_kernel
+from megakernel.ops.fp8 import fp8_down_kernel, fp8_gemm1_kernel, fp8_quantize_kernel
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("compiles real kernels: run without TRITON_INTERPRET", allow_module_level=True)
@@ -43,3 +44,9 @@ def test_fp8_tiles_compile_to_e4m3_wgmma(which):
     if which == "gemm1":
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, "the SwiGLU output is rounded to e4m3"
     assert compiled.metadata.shared <= 227 * 1024
+
+
+def test_dispatch_quantisation_compiles_to_e4m3_conversions():
+    args = dict(x=one(torch.bfloat16), q=one(E4M3), q_scale=one(F32), rows=1000)
+    compiled = compile_sm90(fp8_quantize_kernel, signature_of(args), {"H": 7168, "BLOCK_M": 16})
+    assert "cvt.rn.satfinite.e4m3x2.f32" in compiled.asm["ptx"]

@@ -1,5 +1,6 @@
-"""The FP8 expert GEMM tiles (``megakernel.ops.fp8``) under the interpreter, against the block-
-scaled formats of ``megakernel.fp8`` dequantised and multiplied in fp32.
+"""The FP8 expert GEMM tiles and the dispatch's quantisation (``megakernel.ops.fp8``) under the
+interpreter, against the block-scaled formats of ``megakernel.fp8`` dequantised and multiplied
+in fp32.
 
 GEMM1 gathers its rows through a shuffled ``src`` (as from token saving), covers a partial tile,
 and quantises its SwiGLU output per row and 128 columns; the down tile reads that output."""
@@ -15,7 +16,7 @@ from megakernel.fp8 import (
     quantize_token_groups,
     quantize_weight_blocks,
 )
-from megakernel.ops.fp8 import fp8_down_kernel, fp8_gemm1_kernel
+from megakernel.ops.fp8 import fp8_down_kernel, fp8_gemm1_kernel, fp8_quantize_kernel
 
 H, I, L, ROWS, BM = 256, 256, 2, 40, 16  # two scale blocks each way; a partial last tile
 
@@ -46,11 +47,7 @@ def test_fp8_gemm1_and_down_tiles_match_the_dequantised_products(seed):
     want = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
     got = dequantize_token_groups(act, acts)
     assert not acts.isnan().any(), "every row's scales written"
-    # e4m3 keeps 3 mantissa bits: a value is within half a step (1/16) of its rounding, and the
-    # smallest subnormal of a row's scale bounds the error near zero
-    row_scale = acts.repeat_interleave(128, dim=1)
-    bound = want.abs() / 16 + row_scale * 2.0**-9 + 1e-6
-    assert ((got - want).abs() <= bound * 1.01).all()
+    assert within_half_a_step(got, want, acts)
     amax = want.abs().reshape(ROWS, I // 128, 128).amax(-1)
     assert torch.allclose(acts, torch.where(amax > 0, amax / E4M3_MAX, 1.0), rtol=1e-5)
     # the down projection of the quantised activations
@@ -59,3 +56,28 @@ def test_fp8_gemm1_and_down_tiles_match_the_dequantised_products(seed):
     fp8_down_kernel[grid](act, acts, w2q, w2s, out, local, ROWS, H, I, BM)
     want_down = got @ dequantize_weight_blocks(w2q[local], w2s[local]).t()
     torch.testing.assert_close(out, want_down, rtol=1e-5, atol=1e-5)
+
+
+def within_half_a_step(got: torch.Tensor, want: torch.Tensor, scales: torch.Tensor) -> bool:
+    """e4m3 keeps 3 mantissa bits: each value is within half a step (1/16) of its rounding, and
+    the smallest subnormal step of its group's scale bounds the error near zero."""
+    group_scale = scales.repeat_interleave(128, dim=1)
+    bound = want.abs() / 16 + group_scale * 2.0**-9 + 1e-6
+    return bool(((got - want).abs() <= bound * 1.01).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dispatch_quantisation_matches_the_token_group_format(dtype):
+    """Rows quantised on their way out equal ``quantize_token_groups`` (scales bit for bit, values
+    within e4m3's rounding), an all-zero row included."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(ROWS, H, generator=g) * torch.rand(ROWS, 1, generator=g) * 8).to(dtype)
+    x[5] = 0.0
+    q = torch.zeros(ROWS, H, dtype=torch.float8_e4m3fn)
+    scales = torch.full((ROWS, H // 128), float("nan"))
+    fp8_quantize_kernel[(triton.cdiv(ROWS, BM),)](x, q, scales, ROWS, H, BM)
+    want_q, want_scales = quantize_token_groups(x.float())
+    torch.testing.assert_close(scales, want_scales, rtol=0, atol=0)
+    got = dequantize_token_groups(q, scales)
+    assert within_half_a_step(got, x.float(), scales)
+    assert (got[5] == 0).all()
