@@ -14,6 +14,14 @@ from dataclasses import dataclass
 import torch
 
 
+def row_bytes(hidden: int, dtype: torch.dtype, fp8: bool = False) -> int:
+    """Bytes of one dispatched token row: ``hidden`` values of ``dtype``, or with ``fp8`` one
+    e4m3 byte per value plus an fp32 scale per 128 columns (``megakernel.fp8``)."""
+    if fp8:
+        return hidden + 4 * (hidden // 128)
+    return hidden * dtype.itemsize
+
+
 @dataclass
 class Traffic:
     rows_plain: list[int]  # per source rank: rows sent to other ranks without token saving

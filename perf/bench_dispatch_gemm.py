@@ -37,7 +37,7 @@ from megakernel.placement import Placement
 from megakernel.reference import resolve_all_ref
 from megakernel.shapes import preset
 from megakernel.testing import check_calls, local_w13, make_tokens, run_poisoned
-from megakernel.traffic import traffic_model
+from megakernel.traffic import row_bytes, traffic_model
 from perf.baseline import baseline_moe
 from perf.record import knob_values, write_result
 from perf.timing import graphed, time_us
@@ -146,11 +146,11 @@ def bench(world: World, args) -> dict:
         r = world.local_ranks[0]
         base_args = (xs[r], rt.topk_ids[r], None, w_local[r], None, shape, R)
         base = time_us(lambda: baseline_moe(*base_args, layer=False))
-    row_bytes = shape.hidden * shape.dtype.itemsize
+    row_size = row_bytes(shape.hidden, shape.dtype)
     # DeepEP's convention: every (token, destination rank) row received, local ones included
-    logical = max(traffic.rows_saved[s] + traffic.tokens[s] for s in range(R)) * row_bytes
+    logical = max(traffic.rows_saved[s] + traffic.tokens[s] for s in range(R)) * row_size
     for row in rows + only:
-        wire = max(traffic.bytes(row_bytes, row["config"]["token_saving"]))  # the busiest sender
+        wire = max(traffic.bytes(row_size, row["config"]["token_saving"]))  # the busiest sender
         d = row["dispatch_us"]["median"]
         row.update(
             wire_GBps=wire / d / 1e3,

@@ -36,6 +36,7 @@ from megakernel.placement.policies import (
 )
 from megakernel.placement.stats import RoutingStats
 from megakernel.shapes import preset
+from megakernel.traffic import row_bytes
 from perf.record import RESULTS, write_result
 
 POLICIES = ("contiguous", "balanced", "grouping", "both")
@@ -125,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = preset(args.preset).with_tokens(args.tokens)
     R, T, E, K = args.ranks, args.tokens, shape.num_experts, shape.topk
-    row_bytes = shape.hidden * shape.dtype.itemsize
+    row_size = row_bytes(shape.hidden, shape.dtype)
     fit, score = routings(R, T, E, K, seed=1), routings(R, T, E, K, seed=2)
     rows = []
     head = f"{'routing':<11} {'policy':<10} {'remote rows':>11} {'vs contig':>9} {'max rows':>8}"
@@ -137,7 +138,7 @@ def main() -> None:
         base = None
         for policy, pl in placements(stats, R, args.spare).items():
             row = dict(routing=name, policy=policy, **evaluate(pl, rt.topk_ids))
-            row["remote_bytes"] = row["remote_rows"] * row_bytes
+            row["remote_bytes"] = row["remote_rows"] * row_size
             base = base or row["remote_rows"]
             line = f"{name:<11} {policy:<10} {row['remote_rows']:11.0f} "
             line += f"{row['remote_rows'] / base:9.2f} {row['max_rows']:8.0f} "

@@ -75,3 +75,16 @@ def test_moe_fp8_ref_against_the_bf16_reference(dtype):
     assert 0.01 < rel(weights_only, want) < rel(got, want)
     dropped = ids < 0
     assert not dropped.all(), "some slots dropped, some not"
+
+
+@pytest.mark.parametrize("preset", ["dsv3", "qwen3_235b"])
+def test_an_fp8_dispatch_row_is_about_half_a_bf16_one_scales_included(preset):
+    """The traffic model's row: H e4m3 bytes plus an fp32 scale per 128 columns, against 2 H
+    (dsv3: 7392 of 14336 bytes, 0.516)."""
+    from megakernel.shapes import PRESETS
+    from megakernel.traffic import row_bytes
+
+    H = PRESETS[preset].hidden
+    fp8, bf16 = row_bytes(H, torch.bfloat16, fp8=True), row_bytes(H, torch.bfloat16)
+    assert fp8 == H + 4 * H // 128 and bf16 == 2 * H
+    assert fp8 / bf16 <= 0.52
