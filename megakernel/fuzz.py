@@ -17,7 +17,7 @@ import triton
 
 from megakernel import routing
 from megakernel.config import KernelConfig
-from megakernel.plan import MAX_ROUNDS
+from megakernel.plan import MAX_ROUNDS, PlanConfig
 from megakernel.shapes import MoEShape
 from megakernel.testing import compare_layer_output, layer_ref, make_tokens, make_w2, make_w13
 from megakernel.validate import RoutingError
@@ -57,8 +57,8 @@ class Sequence:
 
 def worst_rows(shape: MoEShape, world_size: int) -> int:
     """Rows the worst routing sends one rank (contiguous placement)."""
-    L = shape.num_experts // world_size
-    return world_size * shape.max_tokens_per_rank * min(shape.topk, L)
+    L, T = shape.num_experts // world_size, shape.max_tokens_per_rank
+    return PlanConfig(world_size, L, shape.topk, max_tokens=T, capacity=1).worst_rows
 
 
 def draw_sequence(

@@ -209,8 +209,7 @@ class Megakernel:
         one rank); a capacity that would need more than ``MAX_ROUNDS`` is refused."""
         rounds, cfg = self.plan_cfg.rounds_needed(), self.plan_cfg
         if rounds > MAX_ROUNDS:
-            slots = min(cfg.topk, cfg.slots_per_rank)
-            worst = cfg.world_size * cfg.max_tokens * slots
+            slots, worst = min(cfg.topk, cfg.slots_per_rank), cfg.worst_rows
             least = -(-worst // MAX_ROUNDS)
             raise ValueError(
                 f"capacity {cfg.capacity} rows: the worst routing sends {worst} rows to one rank "

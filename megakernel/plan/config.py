@@ -119,11 +119,15 @@ class PlanConfig:
         aligned (the kernels are compiled for aligned pointers)."""
         return -(-(self.capacity // self.block_m + self.slots_per_rank) // 4) * 4
 
+    @property
+    def worst_rows(self) -> int:
+        """Rows the worst routing sends one rank: every rank's T_max tokens, each to min(K, L)
+        slots of that rank."""
+        return self.world_size * self.max_tokens * min(self.topk, self.slots_per_rank)
+
     def rounds_needed(self) -> int:
-        """Rounds of the worst routing: every rank sends each of its T_max tokens to min(K, L)
-        slots of one rank."""
-        worst = self.world_size * self.max_tokens * min(self.topk, self.slots_per_rank)
-        return triton.cdiv(worst, self.capacity)
+        """Rounds of the worst routing at this capacity."""
+        return triton.cdiv(self.worst_rows, self.capacity)
 
     def sizes(self) -> dict[str, int]:
         """The sizes every kernel of the layer is compiled for (``PlanMeta``'s and
