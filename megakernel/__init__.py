@@ -11,8 +11,9 @@ persistent scheduler), ``workspace`` (Megakernel: buffers and launches), ``layer
 """
 
 from megakernel.config import KernelConfig
+from megakernel.handles import DispatchHandle
 from megakernel.layer import FusedEPMoE, TopKRouter
-from megakernel.workspace import DispatchHandle, Megakernel, dispatch_gemm
+from megakernel.workspace import Megakernel, dispatch_gemm
 
 __all__ = [
     "DispatchHandle",

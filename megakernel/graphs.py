@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from megakernel.workspace import CallInputs, Megakernel
+from megakernel.handles import CallInputs
+from megakernel.workspace import Megakernel
 
 MAX_GRAPHS = 8  # captured keys kept (a graph holds its static buffers and a memory pool)
 MAX_SEEN = 64  # keys remembered once seen (prefill with a new T every call captures nothing)

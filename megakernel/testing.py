@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from megakernel.handles import DispatchHandle
 from megakernel.placement import Placement
 from megakernel.plan import PlanConfig
 from megakernel.reference import dispatch_ref, expert_act_ref, moe_ref_by_expert, resolve_all_ref
 from megakernel.routing import Routing, edge_case
 from megakernel.shapes import MoEShape
-from megakernel.workspace import DispatchHandle
 
 W2_SEED_OFFSET = 50_021  # w2 generators: seeds apart from every w13 one (E < 50_021)
 # |got - want| <= atol + rtol * |want| for the GEMM outputs (DESIGN §8); fp32 runs through tf32

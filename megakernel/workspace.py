@@ -1,5 +1,5 @@
 """``Megakernel``: the workspace of the megakernel (every buffer it reads and writes) and its
-launches; ``DispatchHandle``: one rank's result of a call.
+launches; each call returns a ``DispatchHandle`` per rank (``megakernel.handles``).
 
 Shape legend: T tokens on this rank (at most T_max), H hidden, I expert FFN width, E experts, K
 top-k, R ranks, L local slots per rank, P = R * L, C receive rows per rank (the capacity).
@@ -11,8 +11,7 @@ A call on every local rank: the plan's kernels (``megakernel.plan``), then ``moe
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -27,10 +26,11 @@ from megakernel.config import (
     pow2,
 )
 from megakernel.errors import CallErrors
+from megakernel.handles import CallInputs, DispatchHandle
 from megakernel.kernel import PlanBuffers, RankState, SymBuffers, moe_megakernel
 from megakernel.launch import Launcher, aligned
 from megakernel.placement import Placement
-from megakernel.plan import MAX_ROUNDS, STATS, Plan, PlanConfig, PlanWorkspace
+from megakernel.plan import MAX_ROUNDS, STATS, PlanConfig, PlanWorkspace
 from megakernel.shapes import MoEShape
 from megakernel.tasks import (
     MODES,
@@ -43,66 +43,6 @@ from megakernel.tasks import (
 )
 from megakernel.validate import VALIDATE_MODES, check_routing, check_tensor
 from symm_mem.buffer import World
-
-
-@dataclass
-class DispatchHandle:
-    """One rank's result of a call, as device views.
-
-    ``act [C, I]`` (``[C, 2I]`` without SwiGLU) holds the expert activations of rows
-    ``[0, num_recv)`` in the receive order (DESIGN §4); rows past that are stale. ``out [T, H]``
-    is the layer's output (mode "layer"; a fresh tensor per call). The views are valid until the
-    workspace's next call on this rank.
-    """
-
-    rank: int
-    epoch: int
-    act: torch.Tensor  # [C, I]
-    recv_x: torch.Tensor  # [C, H] this call's receive rows (indirect rows unresolved in "gemm")
-    recv_src: torch.Tensor  # [C] int32 row holding each row's data
-    stats: torch.Tensor  # [5] int32 the plan's stats of the first round (megakernel.plan.STATS)
-    topk_weights: torch.Tensor | None  # [T, K]
-    out: torch.Tensor | None = None  # [T, H] mode "layer"
-    trace: torch.Tensor | None = None  # KernelConfig(trace=True): this call's trace records
-    plan_views: Callable[[], Plan] | None = field(default=None, repr=False)
-
-    @property
-    def plan(self) -> Plan | None:
-        """This call's plan (views, overwritten by the next call; made when asked for)."""
-        return self.plan_views() if self.plan_views is not None else None
-
-    def num_recv(self) -> int:
-        """Rows this rank received (reads the plan's stats back: one sync)."""
-        return int(self.stats[STATS.index("num_recv")])
-
-    def snapshot(self) -> DispatchHandle:
-        """A copy of the outputs, made on the current stream (no sync), that later calls do not
-        overwrite. The copy has no plan."""
-        return replace(
-            self,
-            act=self.act.clone(),
-            recv_x=self.recv_x.clone(),
-            recv_src=self.recv_src.clone(),
-            stats=self.stats.clone(),
-            plan_views=None,
-        )
-
-    def resolved(self) -> torch.Tensor:
-        """``[num_recv, H]`` the received rows with every indirect row resolved (torch gather)."""
-        n = self.num_recv()
-        return self.recv_x[self.recv_src[:n].long()]
-
-
-@dataclass
-class CallInputs:
-    """One rank's checked inputs of a call (``None`` where the mode needs none)."""
-
-    x: torch.Tensor  # [T, H]
-    topk_ids: torch.Tensor  # [T, K] int32
-    topk_weights: torch.Tensor | None  # [T, K] fp32
-    w13: torch.Tensor  # [L, 2I, H]
-    w2: torch.Tensor | None  # [L, H, I]
-    out: torch.Tensor | None  # [T, H]
 
 
 class Megakernel:
