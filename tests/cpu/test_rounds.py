@@ -65,7 +65,7 @@ def skewed(kind: str, R: int, T: int | list[int], seed: int, dst: int = -1) -> r
         (2, 100, "hot", 32),
         (4, None, "all_to_one", 32),  # default capacity: twice the uniform average
         (4, 100, "hot", 24),  # (one hot expert takes R T of the 2 T K rows the default holds)
-        (8, None, "all_to_one", 12),  # (a smaller T_max: the interpreter's time)
+        (8, 192, "all_to_one", 12),  # (2 launches a call, T_max 12: the interpreter's time)
     ],
 )
 def test_skew_at_max_tokens_is_computed_in_rounds(R, capacity, kind, max_tokens):
