@@ -7,13 +7,13 @@ R ranks, L local slots per rank, P = R * L, C receive rows per rank (the capacit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import torch
 import triton
 
-from megakernel.shapes import MoEShape
+from megakernel.shapes import FP8_BLOCK, MoEShape
 
 # KernelConfig.pack: how GEMM1 reads rows that token saving left as references (see gather_a)
 PACK_MODES = ("auto", "gather", "scan")
@@ -122,6 +122,22 @@ class KernelConfig:
         small |= dict(combine_block=16, reduce_h=64, block_h=64, chunk=4)
         return cls(**(small | knobs))
 
+    def for_fp8(self) -> KernelConfig:
+        """This config as the FP8 path runs it (``MoEShape.fp8``): a GEMM task's columns and k
+        steps are one scale block of 128, so each product takes one scale per row and one per
+        weight block; the weights come by pointers; GEMM1 gathers its rows through ``recv_src``
+        (their scales too), so ``pack="scan"`` does not apply."""
+        if self.pack == "scan":
+            raise ValueError(
+                'KernelConfig(pack="scan") resolves rows in place, which the FP8 path does not: '
+                'its GEMM1 gathers each row and its scales ("auto" or "gather")'
+            )
+        b = FP8_BLOCK
+        return replace(
+            self, block_n=b, block_k=b, down_block_n=b, down_block_k=b, gemm1_tma=False,
+            gemm1_pairs=False, down_tma=False,
+        )  # fmt: skip
+
     def paired_gemm1(self, swiglu: bool) -> bool:
         """Whether GEMM1 makes gate and up as one [BM, 2 BN] product (``gemm1_pairs``): only with
         SwiGLU (which splits the pairs), w13 by TMA (whose box interleaves the rows) and 2 BN
@@ -215,6 +231,7 @@ class KernelMeta(NamedTuple):
     GEMM1_TMA: bool  # w13 by TMA
     PAIRS: bool  # gate and up as one product (KernelConfig.paired_gemm1)
     LAYER: bool  # the whole layer (down, combine, reduce)
+    FP8: bool  # e4m3 rows, activations and weights with fp32 block scales (MoEShape.fp8)
     TOKEN_SAVING: bool
     SORTED: bool  # expert-major send order
     PER_TILE: bool  # a tile waits on its own source ranks' flags only
@@ -281,6 +298,7 @@ def kernel_meta(
         GEMM1_TMA=gemm and cfg.gemm1_tma,
         PAIRS=gemm and cfg.paired_gemm1(swiglu),
         LAYER=layer,
+        FP8=shape.fp8,
         PROBE=probe,
         **{name: getattr(cfg, knob) for name, knob in _AS_CONFIGURED.items()},
     )

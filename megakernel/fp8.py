@@ -16,16 +16,24 @@ fp32 on dequantised operands; ``FP8_TOLERANCE`` is how far the layer may be from
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from megakernel.reference import moe_ref_by_expert
+from megakernel.shapes import FP8_BLOCK
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
-BLOCK = 128
+BLOCK = FP8_BLOCK
 # the FP8 layer against moe_fp8_ref (rtol, atol): both see the same quantised operands; they differ
 # in accumulation order and in the bf16 rounding of the combine
 FP8_TOLERANCE = (2e-2, 2e-2)
+# the FP8 layer against moe_ref on the dense weights, as ||out - ref|| / ||ref||: e4m3 keeps 3
+# mantissa bits, so rounding one operand moves a product by about 2.6% (rms), and the layer
+# rounds four (x, w13, the SwiGLU output, w2): moe_fp8_ref itself is 6.1-6.3% from moe_ref on
+# Gaussian tokens and weights (H 512 to 7168), whatever computes it
+FP8_DENSE_ERROR = 8e-2
 
 
 def _check_blocks(t: torch.Tensor, dims: tuple[int, ...]) -> None:
@@ -50,6 +58,18 @@ def quantize_weight_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     scale = _scale(blocks.abs().amax(dim=(-3, -1)))  # [..., N/B, K/B]
     q = (blocks / scale[..., :, None, :, None]).to(E4M3)
     return q.reshape(w.shape), scale
+
+
+def quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_weight_blocks`` of ``w [E, N, K]`` one expert at a time (its fp32 working copy
+    is one expert's, not all of them: dsv3's w13 is 15 GB in bf16)."""
+    _check_blocks(w, (-2, -1))
+    E, N, K = w.shape
+    q = torch.empty(w.shape, dtype=E4M3, device=w.device)
+    scale = torch.empty(E, N // BLOCK, K // BLOCK, dtype=torch.float32, device=w.device)
+    for e in range(E):
+        q[e], scale[e] = quantize_weight_blocks(w[e])
+    return q, scale
 
 
 def dequantize_weight_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -110,8 +130,18 @@ def moe_fp8_ref(
     each expert's ``w13`` / ``w2`` given as (e4m3, block scales) and dequantised, GEMM1 and SwiGLU
     in fp32, the SwiGLU output quantised per token group again, GEMM2 in fp32, the top-k sum in
     fp32. Dropped slots (id -1) contribute nothing."""
-    expert = _dequantized_experts(w13, w2)
-    return moe_ref_by_expert(fp8_roundtrip(x), topk_ids, topk_weights, expert, _fp8_ffn)
+    return moe_fp8_ref_by_expert(x, topk_ids, topk_weights, _dequantized_experts(w13, w2))
+
+
+def moe_fp8_ref_by_expert(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    expert_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """``moe_fp8_ref`` asking ``expert_weights(e)`` for one expert's dequantised ``(w13, w2)``
+    at a time, only for the experts the tokens picked (``moe_ref_by_expert``)."""
+    return moe_ref_by_expert(fp8_roundtrip(x), topk_ids, topk_weights, expert_weights, _fp8_ffn)
 
 
 def moe_dequantized_ref(

@@ -33,15 +33,18 @@ class CallGraphs:
         """On a GPU, and not inside a graph the caller is capturing."""
         return self.ws.world.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 
-    def __call__(self, x, ids, weights, w13, w2, split: bool) -> dict[int, torch.Tensor] | None:
+    def __call__(self, x, ids, weights, split: bool, **experts) -> dict[int, torch.Tensor] | None:
         """The outputs of one layer call by rank, replayed; None where this key has no graph
-        (yet): the caller then runs the call itself. Inputs are checked as a call checks them
-        (the weights are the layer's own, checked when it was built)."""
+        (yet): the caller then runs the call itself. ``experts``: ``w13``, ``w2`` (and with FP8
+        ``w13_scale``, ``w2_scale``) by rank, as ``Megakernel.run`` takes them. Inputs are
+        checked as a call checks them (the weights are the layer's own, checked when it was
+        built)."""
         ranks = self.ws.world.local_ranks
         for r in ranks:
-            given = CallInputs(x[r], ids[r], weights[r], w13[r], w2[r], None)
+            given = CallInputs(x[r], ids[r], weights[r], experts["w13"][r], experts["w2"][r], None)
             self.ws.check_inputs(r, given, layer=True, values=False, weights=False)
-        key = (split, *((x[r].shape[0], w13[r].data_ptr(), w2[r].data_ptr()) for r in ranks))
+        held = [t for t in experts.values() if t is not None]
+        key = (split, *((x[r].shape[0], *(t[r].data_ptr() for t in held)) for r in ranks))
         entry = self.graphs.get(key)
         if entry is None:
             if key not in self.seen or len(self.graphs) >= MAX_GRAPHS:
@@ -49,7 +52,7 @@ class CallGraphs:
                     self.seen.clear()
                 self.seen.add(key)
                 return None
-            entry = self.graphs[key] = self._capture(x, ids, w13, w2, split)
+            entry = self.graphs[key] = self._capture(x, ids, split, experts)
         graph, static = entry
         _copy_into(static, {"x": x, "ids": ids, "weights": weights}, ranks)
         graph.replay()
@@ -60,7 +63,7 @@ class CallGraphs:
         self.ws.after_call()  # as a launched call does
         return outs
 
-    def _capture(self, x, ids, w13, w2, split: bool) -> tuple[torch.cuda.CUDAGraph, dict]:
+    def _capture(self, x, ids, split: bool, experts: dict) -> tuple[torch.cuda.CUDAGraph, dict]:
         """One layer call on fresh static buffers, captured (nothing runs)."""
         ranks, dev, shape = self.ws.world.local_ranks, self.ws.world.device, self.ws.shape
         K, H = shape.topk, shape.hidden
@@ -77,8 +80,8 @@ class CallGraphs:
         epochs = dict(self.ws.epoch)
         with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
             self.ws.run(
-                static["x"], static["ids"], static["weights"], w13, w2, out=static["out"],
-                mode="layer", split=split, validate=False,
+                static["x"], static["ids"], static["weights"], out=static["out"], mode="layer",
+                split=split, validate=False, **experts,
             )  # fmt: skip
         torch.cuda.current_stream(dev).wait_stream(stream)
         self.ws.epoch.update(epochs)  # the capture ran nothing

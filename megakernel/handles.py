@@ -65,7 +65,8 @@ class DispatchHandle:
 
 @dataclass
 class CallInputs:
-    """One rank's checked inputs of a call (``None`` where the mode needs none)."""
+    """One rank's checked inputs of a call (``None`` where the mode needs none; the weights'
+    scales with ``MoEShape.fp8`` only)."""
 
     x: torch.Tensor  # [T, H]
     topk_ids: torch.Tensor  # [T, K] int32
@@ -73,3 +74,5 @@ class CallInputs:
     w13: torch.Tensor  # [L, 2I, H]
     w2: torch.Tensor | None  # [L, H, I]
     out: torch.Tensor | None  # [T, H]
+    w13_scale: torch.Tensor | None = None  # FP8: [L, 2I/128, H/128] fp32
+    w2_scale: torch.Tensor | None = None  # FP8: [L, H/128, I/128] fp32

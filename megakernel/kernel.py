@@ -6,13 +6,15 @@ Shape legend: T tokens on this rank, H hidden, I expert FFN width, K top-k, R ra
 slots per rank, P = R * L, C receive rows per rank (the capacity).
 
 Arguments, by name (``megakernel.workspace`` builds them in one place): the layer's tensors, then
-four groups of buffers, each a ``NamedTuple`` whose fields the task bodies read by name, then the
-per-call scalars, then ``M``, the ``KernelMeta`` of every compile-time constant.
+five groups of buffers (the FP8 scales, the plan, the symmetric buffers as peers and as this
+rank's, the rank's state), each a ``NamedTuple`` whose fields the task bodies read by name, then
+the per-call scalars, then ``M``, the ``KernelMeta`` of every compile-time constant.
 
-Back-to-back calls with no host synchronisation: ``recv_x`` / ``recv_src`` / ``recv_tag`` are
-double-buffered by epoch parity. A sender can only reach call e + 2 after its plan saw every
-peer's e + 2 counts, which a peer publishes after its call-e megakernel finished reading parity
-e % 2. Flags hold epochs and are never reset; counters are reset by the last program out.
+Back-to-back calls with no host synchronisation: ``recv_x`` / ``recv_src`` / ``recv_tag`` (and
+``recv_scale``) are double-buffered by epoch parity. A sender can only reach call e + 2 after its
+plan saw every peer's e + 2 counts, which a peer publishes after its call-e megakernel finished
+reading parity e % 2. Flags hold epochs and are never reset; counters are reset by the last
+program out.
 
 Rounds (a call whose busiest rank receives more than C rows, mode "layer"): one launch per
 round, ``rnd`` = 0 .. ROUNDS - 1, each with its round's tables and flags (the host passes views);
@@ -70,10 +72,20 @@ class SymBuffers(NamedTuple):
     recv_x: torch.Tensor  # [2, C, H] receive rows, by epoch parity
     recv_src: torch.Tensor  # [2, C] int32 the row holding each row's data
     recv_tag: torch.Tensor  # [2, C] int32 where each row's output goes (mode "layer")
+    recv_scale: torch.Tensor  # FP8: [2, C, H/128] fp32 scales of recv_x's rows per 128 columns
     expert_ready: torch.Tensor  # [L, R] int64 flags: (local slot, source rank) -> epoch (round's)
     round_free: torch.Tensor  # [ROUNDS] int64 flags: round -> epoch whose launch of it ended
     combine_y: torch.Tensor  # [T_max * K, H] expert outputs of this rank's (token, k)
     combine_count: torch.Tensor  # [groups, token blocks] int32 combine pieces arrived
+
+
+class Fp8Scales(NamedTuple):
+    """The FP8 path's fp32 block scales (``MoEShape.fp8``; without it others stand in, and the
+    kernel never reads them)."""
+
+    w13: torch.Tensor  # [L, 2I/128, H/128] of w13's 128 x 128 blocks
+    w2: torch.Tensor  # [L, H/128, I/128] of w2's blocks
+    act: torch.Tensor  # [C, I/128] of act's rows, per 128 columns
 
 
 class RankState(NamedTuple):
@@ -102,6 +114,7 @@ def moe_megakernel(
     weights_ptr,  # [T, K] fp32 routing weights (LAYER)
     act_ptr,  # [C, I] (or [C, 2I] without SwiGLU) out: expert activations, receive order
     out_ptr,  # [T, H] out: the layer's output (LAYER)
+    scales,  # Fp8Scales (FP8)
     plan,  # PlanBuffers
     peers,  # SymBuffers of base tables
     mine,  # SymBuffers of this rank
@@ -159,12 +172,13 @@ def moe_megakernel(
         task = M.MAX_DISPATCH + g_lo + q
         if q < g_count:
             waited = gemm1_task(
-                g_lo + q, w13_ptr, w13_desc, act_ptr, plan, mine, state, rank, epoch, deadline, M
-            )
+                g_lo + q, w13_ptr, w13_desc, act_ptr, scales, plan, mine, state, rank, epoch,
+                deadline, M,
+            )  # fmt: skip
         elif M.LAYER:
             waited, kind, task, held = _combine_step(
                 q - g_count, held, pending_row, shares, num_tokens, w2_ptr, w2_desc, act_ptr,
-                weights_ptr, out_ptr, plan, peers, mine, state, rank, epoch, deadline, M,
+                scales, weights_ptr, out_ptr, plan, peers, mine, state, rank, epoch, deadline, M,
             )  # fmt: skip
         n_events = trace_task(
             state.trace, n_events, kind, task, start, waited, M.TRACE, M.TRACE_CAP
@@ -179,8 +193,8 @@ def moe_megakernel(
 
 @triton.jit
 def _combine_step(
-    u, held, pending_row, shares, num_tokens, w2_ptr, w2_desc, act_ptr, weights_ptr, out_ptr,
-    plan, peers, mine, state, rank, epoch, deadline, M: tl.constexpr,
+    u, held, pending_row, shares, num_tokens, w2_ptr, w2_desc, act_ptr, scales, weights_ptr,
+    out_ptr, plan, peers, mine, state, rank, epoch, deadline, M: tl.constexpr,
 ):  # fmt: skip
     """Task ``u`` of the down + reduce part (``shares``: this launch's part of both regions):
     run it, publishing the program's held combine pieces where it moves on from their column
@@ -202,8 +216,8 @@ def _combine_step(
         kind = tl.full((), KIND_DOWN, tl.int32)
         task = M.BASE_DOWN + idx
         waited = down_task(
-            tile, n_block, task, w2_ptr, w2_desc, act_ptr, pending_row, plan, peers, mine,
-            state, rank, epoch, deadline, M,
+            tile, n_block, task, w2_ptr, w2_desc, act_ptr, scales, pending_row, plan, peers,
+            mine, state, rank, epoch, deadline, M,
         )  # fmt: skip
     else:
         # NOTE: publish this program's combine pieces before it waits on anybody's

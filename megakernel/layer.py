@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from megakernel.config import KernelConfig
+from megakernel.fp8 import quantize_experts
 from megakernel.graphs import CallGraphs
 from megakernel.placement import Placement
 from megakernel.placement.stats import RoutingStats
@@ -54,8 +55,11 @@ class FusedEPMoE(nn.Module):
     """This process's ranks of an expert-parallel MoE layer.
 
     ``w13`` / ``w2``: this rank's experts (``[L, 2I, H]`` / ``[L, H, I]``), or a dict keyed by
-    rank in a world that runs several. ``from_dense`` shards a single-process MoE's ``[E, ...]``
-    weights instead. ``router`` maps ``x`` to (``topk_weights``, ``topk_ids``) when a call gives
+    rank in a world that runs several. With ``MoEShape.fp8`` they are e4m3 and ``w13_scale`` /
+    ``w2_scale`` hold their fp32 128 x 128 block scales (``[L, 2I/128, H/128]`` /
+    ``[L, H/128, I/128]``, DeepSeek-V3's ``weight_scale_inv``; ``megakernel.fp8``).
+    ``from_dense`` shards a single-process MoE's ``[E, ...]`` weights instead (and quantises
+    them for FP8). ``router`` maps ``x`` to (``topk_weights``, ``topk_ids``) when a call gives
     none. The symmetric workspace is allocated once here (``describe()`` prints its buffers) and
     freed by ``close()``, which every rank calls.
 
@@ -75,6 +79,8 @@ class FusedEPMoE(nn.Module):
         w13: torch.Tensor | Mapping[int, torch.Tensor],
         w2: torch.Tensor | Mapping[int, torch.Tensor],
         *,
+        w13_scale: torch.Tensor | Mapping[int, torch.Tensor] | None = None,
+        w2_scale: torch.Tensor | Mapping[int, torch.Tensor] | None = None,
         placement: Placement | None = None,
         config: KernelConfig | None = None,
         capacity: int | None = None,
@@ -98,9 +104,21 @@ class FusedEPMoE(nn.Module):
                 f"{shape.num_experts}"
             )
         L, H, I = self.placement.slots_per_rank, shape.hidden, shape.ffn
-        self.w13 = self._weights("w13", w13, (L, 2 * I, H))
-        self.w2 = self._weights("w2", w2, (L, H, I))
-        self._by_rank_cache: tuple[dict, dict] | None = None
+        self.w13 = self._weights("w13", w13, (L, 2 * I, H), shape.gemm_dtype)
+        self.w2 = self._weights("w2", w2, (L, H, I), shape.gemm_dtype)
+        self.w13_scale = self.w2_scale = None
+        if shape.fp8:
+            if w13_scale is None or w2_scale is None:
+                raise ValueError(
+                    "MoEShape(fp8=True): give w13_scale and w2_scale, the weights' block scales "
+                    "(or use FusedEPMoE.from_dense, which quantises dense weights)"
+                )
+            want13, want2 = shape.weight_scale_shapes(L)
+            self.w13_scale = self._weights("w13_scale", w13_scale, want13, torch.float32)
+            self.w2_scale = self._weights("w2_scale", w2_scale, want2, torch.float32)
+        elif w13_scale is not None or w2_scale is not None:
+            raise ValueError("weight scales are for MoEShape(fp8=True); this layer is not FP8")
+        self._by_rank_cache: dict[str, dict[int, torch.Tensor]] | None = None
         self.router = router
         if validate not in VALIDATE_MODES:
             raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {validate!r}")
@@ -120,18 +138,33 @@ class FusedEPMoE(nn.Module):
         **kw: object,
     ) -> FusedEPMoE:
         """Shard every expert's ``w13 [E, 2I, H]`` / ``w2 [E, H, I]`` (any device) onto this
-        process's ranks by the placement (``kw`` as for the constructor)."""
+        process's ranks by the placement (``kw`` as for the constructor). With ``MoEShape.fp8``
+        each weight is either dense (any float dtype: quantised here, one scale per 128 x 128
+        block) or an already quantised pair (e4m3 weights, fp32 block scales ``[E, N/128,
+        K/128]``), loaded as given."""
         E, H, I = shape.num_experts, shape.hidden, shape.ffn
-        for name, t, want in (("w13", w13, (E, 2 * I, H)), ("w2", w2, (E, H, I))):
-            if tuple(t.shape) != want:
-                raise ValueError(f"dense {name} has shape {tuple(t.shape)}, expected {want}")
+        dense = {"w13": (w13, (E, 2 * I, H)), "w2": (w2, (E, H, I))}
         placement = kw.pop("placement", None) or Placement.contiguous(E, world.world_size)
+        experts = {}
+        for name, (given, want) in dense.items():
+            if shape.fp8:
+                q, scale = given if isinstance(given, tuple) else quantize_experts(given)
+                experts[name], experts[f"{name}_scale"] = q, scale
+            elif isinstance(given, tuple):
+                raise ValueError(f"{name} is a (weights, scales) pair, but the shape is not FP8")
+            else:
+                experts[name] = given
+            if tuple(experts[name].shape) != want:
+                shape_given = tuple(experts[name].shape)
+                raise ValueError(f"dense {name} has shape {shape_given}, expected {want}")
         dev = world.device
         local = {
-            name: {r: placement.local_weights(t, r).to(dev, shape.dtype) for r in world.local_ranks}
-            for name, t in (("w13", w13), ("w2", w2))
+            name: {r: placement.local_weights(t, r).to(dev) for r in world.local_ranks}
+            for name, t in experts.items()
         }
-        return cls(world, shape, local["w13"], local["w2"], placement=placement, **kw)
+        for name in ("w13", "w2"):
+            local[name] = {r: t.to(shape.gemm_dtype) for r, t in local[name].items()}
+        return cls(world, shape, **local, placement=placement, **kw)
 
     @classmethod
     def from_hf(cls, block: nn.Module, world: World, **kw: object) -> FusedEPMoE:
@@ -142,7 +175,7 @@ class FusedEPMoE(nn.Module):
 
         return from_hf(block, world, **kw)
 
-    def _weights(self, name: str, w, want: tuple[int, ...]) -> nn.ParameterDict:
+    def _weights(self, name: str, w, want: tuple[int, ...], dtype: torch.dtype) -> nn.ParameterDict:
         """Checked per-rank weights as parameters (the tensors themselves where contiguous)."""
         params = {}
         for r, t in self._by_rank(name, w).items():
@@ -155,8 +188,8 @@ class FusedEPMoE(nn.Module):
                 raise ValueError(
                     f"{name} of rank {r} has shape {tuple(t.shape)}, expected {want}{hint}"
                 )
-            if t.dtype != self.shape.dtype:
-                raise ValueError(f"{name} of rank {r} is {t.dtype}, the layer {self.shape.dtype}")
+            if t.dtype != dtype:
+                raise ValueError(f"{name} of rank {r} is {t.dtype}, the layer needs {dtype}")
             if t.device != self.world.device:
                 raise ValueError(
                     f"{name} of rank {r} is on {t.device}, but rank {r} runs on {self.world.device}"
@@ -207,17 +240,24 @@ class FusedEPMoE(nn.Module):
         """The call replayed from its captured graph (``graphs``, the default checks), or None."""
         if self.graphs is None or self.validate != "device" or not self.graphs.usable():
             return None
-        return self.graphs(xs, ids, weights, *self._weights_by_rank(), self.split)
+        return self.graphs(xs, ids, weights, self.split, **self._experts_by_rank())
 
-    def _weights_by_rank(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """(w13, w2) as {rank: tensor}, built once (host time per call otherwise); ``_apply``,
-        which may give the module new parameters (``.to()``), forgets them."""
+    def _experts(self) -> dict[str, nn.ParameterDict]:
+        """The experts' parameters by ``Megakernel.run``'s argument names (with FP8, the scales
+        too)."""
+        experts = {"w13": self.w13, "w2": self.w2}
+        if self.shape.fp8:
+            experts |= {"w13_scale": self.w13_scale, "w2_scale": self.w2_scale}
+        return experts
+
+    def _experts_by_rank(self) -> dict[str, dict[int, torch.Tensor]]:
+        """``_experts()`` as {name: {rank: tensor}}, built once (host time per call otherwise);
+        ``_apply``, which may give the module new parameters (``.to()``), forgets them."""
         if self._by_rank_cache is None:
             ranks = self.world.local_ranks
-            self._by_rank_cache = (
-                {r: self.w13[str(r)] for r in ranks},
-                {r: self.w2[str(r)] for r in ranks},
-            )
+            self._by_rank_cache = {
+                name: {r: params[str(r)] for r in ranks} for name, params in self._experts().items()
+            }
         return self._by_rank_cache
 
     def _apply(self, fn, *args, **kw):
@@ -226,14 +266,9 @@ class FusedEPMoE(nn.Module):
 
     def _launched(self, xs, ids, weights) -> dict[int, torch.Tensor]:
         handles = self.workspace.run(
-            xs,
-            ids,
-            weights,
-            *self._weights_by_rank(),
-            mode="layer",
-            split=self.split,
-            validate=self.validate,
-        )
+            xs, ids, weights, mode="layer", split=self.split, validate=self.validate,
+            **self._experts_by_rank(),
+        )  # fmt: skip
         return {r: h.out for r, h in handles.items()}
 
     def _by_rank(self, name: str, value) -> dict[int, torch.Tensor] | None:
@@ -287,8 +322,9 @@ class FusedEPMoE(nn.Module):
         self.workspace.plan_ws.check_placement(placement)  # before any weight moves
         old, ranks, L = self.placement, self.world.local_ranks, self.placement.slots_per_rank
         self.world.barrier()  # every rank's calls are done: nobody reads the weights
-        for weights in (self.w13, self.w2):
-            staged = self.world.alloc(tuple(weights[str(ranks[0])].shape), self.shape.dtype)
+        for weights in self._experts().values():
+            some = weights[str(ranks[0])]
+            staged = self.world.alloc(tuple(some.shape), some.dtype)
             for r in ranks:
                 staged.peer(r).copy_(weights[str(r)])
             self.world.barrier()

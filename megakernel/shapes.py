@@ -2,6 +2,10 @@
 
 Shape legend: T tokens per rank (at most ``max_tokens_per_rank``), H hidden, I expert FFN width,
 E experts (global), L = E / R experts per rank, K top-k, R ranks.
+
+``fp8``: the experts' weights are e4m3 with one fp32 scale per 128 x 128 block, and the tokens
+are quantised per 128 columns on their way to the experts (``megakernel.fp8``); ``dtype`` is
+still that of the layer's input and output, and of the combine.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FP8_BLOCK = 128  # the FP8 path's scale block (megakernel.fp8.BLOCK)
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,7 @@ class MoEShape:
     topk: int  # K
     max_tokens_per_rank: int  # T at most
     dtype: torch.dtype = torch.bfloat16
+    fp8: bool = False  # e4m3 expert weights with 128 x 128 block scales (see the module doc)
 
     def __post_init__(self) -> None:
         for name in ("hidden", "ffn", "num_experts", "topk", "max_tokens_per_rank"):
@@ -33,6 +39,23 @@ class MoEShape:
             )
         if self.dtype not in _DTYPES:
             raise ValueError(f"MoEShape.dtype must be one of {_DTYPES}, got {self.dtype}")
+        if self.fp8 and (self.hidden % FP8_BLOCK or self.ffn % FP8_BLOCK):
+            raise ValueError(
+                f"MoEShape(fp8=True) scales blocks of {FP8_BLOCK}: hidden {self.hidden} and ffn "
+                f"{self.ffn} must both be multiples of {FP8_BLOCK}"
+            )
+
+    @property
+    def gemm_dtype(self) -> torch.dtype:
+        """What the expert GEMMs read (weights, received rows, activations): e4m3 with ``fp8``,
+        else ``dtype``."""
+        return torch.float8_e4m3fn if self.fp8 else self.dtype
+
+    def weight_scale_shapes(self, experts: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """With ``fp8``: the fp32 block scales of ``experts`` experts' ``w13`` and ``w2``,
+        ``[experts, 2I/128, H/128]`` and ``[experts, H/128, I/128]``."""
+        H, I = self.hidden // FP8_BLOCK, self.ffn // FP8_BLOCK
+        return (experts, 2 * I, H), (experts, H, I)
 
     def experts_per_rank(self, world_size: int) -> int:
         """L for contiguous placement; E must split evenly over the ranks."""

@@ -11,6 +11,13 @@ from __future__ import annotations
 
 import torch
 
+from megakernel.fp8 import (
+    FP8_DENSE_ERROR,
+    FP8_TOLERANCE,
+    dequantize_weight_blocks,
+    moe_fp8_ref_by_expert,
+    quantize_weight_blocks,
+)
 from megakernel.handles import DispatchHandle
 from megakernel.placement import Placement
 from megakernel.plan import PlanConfig
@@ -119,15 +126,50 @@ def layer_ref(
     return moe_ref_by_expert(x, topk_ids, topk_weights, expert)
 
 
+def fp8_layer_problems(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    shape: MoEShape,
+    seed: int,
+    rank: int,
+) -> list[str]:
+    """What is wrong with one rank's output of an FP8 layer built from the experts of ``seed``
+    (quantised by ``FusedEPMoE.from_dense``): against ``moe_fp8_ref`` within ``FP8_TOLERANCE``,
+    and against ``moe_ref`` on the dense experts within ``FP8_DENSE_ERROR`` (norm-relative).
+    Experts are rebuilt one at a time, on x's device."""
+    dev = x.device
+
+    def dense(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return expert_w13(shape, seed, e, dev), expert_w2(shape, seed, e, dev)
+
+    def dequantized(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w13, w2 = dense(e)
+        w13, w2 = quantize_weight_blocks(w13), quantize_weight_blocks(w2)
+        return dequantize_weight_blocks(*w13), dequantize_weight_blocks(*w2)
+
+    want = moe_fp8_ref_by_expert(x, topk_ids, topk_weights, dequantized)
+    problems = compare_layer_output(out, want, FP8_TOLERANCE, rank)
+    ref = moe_ref_by_expert(x, topk_ids, topk_weights, dense)
+    error = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    if not error <= FP8_DENSE_ERROR:
+        problems.append(
+            f"rank {rank}: FP8 output is {error:.3g} from moe_ref (norm-relative), more than "
+            f"{FP8_DENSE_ERROR}"
+        )
+    return problems
+
+
 def compare_layer_output(
-    out: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, rank: int
+    out: torch.Tensor, want: torch.Tensor, tolerance: torch.dtype | tuple[float, float], rank: int
 ) -> list[str]:
     """What is wrong with one rank's layer output ``out [T, H]`` against ``want`` (``layer_ref``)
-    within ``TOLERANCE[dtype]`` (empty: nothing)."""
+    within ``tolerance``: (rtol, atol), or a dtype's ``TOLERANCE`` (empty: nothing)."""
     got = out.float()
     if got.shape != want.shape:
         return [f"rank {rank}: output has shape {tuple(got.shape)}, expected {tuple(want.shape)}"]
-    rtol, atol = TOLERANCE[dtype]
+    rtol, atol = tolerance if isinstance(tolerance, tuple) else TOLERANCE[tolerance]
     if not torch.allclose(got, want, rtol=rtol, atol=atol):
         err = (got - want).abs().nan_to_num(float("inf"))
         bad = (err > atol + rtol * want.abs()).any(1).nonzero().squeeze(1).cpu()

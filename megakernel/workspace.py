@@ -27,11 +27,11 @@ from megakernel.config import (
 )
 from megakernel.errors import CallErrors
 from megakernel.handles import CallInputs, DispatchHandle
-from megakernel.kernel import PlanBuffers, RankState, SymBuffers, moe_megakernel
+from megakernel.kernel import Fp8Scales, PlanBuffers, RankState, SymBuffers, moe_megakernel
 from megakernel.launch import Launcher, aligned
 from megakernel.placement import Placement
 from megakernel.plan import MAX_ROUNDS, STATS, PlanConfig, PlanWorkspace
-from megakernel.shapes import MoEShape
+from megakernel.shapes import FP8_BLOCK, MoEShape
 from megakernel.tasks import (
     MODES,
     PROBE_COMM,
@@ -53,12 +53,15 @@ class Megakernel:
       ``recv_src [2, C]``       int32, the row holding each row's data;
       ``expert_ready [rounds, L, R]``  int64 flags: (round, local slot, source rank) -> epoch;
       ``round_free [rounds]``   int64 flags: round -> epoch whose launch of it ended here;
+    with ``MoEShape.fp8`` (``recv_x`` then e4m3) also
+      ``recv_scale [2, C, H/128]``  fp32 scales of the received rows per 128 columns;
     with ``combine`` (what mode "layer" needs) also
       ``recv_tag [2, C]``       int32, each row's (source rank, token, k): where its output goes;
       ``combine_y [T * K, H]``  the expert outputs of this rank's tokens, one row per (token, k);
       ``combine_count [groups, token blocks]``  int32 pieces arrived per (column group of H,
                                 block of ``combine_block`` tokens);
-    and per rank ``act [C, I]`` and the flags and counters of ``RankState``.
+    and per rank ``act [C, I]`` (FP8: e4m3, and its scales ``act_scale [C, I/128]``) and the
+    flags and counters of ``RankState``.
 
     ``combine_y`` needs no second buffer: a peer puts call n + 1's rows only after this rank
     dispatched call n + 1, which its stream orders after call n's top-k reduce.
@@ -78,6 +81,8 @@ class Megakernel:
         self.world, self.shape = world, shape
         self.placement = placement or Placement.contiguous(shape.num_experts, world.world_size)
         self.config = config or KernelConfig()
+        if shape.fp8:
+            self.config = self.config.for_fp8()
         self.swiglu, self.combine = swiglu, combine
         self._check_config()
         L, K = self.placement.slots_per_rank, shape.topk
@@ -170,12 +175,14 @@ class Megakernel:
         C, H, R, L = self.capacity, shape.hidden, world.world_size, self.plan_cfg.slots_per_rank
         rounds = self.plan_cfg.rounds
         sym = {
-            "recv_x": world.alloc((2, C, H), shape.dtype),
+            "recv_x": world.alloc((2, C, H), shape.gemm_dtype),
             "recv_src": world.alloc((2, C), torch.int32),
             # a round's flags start 16-byte aligned (the kernels are compiled for that)
             "expert_ready": world.alloc((rounds, _even(L * R)), torch.int64),
             "round_free": world.alloc((max(2, rounds),), torch.int64),
         }
+        if shape.fp8:
+            sym["recv_scale"] = world.alloc((2, C, H // FP8_BLOCK), torch.float32)
         if self.combine:
             T, K = shape.max_tokens_per_rank, shape.topk
             sym["recv_tag"] = world.alloc((2, C), torch.int32)
@@ -197,7 +204,14 @@ class Megakernel:
                 r: torch.zeros(size, dtype=dtype, device=world.device) for r in world.local_ranks
             }
 
-        self.act = per_rank(self.plan_cfg.capacity, width, dtype=shape.dtype)
+        self.act = per_rank(self.plan_cfg.capacity, width, dtype=shape.gemm_dtype)
+        # the FP8 scales' stand-in without FP8 (the kernel never reads it)
+        self._no_scales = torch.zeros(4, dtype=torch.float32, device=world.device)
+        if shape.fp8:
+            C = self.plan_cfg.capacity
+            self.act_scale = per_rank(C, width // FP8_BLOCK, dtype=torch.float32)
+        else:
+            self.act_scale = {r: self._no_scales for r in world.local_ranks}
         # [programs, 1 + events, 4] int64: a header, then (kind << 32 | task, start, end, waited)
         programs = max(self.num_ctas, self.dispatch_only_ctas)
         trace_shape = (programs, cfg.trace_events + 1, 4) if cfg.trace else (4,)
@@ -219,6 +233,8 @@ class Megakernel:
         sym = {f"{name} (sym)": t.nbytes for name, t in self.sym.items()}
         r = self.world.local_ranks[0]
         local = {"act": self.act[r].nbytes}
+        if self.shape.fp8:
+            local["act_scale"] = self.act_scale[r].nbytes
         flags = {name: t[r].nbytes for name, t in self.state.items() if name != "trace"}
         local["flags, counters"] = sum(flags.values())
         if self.config.trace:
@@ -307,6 +323,11 @@ class Megakernel:
             weights_ptr=x if weights is None else weights,
             act_ptr=self.act[rank],
             out_ptr=x if out is None else out,
+            scales=Fp8Scales(
+                w13=self._no_scales if inputs.w13_scale is None else inputs.w13_scale,
+                w2=self._no_scales if inputs.w2_scale is None else inputs.w2_scale,
+                act=self.act_scale[rank],
+            ),
             **self._groups[rank][rnd],
             rank=rank,
             num_tokens=x.shape[0],
@@ -321,9 +342,10 @@ class Megakernel:
         """The kernel's buffer groups of ``rank`` (``plan``, ``peers``, ``mine``, ``state``), one
         set per round (each round's tables and flags are views of its own rows): the same
         tensors every call, built once. Without the combine buffers the kernel never touches
-        theirs (LAYER is off): others of the right kind stand in."""
+        theirs (LAYER is off), nor ``recv_scale`` without FP8: others stand in."""
         plan = self.plan_ws.bufs[rank]
         stand_in = {"recv_tag": "recv_src", "combine_y": "recv_x", "combine_count": "recv_src"}
+        stand_in["recv_scale"] = "recv_src"
         sym = {
             name: self.sym[name if name in self.sym else stand_in[name]]
             for name in SymBuffers._fields
@@ -359,13 +381,16 @@ class Megakernel:
         dev, shape, L = self.world.device, self.shape, self.plan_cfg.slots_per_rank
         H, I, K = shape.hidden, shape.ffn, shape.topk
         x = torch.zeros(2, H, dtype=shape.dtype, device=dev)
+        scales = [torch.ones(s, device=dev) for s in shape.weight_scale_shapes(L)]
         return CallInputs(
             x=x,
             topk_ids=torch.zeros(2, K, dtype=torch.int32, device=dev),
             topk_weights=torch.zeros(2, K, dtype=torch.float32, device=dev),
-            w13=torch.zeros(L, 2 * I, H, dtype=shape.dtype, device=dev),
-            w2=torch.zeros(L, H, I, dtype=shape.dtype, device=dev),
+            w13=torch.zeros(L, 2 * I, H, dtype=shape.gemm_dtype, device=dev),
+            w2=torch.zeros(L, H, I, dtype=shape.gemm_dtype, device=dev),
             out=torch.zeros_like(x),
+            w13_scale=scales[0] if shape.fp8 else None,
+            w2_scale=scales[1] if shape.fp8 else None,
         )
 
     def warmup(self, mode: str = "gemm", probe: int = 0) -> None:
@@ -402,9 +427,13 @@ class Megakernel:
         )
         check_tensor(rank, "x", given.x, (given.topk_ids.shape[0], H), shape.dtype, dev)
         if weights:
-            check_tensor(rank, "w13", given.w13, (L, 2 * I, H), shape.dtype, dev)
+            check_tensor(rank, "w13", given.w13, (L, 2 * I, H), shape.gemm_dtype, dev)
         if weights and layer:
-            check_tensor(rank, "w2", given.w2, (L, H, I), shape.dtype, dev)
+            check_tensor(rank, "w2", given.w2, (L, H, I), shape.gemm_dtype, dev)
+        if weights and shape.fp8:
+            w13_scale, w2_scale = shape.weight_scale_shapes(L)
+            check_tensor(rank, "w13_scale", given.w13_scale, w13_scale, torch.float32, dev)
+            check_tensor(rank, "w2_scale", given.w2_scale, w2_scale, torch.float32, dev)
         if given.out is not None:
             check_tensor(rank, "out", given.out, (given.x.shape[0], H), shape.dtype, dev)
             if not given.out.is_contiguous():
@@ -423,6 +452,7 @@ class Megakernel:
         # NOTE: the kernels are compiled for 16-byte aligned pointers (megakernel.launch): a
         # misaligned view is copied, or would need another variant compiled while peers spin
         x, w13, w2 = aligned(given.x), aligned(given.w13), aligned(given.w2)
+        w13_scale, w2_scale = aligned(given.w13_scale), aligned(given.w2_scale)
         weights, out = given.topk_weights, given.out
         if layer:
             weights = aligned(weights.to(torch.float32))
@@ -431,7 +461,7 @@ class Megakernel:
             elif out.data_ptr() % 16:
                 raise ValueError("out must be 16-byte aligned (a fresh tensor is)")
         ids = self.plan_ws.prepare_ids(given.topk_ids, validate=False)
-        return CallInputs(x, ids, weights, w13, w2, out)
+        return CallInputs(x, ids, weights, w13, w2, out, w13_scale, w2_scale)
 
     def run(
         self,
@@ -442,6 +472,8 @@ class Megakernel:
         w2: dict[int, torch.Tensor] | None = None,
         *,
         out: dict[int, torch.Tensor] | None = None,
+        w13_scale: dict[int, torch.Tensor] | None = None,
+        w2_scale: dict[int, torch.Tensor] | None = None,
         mode: str = "gemm",
         overlap: bool | None = None,
         split: bool = False,
@@ -451,7 +483,8 @@ class Megakernel:
         """One call on every local rank (inputs keyed by rank). ``mode``: "layer" (the whole MoE
         layer: needs ``topk_weights`` and ``w2``; writes ``out [T, H]`` when given, else a new
         tensor), "gemm" (dispatch + GEMM1, fused) or "dispatch" (dispatch, then resolve every
-        indirect row).
+        indirect row). With ``MoEShape.fp8`` only "layer", and the weights are e4m3 with their
+        block scales ``w13_scale`` / ``w2_scale`` (``megakernel.fp8``).
 
         ``split`` runs the layer as two kernels (dispatch + GEMM1, then down projection + combine
         + top-k reduce) instead of one.
@@ -493,6 +526,8 @@ class Megakernel:
                 w13[r],
                 (w2 or none)[r],
                 (out or none)[r],
+                (w13_scale or none)[r],
+                (w2_scale or none)[r],
             )  # fmt: skip
             for r in ranks
         }
@@ -524,6 +559,11 @@ class Megakernel:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         if mode == "layer" and not self.combine:
             raise ValueError('mode "layer" needs a workspace built with combine=True')
+        if self.shape.fp8 and mode != "layer":
+            raise ValueError(
+                f'mode "{mode}" hands back the receive buffers, which the FP8 path fills with '
+                'e4m3 rows and scales: MoEShape(fp8=True) runs mode "layer" only'
+            )
         layer_stages = ("all", "comm", "compute")
         if (mode == "layer") != (stage in layer_stages) and stage != "all":
             raise ValueError(f'stage {stage!r} is not one of mode "{mode}"')

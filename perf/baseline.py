@@ -66,3 +66,28 @@ def baseline_moe(
     per_slot[order[:n_send]] = back
     weighted = per_slot.view(T, K, H).float() * topk_weights.float().unsqueeze(2)
     return weighted.sum(1).to(x.dtype)
+
+
+class DequantizedBaseline:
+    """The FP8 layer in plain PyTorch, one rank (``MoEShape.fp8``): the tokens quantised per 128
+    columns (``megakernel.fp8``), every expert's e4m3 weights dequantised into bf16 buffers on
+    each call (chunks of experts), then ``baseline_moe``. PyTorch has no grouped GEMM with
+    DeepSeek-V3's block scales that this baseline could call instead (perf/RESULTS.md)."""
+
+    CHUNK = 16  # experts dequantised per step (bounds the fp32 working copy)
+
+    def __init__(self, shape: MoEShape, w13, w2) -> None:
+        """``w13`` / ``w2``: (e4m3 weights, fp32 block scales) of every expert."""
+        self.shape, self.w13, self.w2 = shape, w13, w2
+        self.dense13 = torch.empty(w13[0].shape, dtype=shape.dtype, device=w13[0].device)
+        self.dense2 = torch.empty(w2[0].shape, dtype=shape.dtype, device=w2[0].device)
+
+    def __call__(self, x, topk_ids, topk_weights) -> torch.Tensor:
+        from megakernel.fp8 import dequantize_weight_blocks, fp8_roundtrip
+
+        for dense, (q, scale) in ((self.dense13, self.w13), (self.dense2, self.w2)):
+            for e in range(0, q.shape[0], self.CHUNK):
+                part = slice(e, e + self.CHUNK)
+                dense[part] = dequantize_weight_blocks(q[part], scale[part])
+        x = fp8_roundtrip(x).to(x.dtype)
+        return baseline_moe(x, topk_ids, topk_weights, self.dense13, self.dense2, self.shape, 1)

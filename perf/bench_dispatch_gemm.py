@@ -146,7 +146,7 @@ def bench(world: World, args) -> dict:
         r = world.local_ranks[0]
         base_args = (xs[r], rt.topk_ids[r], None, w_local[r], None, shape, R)
         base = time_us(lambda: baseline_moe(*base_args, layer=False))
-    row_size = row_bytes(shape.hidden, shape.dtype)
+    row_size = row_bytes(shape.hidden, shape.dtype, shape.fp8)
     # DeepEP's convention: every (token, destination rank) row received, local ones included
     logical = max(traffic.rows_saved[s] + traffic.tokens[s] for s in range(R)) * row_size
     for row in rows + only:

@@ -12,6 +12,14 @@ checked against ``moe_ref`` (fp32) first:
           shape where Triton's cache is cold); skipped where liger_kernel is not installed
   torch   the unfused baseline (perf/baseline.py: permute, ``torch._grouped_mm``, SwiGLU, back)
 
+With ``--fp8`` three more, on the same experts quantised to e4m3 with 128 x 128 block scales
+(``MoEShape.fp8``), each checked against ``moe_fp8_ref`` (ours) or within ``FP8_DENSE_ERROR``
+of ``moe_ref`` (torch's) first:
+
+  fp8_eager / fp8_graph   the FP8 ``FusedEPMoE``, called and replayed as above
+  torch_fp8               the weights dequantised every call, then the unfused baseline
+                          (perf/baseline.py, ``DequantizedBaseline``)
+
 Each round times every implementation once (``--calls`` calls, synchronised at the end), in an
 order that rotates from round to round, so the power cap's drift falls on all of them alike; the
 figure is the median over rounds.
@@ -27,19 +35,29 @@ import argparse
 import os
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
 from megakernel import FusedEPMoE, routing
+from megakernel.fp8 import FP8_DENSE_ERROR, quantize_experts
 from megakernel.placement import Placement
 from megakernel.shapes import preset
-from megakernel.testing import compare_layer_output, layer_ref, local_w2, local_w13, make_tokens
-from perf.baseline import baseline_moe
+from megakernel.testing import (
+    compare_layer_output,
+    fp8_layer_problems,
+    layer_ref,
+    local_w2,
+    local_w13,
+    make_tokens,
+)
+from perf.baseline import DequantizedBaseline, baseline_moe
 from perf.record import write_result
 from perf.timing import wall_us
 from symm_mem import EmulatedWorld
 
 IMPLS = ("eager", "graph", "liger", "torch")
+FP8_IMPLS = ("fp8_eager", "fp8_graph", "torch_fp8")
 READ_BYTES = 4 << 30  # the bandwidth probe reads this much
 SEED = 1
 
@@ -121,7 +139,7 @@ class PresetCase:
     """One preset's experts and layer, built once for every T of the sweep (the layer's
     ``max_tokens_per_rank`` is the sweep's largest T, as a user sizes it)."""
 
-    def __init__(self, world, name: str, max_tokens: int, liger) -> None:
+    def __init__(self, world, name: str, max_tokens: int, liger, fp8: bool = False) -> None:
         self.name, self.liger = name, liger
         self.shape = preset(name).with_tokens(max_tokens)
         E = self.shape.num_experts
@@ -130,6 +148,15 @@ class PresetCase:
         self.w2 = local_w2(self.shape, self.placement, 0, SEED, "cuda")
         self.layer = FusedEPMoE(world, self.shape, {0: self.w13}, {0: self.w2},
                                 placement=self.placement)  # fmt: skip
+        self.fp8_layer = self.fp8_torch = None
+        if fp8:
+            self.fp8_shape = replace(self.shape, fp8=True)
+            q13, q2 = quantize_experts(self.w13), quantize_experts(self.w2)
+            self.fp8_layer = FusedEPMoE(
+                world, self.fp8_shape, {0: q13[0]}, {0: q2[0]}, w13_scale={0: q13[1]},
+                w2_scale={0: q2[1]}, placement=self.placement,
+            )  # fmt: skip
+            self.fp8_torch = DequantizedBaseline(self.fp8_shape, q13, q2)
         if liger is not None:  # Liger tunes on a shape's first call: at the sweep's largest T
             x, ids, w = self.inputs(max_tokens)
             liger(x, self.w13, self.w2, ids, w)
@@ -151,34 +178,59 @@ class PresetCase:
             calls["liger"] = lambda: self.liger(x, self.w13, self.w2, ids, w)
         want = layer_ref(x, ids, w, shape, SEED)
         for impl, call in calls.items():
-            wrong = compare_layer_output(call(), want, shape.dtype, 0)
-            if wrong:
-                raise SystemExit(f"{self.name} T={T} {impl}: {wrong[0]}")
+            self.check(f"T={T} {impl}", compare_layer_output(call(), want, shape.dtype, 0))
         layer.check_errors()
-        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-            captured = layer.workspace.run(
-                {0: x}, {0: ids}, {0: w}, {0: self.w13}, {0: self.w2}, mode="layer",
-                validate=False,
-            )[0].out  # fmt: skip
-        graph.replay()
-        wrong = compare_layer_output(captured, want, shape.dtype, 0)
-        if wrong:
-            raise SystemExit(f"{self.name} T={T} graph: {wrong[0]}")
-        calls["graph"] = graph.replay
+        calls["graph"], out = captured_call(layer, x, ids, w)
+        self.check(f"T={T} graph", compare_layer_output(out, want, shape.dtype, 0))
+        if self.fp8_layer is not None:
+            calls |= self.fp8_calls(T, x, ids, w, want)
         for call in calls.values():  # warm: eager's second call of a T captures its own graph
             call()
             call()
         return calls, weight_bytes(ids, shape.hidden, shape.ffn, 2)
 
+    def fp8_calls(self, T: int, x, ids, w, want: torch.Tensor) -> dict:
+        """The FP8 implementations at ``T``, checked first (``want``: ``moe_ref``)."""
+        layer, shape = self.fp8_layer, self.fp8_shape
+        calls = {"fp8_eager": lambda: layer(x, ids, w)}
+        problems = fp8_layer_problems(calls["fp8_eager"](), x, ids, w, shape, SEED, 0)
+        self.check(f"T={T} fp8_eager", problems)
+        layer.check_errors()
+        calls["fp8_graph"], out = captured_call(layer, x, ids, w)
+        self.check(f"T={T} fp8_graph", fp8_layer_problems(out, x, ids, w, shape, SEED, 0))
+        calls["torch_fp8"] = lambda: self.fp8_torch(x, ids, w)
+        got = calls["torch_fp8"]().float()
+        error = ((got - want).norm() / want.norm()).item()
+        if not error <= FP8_DENSE_ERROR:
+            self.check(f"T={T} torch_fp8", [f"{error:.3g} from moe_ref (norm-relative)"])
+        return calls
+
+    def check(self, what: str, problems: list[str]) -> None:
+        if problems:
+            raise SystemExit(f"{self.name} {what}: {problems[0]}")
+
     def close(self) -> None:
         self.layer.close()
+        if self.fp8_layer is not None:
+            self.fp8_layer.close()
+
+
+def captured_call(layer: FusedEPMoE, x, ids, w):
+    """(a CUDA graph's replay of one layer call at these inputs, the captured call's output
+    after one replay)."""
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        captured = layer.workspace.run(
+            {0: x}, {0: ids}, {0: w}, mode="layer", validate=False, **layer._experts_by_rank()
+        )[0].out
+    graph.replay()
+    return graph.replay, captured
 
 
 def bench_point(case: PresetCase, T: int, bandwidth: float, args) -> dict:
     calls, touched = case.calls(T)
-    names = [impl for impl in IMPLS if impl in calls]
+    names = [impl for impl in IMPLS + FP8_IMPLS if impl in calls]
     times: dict[str, list[float]] = {impl: [] for impl in names}
     for order in rotations(names, args.rounds):
         for impl in order:
@@ -188,6 +240,9 @@ def bench_point(case: PresetCase, T: int, bandwidth: float, args) -> dict:
     row["bound_us"] = touched / bandwidth * 1e6
     row["graph_over_bound"] = row["graph_us"] / row["bound_us"]
     row["eager_over_graph"] = row["eager_us"] / row["graph_us"]
+    if "fp8_graph_us" in row:
+        row["fp8_bound_us"] = row["bound_us"] / 2  # one byte a weight, not two
+        row["graph_over_fp8_graph"] = row["graph_us"] / row["fp8_graph_us"]
     print(table_row(row), flush=True)
     return row
 
@@ -198,16 +253,25 @@ def table_row(r: dict) -> str:
     cells = " ".join(f"{r.get(i + '_us', float('nan')):9.1f}" for i in IMPLS)
     liger = r.get("liger_us", float("nan"))
     ratios = (r["eager_over_graph"], liger / r["eager_us"], liger / r["graph_us"])
-    return (
+    line = (
         f"{r['preset']:<12} {r['T']:5d} {cells} {ratios[0]:5.2f} {ratios[1]:7.2f} "
         f"{ratios[2]:7.2f} {r['bound_us']:8.1f} {r['graph_over_bound']:7.2f}"
     )
+    if "fp8_graph_us" in r:
+        line += " " + " ".join(f"{r[i + '_us']:9.1f}" for i in FP8_IMPLS)
+        fp8 = r["fp8_graph_us"]
+        ratios = (r["graph_over_fp8_graph"], r["fp8_eager_us"] / fp8, fp8 / r["fp8_bound_us"])
+        line += f" {ratios[0]:8.2f} {ratios[1]:5.2f} {ratios[2]:7.2f}"
+    return line
 
 
-def header(bandwidth: float) -> str:
+def header(bandwidth: float, fp8: bool) -> str:
     gpu = torch.cuda.get_device_name()
     head = f"{'preset':<12} {'T':>5} " + " ".join(f"{i + ' us':>9}" for i in IMPLS)
     head += f" {'e/g':>5} {'liger/e':>7} {'liger/g':>7} {'bound us':>8} {'g/bound':>7}"
+    if fp8:  # bf16 graph over FP8 graph, FP8 eager over graph, FP8 graph over its weight bound
+        head += " " + " ".join(f"{i[:7] + ' us':>9}" for i in FP8_IMPLS)
+        head += f" {'bf16/fp8':>8} {'e/g':>5} {'g/bound':>7}"
     title = f"one rank holding every expert, {gpu}, read bandwidth {bandwidth / 1e9:.0f} GB/s"
     return f"{title}\n{head}"
 
@@ -220,6 +284,7 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[16, 128, 1024, 4096])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--fp8", action="store_true", help="add the FP8 rows (see above)")
     parser.add_argument(
         "--compile-workers", type=int, default=min(16, os.cpu_count() or 1),
         help="processes compiling Liger's autotuning configs ahead of its autotuning (1: off)",
@@ -232,17 +297,17 @@ def main() -> None:
         took = warm_liger_cache(args.presets, args.compile_workers)
         print(f"Liger's configs compiled in {args.compile_workers} processes: {took:.0f} s")
     bandwidth = read_bandwidth()
-    print(header(bandwidth), flush=True)
+    print(header(bandwidth, args.fp8), flush=True)
     rows = []
     with EmulatedWorld(1, "cuda") as world:
         for name in args.presets:
-            case = PresetCase(world, name, max(args.tokens), liger)
+            case = PresetCase(world, name, max(args.tokens), liger, args.fp8)
             rows += [bench_point(case, T, bandwidth, args) for T in args.tokens]
             case.close()
             del case
             torch.cuda.empty_cache()
     path, _ = write_result("peers_one_rank", {"rows": rows, "read_Bps": bandwidth})
-    print("\n".join(["", header(bandwidth), *map(table_row, rows), f"wrote {path}"]))
+    print("\n".join(["", header(bandwidth, args.fp8), *map(table_row, rows), f"wrote {path}"]))
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = preset(args.preset).with_tokens(args.tokens)
     R, T, E, K = args.ranks, args.tokens, shape.num_experts, shape.topk
-    row_size = row_bytes(shape.hidden, shape.dtype)
+    row_size = row_bytes(shape.hidden, shape.dtype, shape.fp8)
     fit, score = routings(R, T, E, K, seed=1), routings(R, T, E, K, seed=2)
     rows = []
     head = f"{'routing':<11} {'policy':<10} {'remote rows':>11} {'vs contig':>9} {'max rows':>8}"

@@ -6,11 +6,12 @@ per rank (the capacity).
 Receive side of one call (one parity of the double-buffered symmetric buffers):
   ``recv_x [C, H]``   rows in the receive order of DESIGN §4 (local slot, source rank, token);
   ``recv_src [C]``    for every row, the row that holds its data: itself, or with token saving
-                      the token's first slot on this rank (an earlier or equal local slot).
+                      the token's first slot on this rank (an earlier or equal local slot);
+  ``recv_scale [C, H / 128]``  FP8 only: the fp32 scales of each data row's e4m3 ``recv_x``.
 
 - ``tile_dispatch_put``: a chunk of one send group's units. Each unit's token row is stored once
-  into the destination's ``recv_x`` (a peer address), and every slot it feeds there gets its
-  ``recv_src`` entry.
+  into the destination's ``recv_x`` (a peer address; FP8: quantised on the way, its scales into
+  ``recv_scale``), and every slot it feeds there gets its ``recv_src`` entry.
 - ``tile_resolve_rows``: copies the indirect rows of one GEMM tile in place, so ``recv_x`` holds
   every row (mode "dispatch", and GEMM1 with ``KernelConfig(pack="scan")``).
 - ``dispatch_task``: one task of the plan's dispatch table: ``tile_dispatch_put``, then the send
@@ -24,6 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from megakernel.ops.fp8 import FP8_BLOCK, quantize_copy_rows
 from megakernel.tasks import FLAG_ROUND_FREE
 from symm_mem.device import peer_ptr, wait_flag
 
@@ -42,6 +44,7 @@ def tile_dispatch_put(
     recv_x_dst,  # destination's recv_x [C, H] (peer address, this call's parity)
     recv_src_dst,  # destination's recv_src [C] (peer address, this call's parity)
     recv_tag_dst,  # destination's recv_tag [C] (peer address, this call's parity), if TAG
+    recv_scale_dst,  # FP8: destination's recv_scale [C, H / 128] (peer address, call's parity)
     tag_base,  # this rank * T_max * K: tags name (source rank, token * K + k)
     start,
     count,
@@ -56,6 +59,7 @@ def tile_dispatch_put(
     TOKEN_SAVING: tl.constexpr,
     TAG: tl.constexpr,
     COPY_STAGES: tl.constexpr = 1,
+    FP8: tl.constexpr = False,
 ):
     """Put units ``send_units[start : start + count]`` (all bound for rank ``dst``). With ``TAG``
     every slot fed also gets its tag, which tells the combine where the slot's output goes. A
@@ -80,7 +84,11 @@ def tile_dispatch_put(
         tl.store(recv_tag_dst + slot_row, tag_base + pair, mask=feeds)
     src = x_ptr + token.to(tl.int64)[:, None] * H
     out = recv_x_dst + row.to(tl.int64)[:, None] * H
-    copy_rows(src, out, live[:, None], H, BLOCK_H, COPY_STAGES)
+    if FP8:
+        scales = recv_scale_dst + row.to(tl.int64)[:, None] * (H // FP8_BLOCK)
+        quantize_copy_rows(src, out, scales, live[:, None], H)
+    else:
+        copy_rows(src, out, live[:, None], H, BLOCK_H, COPY_STAGES)
 
 
 @triton.jit
@@ -153,6 +161,7 @@ def dispatch_task(
         peer_ptr(peers.recv_x, dst, mine.recv_x) + parity * (M.C * M.H),
         peer_ptr(peers.recv_src, dst, mine.recv_src) + parity * M.C,
         peer_ptr(peers.recv_tag, dst, mine.recv_tag) + parity * M.C,
+        peer_ptr(peers.recv_scale, dst, mine.recv_scale) + parity * (M.C * M.H // FP8_BLOCK),
         rank * M.TK,
         start,
         count,
@@ -167,6 +176,7 @@ def dispatch_task(
         M.TOKEN_SAVING,
         M.LAYER,
         M.COPY_STAGES,
+        M.FP8,
     )
     tl.debug_barrier()  # every thread's puts before the arrival below
     _publish_group(g, dst, tl.load(row + 3), peers, mine, state, rank, epoch, M)

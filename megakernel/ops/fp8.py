@@ -1,4 +1,4 @@
-"""The expert GEMMs of the FP8 path (issue "FP8 path"; not yet wired into the megakernel): e4m3
+"""The expert GEMMs and the dispatch quantisation of the FP8 path (``MoEShape.fp8``): e4m3
 operands with 128-wide block scales (``megakernel.fp8``), e4m3 products accumulated in fp32 and
 scaled once per 128-column K block.
 
@@ -36,11 +36,15 @@ E4M3_PREROUND = tl.constexpr(INTERPRET)
 
 @triton.jit
 def _onto_e4m3_grid(v):
-    """``v`` (|v| <= 448) rounded to the nearest e4m3 value, ties away from zero, in fp32: 3
-    mantissa bits, subnormals spaced like the smallest normals (2^-9)."""
+    """``v`` (|v| <= 448) rounded to the nearest e4m3 value, ties to even (as ``cvt.rn`` and
+    torch round), in fp32: 3 mantissa bits, subnormals spaced like the smallest normals (2^-9).
+    Ties are common: a bf16 value has only 5 more mantissa bits."""
     mag = tl.abs(v)
     step = tl.exp2(tl.floor(tl.log2(tl.maximum(mag, 2.0**-6))) - 3.0)
-    return tl.where(v < 0, -1.0, 1.0) * tl.floor(mag / step + 0.5) * step
+    steps = mag / step
+    down = tl.floor(steps)
+    up = (steps - down > 0.5) | ((steps - down == 0.5) & (down % 2 == 1))
+    return tl.where(v < 0, -1.0, 1.0) * tl.where(up, down + 1.0, down) * step
 
 
 @triton.jit
@@ -72,9 +76,10 @@ def quantize_copy_rows(src_rows, out_rows, scale_rows, live, H: tl.constexpr):
 def _scaled_gemm(
     a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptr, live, K: tl.constexpr, BLOCK_M: tl.constexpr
 ):
-    """``sum_k (a_k @ b_k) * a_scale[:, k] * b_scale[k]`` over the K blocks of 128: ``a_ptrs``
-    [BM, B] e4m3 row pointers, ``a_scale_ptrs`` [BM] (scales of block 0), ``b_ptrs`` [B, B] (a
-    transposed view of one 128-row block of the weight), ``b_scale_ptr`` its block-0 scale."""
+    """``sum_k (a_k @ b_k) * a_scale[:, k] * b_scale[k]`` over the K blocks of 128 (the down
+    projection's product): ``a_ptrs`` [BM, B] e4m3 row pointers, ``a_scale_ptrs`` [BM] (scales
+    of block 0), ``b_ptrs`` [B, B] (a transposed view of one 128-row block of the weight),
+    ``b_scale_ptr`` its block-0 scale."""
     acc = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
     for kb in tl.range(0, K // FP8_BLOCK):
         a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
@@ -116,14 +121,20 @@ def tile_gemm1_fp8(
     n = n_block * FP8_BLOCK + kk  # gate rows of w13; up rows are I further
     w = w13_ptr + tl.cast(local, tl.int64) * (2 * I * H)
     gate_ptrs = w + n.to(tl.int64)[None, :] * H + kk[:, None]  # [B(k), B(n)]: w^T
+    up_ptrs = gate_ptrs + I * H
     scales = w13_scale_ptr + tl.cast(local, tl.int64) * (2 * I // FP8_BLOCK) * KB
-    gate = _scaled_gemm(
-        a_ptrs, a_scales, gate_ptrs, scales + n_block * KB, live, H, BLOCK_M
-    )  # fmt: skip
-    up_block = I // FP8_BLOCK + n_block
-    up = _scaled_gemm(
-        a_ptrs, a_scales, gate_ptrs + I * H, scales + up_block * KB, live, H, BLOCK_M
-    )  # fmt: skip
+    gate_scales = scales + n_block * KB
+    up_scales = scales + (I // FP8_BLOCK + n_block) * KB
+    gate = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
+    for kb in tl.range(0, KB):  # one A block feeds both products
+        a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+        a_scale = tl.load(a_scales + kb, mask=live, other=0.0)
+        gate += tl.dot(a, tl.load(gate_ptrs)) * (a_scale * tl.load(gate_scales + kb))[:, None]
+        up += tl.dot(a, tl.load(up_ptrs)) * (a_scale * tl.load(up_scales + kb))[:, None]
+        a_ptrs += FP8_BLOCK
+        gate_ptrs += FP8_BLOCK
+        up_ptrs += FP8_BLOCK
     q, scale = quantize_rows(gate * tl.sigmoid(gate) * up)
     out_rows = (row0 + r).to(tl.int64)
     tl.store(act_ptr + out_rows[:, None] * I + n[None, :], q, mask=live[:, None])

@@ -9,7 +9,8 @@ capacity), BM / BN / BK GEMM block sizes.
   or the raw ``x @ w13^T``.
 - ``tile_down_gemm``: one fp32 ``[BM, BN]`` block of ``act @ w2^T``, for the combine put.
 - ``gemm1_task`` / ``down_task``: the scheduler's task bodies: wait for the tile's inputs
-  (bounded), run the tile, publish what later tasks wait on.
+  (bounded), run the tile, publish what later tasks wait on. With FP8 (``MoEShape.fp8``) they
+  run ``megakernel.ops.fp8``'s block-scaled tiles instead.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import triton.language as tl
 
 from megakernel.ops.combine import tile_combine_put
 from megakernel.ops.dispatch import tile_resolve_rows
+from megakernel.ops.fp8 import FP8_BLOCK, tile_down_fp8, tile_gemm1_fp8
 from megakernel.tasks import (
     FLAG_ACT_READY,
     FLAG_EXPERT_READY,
@@ -203,8 +205,9 @@ def _wait_tile_rows(j, tile, local, plan, mine, state, rank, epoch, deadline, M:
 
 @triton.jit
 def gemm1_task(
-    j, w13_ptr, w13_desc, act_ptr, plan, mine, state, rank, epoch, deadline, M: tl.constexpr
-):
+    j, w13_ptr, w13_desc, act_ptr, scales, plan, mine, state, rank, epoch, deadline,
+    M: tl.constexpr,
+):  # fmt: skip
     """GEMM1 task ``j``: wait for its tile's rows, then GEMM column block ``j % GEMM1_BLOCKS``
     (or, in mode "dispatch", resolve the tile's rows). In the layer, the tile's last column block
     out publishes ``act_ready[tile] = epoch``. Without ``GATHER_A`` (and with token saving)
@@ -246,26 +249,33 @@ def gemm1_task(
     if arrived:
         if M.GEMM:
             if M.PROBE != PROBE_COMM:
-                tile_expert_gemm(
-                    recv_x,
-                    recv_src,
-                    w13_ptr,
-                    w13_desc,
-                    act_ptr,
-                    local,
-                    row0,
-                    rows,
-                    j % M.GEMM1_BLOCKS,
-                    M.H,
-                    M.I,
-                    M.BLOCK_M,
-                    M.BLOCK_N,
-                    M.BLOCK_K,
-                    M.SWIGLU,
-                    M.GATHER_A,
-                    M.GEMM1_TMA,
-                    M.PAIRS,
-                )
+                if M.FP8:
+                    x_scale = mine.recv_scale + parity * (M.C * M.H // FP8_BLOCK)
+                    tile_gemm1_fp8(
+                        recv_x, x_scale, recv_src, w13_ptr, scales.w13, act_ptr, scales.act,
+                        local, row0, rows, j % M.GEMM1_BLOCKS, M.H, M.I, M.BLOCK_M,
+                    )  # fmt: skip
+                else:
+                    tile_expert_gemm(
+                        recv_x,
+                        recv_src,
+                        w13_ptr,
+                        w13_desc,
+                        act_ptr,
+                        local,
+                        row0,
+                        rows,
+                        j % M.GEMM1_BLOCKS,
+                        M.H,
+                        M.I,
+                        M.BLOCK_M,
+                        M.BLOCK_N,
+                        M.BLOCK_K,
+                        M.SWIGLU,
+                        M.GATHER_A,
+                        M.GEMM1_TMA,
+                        M.PAIRS,
+                    )
             if M.LAYER:
                 _publish_activations(tile, state, epoch, M)
         else:
@@ -286,8 +296,8 @@ def _publish_activations(tile, state, epoch, M: tl.constexpr):
 
 @triton.jit
 def down_task(
-    tile, n_block, task, w2_ptr, w2_desc, act_ptr, pending_row, plan, peers, mine, state, rank,
-    epoch, deadline, M: tl.constexpr,
+    tile, n_block, task, w2_ptr, w2_desc, act_ptr, scales, pending_row, plan, peers, mine, state,
+    rank, epoch, deadline, M: tl.constexpr,
 ):  # fmt: skip
     """Down-projection task ``task`` (``tile``, column block ``n_block`` of H): wait for the
     tile's activations (GEMM1 tasks of this rank with lower ids), GEMM and put the rows to their
@@ -306,6 +316,11 @@ def down_task(
         rows = tl.load(row + 2)
         if M.PROBE == PROBE_COMM:
             acc = tl.full([M.BLOCK_M, M.DOWN_BLOCK_N], 0.0, tl.float32)
+        elif M.FP8:
+            acc = tile_down_fp8(
+                act_ptr, scales.act, w2_ptr, scales.w2, local, row0, rows, n_block, M.H, M.I,
+                M.BLOCK_M,
+            )  # fmt: skip
         else:
             acc = tile_down_gemm(
                 act_ptr,

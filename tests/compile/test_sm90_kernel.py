@@ -10,7 +10,7 @@ from _aot import compile_sm90, sass_ops, signature_of, wgmma_groups
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from megakernel.config import KernelConfig, default_capacity, kernel_meta
-from megakernel.kernel import PlanBuffers, RankState, SymBuffers, moe_megakernel
+from megakernel.kernel import Fp8Scales, PlanBuffers, RankState, SymBuffers, moe_megakernel
 from megakernel.plan import PlanConfig
 from megakernel.shapes import PRESETS
 
@@ -21,12 +21,17 @@ INT64 = {
     "expert_ready", "round_free", "act_ready", "resolved", "err", "epoch", "trace", "routing_err",
     "alarm",
 }  # fmt: skip
-DATA = {"x_ptr", "w13_ptr", "w2_ptr", "act_ptr", "out_ptr", "recv_x", "combine_y"}
+DATA = {"x_ptr", "out_ptr", "combine_y"}  # the shape's dtype
+GEMM_DATA = {"w13_ptr", "w2_ptr", "act_ptr", "recv_x"}  # its gemm_dtype (e4m3 with FP8)
+FLOAT32 = {"weights_ptr", "recv_scale", *Fp8Scales._fields}
 SCALARS = {
     "rank": 1, "num_tokens": 4000, "rnd": 0, "task_begin": 0, "task_end": 100,
     "timeout_ns": 10**10,
 }  # fmt: skip
-GROUPS = {"plan": PlanBuffers, "peers": SymBuffers, "mine": SymBuffers, "state": RankState}
+GROUPS = {
+    "scales": Fp8Scales, "plan": PlanBuffers, "peers": SymBuffers, "mine": SymBuffers,
+    "state": RankState,
+}  # fmt: skip
 
 
 def descriptor_blocks(cfg: KernelConfig, meta: dict) -> dict[str, list[int]]:
@@ -44,18 +49,20 @@ def descriptor_blocks(cfg: KernelConfig, meta: dict) -> dict[str, list[int]]:
     return blocks
 
 
-def example_tensor(name: str, dtype, peers: bool = False) -> torch.Tensor:
+def example_tensor(name: str, shape, peers: bool = False) -> torch.Tensor:
     """A one-element tensor of the type the kernel's argument (or buffer field) ``name`` has."""
     if peers:
         return torch.empty(1, dtype=torch.int64)  # a table of base addresses
-    if name == "weights_ptr":
+    if name in FLOAT32:
         return torch.empty(1, dtype=torch.float32)
-    t = dtype if name in DATA else torch.int64 if name in INT64 else torch.int32
-    return torch.empty(1, dtype=t)
+    if name in DATA or name in GEMM_DATA:
+        return torch.empty(1, dtype=shape.dtype if name in DATA else shape.gemm_dtype)
+    return torch.empty(1, dtype=torch.int64 if name in INT64 else torch.int32)
 
 
-def example_args(dtype, blocks: dict[str, list[int]]):
-    """Arguments of every type; a descriptor for each name in ``blocks``."""
+def example_args(shape, blocks: dict[str, list[int]]):
+    """Arguments of every type (``shape``'s dtypes); a descriptor for each name in ``blocks``."""
+    dtype = shape.gemm_dtype
     args = {}
     for name in moe_megakernel.arg_names:
         if name.endswith("_desc"):
@@ -68,9 +75,9 @@ def example_args(dtype, blocks: dict[str, list[int]]):
             args[name] = SCALARS[name]
         elif name in GROUPS:
             group = GROUPS[name]
-            args[name] = group(*(example_tensor(f, dtype, name == "peers") for f in group._fields))
+            args[name] = group(*(example_tensor(f, shape, name == "peers") for f in group._fields))
         elif name.endswith("_ptr"):
-            args[name] = example_tensor(name, dtype)
+            args[name] = example_tensor(name, shape)
     return args
 
 
@@ -88,7 +95,7 @@ def compile_megakernel(shape, R: int, cfg: KernelConfig, mode: str):
     meta = kernel_meta_of(cfg, mode, shape, R)
     options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     blocks = descriptor_blocks(cfg, meta)
-    args = example_args(shape.dtype, blocks)
+    args = example_args(shape, blocks)
     constexprs = {"M": meta}
     for name in moe_megakernel.arg_names:
         if name.endswith("_desc") and name not in blocks:
@@ -110,6 +117,21 @@ def test_megakernel_compiles(preset, R, mode):
         assert "atom.global.sys.release.add.u32" in ptx, "combine pieces are added with a release"
     tma = "cp.async.bulk.tensor" in ptx
     assert tma == (mode != "dispatch"), "the GEMMs (only) load their weights by TMA"
+    assert kernel.metadata.shared <= 227 * 1024
+
+
+@pytest.mark.parametrize("R", [2, 8])
+def test_fp8_megakernel_makes_e4m3_products(R):
+    """``MoEShape(fp8=True)`` (dsv3): both GEMMs are e4m3 warpgroup MMAs with fp32 accumulators,
+    the dispatch and the SwiGLU epilogue round to e4m3, and the weights come by pointers."""
+    shape = replace(PRESETS["dsv3"], fp8=True)
+    kernel = compile_megakernel(shape, R, KernelConfig().for_fp8(), "layer")
+    ptx = kernel.asm["ptx"]
+    mma = [line for line in ptx.splitlines() if "wgmma.mma_async" in line]
+    assert mma and all(".f32.e4m3.e4m3" in line for line in mma)
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert "cp.async.bulk.tensor" not in ptx
+    assert "globaltimer" in ptx and "atom.global.sys.release.add.u32" in ptx
     assert kernel.metadata.shared <= 227 * 1024
 
 

@@ -1,0 +1,93 @@
+"""The FP8 layer (``MoEShape(fp8=True)``) under the interpreter, EmulatedWorld: e4m3 rows and
+scales through dispatch, block-scaled GEMMs, bf16 combine.
+
+Every output is checked against ``moe_fp8_ref`` (the same quantised operands in fp32) within
+``FP8_TOLERANCE`` and against ``moe_ref`` on the dense experts within ``FP8_DENSE_ERROR``;
+outputs are NaN-poisoned first (``out=``)."""
+
+import pytest
+import torch
+
+from megakernel import FusedEPMoE, KernelConfig, Megakernel, routing
+from megakernel.fp8 import E4M3, quantize_weight_blocks
+from megakernel.shapes import MoEShape
+from megakernel.testing import fp8_layer_problems, make_tokens, make_w2, make_w13
+from symm_mem import EmulatedWorld
+
+# two scale blocks of H, one of I; bf16 tokens and output (the FP8 path's usual dtype)
+SHAPE = MoEShape(hidden=256, ffn=128, num_experts=8, topk=2, max_tokens_per_rank=24, fp8=True)
+T = 19  # not a multiple of the tile (16) or the chunk (4)
+
+
+def config(**kw) -> KernelConfig:
+    return KernelConfig.interpreter(combine_block=8, **kw)
+
+
+def run_and_check(layer: FusedEPMoE, R: int, counts: list[int], seed: int, rt=None) -> None:
+    """One call of ``layer`` on fresh tokens (poisoned outputs), every rank checked."""
+    E, K = SHAPE.num_experts, SHAPE.topk
+    rt = rt or routing.uniform(R, counts, E, K, seed=seed)
+    xs = make_tokens(SHAPE, counts, seed=seed + 1, device="cpu")
+    ids, w = dict(enumerate(rt.topk_ids)), dict(enumerate(rt.topk_weights))
+    outs = {r: torch.full_like(xs[r], float("nan")) for r in range(R)}
+    handles = layer.workspace.run(
+        dict(enumerate(xs)), ids, w, mode="layer", out=outs, **layer._experts_by_rank()
+    )
+    layer.check_errors()
+    for r in range(R):
+        assert handles[r].out is outs[r]
+        assert fp8_layer_problems(outs[r], xs[r], ids[r], w[r], SHAPE, 3, r) == []
+
+
+@pytest.mark.parametrize("R", [1, 2, 4])
+def test_fp8_layer_matches_the_fp8_reference(R):
+    """Dense bf16 experts quantised by ``from_dense``; uniform routing, then a second call with
+    a rank of no tokens (the double-buffered receive side and scales)."""
+    with EmulatedWorld(R) as world:
+        layer = FusedEPMoE.from_dense(
+            world, SHAPE, make_w13(SHAPE, 3, "cpu"), make_w2(SHAPE, 3, "cpu"), config=config()
+        )
+        assert layer.w13["0"].dtype == E4M3 and layer.w13_scale["0"].dtype == torch.float32
+        run_and_check(layer, R, [T] * R, seed=10)
+        run_and_check(layer, R, [T - 5 * r for r in range(R - 1)] + [0], seed=20)
+        layer.close()
+
+
+def test_fp8_layer_loads_pre_quantised_weights_as_given():
+    """(e4m3, block scales) pairs, as FP8 checkpoints store them, load unchanged; skewed routing
+    takes rounds at a small capacity (the scales follow their rows in every round)."""
+    R = 2
+    w13, w2 = make_w13(SHAPE, 3, "cpu"), make_w2(SHAPE, 3, "cpu")
+    q13, q2 = quantize_weight_blocks(w13), quantize_weight_blocks(w2)
+    with EmulatedWorld(R) as world:
+        layer = FusedEPMoE.from_dense(world, SHAPE, q13, q2, config=config(), capacity=24)
+        for r in range(R):
+            L = SHAPE.num_experts // R
+            want = q13[0][r * L : (r + 1) * L].view(torch.uint8)
+            assert torch.equal(layer.w13[str(r)].view(torch.uint8), want)
+            assert torch.equal(layer.w2_scale[str(r)], q2[1][r * L : (r + 1) * L])
+        rt = routing.all_to_one_rank(R, [T] * R, SHAPE.num_experts, SHAPE.topk, 0, seed=4)
+        run_and_check(layer, R, [T] * R, seed=30, rt=rt)
+        assert layer.stats()["calls_in_rounds"] == 1
+        layer.close()
+
+
+def test_fp8_refusals_name_what_to_change():
+    with pytest.raises(ValueError, match="multiples of 128"):
+        MoEShape(hidden=192, ffn=128, num_experts=8, topk=2, max_tokens_per_rank=8, fp8=True)
+    with EmulatedWorld(1) as world:
+        with pytest.raises(ValueError, match="does not"):
+            Megakernel(world, SHAPE, config=KernelConfig(pack="scan"))
+        q13 = quantize_weight_blocks(make_w13(SHAPE, 3, "cpu"))
+        w2 = make_w2(SHAPE, 3, "cpu")
+        q2 = quantize_weight_blocks(w2)
+        with pytest.raises(ValueError, match="give w13_scale and w2_scale"):
+            FusedEPMoE(world, SHAPE, q13[0], q2[0])
+        with pytest.raises(ValueError, match="w13 of rank 0 is torch.bfloat16"):
+            FusedEPMoE(world, SHAPE, w2.new_zeros(8, 256, 256), q2[0], w13_scale=q13[1],
+                       w2_scale=q2[1])  # fmt: skip
+        ws = Megakernel(world, SHAPE, config=config())
+        with pytest.raises(ValueError, match='runs mode "layer" only'):
+            ws.run({0: torch.zeros(1, 256)}, {0: torch.zeros(1, 2, dtype=torch.int32)}, None,
+                   {0: q13[0]}, mode="gemm")  # fmt: skip
+        ws.close()
