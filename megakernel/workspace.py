@@ -133,13 +133,13 @@ class Megakernel:
         if H % cfg.block_k:
             raise ValueError(f"hidden size {H} is not a multiple of block_k {cfg.block_k}")
         if cfg.gemm1_tma:
-            check_tma_rows("gemm1_tma", "w13", "block_k", cfg.block_k, shape.dtype)
+            check_tma_rows("gemm1_tma", "w13", "block_k", cfg.block_k, shape.gemm_dtype)
         if self.combine and not self.swiglu:
             raise ValueError("the combine (mode 'layer') runs on SwiGLU activations: swiglu=True")
         if self.combine and I % cfg.down_block_k:
             raise ValueError(f"ffn size {I} is not a multiple of down_block_k {cfg.down_block_k}")
         if self.combine and cfg.down_tma:
-            check_tma_rows("down_tma", "w2", "down_block_k", cfg.down_block_k, shape.dtype)
+            check_tma_rows("down_tma", "w2", "down_block_k", cfg.down_block_k, shape.gemm_dtype)
         if self._ranks_share_a_gpu() and cfg.num_ctas > world.sms_per_rank:
             # NOTE: with a GPU per rank, extra programs only queue for an SM: a task waits on
             # tasks claimed before it, by programs that run. Ranks sharing a GPU share its SMs too

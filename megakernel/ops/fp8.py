@@ -74,16 +74,22 @@ def quantize_copy_rows(src_rows, out_rows, scale_rows, live, H: tl.constexpr):
 
 @triton.jit
 def _scaled_gemm(
-    a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptr, live, K: tl.constexpr, BLOCK_M: tl.constexpr
-):
+    a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptr, live, K: tl.constexpr, BLOCK_M: tl.constexpr,
+    b_desc, n0, B_TMA: tl.constexpr,
+):  # fmt: skip
     """``sum_k (a_k @ b_k) * a_scale[:, k] * b_scale[k]`` over the K blocks of 128 (the down
     projection's product): ``a_ptrs`` [BM, B] e4m3 row pointers, ``a_scale_ptrs`` [BM] (scales
     of block 0), ``b_ptrs`` [B, B] (a transposed view of one 128-row block of the weight),
-    ``b_scale_ptr`` its block-0 scale."""
+    ``b_scale_ptr`` its block-0 scale. ``B_TMA``: the weight blocks come from ``b_desc`` (rows
+    ``[n0, n0 + B)``) instead of ``b_ptrs``."""
     acc = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
     for kb in tl.range(0, K // FP8_BLOCK):
         a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-        part = tl.dot(a, tl.load(b_ptrs))
+        if B_TMA:
+            b = b_desc.load([n0, kb * FP8_BLOCK]).T
+        else:
+            b = tl.load(b_ptrs)
+        part = tl.dot(a, b)
         a_scale = tl.load(a_scale_ptrs + kb, mask=live, other=0.0)
         acc += part * (a_scale * tl.load(b_scale_ptr + kb))[:, None]
         a_ptrs += FP8_BLOCK
@@ -107,10 +113,13 @@ def tile_gemm1_fp8(
     H: tl.constexpr,
     I: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    w13_desc=None,  # with B_TMA: a [B, B] block descriptor of w13 as [L * 2I, H]
+    B_TMA: tl.constexpr = False,
 ):
     """Columns ``[n_block B, (n_block + 1) B)`` of ``silu(x @ gate^T) * (x @ up^T)`` for rows
     ``[row0, row0 + rows)`` (A row r is ``x[src[r]]``), quantised per row: e4m3 into ``act`` and
-    one scale per row into ``act_scale[:, n_block]``."""
+    one scale per row into ``act_scale[:, n_block]``. ``B_TMA``: the weight blocks come by TMA
+    (A rows, gathered, cannot)."""
     KB: tl.constexpr = H // FP8_BLOCK
     r = tl.arange(0, BLOCK_M)
     live = r < rows
@@ -127,11 +136,18 @@ def tile_gemm1_fp8(
     up_scales = scales + (I // FP8_BLOCK + n_block) * KB
     gate = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
     up = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
+    n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * FP8_BLOCK  # (B_TMA) gate's first row
     for kb in tl.range(0, KB):  # one A block feeds both products
         a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
         a_scale = tl.load(a_scales + kb, mask=live, other=0.0)
-        gate += tl.dot(a, tl.load(gate_ptrs)) * (a_scale * tl.load(gate_scales + kb))[:, None]
-        up += tl.dot(a, tl.load(up_ptrs)) * (a_scale * tl.load(up_scales + kb))[:, None]
+        if B_TMA:
+            gate_b = w13_desc.load([n0, kb * FP8_BLOCK]).T
+            up_b = w13_desc.load([n0 + I, kb * FP8_BLOCK]).T
+        else:
+            gate_b = tl.load(gate_ptrs)
+            up_b = tl.load(up_ptrs)
+        gate += tl.dot(a, gate_b) * (a_scale * tl.load(gate_scales + kb))[:, None]
+        up += tl.dot(a, up_b) * (a_scale * tl.load(up_scales + kb))[:, None]
         a_ptrs += FP8_BLOCK
         gate_ptrs += FP8_BLOCK
         up_ptrs += FP8_BLOCK
@@ -154,9 +170,11 @@ def tile_down_fp8(
     H: tl.constexpr,
     I: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    w2_desc=None,  # with B_TMA: a [B, B] block descriptor of w2 as [L * H, I]
+    B_TMA: tl.constexpr = False,
 ):
     """The fp32 ``[BM, B]`` block ``act[row0 : row0 + rows] @ w2[local, n_block B : +B]^T``
-    (rows past ``rows`` are 0)."""
+    (rows past ``rows`` are 0). ``B_TMA``: the w2 blocks come by TMA."""
     KB: tl.constexpr = I // FP8_BLOCK
     r = tl.arange(0, BLOCK_M)
     live = r < rows
@@ -167,7 +185,10 @@ def tile_down_fp8(
     w2 = w2_ptr + tl.cast(local, tl.int64) * (H * I)
     b_ptrs = w2 + n.to(tl.int64)[None, :] * I + kk[:, None]
     scales = w2_scale_ptr + tl.cast(local, tl.int64) * (H // FP8_BLOCK) * KB + n_block * KB
-    return _scaled_gemm(a_ptrs, act_scale_ptr + rows64 * KB, b_ptrs, scales, live, I, BLOCK_M)
+    n0 = tl.cast(local, tl.int32) * H + n_block * FP8_BLOCK
+    return _scaled_gemm(
+        a_ptrs, act_scale_ptr + rows64 * KB, b_ptrs, scales, live, I, BLOCK_M, w2_desc, n0, B_TMA
+    )
 
 
 @triton.jit

@@ -253,7 +253,8 @@ def gemm1_task(
                     x_scale = mine.recv_scale + parity * (M.C * M.H // FP8_BLOCK)
                     tile_gemm1_fp8(
                         recv_x, x_scale, recv_src, w13_ptr, scales.w13, act_ptr, scales.act,
-                        local, row0, rows, j % M.GEMM1_BLOCKS, M.H, M.I, M.BLOCK_M,
+                        local, row0, rows, j % M.GEMM1_BLOCKS, M.H, M.I, M.BLOCK_M, w13_desc,
+                        M.GEMM1_TMA,
                     )  # fmt: skip
                 else:
                     tile_expert_gemm(
@@ -319,7 +320,7 @@ def down_task(
         elif M.FP8:
             acc = tile_down_fp8(
                 act_ptr, scales.act, w2_ptr, scales.w2, local, row0, rows, n_block, M.H, M.I,
-                M.BLOCK_M,
+                M.BLOCK_M, w2_desc, M.DOWN_TMA,
             )  # fmt: skip
         else:
             acc = tile_down_gemm(

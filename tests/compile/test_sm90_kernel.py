@@ -120,17 +120,19 @@ def test_megakernel_compiles(preset, R, mode):
     assert kernel.metadata.shared <= 227 * 1024
 
 
-@pytest.mark.parametrize("R", [2, 8])
-def test_fp8_megakernel_makes_e4m3_products(R):
+@pytest.mark.parametrize("R,tma", [(2, True), (8, True), (2, False)])
+def test_fp8_megakernel_makes_e4m3_products(R, tma):
     """``MoEShape(fp8=True)`` (dsv3): both GEMMs are e4m3 warpgroup MMAs with fp32 accumulators,
-    the dispatch and the SwiGLU epilogue round to e4m3, and the weights come by pointers."""
+    the dispatch and the SwiGLU epilogue round to e4m3, and the weights come by TMA (or by
+    pointers)."""
     shape = replace(PRESETS["dsv3"], fp8=True)
-    kernel = compile_megakernel(shape, R, KernelConfig().for_fp8(), "layer")
+    cfg = KernelConfig(gemm1_tma=tma, down_tma=tma).for_fp8()
+    kernel = compile_megakernel(shape, R, cfg, "layer")
     ptx = kernel.asm["ptx"]
     mma = [line for line in ptx.splitlines() if "wgmma.mma_async" in line]
     assert mma and all(".f32.e4m3.e4m3" in line for line in mma)
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
-    assert "cp.async.bulk.tensor" not in ptx
+    assert ("cp.async.bulk.tensor" in ptx) == tma
     assert "globaltimer" in ptx and "atom.global.sys.release.add.u32" in ptx
     assert kernel.metadata.shared <= 227 * 1024
 

@@ -6,7 +6,7 @@ against ``moe_fp8_ref`` (``FP8_TOLERANCE``) and against ``moe_ref`` on the dense
 import pytest
 import torch
 
-from megakernel import FusedEPMoE, routing
+from megakernel import FusedEPMoE, KernelConfig, routing
 from megakernel.shapes import MoEShape
 from megakernel.testing import fp8_layer_problems, make_tokens, make_w2, make_w13
 from symm_mem import EmulatedWorld
@@ -14,13 +14,15 @@ from symm_mem import EmulatedWorld
 MEDIUM = MoEShape(hidden=1024, ffn=512, num_experts=64, topk=6, max_tokens_per_rank=700, fp8=True)
 
 
-@pytest.mark.parametrize("R", [1, 2, 4, 8])
-def test_fp8_layer_matches_the_fp8_reference(R):
-    """T = 700 per rank (uniform routing), then T = 300 with zipf routing, three calls each."""
+@pytest.mark.parametrize("R,tma", [(1, True), (2, True), (4, True), (8, True), (2, False)])
+def test_fp8_layer_matches_the_fp8_reference(R, tma):
+    """T = 700 per rank (uniform routing), then T = 300 with zipf routing, three calls each;
+    weights by TMA (the default) or by pointers."""
     seed, E, K = 40 + R, MEDIUM.num_experts, MEDIUM.topk
     w13, w2 = make_w13(MEDIUM, seed, "cuda"), make_w2(MEDIUM, seed, "cuda")
     with EmulatedWorld(R, "cuda") as world:
-        layer = FusedEPMoE.from_dense(world, MEDIUM, w13, w2)
+        config = KernelConfig(gemm1_tma=tma, down_tma=tma)
+        layer = FusedEPMoE.from_dense(world, MEDIUM, w13, w2, config=config)
         for T, rt in (
             (700, routing.uniform(R, 700, E, K, seed=seed)),
             (300, routing.zipf(R, [300] * R, E, K, 1.2, seed=seed)),
