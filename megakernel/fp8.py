@@ -26,9 +26,12 @@ from megakernel.shapes import FP8_BLOCK
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 BLOCK = FP8_BLOCK
-# the FP8 layer against moe_fp8_ref (rtol, atol): both see the same quantised operands; they differ
-# in accumulation order and in the bf16 rounding of the combine
-FP8_TOLERANCE = (2e-2, 2e-2)
+# the FP8 layer against moe_fp8_ref, elementwise (rtol, atol) and norm-relative: both see the same
+# quantised operands; they differ in the bf16 rounding of the combine and in accumulation order,
+# which now and then rounds a SwiGLU output to the other e4m3 neighbour (up to 12.5% of it): one
+# such flip moved a token by 0.031 on an H100 (outputs are O(1)), hence the atol
+FP8_TOLERANCE = (2e-2, 5e-2)
+FP8_REF_ERROR = 1.5e-2  # the interpreter's layer: 0.6% (bf16 output rounding, mostly)
 # the FP8 layer against moe_ref on the dense weights, as ||out - ref|| / ||ref||: e4m3 keeps 3
 # mantissa bits, so rounding one operand moves a product by about 2.6% (rms), and the layer
 # rounds four (x, w13, the SwiGLU output, w2): moe_fp8_ref itself is 6.1-6.3% from moe_ref on

@@ -49,7 +49,7 @@ from megakernel.tasks import (
     down_coords,
     share,
 )
-from symm_mem.device import globaltimer, note_call_end, note_skipped, raise_alarm
+from symm_mem.device import deadline_in, no_error, note_call_end, note_skipped, raise_alarm
 
 
 class PlanBuffers(NamedTuple):
@@ -130,11 +130,11 @@ def moe_megakernel(
     # NOTE: one loop over the compute tasks, not a function per region: the regions' tasks share
     # the claim counter, the trace record and a program's pending combine pieces (``held``)
     epoch = tl.load(state.epoch)
-    deadline = globaltimer() + timeout_ns
+    deadline = deadline_in(timeout_ns, state.err)
     # this launch's share of each task region (the CPU emulation runs them as separate phases)
     # (none at all when the plan failed (overflow) or an earlier wait timed out: the call is
     # skipped, its output NaN: see _last_out)
-    ok = tl.load(state.err) == 0
+    ok = no_error(state.err)  # (uniform: see no_error)
     num_tiles = tl.where(ok, tl.load(plan.stats + 2), 0)
     num_down = 0
     nrb = 0  # reduce tasks per column group
@@ -286,7 +286,7 @@ def _last_out(
                 tl.store(poisoned, tl.load(poisoned) + 1)
                 tl.store(poisoned + 1, tl.cast(epoch, tl.int64))
             if M.LAYER:
-                if tl.load(state.err, volatile=True) != 0:
+                if not no_error(state.err):
                     _fill_output_nan(out_ptr, num_tokens, M)
         raise_alarm(state.alarm, state.err, bad_id_call != 0)
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from megakernel.tasks import TaskKind
-from symm_mem.device import globaltimer, peer_ptr, wait_flag
+from symm_mem.device import deadline_in, globaltimer, peer_ptr, wait_flag
 
 KIND_NAMES = {int(kind): kind.label for kind in TaskKind}  # in task id order
 KIND_COLOURS = {
@@ -275,7 +275,7 @@ def _clock_sync_kernel(
 ):
     """Ping-pong between the leader (rank 0) and ``peer``: per round the leader notes its clock,
     pings, and notes its clock again when the pong arrives with the peer's clock."""
-    deadline = globaltimer() + timeout_ns
+    deadline = deadline_in(timeout_ns, err_ptr)
     peer_box = peer_ptr(box_base, peer, box_ptr)
     i = 1
     ok = i <= rounds

@@ -285,13 +285,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--fp8", action="store_true", help="add the FP8 rows (see above)")
+    parser.add_argument("--no-liger", action="store_true", help="leave Liger's column empty")
     parser.add_argument(
         "--compile-workers", type=int, default=min(16, os.cpu_count() or 1),
         help="processes compiling Liger's autotuning configs ahead of its autotuning (1: off)",
     )  # fmt: skip
     args = parser.parse_args()
-    liger = liger_call()
-    if liger is None:
+    liger = None if args.no_liger else liger_call()
+    if liger is None and not args.no_liger:
         print("liger_kernel is not installed: its column stays empty (pip install liger-kernel)")
     elif args.compile_workers > 1:
         took = warm_liger_cache(args.presets, args.compile_workers)

@@ -34,6 +34,7 @@ from symm_mem.buffer import World
 from symm_mem.device import (
     NVSHMEM_CMP_GE,
     NVSHMEM_SIGNAL_SET,
+    deadline_in,
     globaltimer,
     my_pe,
     n_pes,
@@ -128,7 +129,7 @@ def exchange_kernel(
 ):
     num_blocks = tl.cdiv(N, BLOCK)
     num_puts = R * num_blocks
-    deadline = globaltimer() + timeout_ns
+    deadline = deadline_in(timeout_ns, err_ptr)
     parity = epoch % 2
     # NOTE: a while loop, not range(): the interpreter's program_id is not a valid range bound
     task = task_begin + tl.program_id(0)
@@ -188,7 +189,7 @@ def pingpong_kernel(
     """``iters`` round trips of one flag each way; writes the elapsed ns into ``time_ptr``."""
     peer_flag = peer_ptr(flag_base, peer, flag_ptr)
     start = globaltimer()
-    deadline = start + timeout_ns
+    deadline = deadline_in(timeout_ns, err_ptr)
     for i in range(iters):
         epoch = epoch0 + i
         if INITIATOR:
@@ -235,7 +236,7 @@ def nvshmem_put_kernel(dst_ptr, src_ptr, nbytes, sig_ptr, epoch, peer, info_ptr)
 @triton.jit(do_not_specialize=["rank", "epoch"])
 def nvshmem_wait_kernel(sig_ptr, err_ptr, rank, epoch, timeout_ns, seen_ptr):
     """Bounded wait for the signal, then ``signal_wait_until`` (which returns at once) on it."""
-    deadline = globaltimer() + timeout_ns
+    deadline = deadline_in(timeout_ns, err_ptr)
     if wait_flag(sig_ptr, epoch, deadline, err_ptr, rank, 0, 0):
         seen = signal_wait_until(
             sig_ptr.to(tl.int64), tl.full((), NVSHMEM_CMP_GE, tl.int32), tl.cast(epoch, tl.int64)

@@ -46,6 +46,7 @@ ERR_TASK = tl.constexpr(5)  # caller-chosen id of the task that waited
 ERR_SKIPPED = tl.constexpr(6)  # later calls skipped because of this record (the kernel counts)
 ERR_LAST = tl.constexpr(7)  # the epoch of the last call skipped
 ERR_CALL = tl.constexpr(8)  # the epoch of the call that failed (set when that call ends)
+ERR_CLOCK = tl.constexpr(9)  # not part of the record: the rank's shared clock (see deadline_in)
 ERR_TIMEOUT = tl.constexpr(1)
 # A receive buffer would overflow: ERR_FLAG holds the rank that would overflow, ERR_SEEN the rows
 # it would receive and ERR_TASK its capacity (see symm_mem.errors.CapacityError).
@@ -144,9 +145,33 @@ def report_timeout(err_ptr, rank, flag_id, epoch, seen, task_id):
 
 
 @triton.jit
-def _no_error(err_ptr):
-    """No error recorded for this rank yet (a volatile load: another program may write it)."""
-    return tl.load(err_ptr + ERR_CODE, volatile=True) == 0
+def no_error(err_ptr):
+    """No error recorded for this rank yet, as every thread of the program sees it.
+
+    NOTE: a scalar atomic runs in one thread and its result is shared with all of them, so a
+    decision made on it is uniform across the program. A plain (volatile) load runs in every
+    thread: while another program writes the record, threads could disagree, and a spin loop
+    whose body synchronises the program (its flag atomic does) would then leave in some threads
+    and not in others. That hung a GPU for good after a timeout (never under the interpreter).
+    """
+    return tl.atomic_add(err_ptr + ERR_CODE, 0, sem="relaxed") == 0
+
+
+@triton.jit
+def _clock(err_ptr):
+    """``%globaltimer`` as every thread of the program sees it (uniform, see ``no_error``): one
+    thread's reading, folded into the rank's clock word, which returns the latest earlier one
+    (at most one spin step stale)."""
+    return tl.atomic_max(err_ptr + ERR_CLOCK, globaltimer(), sem="relaxed")
+
+
+@triton.jit
+def deadline_in(timeout_ns, err_ptr):
+    """The deadline ``timeout_ns`` from now, the same in every thread of the program (a
+    per-thread ``globaltimer() + timeout_ns`` differs by a tick between threads: see
+    ``no_error``)."""
+    tl.atomic_max(err_ptr + ERR_CLOCK, globaltimer(), sem="relaxed")
+    return tl.atomic_max(err_ptr + ERR_CLOCK, 0, sem="relaxed") + timeout_ns
 
 
 @triton.jit
@@ -184,12 +209,16 @@ def wait_flag(flag_ptr, epoch, deadline, err_ptr, rank, flag_id, task_id):
     skip the work that depended on the flag and leave. It also returns False, without a record of
     its own, as soon as another wait of the rank has recorded an error.
 
-    NOTE: every thread of the program spins (a scalar atomic is uniform), so the barrier after the
-    loop is not divergent; reads after it see the producer's stores.
+    NOTE: every thread of the program spins and leaves together: the flag, the clock and the
+    record are all read by scalar atomics, whose results are uniform (see ``no_error``), and
+    ``deadline`` must be uniform too (``deadline_in``). So the barrier after the loop is not
+    divergent; reads after it see the producer's stores. A flag that has arrived costs one read.
     """
     seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
-    while (seen < epoch) & (globaltimer() < deadline) & _no_error(err_ptr):
+    waiting = seen < epoch
+    while waiting:
         seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
+        waiting = (seen < epoch) & (_clock(err_ptr) < deadline) & no_error(err_ptr)
     arrived = seen >= epoch
     if not arrived:
         report_timeout(err_ptr, rank, flag_id, epoch, seen, task_id)
@@ -202,10 +231,12 @@ def wait_flags(flag_ptrs, mask, epoch, deadline, err_ptr, rank, flag_id_base, ta
     """Vector form of ``wait_flag``: spin until every ``flag_ptrs[i]`` (where ``mask``) holds at
     least ``epoch``. On timeout the record names ``flag_id_base + i`` for the lowest such flag."""
     seen = tl.atomic_add(flag_ptrs, 0, mask=mask, sem="acquire", scope="sys")
-    lowest = tl.min(tl.where(mask, seen, epoch), 0)
-    while (lowest < epoch) & (globaltimer() < deadline) & _no_error(err_ptr):
+    lowest = tl.min(tl.where(mask, seen, epoch), 0)  # a reduction: uniform
+    waiting = lowest < epoch
+    while waiting:
         seen = tl.atomic_add(flag_ptrs, 0, mask=mask, sem="acquire", scope="sys")
         lowest = tl.min(tl.where(mask, seen, epoch), 0)
+        waiting = (lowest < epoch) & (_clock(err_ptr) < deadline) & no_error(err_ptr)
     arrived = lowest >= epoch
     if not arrived:
         late = tl.argmin(tl.where(mask, seen, epoch), 0)

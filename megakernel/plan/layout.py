@@ -39,7 +39,7 @@ import triton.language as tl
 from megakernel.ops.dispatch import DISPATCH_TASK_COLS
 from megakernel.ops.gemm import TILE_COLS
 from megakernel.plan.count import first_slots, group_of
-from symm_mem.device import globaltimer, report_overflow, wait_flags
+from symm_mem.device import deadline_in, report_overflow, wait_flags
 
 STATS_COLS = tl.constexpr(8)  # a round's row of the stats (plan.config.STATS_STRIDE)
 
@@ -424,7 +424,7 @@ def plan_layout_kernel(
 ):
     P: tl.constexpr = M.R * M.L
     pid = tl.program_id(0)
-    deadline = globaltimer() + timeout_ns
+    deadline = deadline_in(timeout_ns, err_ptr)
     epoch = tl.load(epoch_ptr)
     s = tl.arange(0, M.R_P)
     if not wait_flags(ready_ptr + s, s < M.R, epoch, deadline, err_ptr, rank, 0, pid):
