@@ -16,6 +16,9 @@ p20/p80 over repeats, max over ranks; each row timed on its own, one after anoth
              timed in alternation with the default layer (``perf.timing.time_many``), whose
              figure of that pairing goes beside it; ``--vary KNOB=V1,V2`` the same for other knobs
   torch      ``torch._grouped_mm`` GEMM1 + SwiGLU + GEMM2 on the same received rows
+  fp8        with ``--fp8``: the FP8 layer (``MoEShape.fp8``) on the same experts quantised to
+             e4m3 with 128 x 128 block scales, checked against ``moe_fp8_ref`` first, timed in
+             alternation with the layer above (whose figure of that pairing goes beside it)
   baseline   permute + NCCL all-to-all + grouped_mm + SwiGLU + grouped_mm + all-to-all back +
              weighted sum (perf/baseline.py), host-side split sizes
 Table on rank 0, JSON under perf/results/ (perf.record).
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -32,9 +36,16 @@ import torch.nn.functional as F
 
 from megakernel import FusedEPMoE, routing
 from megakernel.config import PACK_MODES, KernelConfig
+from megakernel.fp8 import quantize_experts
 from megakernel.placement import Placement
 from megakernel.shapes import preset
-from megakernel.testing import check_layer_output, local_w2, local_w13, make_tokens
+from megakernel.testing import (
+    check_layer_output,
+    fp8_layer_problems,
+    local_w2,
+    local_w13,
+    make_tokens,
+)
 from perf.baseline import baseline_moe
 from perf.record import knob_values, write_result
 from perf.timing import graphed, time_many, time_us
@@ -108,6 +119,35 @@ def time_variants(world, ws, case: dict, inputs: tuple, shape, name: str, args) 
     return row
 
 
+def time_fp8(world, ws, case: dict, inputs: tuple, shape, name: str, args) -> dict:
+    """The FP8 layer on the same experts, quantised here one expert at a time, checked against
+    ``moe_fp8_ref`` and ``moe_ref`` (``fp8_layer_problems``), then its graph replay timed in
+    alternation with the bf16 layer's."""
+    fp8_shape, ranks = replace(shape, fp8=True), world.local_ranks
+    q13 = {r: quantize_experts(inputs[3][r]) for r in ranks}
+    q2 = {r: quantize_experts(inputs[4][r]) for r in ranks}
+    layer = FusedEPMoE(
+        world, fp8_shape, {r: q[0] for r, q in q13.items()}, {r: q[0] for r, q in q2.items()},
+        w13_scale={r: q[1] for r, q in q13.items()}, w2_scale={r: q[1] for r, q in q2.items()},
+        placement=ws.placement, config=KernelConfig(num_ctas=args.ctas),
+    )  # fmt: skip
+    out = layer(case["x"], case["ids"], case["weights"])
+    layer.check_errors()
+    found = []
+    for r in ranks:
+        ids, weights = case["ids"][r], case["weights"][r]
+        found += fp8_layer_problems(out[r], case["xs"][r], ids, weights, fp8_shape, args.seed, r)
+    if found:
+        raise SystemExit(f"{name} fp8: wrong results: {found[:4]}")
+    experts = layer._experts_by_rank()
+    fp8 = graphed(lambda: layer.workspace.run(*inputs[:3], mode="layer", validate=False, **experts))
+    bf16 = graphed(lambda: ws.run(*inputs, mode="layer", validate=False))
+    timed = time_many({"fp8": fp8, "bf16": bf16})
+    layer.check_errors()
+    layer.close()
+    return {"fp8_us": timed["fp8"], "bf16_paired_us": timed["bf16"]}
+
+
 def bench_preset(world: World, name: str, args) -> dict:
     shape = preset(name).with_tokens(args.tokens)
     R, E, K, T = world.world_size, shape.num_experts, shape.topk, args.tokens
@@ -148,6 +188,8 @@ def bench_preset(world: World, name: str, args) -> dict:
     row["baseline_us"] = time_us(lambda: baseline_moe(*base_args)) if can_baseline else None
     row["pack"] = "gather" if config.gather_a() else "scan"  # what pack="auto" means
     row.update(time_variants(world, ws, case, inputs, shape, name, args))
+    if args.fp8:
+        row.update(time_fp8(world, ws, case, inputs, shape, name, args))
     ws.check_errors()
     layer.close()
     return summarize(row, shape, can_baseline)
@@ -191,6 +233,9 @@ def report(result: dict, args) -> None:
             f"{fmt(v['split_vs_baseline']):>8}"
         )
     for v in result["presets"]:
+        if "fp8_us" in v:
+            fp8, bf16 = v["fp8_us"]["median"], v["bf16_paired_us"]["median"]
+            print(f"{v['preset']}: FP8 layer {fp8:.1f} us, bf16 {bf16:.1f} us: {bf16 / fp8:.2f}x")
         if v["pack_us"]:
             times = _paired(v["pack_us"], v)
             print(f"{v['preset']}: layer by KernelConfig.pack (auto = {v['pack']}): {times}")
@@ -232,6 +277,7 @@ def main() -> None:
     parser.add_argument("--emulate", type=int, default=0, help="R ranks on one GPU instead")
     parser.add_argument("--ctas", type=int, default=0, help="programs per rank (0: SM share)")
     parser.add_argument("--symmetric-size", default="8G")
+    parser.add_argument("--fp8", action="store_true", help="also time the FP8 layer (see above)")
     parser.add_argument(
         "--pack", nargs="*", default=[], choices=PACK_MODES, help="also time these pack modes"
     )
