@@ -22,6 +22,11 @@ Two module forms:
   shared expert added) and returns ``(hidden, router_logits)`` as they did. Qwen3-MoE, Qwen2-MoE
   and Mixtral.
 
+FP8 checkpoints: where transformers holds a block's experts quantised (its ``FP8Experts``, as
+DeepSeek-V3's FP8 checkpoints load: e4m3 ``gate_up_proj`` / ``down_proj`` with fp32 or UE8M0
+``*_scale_inv`` per 128 x 128 block, activations quantised per token and 128 columns on the fly),
+the layer is an FP8 one (``MoEShape.fp8``) holding those weights and scales as they are.
+
 gpt-oss is refused: its experts compute ``(up + 1) * gate * sigmoid(alpha * gate)`` with both
 halves clamped, add biases and interleave gate and up columns; the layer computes
 ``silu(gate) * up``. Any other activation than SiLU is refused too.
@@ -58,7 +63,8 @@ def is_moe_block(module: nn.Module) -> bool:
 
 def _refuse_unsupported(block: nn.Module) -> None:
     name = type(block.experts).__name__ + type(block).__name__
-    if "GptOss" in name or hasattr(block.experts, "gate_up_proj_bias"):
+    # (transformers' FP8Experts registers gate_up_proj_bias as None)
+    if "GptOss" in name or getattr(block.experts, "gate_up_proj_bias", None) is not None:
         raise NotImplementedError(
             f"{type(block).__name__}: gpt-oss experts compute (up + 1) * gate * sigmoid(alpha * "
             "gate) with clamped halves, biases and interleaved gate/up columns; FusedEPMoE "
@@ -99,6 +105,36 @@ def dense_weights(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return experts.gate_up_proj.detach(), experts.down_proj.detach()
 
 
+def fp8_weights(block: nn.Module):
+    """The block's routed experts as (e4m3 weights, fp32 block scales) pairs, ``w13`` and
+    ``w2``, where transformers holds them quantised (``FP8Experts``: ``gate_up_proj`` with
+    ``gate_up_proj_scale_inv``, ``down_proj`` with ``down_proj_scale_inv``); else None. Scales
+    stored as UE8M0 (powers of two) become fp32 exactly."""
+    experts = block.experts
+    weight = getattr(experts, "gate_up_proj", None)
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float8_e4m3fn:
+        return None
+    _refuse_unsupported(block)
+    kind = f"{type(block).__name__}'s FP8 experts"
+    block_size = tuple(getattr(experts, "block_size", None) or ())
+    if block_size != (128, 128):
+        raise NotImplementedError(
+            f"{kind} use {block_size or 'per-tensor'} scale blocks; FusedEPMoE's FP8 path takes "
+            "128 x 128 weight blocks (MoEShape.fp8)"
+        )
+    if getattr(experts, "activation_scheme", "dynamic") != "dynamic":
+        raise NotImplementedError(
+            f"{kind} use static activation scales; FusedEPMoE quantises activations per token "
+            "and 128 columns as it dispatches them (the dynamic scheme)"
+        )
+    if getattr(experts, "limit", None) is not None:
+        raise NotImplementedError(f"{kind} clamp their SwiGLU; FusedEPMoE computes silu(gate) * up")
+    return tuple(
+        (getattr(experts, name).detach(), getattr(experts, f"{name}_scale_inv").detach().float())
+        for name in ("gate_up_proj", "down_proj")
+    )
+
+
 def block_topk(block: nn.Module) -> int:
     """K: the router's ``top_k`` (transformers 5), else the block's (transformers 4)."""
     for owner in (getattr(block, "gate", None), block):
@@ -118,18 +154,20 @@ def from_hf(
 ) -> FusedEPMoE:
     """A ``FusedEPMoE`` holding ``block``'s routed experts, sharded onto ``world``'s ranks by the
     placement (``kw``: as for ``FusedEPMoE``). ``max_tokens``: tokens per rank per call;
-    ``dtype``: the layer's (default: the experts')."""
+    ``dtype``: the layer's (default: the experts', bf16 for FP8 experts, whose layer is FP8)."""
     from megakernel.layer import FusedEPMoE
 
-    w13, w2 = dense_weights(block)
-    E, two_i, H = w13.shape
+    fp8 = fp8_weights(block)
+    w13, w2 = fp8 or dense_weights(block)
+    E, two_i, H = (w13[0] if fp8 else w13).shape
     shape = MoEShape(
         hidden=H,
         ffn=two_i // 2,
         num_experts=E,
         topk=block_topk(block),
         max_tokens_per_rank=max_tokens,
-        dtype=dtype or w13.dtype,
+        dtype=dtype or (torch.bfloat16 if fp8 else w13.dtype),
+        fp8=fp8 is not None,
     )
     return FusedEPMoE.from_dense(world, shape, w13, w2, **kw)
 
@@ -196,7 +234,7 @@ def replace_moe_blocks(model: nn.Module, world: World, **kw: object) -> nn.Modul
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no sparse MoE block (gate + experts)")
     for _, block in blocks:  # refuse before changing anything
-        dense_weights(block)
+        fp8_weights(block) or dense_weights(block)
     for name, block in blocks:
         experts = FusedExperts(from_hf(block, world, **kw))
         if isinstance(block.experts, nn.ModuleList):

@@ -241,3 +241,80 @@ def test_a_whole_qwen3_moe_model_generates_the_same_tokens():
             got = model.generate(prompt, max_new_tokens=4, do_sample=False)
         assert torch.equal(got, want)
         close_moe_blocks(model)
+
+
+def test_deepseek_v3_fp8_experts_load_as_an_fp8_layer():
+    """A DeepSeek-V3 block whose experts transformers holds in FP8 (``FP8Experts``: e4m3 weights,
+    fp32 scales per 128 x 128 block, as its FP8 checkpoints load) becomes an FP8 layer with those
+    weights and scales as they are; the routed experts' output, for the routing the block's own
+    router chose, is ``moe_fp8_ref``'s, and the block is within the FP8 error of the dense one."""
+    from transformers.integrations.finegrained_fp8 import FP8Experts
+
+    from megakernel.fp8 import FP8_DENSE_ERROR, FP8_TOLERANCE, moe_fp8_ref, quantize_experts
+    from megakernel.testing import compare_layer_output
+
+    cfg = family_config("deepseek_v3")
+    cfg.hidden_size, cfg.moe_intermediate_size = 256, 128  # whole 128-blocks
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    dense = DeepseekV3MoE(cfg)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    dense = dense.to(torch.bfloat16).eval()
+    block = copy.deepcopy(dense)
+    block.experts = FP8Experts(cfg, block_size=(128, 128))
+    q13 = quantize_experts(dense.experts.gate_up_proj.detach())
+    q2 = quantize_experts(dense.experts.down_proj.detach())
+    with torch.no_grad():
+        block.experts.gate_up_proj.copy_(q13[0])
+        block.experts.gate_up_proj_scale_inv.copy_(q13[1])
+        block.experts.down_proj.copy_(q2[0])
+        block.experts.down_proj_scale_inv.copy_(q2[1])
+    x = torch.randn(BATCH, SEQ, 256, generator=g).to(torch.bfloat16)
+    with EmulatedWorld(1) as world:
+        holder = nn.ModuleDict({"mlp": block})
+        replace_moe_blocks(holder, world, config=small_config(), max_tokens=64)
+        layer = block.experts.layer
+        assert layer.shape.fp8 and layer.shape.dtype == torch.bfloat16
+        assert torch.equal(layer.w13_scale["0"], q13[1]), "the checkpoint's scales, as given"
+        seen = {}
+        run = block.experts.forward
+
+        def recording(hidden, ids, weights):
+            seen.update(hidden=hidden, ids=ids, weights=weights, out=run(hidden, ids, weights))
+            return seen["out"]
+
+        block.experts.forward = recording
+        with torch.no_grad():
+            got, want_dense = block(x), dense(x)
+        layer.check_errors()
+        want = moe_fp8_ref(seen["hidden"], seen["ids"], seen["weights"], q13, q2)
+        assert compare_layer_output(seen["out"], want, FP8_TOLERANCE, 0) == []
+        assert rel_err(got, want_dense) < FP8_DENSE_ERROR, rel_err(got, want_dense)
+        close_moe_blocks(holder)
+
+
+def test_fp8_experts_with_ue8m0_scales_read_as_fp32_powers_of_two():
+    """Checkpoints that store the block scales as UE8M0 (powers of two) give the same fp32
+    scales; other block sizes are refused clearly."""
+    from transformers.integrations.finegrained_fp8 import FP8Experts
+
+    from megakernel.integrations.hf import fp8_weights
+
+    cfg = family_config("deepseek_v3")
+    cfg.hidden_size, cfg.moe_intermediate_size = 256, 128
+    block = nn.Module()
+    block.experts = FP8Experts(cfg, block_size=(128, 128), scale_fmt="ue8m0")
+    powers = torch.tensor([0.125, 0.5, 2.0, 64.0])
+    with torch.no_grad():
+        for name in ("gate_up_proj_scale_inv", "down_proj_scale_inv"):
+            scale = getattr(block.experts, name)
+            scale.copy_(powers[torch.arange(scale.numel()) % 4].view(scale.shape).to(scale.dtype))
+    (_, s13), (_, s2) = fp8_weights(block)
+    assert s13.dtype == s2.dtype == torch.float32
+    assert torch.equal(s13.flatten(), powers[torch.arange(s13.numel()) % 4])
+    block.experts.block_size = (64, 64)
+    with pytest.raises(NotImplementedError, match="128 x 128 weight blocks"):
+        fp8_weights(block)
