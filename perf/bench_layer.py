@@ -18,7 +18,8 @@ p20/p80 over repeats, max over ranks; each row timed on its own, one after anoth
   torch      ``torch._grouped_mm`` GEMM1 + SwiGLU + GEMM2 on the same received rows
   fp8        with ``--fp8``: the FP8 layer (``MoEShape.fp8``) on the same experts quantised to
              e4m3 with 128 x 128 block scales, checked against ``moe_fp8_ref`` first, timed in
-             alternation with the layer above (whose figure of that pairing goes beside it)
+             alternation with the layer above (whose figure of that pairing goes beside it);
+             ``--fp8-vary KNOB=V1,V2`` adds FP8 layers with other knobs to the same alternation
   baseline   permute + NCCL all-to-all + grouped_mm + SwiGLU + grouped_mm + all-to-all back +
              weighted sum (perf/baseline.py), host-side split sizes
 Table on rank 0, JSON under perf/results/ (perf.record).
@@ -120,32 +121,44 @@ def time_variants(world, ws, case: dict, inputs: tuple, shape, name: str, args) 
 
 
 def time_fp8(world, ws, case: dict, inputs: tuple, shape, name: str, args) -> dict:
-    """The FP8 layer on the same experts, quantised here one expert at a time, checked against
-    ``moe_fp8_ref`` and ``moe_ref`` (``fp8_layer_problems``), then its graph replay timed in
-    alternation with the bf16 layer's."""
+    """The FP8 layer on the same experts, quantised here one expert at a time (and one more per
+    ``--fp8-vary`` knob value), each checked against ``moe_fp8_ref`` and ``moe_ref``
+    (``fp8_layer_problems``), then their graph replays timed in alternation with the bf16
+    layer's."""
     fp8_shape, ranks = replace(shape, fp8=True), world.local_ranks
     q13 = {r: quantize_experts(inputs[3][r]) for r in ranks}
     q2 = {r: quantize_experts(inputs[4][r]) for r in ranks}
-    layer = FusedEPMoE(
-        world, fp8_shape, {r: q[0] for r, q in q13.items()}, {r: q[0] for r, q in q2.items()},
-        w13_scale={r: q[1] for r, q in q13.items()}, w2_scale={r: q[1] for r, q in q2.items()},
-        placement=ws.placement, config=KernelConfig(num_ctas=args.ctas),
-    )  # fmt: skip
-    out = layer(case["x"], case["ids"], case["weights"])
-    layer.check_errors()
-    found = []
-    for r in ranks:
-        ids, weights = case["ids"][r], case["weights"][r]
-        found += fp8_layer_problems(out[r], case["xs"][r], ids, weights, fp8_shape, args.seed, r)
-    if found:
-        raise SystemExit(f"{name} fp8: wrong results: {found[:4]}")
-    experts = layer._experts_by_rank()
-    fp8 = graphed(lambda: layer.workspace.run(*inputs[:3], mode="layer", validate=False, **experts))
-    bf16 = graphed(lambda: ws.run(*inputs, mode="layer", validate=False))
-    timed = time_many({"fp8": fp8, "bf16": bf16})
-    layer.check_errors()
-    layer.close()
-    return {"fp8_us": timed["fp8"], "bf16_paired_us": timed["bf16"]}
+    calls, layers = {}, []
+    for knob, value in [(None, None), *knob_values(args.fp8_vary)]:
+        label = "fp8" if knob is None else f"fp8 {knob}={value}"
+        knobs = {} if knob is None else {knob: value}
+        layer = FusedEPMoE(
+            world, fp8_shape, {r: q[0] for r, q in q13.items()}, {r: q[0] for r, q in q2.items()},
+            w13_scale={r: q[1] for r, q in q13.items()}, w2_scale={r: q[1] for r, q in q2.items()},
+            placement=ws.placement, config=KernelConfig(num_ctas=args.ctas, **knobs),
+        )  # fmt: skip
+        out = layer(case["x"], case["ids"], case["weights"])
+        layer.check_errors()
+        found = []
+        for r in ranks:
+            ids, w = case["ids"][r], case["weights"][r]
+            found += fp8_layer_problems(out[r], case["xs"][r], ids, w, fp8_shape, args.seed, r)
+        if found:
+            raise SystemExit(f"{name} {label}: wrong results: {found[:4]}")
+        run, experts = layer.workspace.run, layer._experts_by_rank()
+        calls[label] = graphed(
+            lambda run=run, experts=experts: run(
+                *inputs[:3], mode="layer", validate=False, **experts
+            )
+        )
+        layers.append(layer)
+    calls["bf16"] = graphed(lambda: ws.run(*inputs, mode="layer", validate=False))
+    timed = time_many(calls)
+    for layer in layers:
+        layer.check_errors()
+        layer.close()
+    variants = {k[4:]: v for k, v in timed.items() if k.startswith("fp8 ")}
+    return {"fp8_us": timed["fp8"], "bf16_paired_us": timed["bf16"], "fp8_vary_us": variants}
 
 
 def bench_preset(world: World, name: str, args) -> dict:
@@ -236,6 +249,8 @@ def report(result: dict, args) -> None:
         if "fp8_us" in v:
             fp8, bf16 = v["fp8_us"]["median"], v["bf16_paired_us"]["median"]
             print(f"{v['preset']}: FP8 layer {fp8:.1f} us, bf16 {bf16:.1f} us: {bf16 / fp8:.2f}x")
+            for key, t in v["fp8_vary_us"].items():
+                print(f"{v['preset']}: FP8 layer with {key}: {t['median']:.1f} us")
         if v["pack_us"]:
             times = _paired(v["pack_us"], v)
             print(f"{v['preset']}: layer by KernelConfig.pack (auto = {v['pack']}): {times}")
@@ -278,6 +293,10 @@ def main() -> None:
     parser.add_argument("--ctas", type=int, default=0, help="programs per rank (0: SM share)")
     parser.add_argument("--symmetric-size", default="8G")
     parser.add_argument("--fp8", action="store_true", help="also time the FP8 layer (see above)")
+    parser.add_argument(
+        "--fp8-vary", nargs="*", default=[], metavar="KNOB=V1,V2",
+        help="with --fp8: also time FP8 layers with these KernelConfig knobs",
+    )  # fmt: skip
     parser.add_argument(
         "--pack", nargs="*", default=[], choices=PACK_MODES, help="also time these pack modes"
     )

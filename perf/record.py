@@ -44,8 +44,9 @@ def write_result(stem: str, payload: dict) -> tuple[str, dict[str, str]]:
 
 def knob_values(specs: list[str]) -> list[tuple[str, int | str]]:
     """``["dispatch_ctas=32,64", "pack=scan"]`` -> ``[("dispatch_ctas", 32), ("dispatch_ctas",
-    64), ("pack", "scan")]``: the ``KernelConfig`` knobs a benchmark's ``--vary`` also times (a
-    value that is not an int stays a string; ``KernelConfig`` checks it). Results are keyed by
+    64), ("pack", "scan")]``: the ``KernelConfig`` knobs a benchmark's ``--vary`` also times
+    (True / False are bools; any other value that is not an int stays a string, which
+    ``KernelConfig`` checks). Results are keyed by
     ``KNOB=value``, so a value given twice is refused rather than timed twice and reported once."""
     out = []
     for spec in specs:
@@ -53,7 +54,8 @@ def knob_values(specs: list[str]) -> list[tuple[str, int | str]]:
         if not sep or not values:
             raise SystemExit(f"--vary wants KNOB=V1,V2,..., got {spec!r}")
         for v in values.split(","):
-            pair = (knob, int(v) if v.lstrip("-").isdigit() else v)
+            value = int(v) if v.lstrip("-").isdigit() else {"True": True, "False": False}.get(v, v)
+            pair = (knob, value)
             if pair in out:
                 raise SystemExit(
                     f"--vary gives {knob}={pair[1]} twice; each variant is timed once, paired "

@@ -12,6 +12,8 @@ def test_vary_parses_knob_values_and_rejects_a_spec_without_values():
         ("chunk", 16),
         ("pack", "scan"),
     ]
+    # a bool knob's "False" must not stay a (truthy) string
+    assert knob_values(["down_tma=True,False"]) == [("down_tma", True), ("down_tma", False)]
     with pytest.raises(SystemExit, match="KNOB=V1,V2"):
         knob_values(["dispatch_ctas"])
 
