@@ -127,7 +127,7 @@ def layer_ref(
     return moe_ref_by_expert(x, topk_ids, topk_weights, expert)
 
 
-def fp8_layer_problems(
+def _fp8_problems(
     out: torch.Tensor,
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -136,23 +136,20 @@ def fp8_layer_problems(
     seed: int,
     rank: int,
 ) -> list[str]:
-    """What is wrong with one rank's output of an FP8 layer built from the experts of ``seed``
-    (quantised by ``FusedEPMoE.from_dense``): against ``moe_fp8_ref`` within ``FP8_TOLERANCE``
-    and ``FP8_REF_ERROR`` (norm-relative), and against ``moe_ref`` on the dense experts within
-    ``FP8_DENSE_ERROR`` (norm-relative). Experts are rebuilt one at a time, on x's device."""
+    """``check_layer_output`` of an FP8 layer built from the experts of ``seed`` (quantised by
+    ``FusedEPMoE.from_dense``): against ``moe_fp8_ref`` within ``FP8_TOLERANCE`` and
+    ``FP8_REF_ERROR`` (norm-relative), and against ``layer_ref`` (the dense experts) within
+    ``FP8_DENSE_ERROR`` (norm-relative)."""
     dev = x.device
 
-    def dense(e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return expert_w13(shape, seed, e, dev), expert_w2(shape, seed, e, dev)
-
     def dequantized(e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w13, w2 = dense(e)
-        w13, w2 = quantize_weight_blocks(w13), quantize_weight_blocks(w2)
+        w13 = quantize_weight_blocks(expert_w13(shape, seed, e, dev))
+        w2 = quantize_weight_blocks(expert_w2(shape, seed, e, dev))
         return dequantize_weight_blocks(*w13), dequantize_weight_blocks(*w2)
 
     want = moe_fp8_ref_by_expert(x, topk_ids, topk_weights, dequantized)
-    problems = compare_layer_output(out, want, FP8_TOLERANCE, rank)
-    ref = moe_ref_by_expert(x, topk_ids, topk_weights, dense)
+    problems = compare_layer_output(out, want, FP8_TOLERANCE, rank, "moe_fp8_ref")
+    ref = layer_ref(x, topk_ids, topk_weights, shape, seed)
     for name, good, bound in (
         ("moe_fp8_ref", want, FP8_REF_ERROR),
         ("moe_ref", ref, FP8_DENSE_ERROR),
@@ -167,10 +164,15 @@ def fp8_layer_problems(
 
 
 def compare_layer_output(
-    out: torch.Tensor, want: torch.Tensor, tolerance: torch.dtype | tuple[float, float], rank: int
+    out: torch.Tensor,
+    want: torch.Tensor,
+    tolerance: torch.dtype | tuple[float, float],
+    rank: int,
+    against: str = "moe_ref",
 ) -> list[str]:
-    """What is wrong with one rank's layer output ``out [T, H]`` against ``want`` (``layer_ref``)
-    within ``tolerance``: (rtol, atol), or a dtype's ``TOLERANCE`` (empty: nothing)."""
+    """What is wrong with one rank's layer output ``out [T, H]`` against ``want`` (``layer_ref``,
+    or the reference ``against`` names) within ``tolerance``: (rtol, atol), or a dtype's
+    ``TOLERANCE`` (empty: nothing)."""
     got = out.float()
     if got.shape != want.shape:
         return [f"rank {rank}: output has shape {tuple(got.shape)}, expected {tuple(want.shape)}"]
@@ -179,7 +181,7 @@ def compare_layer_output(
         err = (got - want).abs().nan_to_num(float("inf"))
         bad = (err > atol + rtol * want.abs()).any(1).nonzero().squeeze(1).cpu()
         return [
-            f"rank {rank}: output differs from moe_ref in {bad.numel()} of {got.shape[0]} "
+            f"rank {rank}: output differs from {against} in {bad.numel()} of {got.shape[0]} "
             f"tokens (first {bad[:5].tolist()}), max abs error {err.max().item():.3g}"
         ]
     return []
@@ -194,7 +196,10 @@ def check_layer_output(
     seed: int,
     rank: int,
 ) -> list[str]:
-    """``compare_layer_output`` against ``layer_ref`` computed where ``out`` lives."""
+    """``compare_layer_output`` against ``layer_ref`` computed where ``out`` lives; for an FP8
+    shape, against ``moe_fp8_ref`` and ``layer_ref`` with the FP8 bounds (``_fp8_problems``)."""
+    if shape.fp8:
+        return _fp8_problems(out, x.to(out.device), topk_ids, topk_weights, shape, seed, rank)
     want = layer_ref(x.to(out.device), topk_ids, topk_weights, shape, seed)
     return compare_layer_output(out, want, shape.dtype, rank)
 

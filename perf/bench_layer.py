@@ -40,13 +40,7 @@ from megakernel.config import PACK_MODES, KernelConfig
 from megakernel.fp8 import quantize_experts
 from megakernel.placement import Placement
 from megakernel.shapes import preset
-from megakernel.testing import (
-    check_layer_output,
-    fp8_layer_problems,
-    local_w2,
-    local_w13,
-    make_tokens,
-)
+from megakernel.testing import check_layer_output, local_w2, local_w13, make_tokens
 from perf.baseline import baseline_moe
 from perf.record import knob_values, write_result
 from perf.timing import graphed, time_many, time_us
@@ -123,7 +117,7 @@ def time_variants(world, ws, case: dict, inputs: tuple, shape, name: str, args) 
 def time_fp8(world, ws, case: dict, inputs: tuple, shape, name: str, args) -> dict:
     """The FP8 layer on the same experts, quantised here one expert at a time (and one more per
     ``--fp8-vary`` knob value), each checked against ``moe_fp8_ref`` and ``moe_ref``
-    (``fp8_layer_problems``), then their graph replays timed in alternation with the bf16
+    (``check_layer_output``), then their graph replays timed in alternation with the bf16
     layer's."""
     fp8_shape, ranks = replace(shape, fp8=True), world.local_ranks
     q13 = {r: quantize_experts(inputs[3][r]) for r in ranks}
@@ -142,7 +136,7 @@ def time_fp8(world, ws, case: dict, inputs: tuple, shape, name: str, args) -> di
         found = []
         for r in ranks:
             ids, w = case["ids"][r], case["weights"][r]
-            found += fp8_layer_problems(out[r], case["xs"][r], ids, w, fp8_shape, args.seed, r)
+            found += check_layer_output(out[r], case["xs"][r], ids, w, fp8_shape, args.seed, r)
         if found:
             raise SystemExit(f"{name} {label}: wrong results: {found[:4]}")
         run, experts = layer.workspace.run, layer._experts_by_rank()

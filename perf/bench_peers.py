@@ -44,8 +44,8 @@ from megakernel.fp8 import FP8_DENSE_ERROR, quantize_experts
 from megakernel.placement import Placement
 from megakernel.shapes import preset
 from megakernel.testing import (
+    check_layer_output,
     compare_layer_output,
-    fp8_layer_problems,
     layer_ref,
     local_w2,
     local_w13,
@@ -193,11 +193,11 @@ class PresetCase:
         """The FP8 implementations at ``T``, checked first (``want``: ``moe_ref``)."""
         layer, shape = self.fp8_layer, self.fp8_shape
         calls = {"fp8_eager": lambda: layer(x, ids, w)}
-        problems = fp8_layer_problems(calls["fp8_eager"](), x, ids, w, shape, SEED, 0)
+        problems = check_layer_output(calls["fp8_eager"](), x, ids, w, shape, SEED, 0)
         self.check(f"T={T} fp8_eager", problems)
         layer.check_errors()
         calls["fp8_graph"], out = captured_call(layer, x, ids, w)
-        self.check(f"T={T} fp8_graph", fp8_layer_problems(out, x, ids, w, shape, SEED, 0))
+        self.check(f"T={T} fp8_graph", check_layer_output(out, x, ids, w, shape, SEED, 0))
         calls["torch_fp8"] = lambda: self.fp8_torch(x, ids, w)
         got = calls["torch_fp8"]().float()
         error = ((got - want).norm() / want.norm()).item()

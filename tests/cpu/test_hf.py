@@ -291,7 +291,7 @@ def test_deepseek_v3_fp8_experts_load_as_an_fp8_layer():
             got, want_dense = block(x), dense(x)
         layer.check_errors()
         want = moe_fp8_ref(seen["hidden"], seen["ids"], seen["weights"], q13, q2)
-        assert compare_layer_output(seen["out"], want, FP8_TOLERANCE, 0) == []
+        assert compare_layer_output(seen["out"], want, FP8_TOLERANCE, 0, "moe_fp8_ref") == []
         assert rel_err(got, want_dense) < FP8_DENSE_ERROR, rel_err(got, want_dense)
         close_moe_blocks(holder)
 

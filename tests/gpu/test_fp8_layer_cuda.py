@@ -8,7 +8,7 @@ import torch
 
 from megakernel import FusedEPMoE, KernelConfig, routing
 from megakernel.shapes import MoEShape
-from megakernel.testing import fp8_layer_problems, make_tokens, make_w2, make_w13
+from megakernel.testing import check_layer_output, make_tokens, make_w2, make_w13
 from symm_mem import EmulatedWorld
 
 MEDIUM = MoEShape(hidden=1024, ffn=512, num_experts=64, topk=6, max_tokens_per_rank=700, fp8=True)
@@ -39,7 +39,7 @@ def test_fp8_layer_matches_the_fp8_reference(R, tma):
                 layer.check_errors()
                 for r in range(R):
                     ids, w = rt.topk_ids[r], rt.topk_weights[r]
-                    wrong = fp8_layer_problems(out[r], xs[r], ids, w, MEDIUM, seed, r)
+                    wrong = check_layer_output(out[r], xs[r], ids, w, MEDIUM, seed, r)
                     assert wrong == [], f"T {T} call {call + 1}: {wrong}"
         assert len(layer.graphs.graphs) == 2, "each T captured once, then replayed"
         layer.close()
