@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from megakernel.config import (
     DISPATCH_ONLY_PROGRAMS_PER_SM,
@@ -25,6 +24,7 @@ from megakernel.config import (
     kernel_meta,
     pow2,
 )
+from megakernel.descriptors import WeightDescriptors
 from megakernel.errors import CallErrors
 from megakernel.handles import CallInputs, DispatchHandle
 from megakernel.kernel import Fp8Scales, PlanBuffers, RankState, SymBuffers, moe_megakernel
@@ -120,7 +120,7 @@ class Megakernel:
         self._kernel = Launcher(moe_megakernel)
         self._options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         self._meta_cache: dict[tuple[str, int], KernelMeta] = {}
-        self._descriptor_cache: dict[tuple, tuple] = {}
+        self._descriptors = WeightDescriptors(shape, self.config)
         self.epoch = {r: 0 for r in world.local_ranks}  # host mirror of the plan's device epoch
         self.errors = CallErrors(
             world, self.plan_ws.routing_err, self.placement.num_experts, self.flag_name
@@ -276,36 +276,6 @@ class Megakernel:
         """The task id range ``[begin, end)`` of each task kind of one call, in id order."""
         return task_regions(self.meta(mode))
 
-    def _descriptors(self, meta: KernelMeta, w13, w2) -> tuple:
-        """The weights' TMA descriptors the launch's kernel reads, None for the others.
-
-        NOTE: decided by the launch's meta, not by which weights the caller passed, so a call
-        passes the argument types ``warmup`` compiled for its mode (a None descriptor and a
-        tensor descriptor are different kernel variants). Kept for the last few weights seen:
-        a layer passes the same weights every call."""
-        key = (meta.GEMM1_TMA, meta.PAIRS, meta.DOWN_TMA, _identity(w13), _identity(w2))
-        found = self._descriptor_cache.get(key)
-        if found is None:
-            if len(self._descriptor_cache) >= 8:
-                self._descriptor_cache.pop(next(iter(self._descriptor_cache)))
-            found = self._descriptor_cache[key] = self._make_descriptors(meta, w13, w2)
-        return found
-
-    def _make_descriptors(self, meta: KernelMeta, w13, w2) -> tuple:
-        cfg, H, I = self.config, self.shape.hidden, self.shape.ffn
-        w13_desc = w2_desc = None
-        if meta.GEMM1_TMA:
-            if meta.PAIRS:
-                # w13 [L, 2I, H] as [L, I, 2, H]: a box holds gate row j, then up row j, ...
-                L, box = w13.shape[0], [1, cfg.block_n, 2, cfg.block_k]
-                w13_desc = TensorDescriptor(w13, [L, I, 2, H], [2 * I * H, H, I * H, 1], box)
-            else:
-                w13_desc = TensorDescriptor.from_tensor(w13.view(-1, H), [cfg.block_n, cfg.block_k])
-        if meta.DOWN_TMA:
-            block = [cfg.down_block_n, cfg.down_block_k]
-            w2_desc = TensorDescriptor.from_tensor(w2.view(-1, I), block)
-        return w13_desc, w2_desc
-
     def kernel_args(
         self, rank: int, inputs: CallInputs, meta: KernelMeta, begin: int, end: int, rnd: int = 0
     ) -> dict[str, object]:
@@ -401,7 +371,7 @@ class Megakernel:
         r = self.world.local_ranks[0]
         args = self.kernel_args(r, self._dummy_inputs(), self.meta(mode, probe), 0, 0)
         self._kernel.compile((mode, probe), args, **self._options)
-        self._descriptor_cache.clear()  # only the dummy weights' are there
+        self._descriptors.clear()  # only the dummy weights' are there
 
     # -- a call ---------------------------------------------------------------------------
 
@@ -679,11 +649,6 @@ class Megakernel:
 
 def _even(n: int) -> int:
     return n + n % 2
-
-
-def _identity(t: torch.Tensor | None) -> tuple | None:
-    """What a descriptor depends on: the tensor's address, shape and strides."""
-    return None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
 
 
 def _validate_mode(validate: bool | str) -> str | None:

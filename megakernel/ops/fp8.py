@@ -53,10 +53,15 @@ def quantize_rows(h):
     magnitude maps to 448; an all-zero row gets scale 1 (``megakernel.fp8``'s rule)."""
     amax = tl.max(tl.abs(h), 1)
     scale = tl.where(amax > 0, amax / E4M3_MAX, 1.0)
-    v = h / scale[:, None]
+    return _to_e4m3(h / scale[:, None]), scale
+
+
+@triton.jit
+def _to_e4m3(v):
+    """``v`` (|v| <= 448) as e4m3, rounded to nearest, ties to even (see ``E4M3_PREROUND``)."""
     if E4M3_PREROUND:
         v = _onto_e4m3_grid(v)
-    return v.to(tl.float8e4nv), scale
+    return v.to(tl.float8e4nv)
 
 
 @triton.jit
@@ -98,6 +103,44 @@ def _scaled_gemm(
 
 
 @triton.jit
+def _swiglu_half(
+    a_ptrs, a_scales, live, w13_ptr, w13_scale_ptr, w13_desc, local, n_block, half,
+    H: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, B_TMA: tl.constexpr,
+):  # fmt: skip
+    """fp32 ``silu(x @ gate^T) * (x @ up^T)`` of columns ``n_block B + half B/2 + [0, B/2)``
+    (half of scale block ``n_block``), from the gathered e4m3 A rows ``a_ptrs`` (k block 0) and
+    their scales."""
+    KB: tl.constexpr = H // FP8_BLOCK
+    HALF: tl.constexpr = FP8_BLOCK // 2
+    kk = tl.arange(0, FP8_BLOCK)
+    n = n_block * FP8_BLOCK + half * HALF + tl.arange(0, HALF)  # gate rows; up rows I further
+    w = w13_ptr + tl.cast(local, tl.int64) * (2 * I * H)
+    gate_ptrs = w + n.to(tl.int64)[None, :] * H + kk[:, None]  # [B(k), B/2(n)]: w^T
+    up_ptrs = gate_ptrs + I * H
+    scales = w13_scale_ptr + tl.cast(local, tl.int64) * (2 * I // FP8_BLOCK) * KB
+    gate_scales = scales + n_block * KB
+    up_scales = scales + (I // FP8_BLOCK + n_block) * KB
+    n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * FP8_BLOCK + half * HALF  # (B_TMA)
+    gate = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+    for kb in tl.range(0, KB):  # one A block feeds both products
+        a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+        a_scale = tl.load(a_scales + kb, mask=live, other=0.0)
+        if B_TMA:
+            gate_b = w13_desc.load([n0, kb * FP8_BLOCK]).T
+            up_b = w13_desc.load([n0 + I, kb * FP8_BLOCK]).T
+        else:
+            gate_b = tl.load(gate_ptrs)
+            up_b = tl.load(up_ptrs)
+        gate += tl.dot(a, gate_b) * (a_scale * tl.load(gate_scales + kb))[:, None]
+        up += tl.dot(a, up_b) * (a_scale * tl.load(up_scales + kb))[:, None]
+        a_ptrs += FP8_BLOCK
+        gate_ptrs += FP8_BLOCK
+        up_ptrs += FP8_BLOCK
+    return gate * tl.sigmoid(gate) * up
+
+
+@triton.jit
 def tile_gemm1_fp8(
     x_ptr,  # [*, H] e4m3 rows (the receive buffer)
     x_scale_ptr,  # [*, H / B] fp32
@@ -113,47 +156,36 @@ def tile_gemm1_fp8(
     H: tl.constexpr,
     I: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    w13_desc=None,  # with B_TMA: a [B, B] block descriptor of w13 as [L * 2I, H]
+    w13_desc=None,  # with B_TMA: a [B / 2, B] block descriptor of w13 as [L * 2I, H]
     B_TMA: tl.constexpr = False,
 ):
     """Columns ``[n_block B, (n_block + 1) B)`` of ``silu(x @ gate^T) * (x @ up^T)`` for rows
     ``[row0, row0 + rows)`` (A row r is ``x[src[r]]``), quantised per row: e4m3 into ``act`` and
     one scale per row into ``act_scale[:, n_block]``. ``B_TMA``: the weight blocks come by TMA
-    (A rows, gathered, cannot)."""
+    (A rows, gathered, cannot).
+
+    NOTE: in two halves of B/2 columns, the A rows read once per half: a block-scaled product
+    needs a second accumulator for each k block's partial sum, and gate and up at once over B
+    columns took 4 x 64 fp32 registers a thread (8 warps, BM 128): ptxas spilled about 100
+    values in every k step. The halves take half that; the first half's output waits in 32."""
     KB: tl.constexpr = H // FP8_BLOCK
+    HALF: tl.constexpr = FP8_BLOCK // 2
     r = tl.arange(0, BLOCK_M)
     live = r < rows
     src = tl.load(src_ptr + row0 + r, mask=live, other=0).to(tl.int64)
-    kk = tl.arange(0, FP8_BLOCK)
-    a_ptrs = x_ptr + src[:, None] * H + kk[None, :]
+    a_ptrs = x_ptr + src[:, None] * H + tl.arange(0, FP8_BLOCK)[None, :]
     a_scales = x_scale_ptr + src * KB
-    n = n_block * FP8_BLOCK + kk  # gate rows of w13; up rows are I further
-    w = w13_ptr + tl.cast(local, tl.int64) * (2 * I * H)
-    gate_ptrs = w + n.to(tl.int64)[None, :] * H + kk[:, None]  # [B(k), B(n)]: w^T
-    up_ptrs = gate_ptrs + I * H
-    scales = w13_scale_ptr + tl.cast(local, tl.int64) * (2 * I // FP8_BLOCK) * KB
-    gate_scales = scales + n_block * KB
-    up_scales = scales + (I // FP8_BLOCK + n_block) * KB
-    gate = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
-    up = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
-    n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * FP8_BLOCK  # (B_TMA) gate's first row
-    for kb in tl.range(0, KB):  # one A block feeds both products
-        a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-        a_scale = tl.load(a_scales + kb, mask=live, other=0.0)
-        if B_TMA:
-            gate_b = w13_desc.load([n0, kb * FP8_BLOCK]).T
-            up_b = w13_desc.load([n0 + I, kb * FP8_BLOCK]).T
-        else:
-            gate_b = tl.load(gate_ptrs)
-            up_b = tl.load(up_ptrs)
-        gate += tl.dot(a, gate_b) * (a_scale * tl.load(gate_scales + kb))[:, None]
-        up += tl.dot(a, up_b) * (a_scale * tl.load(up_scales + kb))[:, None]
-        a_ptrs += FP8_BLOCK
-        gate_ptrs += FP8_BLOCK
-        up_ptrs += FP8_BLOCK
-    q, scale = quantize_rows(gate * tl.sigmoid(gate) * up)
+    w = (w13_ptr, w13_scale_ptr, w13_desc, local, n_block)
+    low = _swiglu_half(a_ptrs, a_scales, live, *w, 0, H, I, BLOCK_M, B_TMA)
+    high = _swiglu_half(a_ptrs, a_scales, live, *w, 1, H, I, BLOCK_M, B_TMA)
+    # one scale per row over the whole 128-column block (both halves)
+    amax = tl.maximum(tl.max(tl.abs(low), 1), tl.max(tl.abs(high), 1))
+    scale = tl.where(amax > 0, amax / E4M3_MAX, 1.0)
     out_rows = (row0 + r).to(tl.int64)
-    tl.store(act_ptr + out_rows[:, None] * I + n[None, :], q, mask=live[:, None])
+    cols = n_block * FP8_BLOCK + tl.arange(0, HALF)
+    out = act_ptr + out_rows[:, None] * I + cols[None, :]
+    tl.store(out, _to_e4m3(low / scale[:, None]), mask=live[:, None])
+    tl.store(out + HALF, _to_e4m3(high / scale[:, None]), mask=live[:, None])
     tl.store(act_scale_ptr + out_rows * (I // FP8_BLOCK) + n_block, scale, mask=live)
 
 
