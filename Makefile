@@ -40,8 +40,10 @@ lint: $(READY)
 # pytest exit code 5 means no test was collected: for this suite that is a failure.
 test: lint test-cpu test-compiled
 
+# The interpreter runs one core's worth of numpy: with pytest-xdist, one worker per core (up to 4).
 test-cpu: $(READY)
-	TRITON_INTERPRET=1 $(PY) -m pytest tests/cpu -q; rc=$$?; \
+	workers=$$($(PY) -c "import os, xdist; print('-n', min(os.cpu_count() or 1, 4))" 2>/dev/null); \
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/cpu -q $$workers; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no CPU tests"; fi; exit $$rc
 
 test-compiled: $(READY)

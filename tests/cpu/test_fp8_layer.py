@@ -91,3 +91,23 @@ def test_fp8_refusals_name_what_to_change():
             ws.run({0: torch.zeros(1, 256)}, {0: torch.zeros(1, 2, dtype=torch.int32)}, None,
                    {0: q13[0]}, mode="gemm")  # fmt: skip
         ws.close()
+
+
+def test_fp8_rebalance_moves_weights_and_scales():
+    """``rebalance`` moves every expert's e4m3 weights and their block scales together (a
+    reversed placement moves all of them between the ranks); the next call is still right."""
+    from megakernel.placement import Placement
+
+    R, E = 2, SHAPE.num_experts
+    L = E // R
+    with EmulatedWorld(R) as world:
+        layer = FusedEPMoE.from_dense(
+            world, SHAPE, make_w13(SHAPE, 3, "cpu"), make_w2(SHAPE, 3, "cpu"), config=config()
+        )
+        before = {r: layer.w13_scale[str(r)].clone() for r in range(R)}
+        flipped = [[(1 - e // L, e % L)] for e in range(E)]  # rank 0's experts to rank 1, ...
+        layer.rebalance(Placement.from_slots(R, L, flipped))
+        for r in range(R):
+            assert torch.equal(layer.w13_scale[str(r)], before[1 - r])
+        run_and_check(layer, R, [T] * R, seed=40)
+        layer.close()
