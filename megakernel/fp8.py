@@ -24,7 +24,7 @@ from megakernel.reference import moe_ref_by_expert
 from megakernel.shapes import FP8_BLOCK
 
 E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
+E4M3_MAX = torch.finfo(E4M3).max  # 448
 BLOCK = FP8_BLOCK
 # the FP8 layer against moe_fp8_ref, elementwise (rtol, atol) and norm-relative: both see the same
 # quantised operands; they differ in the bf16 rounding of the combine and in accumulation order,

@@ -21,13 +21,16 @@ block) from the activations and one scalar per K block from the weights scale ea
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from megakernel import shapes
 from symm_mem.device import INTERPRET
 
-FP8_BLOCK = tl.constexpr(128)
-E4M3_MAX = tl.constexpr(448.0)
+# the host side's constants (megakernel.fp8), as constexprs
+FP8_BLOCK = tl.constexpr(shapes.FP8_BLOCK)
+E4M3_MAX = tl.constexpr(torch.finfo(torch.float8_e4m3fn).max)
 # NOTE: the interpreter's fp32 -> e4m3 conversion loses a rounding carry into the exponent (1.98
 # becomes 1.0, 31.8 becomes 16.0); there, and only there, values are rounded onto e4m3's grid in
 # fp32 first, which that conversion then keeps exactly (compiled kernels convert with cvt.rn)
