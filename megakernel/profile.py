@@ -9,7 +9,8 @@ checked against ``moe_ref``), aligns the ranks' clocks, and writes to ``--out`` 
 ``timeline.png`` and ``summary.txt``. ``--overhead`` also times the call with and without tracing
 (CUDA graphs).
 ``--set KNOB=V ...`` traces with other int ``KernelConfig`` knobs (the output folder names
-them).
+them); ``--fp8`` traces the FP8 layer (``MoEShape.fp8``) on the same experts quantised to e4m3
+with 128 x 128 block scales, checked against ``moe_fp8_ref``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ DEFAULT_OUT = Path("out") / "profile"  # under the working directory (git-ignore
 
 
 def _setup(world, args):
-    """(shape, config, T, routing, xs, inputs by rank) of the traced call."""
+    """(shape, config, T, routing, xs, inputs by rank, keyword inputs by rank) of the traced
+    call: the keyword inputs are the FP8 weights' block scales with ``--fp8``, else none."""
     import torch
 
     from megakernel import KernelConfig, routing
@@ -31,7 +33,9 @@ def _setup(world, args):
     from megakernel.shapes import MoEShape, preset
     from megakernel.testing import layer_inputs
 
-    if world.device.type == "cpu":
+    if world.device.type == "cpu" and args.fp8:  # H and I a whole number of scale blocks
+        shape, config, T = MoEShape(256, 128, 8, 2, 24), KernelConfig.interpreter(), 19
+    elif world.device.type == "cpu":
         shape, config, T = (
             MoEShape(64, 32, 16, 4, 64, torch.float32),
             KernelConfig.interpreter(),
@@ -49,20 +53,31 @@ def _setup(world, args):
     rt, _ = routing.edge_case(args.routing, R, T, shape.num_experts, shape.topk, seed=1)
     rt = rt.to(dev)
     xs, inputs = layer_inputs(shape, placement, rt, ranks, 1, dev)
-    return shape, config, T, rt, xs, inputs
+    scales = {}
+    if args.fp8:
+        from megakernel.fp8 import quantize_experts
+
+        shape = replace(shape, fp8=True)
+        q13 = {r: quantize_experts(w) for r, w in inputs[3].items()}
+        q2 = {r: quantize_experts(w) for r, w in inputs[4].items()}
+        inputs = (*inputs[:3], {r: q[0] for r, q in q13.items()}, {r: q[0] for r, q in q2.items()})
+        scales = dict(
+            w13_scale={r: q[1] for r, q in q13.items()}, w2_scale={r: q[1] for r, q in q2.items()}
+        )
+    return shape, config, T, rt, xs, inputs, scales
 
 
-def _traced_call(world, args, shape, config, inputs, check, trace: bool):
+def _traced_call(world, args, shape, config, inputs, scales, check, trace: bool):
     """One checked call of a fresh workspace after a warm-up call; returns (records, events
     dropped, the graph-replay time in us with ``--overhead`` on a GPU, else None)."""
     from megakernel import Megakernel, profiler
 
     ws = Megakernel(world, shape, config=replace(config, trace=trace, trace_events=args.events))
     for _ in range(2):  # a warm-up call, then the one that is kept
-        handles = ws.run(*inputs, mode="layer", split=args.split)
+        handles = ws.run(*inputs, mode="layer", split=args.split, **scales)
     ws.check_errors()
     if args.stage != "all":  # a timing probe (its outputs are junk): trace it instead
-        handles = ws.run(*inputs, mode="layer", stage=args.stage)
+        handles = ws.run(*inputs, mode="layer", stage=args.stage, **scales)
         ws.check_errors()
     else:
         check(handles)
@@ -75,7 +90,9 @@ def _traced_call(world, args, shape, config, inputs, check, trace: bool):
     if args.overhead and world.device.type == "cuda":
         from perf.timing import graphed, time_us
 
-        call = lambda: ws.run(*inputs, mode="layer", split=args.split, validate=False)  # noqa: E731
+        def call():
+            return ws.run(*inputs, mode="layer", split=args.split, validate=False, **scales)
+
         us = time_us(graphed(call))["median"]
     ws.close()
     return records, dropped, us
@@ -85,7 +102,7 @@ def profile(world, args) -> None:
     from megakernel import profiler
     from megakernel.testing import check_layer_output
 
-    shape, config, T, rt, xs, inputs = _setup(world, args)
+    shape, config, T, rt, xs, inputs, scales = _setup(world, args)
     cpu = world.device.type == "cpu"
 
     def check(handles) -> None:
@@ -99,7 +116,7 @@ def profile(world, args) -> None:
     timings = {}
     for trace in (False, True) if args.overhead or not cpu else (True,):
         records, dropped, timings[trace] = _traced_call(
-            world, args, shape, config, inputs, check, trace
+            world, args, shape, config, inputs, scales, check, trace
         )
     records = profiler.gather_records(world, records)
     offsets = profiler.clock_offsets(world)
@@ -112,12 +129,13 @@ def _write(world, args, T: int, records, dropped: int, offsets, timings) -> None
     from megakernel import profiler
 
     cpu, R, world_name = world.device.type == "cpu", world.world_size, type(world).__name__
-    suffix = "" if args.stage == "all" else f"_{args.stage}"
+    suffix = ("_fp8" if args.fp8 else "") + ("" if args.stage == "all" else f"_{args.stage}")
     suffix += "".join(f"_{knob}{value}" for knob, value in args.set.items())
     out = Path(args.out) / f"trace_{'cpu' if cpu else args.preset}_R{R}_{world_name}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
     title = (
-        f"{'small layer' if cpu else args.preset}, T={T}, {R} ranks ({world_name}), "
+        f"{'small layer' if cpu else args.preset}{' FP8' if args.fp8 else ''}, T={T}, "
+        f"{R} ranks ({world_name}), "
         f"{'two kernels' if args.split else 'one kernel'}"
         + ("" if args.stage == "all" else f", probe {args.stage!r}")
         + "".join(f", {knob}={value}" for knob, value in args.set.items())
@@ -156,6 +174,7 @@ def main() -> int:
     parser.add_argument("--routing", default="uniform")
     parser.add_argument("--emulate", type=int, default=0, help="R ranks on one GPU")
     parser.add_argument("--split", action="store_true", help="the two-kernel mode")
+    parser.add_argument("--fp8", action="store_true", help="the FP8 layer (MoEShape.fp8)")
     parser.add_argument("--events", type=int, default=1024, help="trace events per program")
     parser.add_argument("--overhead", action="store_true", help="also time untraced vs traced")
     parser.add_argument(

@@ -2,6 +2,9 @@
 (hand-made records), and the records of a traced interpreter run of the layer."""
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -135,3 +138,19 @@ def test_profile_set_parses_int_knobs():
     for bad in ("dispatch_ctas", "dispatch_ctas=", "chunk=eight", "chunk=-1"):
         with pytest.raises(SystemExit, match="--set wants KNOB=V"):
             parse_knob(bad)
+
+
+def test_profile_cli_traces_the_fp8_layer(tmp_path):
+    """``python -m megakernel.profile --fp8`` on the CPU: a checked FP8 call (the run exits
+    non-zero on a wrong output), traced, with every kind of task in its summary."""
+    run = subprocess.run(
+        [sys.executable, "-m", "megakernel.profile", "--fp8", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = tmp_path / "trace_cpu_R2_EmulatedWorld_fp8"
+    summary = (out / "summary.txt").read_text()
+    assert summary.startswith("small layer FP8, T=19, 2 ranks")
+    for kind in ("dispatch", "gemm1", "down_combine", "topk_reduce"):
+        assert re.search(rf"^{kind}\s+[1-9]", summary, re.M), summary
+    assert json.loads((out / "trace.json").read_text())["traceEvents"]
