@@ -1,6 +1,8 @@
-"""Traffic model: what each rank sends over NVLink for one routing, with and without token saving.
+"""Traffic models: what each rank sends over NVLink for one routing, with and without token
+saving (``traffic_model``), and what a rank's GEMM tasks load into its SMs (``operand_bytes``).
 
-Shape legend: T tokens per rank, K top-k, R ranks, L physical slots per rank.
+Shape legend: T tokens per rank, K top-k, R ranks, L physical slots per rank, H hidden, I expert
+FFN width.
 
 Without token saving a token row crosses NVLink once per (token, k) routed to another rank; with
 it, once per distinct other rank among the token's K slots. A rank's own slots cost no NVLink
@@ -12,6 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+
+from megakernel.config import KernelConfig
+from megakernel.shapes import MoEShape
 
 
 def row_bytes(hidden: int, dtype: torch.dtype, fp8: bool = False) -> int:
@@ -63,3 +69,36 @@ def traffic_model(phys_all: list[torch.Tensor], slots_per_rank: int) -> Traffic:
         remote_sum += int(remote[live].sum())
     n = max(1, sum(tokens))
     return Traffic(plain, saved, tokens, distinct_sum / n, remote_sum / n)
+
+
+@dataclass(frozen=True)
+class OperandBytes:
+    weights: int  # the experts' weights a call touches, each byte once: what HBM must deliver
+    streamed: int  # what the GEMM tasks load into SMs, from L2 or HBM (see operand_bytes)
+
+    def over(self, seconds: float) -> float:
+        """Bytes per second the tasks' loads reach if the call takes ``seconds``."""
+        return self.streamed / seconds
+
+
+def operand_bytes(rows: torch.Tensor, shape: MoEShape, config: KernelConfig) -> OperandBytes:
+    """The operand loads of one call's GEMM tasks on one rank, from ``rows [L]``, the rows each
+    local slot receives. Each task loads its whole weight block and its tile's live rows of A
+    (masked rows load nothing), so an expert of ``n`` rows costs ``ceil(n / block_m)`` weight
+    streams: GEMM1 ``ceil(I / BN)`` tasks a tile, each ``[2 BN, H]`` of w13 and ``[rows, H]`` of
+    the received rows (twice with FP8, whose two 64-column halves each run their own k loop);
+    the down projection ``ceil(H / down_BN)`` tasks a tile, each ``[down_BN, I]`` of w2 and
+    ``[rows, I]`` of the activations. Scales (FP8) and outputs are left out: under 2% here.
+    """
+    cfg = config.for_fp8() if shape.fp8 else config
+    H, I = shape.hidden, shape.ffn
+    item = 1 if shape.fp8 else shape.dtype.itemsize  # weights and A alike
+    rows = rows.long().cpu()
+    tiles = int((-(-rows // cfg.block_m)).sum())
+    live, n = int((rows > 0).sum()), int(rows.sum())
+    gemm1_tasks = triton.cdiv(I, cfg.block_n)
+    down_tasks = triton.cdiv(H, cfg.down_block_n)
+    a_loads = 2 if shape.fp8 else 1
+    gemm1 = gemm1_tasks * (tiles * 2 * cfg.block_n * H + a_loads * n * H)
+    down = down_tasks * (tiles * cfg.down_block_n * I + n * I)
+    return OperandBytes(weights=live * 3 * H * I * item, streamed=(gemm1 + down) * item)

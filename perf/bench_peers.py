@@ -26,7 +26,10 @@ figure is the median over rounds.
 
 The weight-read bound of a point: the bytes of the experts its routing touches (w13 and w2 of
 each, ``3 H I`` elements) over the read bandwidth a large read-only reduction measures on the
-same GPU. Table on stdout, JSON under perf/results/ (perf.record).
+same GPU. Beside it, what the GEMM tasks load into the SMs (``megakernel.traffic.operand_bytes``:
+each tile streams its expert's weight block again, each column block its rows again) and the
+rate that makes at the graph time ("TB/s"): where that rate is the L2's, the tiles' reloads, not
+HBM, hold the time. Table on stdout, JSON under perf/results/ (perf.record).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from megakernel.testing import (
     local_w13,
     make_tokens,
 )
+from megakernel.traffic import operand_bytes
 from perf.baseline import DequantizedBaseline, baseline_moe
 from perf.record import write_result
 from perf.timing import wall_us
@@ -67,11 +71,10 @@ def rotations(names: list[str], rounds: int) -> list[list[str]]:
     return [names[i % len(names) :] + names[: i % len(names)] for i in range(rounds)]
 
 
-def weight_bytes(topk_ids: torch.Tensor, hidden: int, ffn: int, itemsize: int) -> int:
-    """Bytes of expert weights a call must read at least: w13 and w2 of every expert the routing
-    names (ids < 0 are dropped slots)."""
-    touched = topk_ids[topk_ids >= 0].unique().numel()
-    return touched * 3 * hidden * ffn * itemsize
+def expert_rows(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows each expert receives at one rank holding them all (ids < 0 are dropped slots)."""
+    ids = topk_ids[topk_ids >= 0].long().cpu()
+    return torch.bincount(ids, minlength=num_experts)
 
 
 def read_bandwidth() -> float:
@@ -187,7 +190,7 @@ class PresetCase:
         for call in calls.values():  # warm: eager's second call of a T captures its own graph
             call()
             call()
-        return calls, weight_bytes(ids, shape.hidden, shape.ffn, 2)
+        return calls, expert_rows(ids, shape.num_experts)
 
     def fp8_calls(self, T: int, x, ids, w, want: torch.Tensor) -> dict:
         """The FP8 implementations at ``T``, checked first (``want``: ``moe_ref``)."""
@@ -229,7 +232,7 @@ def captured_call(layer: FusedEPMoE, x, ids, w):
 
 
 def bench_point(case: PresetCase, T: int, bandwidth: float, args) -> dict:
-    calls, touched = case.calls(T)
+    calls, rows = case.calls(T)
     names = [impl for impl in IMPLS + FP8_IMPLS if impl in calls]
     times: dict[str, list[float]] = {impl: [] for impl in names}
     for order in rotations(names, args.rounds):
@@ -237,12 +240,18 @@ def bench_point(case: PresetCase, T: int, bandwidth: float, args) -> dict:
             times[impl].append(wall_us(calls[impl], args.calls))
     case.layer.check_errors()
     row = {"preset": case.name, "T": T, **{f"{i}_us": statistics.median(times[i]) for i in names}}
-    row["bound_us"] = touched / bandwidth * 1e6
+    loads = operand_bytes(rows, case.shape, case.layer.workspace.config)
+    row["bound_us"] = loads.weights / bandwidth * 1e6
     row["graph_over_bound"] = row["graph_us"] / row["bound_us"]
     row["eager_over_graph"] = row["eager_us"] / row["graph_us"]
+    row["streamed_bytes"] = loads.streamed
+    row["streamed_Bps"] = loads.over(row["graph_us"] * 1e-6)
     if "fp8_graph_us" in row:
-        row["fp8_bound_us"] = row["bound_us"] / 2  # one byte a weight, not two
+        loads = operand_bytes(rows, case.fp8_shape, case.fp8_layer.workspace.config)
+        row["fp8_bound_us"] = loads.weights / bandwidth * 1e6  # one byte a weight, not two
         row["graph_over_fp8_graph"] = row["graph_us"] / row["fp8_graph_us"]
+        row["fp8_streamed_bytes"] = loads.streamed
+        row["fp8_streamed_Bps"] = loads.over(row["fp8_graph_us"] * 1e-6)
     print(table_row(row), flush=True)
     return row
 
@@ -255,13 +264,15 @@ def table_row(r: dict) -> str:
     ratios = (r["eager_over_graph"], liger / r["eager_us"], liger / r["graph_us"])
     line = (
         f"{r['preset']:<12} {r['T']:5d} {cells} {ratios[0]:5.2f} {ratios[1]:7.2f} "
-        f"{ratios[2]:7.2f} {r['bound_us']:8.1f} {r['graph_over_bound']:7.2f}"
+        f"{ratios[2]:7.2f} {r['bound_us']:8.1f} {r['graph_over_bound']:7.2f} "
+        f"{r['streamed_bytes'] / 1e9:6.1f} {r['streamed_Bps'] / 1e12:5.2f}"
     )
     if "fp8_graph_us" in r:
         line += " " + " ".join(f"{r[i + '_us']:9.1f}" for i in FP8_IMPLS)
         fp8 = r["fp8_graph_us"]
         ratios = (r["graph_over_fp8_graph"], r["fp8_eager_us"] / fp8, fp8 / r["fp8_bound_us"])
         line += f" {ratios[0]:8.2f} {ratios[1]:5.2f} {ratios[2]:7.2f}"
+        line += f" {r['fp8_streamed_bytes'] / 1e9:6.1f} {r['fp8_streamed_Bps'] / 1e12:5.2f}"
     return line
 
 
@@ -269,9 +280,10 @@ def header(bandwidth: float, fp8: bool) -> str:
     gpu = torch.cuda.get_device_name()
     head = f"{'preset':<12} {'T':>5} " + " ".join(f"{i + ' us':>9}" for i in IMPLS)
     head += f" {'e/g':>5} {'liger/e':>7} {'liger/g':>7} {'bound us':>8} {'g/bound':>7}"
+    head += f" {'GB':>6} {'TB/s':>5}"  # the tasks' operand loads and their rate at the graph time
     if fp8:  # bf16 graph over FP8 graph, FP8 eager over graph, FP8 graph over its weight bound
         head += " " + " ".join(f"{i[:7] + ' us':>9}" for i in FP8_IMPLS)
-        head += f" {'bf16/fp8':>8} {'e/g':>5} {'g/bound':>7}"
+        head += f" {'bf16/fp8':>8} {'e/g':>5} {'g/bound':>7} {'GB':>6} {'TB/s':>5}"
     title = f"one rank holding every expert, {gpu}, read bandwidth {bandwidth / 1e9:.0f} GB/s"
     return f"{title}\n{head}"
 

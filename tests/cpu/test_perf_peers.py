@@ -1,8 +1,14 @@
-"""perf.bench_peers' bookkeeping, on CPU: the rotating order and the weight-read bytes."""
+"""perf.bench_peers' bookkeeping, on CPU: the rotating order, the rows per expert, and the
+operand loads it reports (``megakernel.traffic.operand_bytes``)."""
+
+from dataclasses import replace
 
 import torch
 
-from perf.bench_peers import rotations, weight_bytes
+from megakernel import KernelConfig
+from megakernel.shapes import MoEShape
+from megakernel.traffic import operand_bytes
+from perf.bench_peers import expert_rows, rotations
 
 
 def test_each_round_rotates_the_order_so_every_implementation_leads_in_turn():
@@ -14,7 +20,25 @@ def test_each_round_rotates_the_order_so_every_implementation_leads_in_turn():
     assert all(sorted(o) == sorted(order[0]) for o in order)
 
 
-def test_weight_bytes_count_each_touched_expert_once_and_skip_dropped_slots():
+def test_expert_rows_skip_dropped_slots():
     ids = torch.tensor([[0, 3], [3, -1], [7, 0]])
-    assert weight_bytes(ids, hidden=64, ffn=32, itemsize=2) == 3 * (3 * 64 * 32 * 2)
-    assert weight_bytes(torch.full((4, 2), -1), 64, 32, 2) == 0
+    assert expert_rows(ids, 8).tolist() == [2, 0, 0, 2, 0, 0, 0, 1]
+    assert expert_rows(torch.full((4, 2), -1), 3).tolist() == [0, 0, 0]
+
+
+def test_operand_loads_count_a_weight_stream_per_tile_and_the_rows_per_column_block():
+    """By hand: experts of 0, 16, 17 and 5 rows in tiles of 16 are 4 tiles (the 17-row expert
+    streams its weights twice), 38 rows, 3 experts touched."""
+    shape = MoEShape(hidden=256, ffn=128, num_experts=4, topk=2, max_tokens_per_rank=32)
+    rows = torch.tensor([0, 16, 17, 5])
+    cfg = KernelConfig(block_m=16, block_n=32, down_block_n=64)
+    got = operand_bytes(rows, shape, cfg)
+    assert got.weights == 3 * (3 * 256 * 128) * 2
+    gemm1 = (128 // 32) * (4 * 2 * 32 * 256 + 38 * 256)  # column blocks x (w13 blocks + rows)
+    down = (256 // 64) * (4 * 64 * 128 + 38 * 128)  # column blocks x (w2 blocks + act rows)
+    assert got.streamed == 2 * (gemm1 + down)
+    assert got.over(1e-3) == got.streamed * 1e3
+    # FP8: one byte an operand; 128-wide column blocks; GEMM1's two halves load the rows twice
+    fp8 = operand_bytes(rows, replace(shape, fp8=True), cfg)
+    assert fp8.weights == got.weights // 2
+    assert fp8.streamed == 1 * (4 * 2 * 128 * 256 + 2 * 38 * 256) + 2 * (4 * 128 * 128 + 38 * 128)
