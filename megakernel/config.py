@@ -123,11 +123,12 @@ class KernelConfig:
         return cls(**(small | knobs))
 
     def for_fp8(self) -> KernelConfig:
-        """This config as the FP8 path runs it (``MoEShape.fp8``): a GEMM task's columns and k
-        steps are one scale block of 128, so each product takes one scale per row and one per
-        weight block; gate and up are two products (no pairs); GEMM1 gathers its rows through
-        ``recv_src`` (their scales too), so ``pack="scan"`` does not apply. The weights come by
-        TMA or by pointers as ``gemm1_tma`` / ``down_tma`` say."""
+        """This config as the FP8 path runs it (``MoEShape.fp8``): k steps are one scale block
+        of 128, and so are a GEMM1 task's columns, so each product takes one scale per row and
+        one per weight block; gate and up are two products (no pairs); a down task's columns
+        are ``down_block_n`` (at least 128: whole scale blocks side by side). GEMM1 gathers its
+        rows through ``recv_src`` (their scales too), so ``pack="scan"`` does not apply. The
+        weights come by TMA or by pointers as ``gemm1_tma`` / ``down_tma`` say."""
         if self.pack == "scan":
             raise ValueError(
                 'KernelConfig(pack="scan") resolves rows in place, which the FP8 path does not: '
@@ -135,8 +136,9 @@ class KernelConfig:
             )
         b = FP8_BLOCK
         return replace(
-            self, block_n=b, block_k=b, down_block_n=b, down_block_k=b, gemm1_pairs=False
-        )
+            self, block_n=b, block_k=b, down_block_n=max(self.down_block_n, b), down_block_k=b,
+            gemm1_pairs=False,
+        )  # fmt: skip
 
     def paired_gemm1(self, swiglu: bool) -> bool:
         """Whether GEMM1 makes gate and up as one [BM, 2 BN] product (``gemm1_pairs``): only with

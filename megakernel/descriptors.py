@@ -4,7 +4,7 @@ Shape legend: H hidden, I expert FFN width, L local slots per rank; BN / BK and 
 GEMM1 and down-projection block sizes of ``KernelConfig``.
 
 - GEMM1 (``KernelMeta.GEMM1_TMA``): ``w13 [L, 2I, H]`` as ``[L * 2I, H]`` in ``[BN, BK]`` boxes
-  (FP8: ``[BN / 2, BK]``, its tasks' halves), or with ``PAIRS`` as ``[L, I, 2, H]`` in
+  (a gate block, then an up block), or with ``PAIRS`` as ``[L, I, 2, H]`` in
   ``[1, BN, 2, BK]`` boxes (gate row j, then up row j).
 - Down projection (``DOWN_TMA``): ``w2 [L, H, I]`` as ``[L * H, I]`` in ``[BN2, BK2]`` boxes.
 
@@ -55,9 +55,7 @@ class WeightDescriptors:
                 L, box = w13.shape[0], [1, cfg.block_n, 2, cfg.block_k]
                 w13_desc = TensorDescriptor(w13, [L, I, 2, H], [2 * I * H, H, I * H, 1], box)
             else:
-                # (FP8: a GEMM1 task makes its 128 columns in two halves, ops.fp8)
-                rows = cfg.block_n // 2 if self.shape.fp8 else cfg.block_n
-                w13_desc = TensorDescriptor.from_tensor(w13.view(-1, H), [rows, cfg.block_k])
+                w13_desc = TensorDescriptor.from_tensor(w13.view(-1, H), [cfg.block_n, cfg.block_k])
         if meta.DOWN_TMA:
             block = [cfg.down_block_n, cfg.down_block_k]
             w2_desc = TensorDescriptor.from_tensor(w2.view(-1, I), block)

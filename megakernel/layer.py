@@ -116,6 +116,8 @@ class FusedEPMoE(nn.Module):
             want13, want2 = shape.weight_scale_shapes(L)
             self.w13_scale = self._weights("w13_scale", w13_scale, want13, torch.float32)
             self.w2_scale = self._weights("w2_scale", w2_scale, want2, torch.float32)
+            _check_scales("w13_scale", self.w13_scale)
+            _check_scales("w2_scale", self.w2_scale)
         elif w13_scale is not None or w2_scale is not None:
             raise ValueError("weight scales are for MoEShape(fp8=True); this layer is not FP8")
         self._by_rank_cache: dict[str, dict[int, torch.Tensor]] | None = None
@@ -377,3 +379,17 @@ class FusedEPMoE(nn.Module):
             f"H={s.hidden}, I={s.ffn}, E={s.num_experts}, K={s.topk}, "
             f"R={self.world.world_size}, L={self.placement.slots_per_rank}, split={self.split}"
         )
+
+
+def _check_scales(name: str, scales: nn.ParameterDict) -> None:
+    """Block scales multiply e4m3 weights, and the GEMMs divide by them (their running-scale
+    products, ``megakernel.ops.fp8``): each must be a positive finite number (a block of zeros
+    takes scale 1, as ``megakernel.fp8`` quantises it). Read once, at construction."""
+    for r, t in scales.items():
+        bad = ~(torch.isfinite(t) & (t > 0))
+        if bad.any():
+            first = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(
+                f"{name} of rank {r} has {int(bad.sum())} block scales that are not positive "
+                f"finite numbers (the first at {first}: {float(t[first])})"
+            )

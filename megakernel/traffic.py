@@ -86,9 +86,9 @@ def operand_bytes(rows: torch.Tensor, shape: MoEShape, config: KernelConfig) -> 
     local slot receives. Each task loads its whole weight block and its tile's live rows of A
     (masked rows load nothing), so an expert of ``n`` rows costs ``ceil(n / block_m)`` weight
     streams: GEMM1 ``ceil(I / BN)`` tasks a tile, each ``[2 BN, H]`` of w13 and ``[rows, H]`` of
-    the received rows (twice with FP8, whose two 64-column halves each run their own k loop);
-    the down projection ``ceil(H / down_BN)`` tasks a tile, each ``[down_BN, I]`` of w2 and
-    ``[rows, I]`` of the activations. Scales (FP8) and outputs are left out: under 2% here.
+    the received rows; the down projection ``ceil(H / down_BN)`` tasks a tile, each
+    ``[down_BN, I]`` of w2 and ``[rows, I]`` of the activations. Scales (FP8) and outputs are
+    left out: under 2% here.
     """
     cfg = config.for_fp8() if shape.fp8 else config
     H, I = shape.hidden, shape.ffn
@@ -98,7 +98,6 @@ def operand_bytes(rows: torch.Tensor, shape: MoEShape, config: KernelConfig) -> 
     live, n = int((rows > 0).sum()), int(rows.sum())
     gemm1_tasks = triton.cdiv(I, cfg.block_n)
     down_tasks = triton.cdiv(H, cfg.down_block_n)
-    a_loads = 2 if shape.fp8 else 1
-    gemm1 = gemm1_tasks * (tiles * 2 * cfg.block_n * H + a_loads * n * H)
+    gemm1 = gemm1_tasks * (tiles * 2 * cfg.block_n * H + n * H)
     down = down_tasks * (tiles * cfg.down_block_n * I + n * I)
     return OperandBytes(weights=live * 3 * H * I * item, streamed=(gemm1 + down) * item)

@@ -8,15 +8,21 @@ block), BM rows per tile.
 - ``tile_gemm1_fp8``: one ``[BM, B]`` block of an expert's SwiGLU output from gathered e4m3 rows
   (``x [*, H]`` with scales ``[*, H/B]``) and ``w13 [L, 2I, H]`` (scales ``[L, 2I/B, H/B]``),
   quantised again per row over its 128 columns: e4m3 ``act [C, I]`` and scales ``[C, I/B]``.
-- ``tile_down_fp8``: the fp32 ``[BM, B]`` block of ``act @ w2^T`` from e4m3 ``act`` and
-  ``w2 [L, H, I]`` (scales ``[L, H/B, I/B]``).
+- ``tile_down_fp8``: the fp32 ``[BM, BN]`` block of ``act @ w2^T`` (BN a multiple of B) from
+  e4m3 ``act`` and ``w2 [L, H, I]`` (scales ``[L, H/B, I/B]``).
 - ``quantize_copy_rows``: token rows quantised per 128 columns on their way out: the dispatch
   put of the FP8 path (e4m3 rows and their scales into the destination's receive buffers).
 - ``fp8_gemm1_kernel`` / ``fp8_down_kernel`` / ``fp8_quantize_kernel``: each alone over a grid,
   for the tests and the compile checks.
 
-A column block is one scale block of the weights (BLOCK_N = B), so one scale per (tile row, K
-block) from the activations and one scalar per K block from the weights scale each product.
+NOTE (running scale): K block k's product counts ``s_k = a_scale[row, k] * w_scale[col, k]``
+times. Adding it to an fp32 accumulator as ``acc += (a_k @ w_k) * s_k`` needs the product in
+registers of its own beside ``acc``: GEMM1's gate and up over 128 columns at once then took four
+64-register tiles a thread (8 warps, BM 128) and ptxas spilled, and splitting the columns made
+every task load its A rows twice. Instead the accumulator is kept in units of the current block's
+scale: before block k, ``acc *= s_(k-1) / s_k``, then the MMA adds ``a_k @ w_k`` into it in
+place, and the last unit multiplies out at the end. One accumulator a product; the same
+multiplies a block as the separate product; an fp32 rounding per block (a relative 6e-8).
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ E4M3_MAX = tl.constexpr(torch.finfo(torch.float8_e4m3fn).max)
 # becomes 1.0, 31.8 becomes 16.0); there, and only there, values are rounded onto e4m3's grid in
 # fp32 first, which that conversion then keeps exactly (compiled kernels convert with cvt.rn)
 E4M3_PREROUND = tl.constexpr(INTERPRET)
+# the smallest scale a running-scale product divides by: fp32's smallest normal (the layer takes
+# only positive weight scales, and a row's scale is positive, so only an underflow meets it)
+SCALE_FLOOR = tl.constexpr(2.0**-126)
 
 
 @triton.jit
@@ -81,65 +90,61 @@ def quantize_copy_rows(src_rows, out_rows, scale_rows, live, H: tl.constexpr):
 
 
 @triton.jit
-def _scaled_gemm(
-    a_ptrs, a_scale_ptrs, b_ptrs, b_scale_ptr, live, K: tl.constexpr, BLOCK_M: tl.constexpr,
-    b_desc, n0, B_TMA: tl.constexpr,
-):  # fmt: skip
-    """``sum_k (a_k @ b_k) * a_scale[:, k] * b_scale[k]`` over the K blocks of 128 (the down
-    projection's product): ``a_ptrs`` [BM, B] e4m3 row pointers, ``a_scale_ptrs`` [BM] (scales
-    of block 0), ``b_ptrs`` [B, B] (a transposed view of one 128-row block of the weight),
-    ``b_scale_ptr`` its block-0 scale. ``B_TMA``: the weight blocks come from ``b_desc`` (rows
-    ``[n0, n0 + B)``) instead of ``b_ptrs``."""
-    acc = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
-    for kb in tl.range(0, K // FP8_BLOCK):
-        a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-        if B_TMA:
-            b = b_desc.load([n0, kb * FP8_BLOCK]).T
-        else:
-            b = tl.load(b_ptrs)
-        part = tl.dot(a, b)
-        a_scale = tl.load(a_scale_ptrs + kb, mask=live, other=0.0)
-        acc += part * (a_scale * tl.load(b_scale_ptr + kb))[:, None]
-        a_ptrs += FP8_BLOCK
-        b_ptrs += FP8_BLOCK
-    return acc
+def _rescale(acc, unit, scale):
+    """``acc``, held in units of ``unit`` (``[BM]``, per row), re-expressed in units of
+    ``scale``: the running-scale step of a block-scaled product (see the module's note)."""
+    return acc * (unit / scale)[:, None]
 
 
 @triton.jit
-def _swiglu_half(
-    a_ptrs, a_scales, live, w13_ptr, w13_scale_ptr, w13_desc, local, n_block, half,
+def _block_scale(a_scale, b_scale):
+    """The scale of one K block's product: row scales ``[BM]`` times the weight block's scale,
+    at least ``SCALE_FLOOR`` (the next step divides by it)."""
+    return tl.maximum(a_scale * b_scale, SCALE_FLOOR)
+
+
+@triton.jit
+def _swiglu_block(
+    a_ptrs, a_scales, live, w13_ptr, w13_scale_ptr, w13_desc, local, n_block,
     H: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, B_TMA: tl.constexpr,
 ):  # fmt: skip
-    """fp32 ``silu(x @ gate^T) * (x @ up^T)`` of columns ``n_block B + half B/2 + [0, B/2)``
-    (half of scale block ``n_block``), from the gathered e4m3 A rows ``a_ptrs`` (k block 0) and
-    their scales."""
+    """fp32 ``silu(x @ gate^T) * (x @ up^T)`` of columns ``n_block B + [0, B)`` (scale block
+    ``n_block``) from the gathered e4m3 A rows ``a_ptrs`` (k block 0) and their scales: gate and
+    up accumulate together, each in running-scale units, from one load of each A block."""
     KB: tl.constexpr = H // FP8_BLOCK
-    HALF: tl.constexpr = FP8_BLOCK // 2
     kk = tl.arange(0, FP8_BLOCK)
-    n = n_block * FP8_BLOCK + half * HALF + tl.arange(0, HALF)  # gate rows; up rows I further
+    n = n_block * FP8_BLOCK + kk  # gate rows; up rows I further
     w = w13_ptr + tl.cast(local, tl.int64) * (2 * I * H)
-    gate_ptrs = w + n.to(tl.int64)[None, :] * H + kk[:, None]  # [B(k), B/2(n)]: w^T
+    gate_ptrs = w + n.to(tl.int64)[None, :] * H + kk[:, None]  # [B(k), B(n)]: w^T
     up_ptrs = gate_ptrs + I * H
     scales = w13_scale_ptr + tl.cast(local, tl.int64) * (2 * I // FP8_BLOCK) * KB
     gate_scales = scales + n_block * KB
     up_scales = scales + (I // FP8_BLOCK + n_block) * KB
-    n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * FP8_BLOCK + half * HALF  # (B_TMA)
-    gate = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
-    up = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
-    for kb in tl.range(0, KB):  # one A block feeds both products
+    n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * FP8_BLOCK  # (B_TMA)
+    gate = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
+    gate_unit = tl.full([BLOCK_M], 1.0, tl.float32)
+    up_unit = tl.full([BLOCK_M], 1.0, tl.float32)
+    for kb in tl.range(0, KB):
         a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-        a_scale = tl.load(a_scales + kb, mask=live, other=0.0)
+        a_scale = tl.load(a_scales + kb, mask=live, other=1.0)
         if B_TMA:
             gate_b = w13_desc.load([n0, kb * FP8_BLOCK]).T
             up_b = w13_desc.load([n0 + I, kb * FP8_BLOCK]).T
         else:
             gate_b = tl.load(gate_ptrs)
             up_b = tl.load(up_ptrs)
-        gate += tl.dot(a, gate_b) * (a_scale * tl.load(gate_scales + kb))[:, None]
-        up += tl.dot(a, up_b) * (a_scale * tl.load(up_scales + kb))[:, None]
+        gate_scale = _block_scale(a_scale, tl.load(gate_scales + kb))
+        up_scale = _block_scale(a_scale, tl.load(up_scales + kb))
+        gate = tl.dot(a, gate_b, _rescale(gate, gate_unit, gate_scale))
+        up = tl.dot(a, up_b, _rescale(up, up_unit, up_scale))
+        gate_unit = gate_scale
+        up_unit = up_scale
         a_ptrs += FP8_BLOCK
         gate_ptrs += FP8_BLOCK
         up_ptrs += FP8_BLOCK
+    gate = gate * gate_unit[:, None]
+    up = up * up_unit[:, None]
     return gate * tl.sigmoid(gate) * up
 
 
@@ -159,36 +164,26 @@ def tile_gemm1_fp8(
     H: tl.constexpr,
     I: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    w13_desc=None,  # with B_TMA: a [B / 2, B] block descriptor of w13 as [L * 2I, H]
+    w13_desc=None,  # with B_TMA: a [B, B] block descriptor of w13 as [L * 2I, H]
     B_TMA: tl.constexpr = False,
 ):
     """Columns ``[n_block B, (n_block + 1) B)`` of ``silu(x @ gate^T) * (x @ up^T)`` for rows
     ``[row0, row0 + rows)`` (A row r is ``x[src[r]]``), quantised per row: e4m3 into ``act`` and
     one scale per row into ``act_scale[:, n_block]``. ``B_TMA``: the weight blocks come by TMA
-    (A rows, gathered, cannot).
-
-    NOTE: in two halves of B/2 columns, the A rows read once per half: a block-scaled product
-    needs a second accumulator for each k block's partial sum, and gate and up at once over B
-    columns took 4 x 64 fp32 registers a thread (8 warps, BM 128): ptxas spilled about 100
-    values in every k step. The halves take half that; the first half's output waits in 32."""
+    (A rows, gathered, cannot)."""
     KB: tl.constexpr = H // FP8_BLOCK
-    HALF: tl.constexpr = FP8_BLOCK // 2
     r = tl.arange(0, BLOCK_M)
     live = r < rows
     src = tl.load(src_ptr + row0 + r, mask=live, other=0).to(tl.int64)
     a_ptrs = x_ptr + src[:, None] * H + tl.arange(0, FP8_BLOCK)[None, :]
-    a_scales = x_scale_ptr + src * KB
-    w = (w13_ptr, w13_scale_ptr, w13_desc, local, n_block)
-    low = _swiglu_half(a_ptrs, a_scales, live, *w, 0, H, I, BLOCK_M, B_TMA)
-    high = _swiglu_half(a_ptrs, a_scales, live, *w, 1, H, I, BLOCK_M, B_TMA)
-    # one scale per row over the whole 128-column block (both halves)
-    amax = tl.maximum(tl.max(tl.abs(low), 1), tl.max(tl.abs(high), 1))
-    scale = tl.where(amax > 0, amax / E4M3_MAX, 1.0)
+    h = _swiglu_block(
+        a_ptrs, x_scale_ptr + src * KB, live, w13_ptr, w13_scale_ptr, w13_desc, local, n_block,
+        H, I, BLOCK_M, B_TMA,
+    )  # fmt: skip
+    q, scale = quantize_rows(h)
     out_rows = (row0 + r).to(tl.int64)
-    cols = n_block * FP8_BLOCK + tl.arange(0, HALF)
-    out = act_ptr + out_rows[:, None] * I + cols[None, :]
-    tl.store(out, _to_e4m3(low / scale[:, None]), mask=live[:, None])
-    tl.store(out + HALF, _to_e4m3(high / scale[:, None]), mask=live[:, None])
+    cols = n_block * FP8_BLOCK + tl.arange(0, FP8_BLOCK)
+    tl.store(act_ptr + out_rows[:, None] * I + cols[None, :], q, mask=live[:, None])
     tl.store(act_scale_ptr + out_rows * (I // FP8_BLOCK) + n_block, scale, mask=live)
 
 
@@ -205,25 +200,47 @@ def tile_down_fp8(
     H: tl.constexpr,
     I: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    w2_desc=None,  # with B_TMA: a [B, B] block descriptor of w2 as [L * H, I]
+    BLOCK_N: tl.constexpr,  # a multiple of B: BLOCK_N / B weight scale blocks side by side
+    w2_desc=None,  # with B_TMA: a [BLOCK_N, B] block descriptor of w2 as [L * H, I]
     B_TMA: tl.constexpr = False,
 ):
-    """The fp32 ``[BM, B]`` block ``act[row0 : row0 + rows] @ w2[local, n_block B : +B]^T``
-    (rows past ``rows`` are 0). ``B_TMA``: the w2 blocks come by TMA."""
+    """The fp32 ``[BM, BLOCK_N]`` block ``act[row0 : row0 + rows] @ w2[local, n_block BLOCK_N :
+    +BLOCK_N]^T`` (rows past ``rows`` are 0; columns past H are junk, which the caller drops),
+    accumulated in running-scale units: a row's unit times a column's (each column's weight
+    block has its own scale). ``B_TMA``: the w2 blocks come by TMA."""
     KB: tl.constexpr = I // FP8_BLOCK
     r = tl.arange(0, BLOCK_M)
     live = r < rows
     rows64 = (row0 + r).to(tl.int64)
     kk = tl.arange(0, FP8_BLOCK)
     a_ptrs = act_ptr + rows64[:, None] * I + kk[None, :]
-    n = n_block * FP8_BLOCK + kk
+    a_scales = act_scale_ptr + rows64 * KB
+    n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_h = n < H
     w2 = w2_ptr + tl.cast(local, tl.int64) * (H * I)
-    b_ptrs = w2 + n.to(tl.int64)[None, :] * I + kk[:, None]
-    scales = w2_scale_ptr + tl.cast(local, tl.int64) * (H // FP8_BLOCK) * KB + n_block * KB
-    n0 = tl.cast(local, tl.int32) * H + n_block * FP8_BLOCK
-    return _scaled_gemm(
-        a_ptrs, act_scale_ptr + rows64 * KB, b_ptrs, scales, live, I, BLOCK_M, w2_desc, n0, B_TMA
+    b_ptrs = w2 + n.to(tl.int64)[None, :] * I + kk[:, None]  # [B(k), BLOCK_N(n)]: w2^T
+    w_scales = (
+        w2_scale_ptr + tl.cast(local, tl.int64) * (H // FP8_BLOCK) * KB + (n // FP8_BLOCK) * KB
     )
+    n0 = tl.cast(local, tl.int32) * H + n_block * BLOCK_N  # (B_TMA)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    row_unit = tl.full([BLOCK_M], 1.0, tl.float32)
+    col_unit = tl.full([BLOCK_N], 1.0, tl.float32)
+    for kb in tl.range(0, KB):
+        a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+        if B_TMA:
+            b = w2_desc.load([n0, kb * FP8_BLOCK]).T
+        else:
+            b = tl.load(b_ptrs, mask=in_h[None, :], other=0.0)
+        row_scale = tl.maximum(tl.load(a_scales + kb, mask=live, other=1.0), SCALE_FLOOR)
+        col_scale = tl.maximum(tl.load(w_scales + kb, mask=in_h, other=1.0), SCALE_FLOOR)
+        ratio = (row_unit / row_scale)[:, None] * (col_unit / col_scale)[None, :]
+        acc = tl.dot(a, b, acc * ratio)
+        row_unit = row_scale
+        col_unit = col_scale
+        a_ptrs += FP8_BLOCK
+        b_ptrs += FP8_BLOCK
+    return acc * row_unit[:, None] * col_unit[None, :]
 
 
 @triton.jit
@@ -250,7 +267,7 @@ def fp8_down_kernel(
     row0 = tl.program_id(0) * BLOCK_M
     n_block = tl.program_id(1)
     acc = tile_down_fp8(
-        act, act_scale, w2, w2_scale, local, row0, rows - row0, n_block, H, I, BLOCK_M
+        act, act_scale, w2, w2_scale, local, row0, rows - row0, n_block, H, I, BLOCK_M, FP8_BLOCK
     )
     r = row0 + tl.arange(0, BLOCK_M)
     c = n_block * FP8_BLOCK + tl.arange(0, FP8_BLOCK)

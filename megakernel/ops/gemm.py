@@ -320,7 +320,7 @@ def down_task(
         elif M.FP8:
             acc = tile_down_fp8(
                 act_ptr, scales.act, w2_ptr, scales.w2, local, row0, rows, n_block, M.H, M.I,
-                M.BLOCK_M, w2_desc, M.DOWN_TMA,
+                M.BLOCK_M, M.DOWN_BLOCK_N, w2_desc, M.DOWN_TMA,
             )  # fmt: skip
         else:
             acc = tile_down_gemm(

@@ -85,7 +85,8 @@ def compile_sm90(
 
 def sass_ops(kernel) -> list[str]:
     """The compiled kernel's SASS, one instruction per item (predicate and operands kept,
-    addresses and encodings dropped), from the ``cuobjdump`` Triton ships beside ptxas."""
+    addresses and encodings dropped; instruction i is at byte 16 i), from the ``cuobjdump``
+    Triton ships beside ptxas."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
         pytest.skip(f"no {tool}: this Triton build ships no cuobjdump")
@@ -111,3 +112,24 @@ def wgmma_groups(ops: list[str]) -> list[tuple[str, list[str]]]:
                 groups.append((shape, ops[first : i + 1]))
                 first = None
     return groups
+
+
+SPILL = re.compile(r"(@!?U?P\w+ +)?(STL|LDL)\b")
+
+
+def mma_loop_spills(ops: list[str]) -> list[str]:
+    """The spill instructions (``STL`` / ``LDL``) inside an innermost loop that makes warpgroup
+    MMAs (a GEMM's k loop): a loop is a backward branch (``BRA 0x<target>``, sm_90 instructions
+    being 16 bytes) and the instructions from its target to it; innermost, no other loop lies
+    within it. (The persistent task loop around them may spill its long-lived scalars.)"""
+    loops = []
+    for end, op in enumerate(ops):
+        branch = re.search(r"\bBRA\S* +(?:`\()?0x([0-9a-f]+)", op)
+        if branch and int(branch.group(1), 16) // 16 < end:
+            loops.append((int(branch.group(1), 16) // 16, end))
+    found = []
+    for a, b in loops:
+        inner = any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)
+        if not inner and any("GMMA" in o for o in ops[a : b + 1]):
+            found += [o for o in ops[a : b + 1] if SPILL.match(o)]
+    return found

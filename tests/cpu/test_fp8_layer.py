@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from megakernel import FusedEPMoE, KernelConfig, Megakernel, routing
-from megakernel.fp8 import E4M3, quantize_weight_blocks
+from megakernel.fp8 import (
+    E4M3,
+    FP8_REF_ERROR,
+    moe_fp8_ref,
+    quantize_experts,
+    quantize_weight_blocks,
+)
 from megakernel.shapes import MoEShape
 from megakernel.testing import check_layer_output, make_tokens, make_w2, make_w13
 from symm_mem import EmulatedWorld
@@ -72,6 +78,40 @@ def test_fp8_layer_loads_pre_quantised_weights_as_given():
         layer.close()
 
 
+@pytest.mark.parametrize("tma", [True, False])
+def test_fp8_down_tasks_span_scale_blocks_and_k_steps_keep_their_scales(tma):
+    """Down tasks 256 columns wide (two w2 scale blocks side by side) over H = 384, so the second
+    task's last 128 columns are past H; the token blocks, w13's k blocks, w2's column blocks and
+    its k blocks scaled apart by up to 2500x before quantisation, so a scale taken for the wrong
+    block or k step shows. Each 128-column block against ``moe_fp8_ref``."""
+    shape = MoEShape(hidden=384, ffn=256, num_experts=4, topk=2, max_tokens_per_rank=24, fp8=True)
+    R, E, K = 2, shape.num_experts, shape.topk
+    w13, w2 = make_w13(shape, 5, "cpu"), make_w2(shape, 5, "cpu")
+    w13[:, :, 128:256] *= 40  # GEMM1's k block 1
+    w2[:, 128:256] *= 50  # down column blocks 1 and 2
+    w2[:, 256:] *= 0.02
+    w2[:, :, 128:] *= 30  # down's k block 1
+    q13, q2 = quantize_experts(w13), quantize_experts(w2)
+    rt = routing.uniform(R, [T] * R, E, K, seed=6)
+    xs = make_tokens(shape, [T] * R, seed=7, device="cpu")
+    for x in xs:
+        x[:, 256:] *= 25
+    ids, w = dict(enumerate(rt.topk_ids)), dict(enumerate(rt.topk_weights))
+    with EmulatedWorld(R) as world:
+        cfg = config(down_block_n=256, gemm1_tma=tma, down_tma=tma)
+        layer = FusedEPMoE.from_dense(world, shape, q13, q2, config=cfg)
+        assert layer.workspace.config.down_block_n == 256
+        out = layer(dict(enumerate(xs)), ids, w)
+        layer.check_errors()
+        for r in range(R):
+            want = moe_fp8_ref(xs[r], ids[r], w[r], q13, q2)
+            for c in range(0, shape.hidden, 128):
+                got, ref = out[r][:, c : c + 128].float(), want[:, c : c + 128]
+                error = float((got - ref).norm() / ref.norm())
+                assert error < FP8_REF_ERROR, f"rank {r} columns {c}+: {error:.3g}"
+        layer.close()
+
+
 def test_fp8_refusals_name_what_to_change():
     with pytest.raises(ValueError, match="multiples of 128"):
         MoEShape(hidden=192, ffn=128, num_experts=8, topk=2, max_tokens_per_rank=8, fp8=True)
@@ -86,6 +126,13 @@ def test_fp8_refusals_name_what_to_change():
         with pytest.raises(ValueError, match="w13 of rank 0 is torch.bfloat16"):
             FusedEPMoE(world, SHAPE, w2.new_zeros(8, 256, 256), q2[0], w13_scale=q13[1],
                        w2_scale=q2[1])  # fmt: skip
+        for bad in (0.0, -1.0, float("nan"), float("inf")):
+            scales = q2[1].clone()
+            scales[3, 1, 0] = bad
+            with pytest.raises(
+                ValueError, match=r"w2_scale of rank 0 has 1 block scales .*\(3, 1, 0\)"
+            ):
+                FusedEPMoE(world, SHAPE, q13[0], q2[0], w13_scale=q13[1], w2_scale=scales)
         ws = Megakernel(world, SHAPE, config=config())
         with pytest.raises(ValueError, match='runs mode "layer" only'):
             ws.run({0: torch.zeros(1, 256)}, {0: torch.zeros(1, 2, dtype=torch.int32)}, None,
