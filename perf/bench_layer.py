@@ -41,6 +41,7 @@ from megakernel.fp8 import quantize_experts
 from megakernel.placement import Placement
 from megakernel.shapes import preset
 from megakernel.testing import check_layer_output, local_w2, local_w13, make_tokens
+from megakernel.traffic import operand_bytes
 from perf.baseline import baseline_moe
 from perf.record import knob_values, write_result
 from perf.timing import graphed, time_many, time_us
@@ -148,11 +149,30 @@ def time_fp8(world, ws, case: dict, inputs: tuple, shape, name: str, args) -> di
         layers.append(layer)
     calls["bf16"] = graphed(lambda: ws.run(*inputs, mode="layer", validate=False))
     timed = time_many(calls)
+    fp8_loads = busiest_rank_loads(case["all_ids"], layers[0].workspace)
+    bf16_loads = busiest_rank_loads(case["all_ids"], ws)
     for layer in layers:
         layer.check_errors()
         layer.close()
     variants = {k[4:]: v for k, v in timed.items() if k.startswith("fp8 ")}
-    return {"fp8_us": timed["fp8"], "bf16_paired_us": timed["bf16"], "fp8_vary_us": variants}
+    return {
+        "fp8_us": timed["fp8"], "bf16_paired_us": timed["bf16"], "fp8_vary_us": variants,
+        "fp8_loads_bytes": fp8_loads, "bf16_loads_bytes": bf16_loads,
+    }  # fmt: skip
+
+
+def busiest_rank_loads(topk_ids: list[torch.Tensor], ws) -> int:
+    """The GEMM operand loads (``megakernel.traffic.operand_bytes``) of the rank that loads the
+    most, for every rank's ``topk_ids`` routed to workspace ``ws``'s experts (slot = expert)."""
+    R = ws.world.world_size
+    if ws.placement != Placement.contiguous(ws.shape.num_experts, R):
+        raise ValueError("busiest_rank_loads counts rows by expert: contiguous placements only")
+    ids = torch.cat([i.flatten().cpu() for i in topk_ids])
+    rows = torch.bincount(ids[ids >= 0].long(), minlength=ws.shape.num_experts)
+    L = ws.placement.slots_per_rank
+    return max(
+        operand_bytes(rows[r * L : (r + 1) * L], ws.shape, ws.config).streamed for r in range(R)
+    )
 
 
 def bench_preset(world: World, name: str, args) -> dict:
@@ -170,6 +190,7 @@ def bench_preset(world: World, name: str, args) -> dict:
     ws = layer.workspace
     case = dict(xs=xs, x={r: xs[r] for r in ranks}, ids={r: rt.topk_ids[r] for r in ranks})
     case["weights"] = {r: rt.topk_weights[r] for r in ranks}
+    case["all_ids"] = rt.topk_ids  # every rank's (contiguous placement: expert e is a slot)
     problems = []
     for split in (False, True):
         layer.split = split
@@ -242,7 +263,12 @@ def report(result: dict, args) -> None:
     for v in result["presets"]:
         if "fp8_us" in v:
             fp8, bf16 = v["fp8_us"]["median"], v["bf16_paired_us"]["median"]
-            print(f"{v['preset']}: FP8 layer {fp8:.1f} us, bf16 {bf16:.1f} us: {bf16 / fp8:.2f}x")
+            loads = v["fp8_loads_bytes"], v["bf16_loads_bytes"]
+            print(
+                f"{v['preset']}: FP8 layer {fp8:.1f} us, bf16 {bf16:.1f} us: {bf16 / fp8:.2f}x; "
+                f"GEMM operand loads {loads[0] / 1e9:.1f} / {loads[1] / 1e9:.1f} GB, "
+                f"{loads[0] / fp8 / 1e6:.2f} / {loads[1] / bf16 / 1e6:.2f} TB/s"
+            )
             for key, t in v["fp8_vary_us"].items():
                 print(f"{v['preset']}: FP8 layer with {key}: {t['median']:.1f} us")
         if v["pack_us"]:

@@ -42,3 +42,18 @@ def test_operand_loads_count_a_weight_stream_per_tile_and_the_rows_per_column_bl
     fp8 = operand_bytes(rows, replace(shape, fp8=True), cfg)
     assert fp8.weights == got.weights // 2
     assert fp8.streamed == 1 * (4 * 2 * 128 * 256 + 38 * 256) + 2 * (4 * 128 * 128 + 38 * 128)
+
+
+def test_bench_layer_counts_the_busiest_ranks_loads():
+    """perf.bench_layer's FP8 line: the rank whose experts get the most rows loads the most."""
+    from megakernel import Megakernel
+    from perf.bench_layer import busiest_rank_loads
+    from symm_mem import EmulatedWorld
+
+    shape = MoEShape(hidden=256, ffn=128, num_experts=4, topk=2, max_tokens_per_rank=32)
+    ids = [torch.tensor([[0, 1], [1, 0]]), torch.tensor([[3, -1], [0, 1]])]  # rank 0: 6 rows
+    with EmulatedWorld(2) as world:
+        ws = Megakernel(world, shape, config=KernelConfig.interpreter())
+        want = operand_bytes(torch.tensor([3, 3]), shape, ws.config).streamed
+        assert busiest_rank_loads(ids, ws) == want
+        ws.close()
