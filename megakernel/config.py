@@ -126,7 +126,8 @@ class KernelConfig:
         """This config as the FP8 path runs it (``MoEShape.fp8``): k steps are one scale block
         of 128, and so are a GEMM1 task's columns, so each product takes one scale per row and
         one per weight block; gate and up are two products (no pairs); a down task's columns
-        are ``down_block_n`` (at least 128: whole scale blocks side by side). GEMM1 gathers its
+        are one scale block, or two side by side where ``down_block_n`` >= 256 (two products).
+        GEMM1 gathers its
         rows through ``recv_src`` (their scales too), so ``pack="scan"`` does not apply. The
         weights come by TMA or by pointers as ``gemm1_tma`` / ``down_tma`` say."""
         if self.pack == "scan":
@@ -136,8 +137,8 @@ class KernelConfig:
             )
         b = FP8_BLOCK
         return replace(
-            self, block_n=b, block_k=b, down_block_n=max(self.down_block_n, b), down_block_k=b,
-            gemm1_pairs=False,
+            self, block_n=b, block_k=b, down_block_n=b if self.down_block_n <= b else 2 * b,
+            down_block_k=b, gemm1_pairs=False,
         )  # fmt: skip
 
     def paired_gemm1(self, swiglu: bool) -> bool:

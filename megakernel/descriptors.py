@@ -6,7 +6,8 @@ GEMM1 and down-projection block sizes of ``KernelConfig``.
 - GEMM1 (``KernelMeta.GEMM1_TMA``): ``w13 [L, 2I, H]`` as ``[L * 2I, H]`` in ``[BN, BK]`` boxes
   (a gate block, then an up block), or with ``PAIRS`` as ``[L, I, 2, H]`` in
   ``[1, BN, 2, BK]`` boxes (gate row j, then up row j).
-- Down projection (``DOWN_TMA``): ``w2 [L, H, I]`` as ``[L * H, I]`` in ``[BN2, BK2]`` boxes.
+- Down projection (``DOWN_TMA``): ``w2 [L, H, I]`` as ``[L * H, I]`` in ``[BN2, BK2]`` boxes
+  (FP8: ``[128, 128]``, one weight scale block).
 
 A descriptor not used by a launch's kernel is None (a constexpr to the kernel).
 """
@@ -17,7 +18,7 @@ import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from megakernel.config import KernelConfig, KernelMeta
-from megakernel.shapes import MoEShape
+from megakernel.shapes import FP8_BLOCK, MoEShape
 
 KEPT = 8  # weight pairs whose descriptors are kept (a layer passes the same weights every call)
 
@@ -57,7 +58,9 @@ class WeightDescriptors:
             else:
                 w13_desc = TensorDescriptor.from_tensor(w13.view(-1, H), [cfg.block_n, cfg.block_k])
         if meta.DOWN_TMA:
-            block = [cfg.down_block_n, cfg.down_block_k]
+            # (FP8: a down task of two scale blocks loads each as a product of its own)
+            rows = min(cfg.down_block_n, FP8_BLOCK) if self.shape.fp8 else cfg.down_block_n
+            block = [rows, cfg.down_block_k]
             w2_desc = TensorDescriptor.from_tensor(w2.view(-1, I), block)
         return w13_desc, w2_desc
 

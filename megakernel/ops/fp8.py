@@ -8,8 +8,8 @@ block), BM rows per tile.
 - ``tile_gemm1_fp8``: one ``[BM, B]`` block of an expert's SwiGLU output from gathered e4m3 rows
   (``x [*, H]`` with scales ``[*, H/B]``) and ``w13 [L, 2I, H]`` (scales ``[L, 2I/B, H/B]``),
   quantised again per row over its 128 columns: e4m3 ``act [C, I]`` and scales ``[C, I/B]``.
-- ``tile_down_fp8``: the fp32 ``[BM, BN]`` block of ``act @ w2^T`` (BN a multiple of B) from
-  e4m3 ``act`` and ``w2 [L, H, I]`` (scales ``[L, H/B, I/B]``).
+- ``tile_down_fp8``: the fp32 ``[BM, BN]`` block of ``act @ w2^T`` (BN = B or 2 B) from e4m3
+  ``act`` and ``w2 [L, H, I]`` (scales ``[L, H/B, I/B]``).
 - ``quantize_copy_rows``: token rows quantised per 128 columns on their way out: the dispatch
   put of the FP8 path (e4m3 rows and their scales into the destination's receive buffers).
 - ``fp8_gemm1_kernel`` / ``fp8_down_kernel`` / ``fp8_quantize_kernel``: each alone over a grid,
@@ -200,47 +200,60 @@ def tile_down_fp8(
     H: tl.constexpr,
     I: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,  # a multiple of B: BLOCK_N / B weight scale blocks side by side
-    w2_desc=None,  # with B_TMA: a [BLOCK_N, B] block descriptor of w2 as [L * H, I]
+    BLOCK_N: tl.constexpr,  # B or 2 B: one weight scale block, or two side by side
+    w2_desc=None,  # with B_TMA: a [B, B] block descriptor of w2 as [L * H, I]
     B_TMA: tl.constexpr = False,
 ):
     """The fp32 ``[BM, BLOCK_N]`` block ``act[row0 : row0 + rows] @ w2[local, n_block BLOCK_N :
-    +BLOCK_N]^T`` (rows past ``rows`` are 0; columns past H are junk, which the caller drops),
-    accumulated in running-scale units: a row's unit times a column's (each column's weight
-    block has its own scale). ``B_TMA``: the w2 blocks come by TMA."""
+    +BLOCK_N]^T`` (rows past ``rows`` are 0; columns past H are junk, which the caller drops).
+    ``BLOCK_N = 2 B``: two products of B columns, one per weight scale block, each with its own
+    running-scale accumulator, whose units are then per row only (a multiply an element a k
+    step, not two). ``B_TMA``: the w2 blocks come by TMA."""
     KB: tl.constexpr = I // FP8_BLOCK
+    WIDE: tl.constexpr = BLOCK_N == 2 * FP8_BLOCK
     r = tl.arange(0, BLOCK_M)
     live = r < rows
     rows64 = (row0 + r).to(tl.int64)
     kk = tl.arange(0, FP8_BLOCK)
     a_ptrs = act_ptr + rows64[:, None] * I + kk[None, :]
     a_scales = act_scale_ptr + rows64 * KB
-    n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_h = n < H
+    n_lo = n_block * BLOCK_N  # the first column; the second product's is n_lo + B
+    hi_in_h = n_lo + FP8_BLOCK < H
+    n = n_lo + kk
     w2 = w2_ptr + tl.cast(local, tl.int64) * (H * I)
-    b_ptrs = w2 + n.to(tl.int64)[None, :] * I + kk[:, None]  # [B(k), BLOCK_N(n)]: w2^T
-    w_scales = (
-        w2_scale_ptr + tl.cast(local, tl.int64) * (H // FP8_BLOCK) * KB + (n // FP8_BLOCK) * KB
-    )
-    n0 = tl.cast(local, tl.int32) * H + n_block * BLOCK_N  # (B_TMA)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    row_unit = tl.full([BLOCK_M], 1.0, tl.float32)
-    col_unit = tl.full([BLOCK_N], 1.0, tl.float32)
+    b_ptrs = w2 + n.to(tl.int64)[None, :] * I + kk[:, None]  # [B(k), B(n)]: w2^T
+    w_scales = w2_scale_ptr + (tl.cast(local, tl.int64) * (H // FP8_BLOCK) + n_lo // FP8_BLOCK) * KB
+    n0 = tl.cast(local, tl.int32) * H + n_lo  # (B_TMA)
+    lo = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
+    hi = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
+    lo_unit = tl.full([BLOCK_M], 1.0, tl.float32)
+    hi_unit = tl.full([BLOCK_M], 1.0, tl.float32)
     for kb in tl.range(0, KB):
         a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+        row_scale = tl.load(a_scales + kb, mask=live, other=1.0)
         if B_TMA:
             b = w2_desc.load([n0, kb * FP8_BLOCK]).T
         else:
-            b = tl.load(b_ptrs, mask=in_h[None, :], other=0.0)
-        row_scale = tl.maximum(tl.load(a_scales + kb, mask=live, other=1.0), SCALE_FLOOR)
-        col_scale = tl.maximum(tl.load(w_scales + kb, mask=in_h, other=1.0), SCALE_FLOOR)
-        ratio = (row_unit / row_scale)[:, None] * (col_unit / col_scale)[None, :]
-        acc = tl.dot(a, b, acc * ratio)
-        row_unit = row_scale
-        col_unit = col_scale
+            b = tl.load(b_ptrs, mask=(n < H)[None, :], other=0.0)
+        lo_scale = _block_scale(row_scale, tl.load(w_scales + kb))
+        lo = tl.dot(a, b, _rescale(lo, lo_unit, lo_scale))
+        lo_unit = lo_scale
+        if WIDE:
+            if B_TMA:
+                b = w2_desc.load([n0 + FP8_BLOCK, kb * FP8_BLOCK]).T
+            else:
+                b = tl.load(b_ptrs + FP8_BLOCK * I, mask=((n + FP8_BLOCK) < H)[None, :], other=0.0)
+            w_scale = tl.load(w_scales + KB + kb, mask=hi_in_h, other=1.0)
+            hi_scale = _block_scale(row_scale, w_scale)
+            hi = tl.dot(a, b, _rescale(hi, hi_unit, hi_scale))
+            hi_unit = hi_scale
         a_ptrs += FP8_BLOCK
         b_ptrs += FP8_BLOCK
-    return acc * row_unit[:, None] * col_unit[None, :]
+    out = lo * lo_unit[:, None]
+    if WIDE:  # [lo | hi]: joined as [BM, B, 2], then the pair axis moved ahead of the columns
+        both = tl.join(out, hi * hi_unit[:, None])
+        out = tl.reshape(tl.permute(both, (0, 2, 1)), [BLOCK_M, BLOCK_N])
+    return out
 
 
 @triton.jit

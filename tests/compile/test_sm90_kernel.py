@@ -12,7 +12,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from megakernel.config import KernelConfig, default_capacity, kernel_meta
 from megakernel.kernel import Fp8Scales, PlanBuffers, RankState, SymBuffers, moe_megakernel
 from megakernel.plan import PlanConfig
-from megakernel.shapes import PRESETS
+from megakernel.shapes import FP8_BLOCK, PRESETS
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("compiles real kernels: run without TRITON_INTERPRET", allow_module_level=True)
@@ -44,8 +44,9 @@ def descriptor_blocks(cfg: KernelConfig, meta: dict) -> dict[str, list[int]]:
         blocks["w13_desc"] = (
             [1, cfg.block_n, 2, cfg.block_k] if pairs else [cfg.block_n, cfg.block_k]
         )
-    if meta.DOWN_TMA:
-        blocks["w2_desc"] = [cfg.down_block_n, cfg.down_block_k]
+    if meta.DOWN_TMA:  # (FP8: one 128-row weight scale block a product)
+        rows = min(cfg.down_block_n, FP8_BLOCK) if meta.FP8 else cfg.down_block_n
+        blocks["w2_desc"] = [rows, cfg.down_block_k]
     return blocks
 
 
