@@ -90,17 +90,14 @@ def quantize_copy_rows(src_rows, out_rows, scale_rows, live, H: tl.constexpr):
 
 
 @triton.jit
-def _rescale(acc, unit, scale):
-    """``acc``, held in units of ``unit`` (``[BM]``, per row), re-expressed in units of
-    ``scale``: the running-scale step of a block-scaled product (see the module's note)."""
-    return acc * (unit / scale)[:, None]
-
-
-@triton.jit
-def _block_scale(a_scale, b_scale):
-    """The scale of one K block's product: row scales ``[BM]`` times the weight block's scale,
-    at least ``SCALE_FLOOR`` (the next step divides by it)."""
-    return tl.maximum(a_scale * b_scale, SCALE_FLOOR)
+def _scaled_mma(a, b, acc, unit, a_scale, b_scale):
+    """One K block of a block-scaled product in running-scale units (see the module's note):
+    ``acc`` (``[BM, N]``, held in units of ``unit [BM]``) re-expressed in units of this block's
+    scale, its rows' ``a_scale [BM]`` times the weight block's ``b_scale`` (at least
+    ``SCALE_FLOOR``: the next step divides by it), then ``a @ b`` added in place. Returns the
+    accumulator and its new unit."""
+    scale = tl.maximum(a_scale * b_scale, SCALE_FLOOR)
+    return tl.dot(a, b, acc * (unit / scale)[:, None]), scale
 
 
 @triton.jit
@@ -134,12 +131,10 @@ def _swiglu_block(
         else:
             gate_b = tl.load(gate_ptrs)
             up_b = tl.load(up_ptrs)
-        gate_scale = _block_scale(a_scale, tl.load(gate_scales + kb))
-        up_scale = _block_scale(a_scale, tl.load(up_scales + kb))
-        gate = tl.dot(a, gate_b, _rescale(gate, gate_unit, gate_scale))
-        up = tl.dot(a, up_b, _rescale(up, up_unit, up_scale))
-        gate_unit = gate_scale
-        up_unit = up_scale
+        gate, gate_unit = _scaled_mma(
+            a, gate_b, gate, gate_unit, a_scale, tl.load(gate_scales + kb)
+        )
+        up, up_unit = _scaled_mma(a, up_b, up, up_unit, a_scale, tl.load(up_scales + kb))
         a_ptrs += FP8_BLOCK
         gate_ptrs += FP8_BLOCK
         up_ptrs += FP8_BLOCK
@@ -235,18 +230,14 @@ def tile_down_fp8(
             b = w2_desc.load([n0, kb * FP8_BLOCK]).T
         else:
             b = tl.load(b_ptrs, mask=(n < H)[None, :], other=0.0)
-        lo_scale = _block_scale(row_scale, tl.load(w_scales + kb))
-        lo = tl.dot(a, b, _rescale(lo, lo_unit, lo_scale))
-        lo_unit = lo_scale
+        lo, lo_unit = _scaled_mma(a, b, lo, lo_unit, row_scale, tl.load(w_scales + kb))
         if WIDE:
             if B_TMA:
                 b = w2_desc.load([n0 + FP8_BLOCK, kb * FP8_BLOCK]).T
             else:
                 b = tl.load(b_ptrs + FP8_BLOCK * I, mask=((n + FP8_BLOCK) < H)[None, :], other=0.0)
             w_scale = tl.load(w_scales + KB + kb, mask=hi_in_h, other=1.0)
-            hi_scale = _block_scale(row_scale, w_scale)
-            hi = tl.dot(a, b, _rescale(hi, hi_unit, hi_scale))
-            hi_unit = hi_scale
+            hi, hi_unit = _scaled_mma(a, b, hi, hi_unit, row_scale, w_scale)
         a_ptrs += FP8_BLOCK
         b_ptrs += FP8_BLOCK
     out = lo * lo_unit[:, None]
