@@ -28,8 +28,9 @@ The weight-read bound of a point: the bytes of the experts its routing touches (
 each, ``3 H I`` elements) over the read bandwidth a large read-only reduction measures on the
 same GPU. Beside it, what the GEMM tasks load into the SMs (``megakernel.traffic.operand_bytes``:
 each tile streams its expert's weight block again, each column block its rows again) and the
-rate that makes at the graph time ("TB/s"): where that rate is the L2's, the tiles' reloads, not
-HBM, hold the time. Table on stdout, JSON under perf/results/ (perf.record).
+rate that makes at the graph time ("TB/s"): where it is well above the read bandwidth, the time
+goes to taking in the tiles' reloads (from L2), not to HBM. Table on stdout, JSON under
+perf/results/ (perf.record).
 """
 
 from __future__ import annotations
