@@ -101,6 +101,45 @@ def _scaled_mma(a, b, acc, unit, a_scale, b_scale):
 
 
 @triton.jit
+def _scaled_products(
+    a_ptrs, a_scales, live, b_ptrs, b_step, rows_left, scales, scales_step, b_desc, n0, n_step,
+    KB: tl.constexpr, BLOCK_M: tl.constexpr, B_TMA: tl.constexpr, TWO: tl.constexpr,
+):  # fmt: skip
+    """One or two (``TWO``) block-scaled products of the same e4m3 A rows, each over one 128-row
+    weight block, accumulated together in running-scale units, one load of each A block for both:
+    ``a_ptrs`` the rows' k block 0 ``[BM, B]`` (``live [BM]``), ``a_scales`` their scales;
+    the first weight block by TMA at rows ``[n0, n0 + B)`` of ``b_desc``, or by pointers
+    ``b_ptrs`` (a ``[B(k), B(n)]`` view of w^T), with its block scales at ``scales + kb``; the
+    second ``n_step`` rows (``b_step`` elements, scales ``scales_step``) further. Weight rows from
+    ``rows_left`` on (counted from the first block's first) do not exist: their pointer loads
+    and scales are masked (TMA reads whatever lies there; those columns are junk either way).
+    Returns both fp32 products (the second 0 without ``TWO``)."""
+    first = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
+    second = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
+    first_unit = tl.full([BLOCK_M], 1.0, tl.float32)
+    second_unit = tl.full([BLOCK_M], 1.0, tl.float32)
+    kk = tl.arange(0, FP8_BLOCK)
+    for kb in tl.range(0, KB):
+        a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+        a_scale = tl.load(a_scales + kb, mask=live, other=1.0)
+        if B_TMA:
+            b = b_desc.load([n0, kb * FP8_BLOCK]).T
+        else:
+            b = tl.load(b_ptrs, mask=(kk < rows_left)[None, :], other=0.0)
+        first, first_unit = _scaled_mma(a, b, first, first_unit, a_scale, tl.load(scales + kb))
+        if TWO:
+            if B_TMA:
+                b = b_desc.load([n0 + n_step, kb * FP8_BLOCK]).T
+            else:
+                b = tl.load(b_ptrs + b_step, mask=(kk + n_step < rows_left)[None, :], other=0.0)
+            w_scale = tl.load(scales + scales_step + kb, mask=n_step < rows_left, other=1.0)
+            second, second_unit = _scaled_mma(a, b, second, second_unit, a_scale, w_scale)
+        a_ptrs += FP8_BLOCK
+        b_ptrs += FP8_BLOCK
+    return first * first_unit[:, None], second * second_unit[:, None]
+
+
+@triton.jit
 def _swiglu_block(
     a_ptrs, a_scales, live, w13_ptr, w13_scale_ptr, w13_desc, local, n_block,
     H: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, B_TMA: tl.constexpr,
@@ -113,33 +152,13 @@ def _swiglu_block(
     n = n_block * FP8_BLOCK + kk  # gate rows; up rows I further
     w = w13_ptr + tl.cast(local, tl.int64) * (2 * I * H)
     gate_ptrs = w + n.to(tl.int64)[None, :] * H + kk[:, None]  # [B(k), B(n)]: w^T
-    up_ptrs = gate_ptrs + I * H
     scales = w13_scale_ptr + tl.cast(local, tl.int64) * (2 * I // FP8_BLOCK) * KB
-    gate_scales = scales + n_block * KB
-    up_scales = scales + (I // FP8_BLOCK + n_block) * KB
+    gate_scales = scales + n_block * KB  # up's are I / B scale rows further
     n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * FP8_BLOCK  # (B_TMA)
-    gate = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
-    up = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
-    gate_unit = tl.full([BLOCK_M], 1.0, tl.float32)
-    up_unit = tl.full([BLOCK_M], 1.0, tl.float32)
-    for kb in tl.range(0, KB):
-        a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-        a_scale = tl.load(a_scales + kb, mask=live, other=1.0)
-        if B_TMA:
-            gate_b = w13_desc.load([n0, kb * FP8_BLOCK]).T
-            up_b = w13_desc.load([n0 + I, kb * FP8_BLOCK]).T
-        else:
-            gate_b = tl.load(gate_ptrs)
-            up_b = tl.load(up_ptrs)
-        gate, gate_unit = _scaled_mma(
-            a, gate_b, gate, gate_unit, a_scale, tl.load(gate_scales + kb)
-        )
-        up, up_unit = _scaled_mma(a, up_b, up, up_unit, a_scale, tl.load(up_scales + kb))
-        a_ptrs += FP8_BLOCK
-        gate_ptrs += FP8_BLOCK
-        up_ptrs += FP8_BLOCK
-    gate = gate * gate_unit[:, None]
-    up = up * up_unit[:, None]
+    gate, up = _scaled_products(
+        a_ptrs, a_scales, live, gate_ptrs, I * H, 2 * I, gate_scales, (I // FP8_BLOCK) * KB,
+        w13_desc, n0, I, KB, BLOCK_M, B_TMA, True,
+    )  # fmt: skip
     return gate * tl.sigmoid(gate) * up
 
 
@@ -213,37 +232,17 @@ def tile_down_fp8(
     a_ptrs = act_ptr + rows64[:, None] * I + kk[None, :]
     a_scales = act_scale_ptr + rows64 * KB
     n_lo = n_block * BLOCK_N  # the first column; the second product's is n_lo + B
-    hi_in_h = n_lo + FP8_BLOCK < H
     n = n_lo + kk
     w2 = w2_ptr + tl.cast(local, tl.int64) * (H * I)
     b_ptrs = w2 + n.to(tl.int64)[None, :] * I + kk[:, None]  # [B(k), B(n)]: w2^T
     w_scales = w2_scale_ptr + (tl.cast(local, tl.int64) * (H // FP8_BLOCK) + n_lo // FP8_BLOCK) * KB
     n0 = tl.cast(local, tl.int32) * H + n_lo  # (B_TMA)
-    lo = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
-    hi = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
-    lo_unit = tl.full([BLOCK_M], 1.0, tl.float32)
-    hi_unit = tl.full([BLOCK_M], 1.0, tl.float32)
-    for kb in tl.range(0, KB):
-        a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-        row_scale = tl.load(a_scales + kb, mask=live, other=1.0)
-        if B_TMA:
-            b = w2_desc.load([n0, kb * FP8_BLOCK]).T
-        else:
-            b = tl.load(b_ptrs, mask=(n < H)[None, :], other=0.0)
-        lo, lo_unit = _scaled_mma(a, b, lo, lo_unit, row_scale, tl.load(w_scales + kb))
-        if WIDE:
-            if B_TMA:
-                b = w2_desc.load([n0 + FP8_BLOCK, kb * FP8_BLOCK]).T
-            else:
-                b = tl.load(b_ptrs + FP8_BLOCK * I, mask=((n + FP8_BLOCK) < H)[None, :], other=0.0)
-            w_scale = tl.load(w_scales + KB + kb, mask=hi_in_h, other=1.0)
-            hi, hi_unit = _scaled_mma(a, b, hi, hi_unit, row_scale, w_scale)
-        a_ptrs += FP8_BLOCK
-        b_ptrs += FP8_BLOCK
-    out = lo * lo_unit[:, None]
-    if WIDE:  # [lo | hi]: joined as [BM, B, 2], then the pair axis moved ahead of the columns
-        both = tl.join(out, hi * hi_unit[:, None])
-        out = tl.reshape(tl.permute(both, (0, 2, 1)), [BLOCK_M, BLOCK_N])
+    out, hi = _scaled_products(
+        a_ptrs, a_scales, live, b_ptrs, FP8_BLOCK * I, H - n_lo, w_scales, KB, w2_desc, n0,
+        FP8_BLOCK, KB, BLOCK_M, B_TMA, WIDE,
+    )  # fmt: skip
+    if WIDE:  # [out | hi]: joined as [BM, B, 2], then the pair axis moved ahead of the columns
+        out = tl.reshape(tl.permute(tl.join(out, hi), (0, 2, 1)), [BLOCK_M, BLOCK_N])
     return out
 
 
