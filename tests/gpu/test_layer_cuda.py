@@ -322,12 +322,6 @@ def test_a_missing_peer_fails_the_call_in_time_and_reset_recovers():
     one wait has failed), its output NaN; a later call is skipped and raises; ``reset()`` brings
     the ranks back in step and the next call equals moe_ref. In a process of its own, bounded:
     the test is about hangs, so one must fail it rather than hold the suite."""
-    import multiprocessing
+    from _bounded import run_bounded
 
-    child = multiprocessing.get_context("spawn").Process(target=_missing_peer_case)
-    child.start()
-    child.join(90)
-    if child.is_alive():
-        child.kill()
-        pytest.fail("the missing-peer case did not finish in 90 s (a hang: see its last step)")
-    assert child.exitcode == 0, "the missing-peer case failed (its traceback is above)"
+    run_bounded(_missing_peer_case, seconds=90, what="the missing-peer case (see its last step)")
