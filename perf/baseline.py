@@ -68,11 +68,36 @@ def baseline_moe(
     return weighted.sum(1).to(x.dtype)
 
 
+def blockwise_grouped_mm_refusal(device="cuda") -> str | None:
+    """Why PyTorch's grouped FP8 GEMM cannot run DeepSeek-V3's scaling here (1 x 128 token
+    scales, 128 x 128 weight scales), in PyTorch's own words; None if a small call ran. Hopper
+    builds support only tensor-wise and row-wise scales in ``scaled_grouped_mm``, which is why
+    ``DequantizedBaseline`` dequantises; this asks the installed build rather than assume it."""
+    grouped = getattr(F, "scaled_grouped_mm", None)
+    if grouped is None:
+        return f"torch {torch.__version__} has no torch.nn.functional.scaled_grouped_mm"
+    G, M, N, K = 2, 128, 256, 256  # two groups of 128 rows
+    a = torch.randn(G * M, K, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(G, N, K, device=device).to(torch.float8_e4m3fn).transpose(1, 2)  # [G, K, N]
+    scale_a = torch.ones(K // 128, G * M, device=device).t()  # [rows, K / 128], rows innermost
+    scale_b = torch.ones(G, N // 128, K // 128, device=device)
+    offs = torch.arange(M, G * M + 1, M, device=device, dtype=torch.int32)
+    try:
+        grouped(
+            a, b, scale_a, F.ScalingType.BlockWise1x128, scale_b, F.ScalingType.BlockWise128x128,
+            offs=offs, output_dtype=torch.bfloat16,
+        )  # fmt: skip
+        torch.cuda.synchronize(device)
+    except (AttributeError, NotImplementedError, RuntimeError, TypeError, ValueError) as refusal:
+        return f"{type(refusal).__name__}: {str(refusal).splitlines()[0][:200]}"
+    return None
+
+
 class DequantizedBaseline:
     """The FP8 layer in plain PyTorch, one rank (``MoEShape.fp8``): the tokens quantised per 128
     columns (``megakernel.fp8``), every expert's e4m3 weights dequantised into bf16 buffers on
-    each call (chunks of experts), then ``baseline_moe``. PyTorch has no grouped GEMM with
-    DeepSeek-V3's block scales that this baseline could call instead (perf/RESULTS.md)."""
+    each call (chunks of experts), then ``baseline_moe``. PyTorch's grouped FP8 GEMM has no
+    DeepSeek-V3 block scales on Hopper (``blockwise_grouped_mm_refusal``; perf/RESULTS.md)."""
 
     CHUNK = 16  # experts dequantised per step (bounds the fp32 working copy)
 

@@ -56,7 +56,7 @@ from megakernel.testing import (
     make_tokens,
 )
 from megakernel.traffic import operand_bytes
-from perf.baseline import DequantizedBaseline, baseline_moe
+from perf.baseline import DequantizedBaseline, baseline_moe, blockwise_grouped_mm_refusal
 from perf.record import write_result
 from perf.timing import wall_us
 from symm_mem import EmulatedWorld
@@ -310,6 +310,10 @@ def main() -> None:
     elif args.compile_workers > 1:
         took = warm_liger_cache(args.presets, args.compile_workers)
         print(f"Liger's configs compiled in {args.compile_workers} processes: {took:.0f} s")
+    if args.fp8:
+        refusal = blockwise_grouped_mm_refusal()
+        print(f"torch {torch.__version__} scaled_grouped_mm with 1x128 / 128x128 block scales: "
+              + (refusal or "ran (torch_fp8 still dequantises)"))  # fmt: skip
     bandwidth = read_bandwidth()
     print(header(bandwidth, args.fp8), flush=True)
     rows = []
