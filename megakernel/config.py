@@ -80,6 +80,10 @@ class KernelConfig:
     down_block_n: int = 256  # output columns (of H) per down-projection task
     down_block_k: int = 64  # reduction step over I
     down_tma: bool = True  # the down projection loads w2 by TMA, else by pointers
+    # FP8 GEMMs: k elements an MMA chain sums before its partial is added to the fp32
+    # accumulator (32, 64 or 128); 0: never, the whole k loop in the tensor cores' accumulator,
+    # whose adds keep too few bits on Hopper (an error that grows with k: perf/NOTES.md)
+    fp8_promote_k: int = 128
     combine_block: int = 128  # tokens per combine counter
     reduce_h: int = 1024  # columns per top-k reduce task (at least down_block_n of them)
     reduce_tokens: int = 32  # tokens per top-k reduce task (capped at combine_block)
@@ -105,13 +109,17 @@ class KernelConfig:
             value = getattr(self, f.name)
             if f.type in ("bool", "str"):
                 continue
-            low = 0 if f.name in ("num_ctas", "dispatch_ctas", "reduce_lag") else 1
+            low = 0 if f.name in ("num_ctas", "dispatch_ctas", "reduce_lag", "fp8_promote_k") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"KernelConfig.{f.name} must be an int >= {low}, got {value!r}")
         for name in _POW2_KNOBS:
             value = getattr(self, name)
             if value & (value - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
+        if self.fp8_promote_k not in (0, 32, 64, 128):
+            raise ValueError(
+                f"KernelConfig.fp8_promote_k must be 0, 32, 64 or 128, got {self.fp8_promote_k}"
+            )
 
     @classmethod
     def interpreter(cls, **knobs: object) -> KernelConfig:
@@ -214,6 +222,7 @@ class KernelMeta(NamedTuple):
     DOWN_BLOCK_N: int  # output columns (of H) per down task
     DOWN_BLOCK_K: int  # k step over I
     DOWN_BLOCKS: int  # down tasks (column blocks of H) per tile
+    FP8_PROMOTE_K: int  # FP8 MMAs: k elements per partial before an fp32 add (0: never)
     COMBINE_BLOCK: int  # tokens per combine counter
     TOKEN_BLOCKS: int  # combine counters per column group: cdiv(T_max, COMBINE_BLOCK)
     COUNTERS_P: int  # GROUPS * TOKEN_BLOCKS, rounded up
@@ -255,6 +264,7 @@ _AS_CONFIGURED = dict(
     PER_TILE="per_tile_flags",
     TRACE="trace",
     TRACE_CAP="trace_events",
+    FP8_PROMOTE_K="fp8_promote_k",
 )
 
 

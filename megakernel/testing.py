@@ -127,6 +127,21 @@ def layer_ref(
     return moe_ref_by_expert(x, topk_ids, topk_weights, expert)
 
 
+def fp8_layer_ref(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, shape: MoEShape, seed: int
+) -> torch.Tensor:
+    """``moe_fp8_ref`` (fp32) of one rank's tokens through the experts of ``seed``, quantised as
+    ``FusedEPMoE.from_dense`` quantises them, one expert at a time, where ``x`` lives."""
+    dev = x.device
+
+    def dequantized(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w13 = quantize_weight_blocks(expert_w13(shape, seed, e, dev))
+        w2 = quantize_weight_blocks(expert_w2(shape, seed, e, dev))
+        return dequantize_weight_blocks(*w13), dequantize_weight_blocks(*w2)
+
+    return moe_fp8_ref_by_expert(x, topk_ids, topk_weights, dequantized)
+
+
 def _fp8_problems(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -140,14 +155,7 @@ def _fp8_problems(
     ``FusedEPMoE.from_dense``): against ``moe_fp8_ref`` within ``FP8_TOLERANCE`` and
     ``FP8_REF_ERROR`` (norm-relative), and against ``layer_ref`` (the dense experts) within
     ``FP8_DENSE_ERROR`` (norm-relative)."""
-    dev = x.device
-
-    def dequantized(e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w13 = quantize_weight_blocks(expert_w13(shape, seed, e, dev))
-        w2 = quantize_weight_blocks(expert_w2(shape, seed, e, dev))
-        return dequantize_weight_blocks(*w13), dequantize_weight_blocks(*w2)
-
-    want = moe_fp8_ref_by_expert(x, topk_ids, topk_weights, dequantized)
+    want = fp8_layer_ref(x, topk_ids, topk_weights, shape, seed)
     problems = compare_layer_output(out, want, FP8_TOLERANCE, rank, "moe_fp8_ref")
     ref = layer_ref(x, topk_ids, topk_weights, shape, seed)
     for name, good, bound in (

@@ -118,8 +118,8 @@ def time_variants(world, ws, case: dict, inputs: tuple, shape, name: str, args) 
 def time_fp8(world, ws, case: dict, inputs: tuple, shape, name: str, args) -> dict:
     """The FP8 layer on the same experts, quantised here one expert at a time (and one more per
     ``--fp8-vary`` knob value), each checked against ``moe_fp8_ref`` and ``moe_ref``
-    (``check_layer_output``), then their graph replays timed in alternation with the bf16
-    layer's."""
+    (``check_layer_output``: the default must pass, a variant that does not is reported), then
+    their graph replays timed in alternation with the bf16 layer's."""
     fp8_shape, ranks = replace(shape, fp8=True), world.local_ranks
     q13 = {r: quantize_experts(inputs[3][r]) for r in ranks}
     q2 = {r: quantize_experts(inputs[4][r]) for r in ranks}
@@ -138,8 +138,10 @@ def time_fp8(world, ws, case: dict, inputs: tuple, shape, name: str, args) -> di
         for r in ranks:
             ids, w = case["ids"][r], case["weights"][r]
             found += check_layer_output(out[r], case["xs"][r], ids, w, fp8_shape, args.seed, r)
-        if found:
+        if found and knob is None:
             raise SystemExit(f"{name} {label}: wrong results: {found[:4]}")
+        if found:  # a variant is still timed (fp8_promote_k=0 exists to be compared), marked
+            print(f"{name} {label}: outside the FP8 bounds (timed all the same): {found[:2]}")
         run, experts = layer.workspace.run, layer._experts_by_rank()
         calls[label] = graphed(
             lambda run=run, experts=experts: run(

@@ -307,7 +307,7 @@ def main() -> None:
     liger = None if args.no_liger else liger_call()
     if liger is None and not args.no_liger:
         print("liger_kernel is not installed: its column stays empty (pip install liger-kernel)")
-    elif args.compile_workers > 1:
+    elif liger is not None and args.compile_workers > 1:
         took = warm_liger_cache(args.presets, args.compile_workers)
         print(f"Liger's configs compiled in {args.compile_workers} processes: {took:.0f} s")
     if args.fp8:

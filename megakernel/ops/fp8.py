@@ -23,6 +23,14 @@ every task load its A rows twice. Instead the accumulator is kept in units of th
 scale: before block k, ``acc *= s_(k-1) / s_k``, then the MMA adds ``a_k @ w_k`` into it in
 place, and the last unit multiplies out at the end. One accumulator a product; the same
 multiplies a block as the separate product; an fp32 rounding per block (a relative 6e-8).
+
+NOTE (PROMOTE): Hopper's e4m3 MMAs add into their fp32 accumulator keeping too few bits (about
+14, as DeepSeek-V3's report measured), dropping the rest, so an error that grows with k: on
+an H100 the dsv3 layer (H = 7168) came out 1.52% from ``moe_fp8_ref`` with the whole k loop in
+one accumulator, against 0.6% in the interpreter. ``tl.dot``'s ``max_num_imprecise_acc`` bounds
+the chain: the MMAs of ``PROMOTE_K`` k elements sum into a fresh partial, which is added to
+``acc`` in full fp32 (DeepSeek's 128-element promotion). ``KernelConfig.fp8_promote_k`` = 0
+keeps the old chain for comparison. The interpreter's dot is exact either way.
 """
 
 from __future__ import annotations
@@ -90,20 +98,27 @@ def quantize_copy_rows(src_rows, out_rows, scale_rows, live, H: tl.constexpr):
 
 
 @triton.jit
-def _scaled_mma(a, b, acc, unit, a_scale, b_scale):
+def _scaled_mma(a, b, acc, unit, a_scale, b_scale, PROMOTE_K: tl.constexpr):
     """One K block of a block-scaled product in running-scale units (see the module's note):
     ``acc`` (``[BM, N]``, held in units of ``unit [BM]``) re-expressed in units of this block's
     scale, its rows' ``a_scale [BM]`` times the weight block's ``b_scale`` (at least
-    ``SCALE_FLOOR``: the next step divides by it), then ``a @ b`` added in place. Returns the
-    accumulator and its new unit."""
+    ``SCALE_FLOOR``: the next step divides by it), then ``a @ b`` added: in partials of
+    ``PROMOTE_K`` k elements, each added to ``acc`` in fp32 (0: in place, see the PROMOTE
+    note). Returns the accumulator and its new unit."""
     scale = tl.maximum(a_scale * b_scale, SCALE_FLOOR)
-    return tl.dot(a, b, acc * (unit / scale)[:, None]), scale
+    acc = acc * (unit / scale)[:, None]
+    if PROMOTE_K == 0:
+        acc = tl.dot(a, b, acc)
+    else:
+        acc = tl.dot(a, b, acc, max_num_imprecise_acc=PROMOTE_K)
+    return acc, scale
 
 
 @triton.jit
 def _scaled_products(
     a_ptrs, a_scales, live, b_ptrs, b_step, rows_left, scales, scales_step, b_desc, n0, n_step,
     KB: tl.constexpr, BLOCK_M: tl.constexpr, B_TMA: tl.constexpr, TWO: tl.constexpr,
+    PROMOTE_K: tl.constexpr,
 ):  # fmt: skip
     """One or two (``TWO``) block-scaled products of the same e4m3 A rows, each over one 128-row
     weight block, accumulated together in running-scale units, one load of each A block for both:
@@ -113,7 +128,8 @@ def _scaled_products(
     second ``n_step`` rows (``b_step`` elements, scales ``scales_step``) further. Weight rows from
     ``rows_left`` on (counted from the first block's first) do not exist: their pointer loads
     and scales are masked (TMA reads whatever lies there; those columns are junk either way).
-    Returns both fp32 products (the second 0 without ``TWO``)."""
+    ``PROMOTE_K``: see ``_scaled_mma``. Returns both fp32 products (the second 0 without
+    ``TWO``)."""
     first = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
     second = tl.zeros([BLOCK_M, FP8_BLOCK], dtype=tl.float32)
     first_unit = tl.full([BLOCK_M], 1.0, tl.float32)
@@ -126,14 +142,17 @@ def _scaled_products(
             b = b_desc.load([n0, kb * FP8_BLOCK]).T
         else:
             b = tl.load(b_ptrs, mask=(kk < rows_left)[None, :], other=0.0)
-        first, first_unit = _scaled_mma(a, b, first, first_unit, a_scale, tl.load(scales + kb))
+        w_scale = tl.load(scales + kb)
+        first, first_unit = _scaled_mma(a, b, first, first_unit, a_scale, w_scale, PROMOTE_K)
         if TWO:
             if B_TMA:
                 b = b_desc.load([n0 + n_step, kb * FP8_BLOCK]).T
             else:
                 b = tl.load(b_ptrs + b_step, mask=(kk + n_step < rows_left)[None, :], other=0.0)
             w_scale = tl.load(scales + scales_step + kb, mask=n_step < rows_left, other=1.0)
-            second, second_unit = _scaled_mma(a, b, second, second_unit, a_scale, w_scale)
+            second, second_unit = _scaled_mma(
+                a, b, second, second_unit, a_scale, w_scale, PROMOTE_K
+            )
         a_ptrs += FP8_BLOCK
         b_ptrs += FP8_BLOCK
     return first * first_unit[:, None], second * second_unit[:, None]
@@ -143,6 +162,7 @@ def _scaled_products(
 def _swiglu_block(
     a_ptrs, a_scales, live, w13_ptr, w13_scale_ptr, w13_desc, local, n_block,
     H: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, B_TMA: tl.constexpr,
+    PROMOTE_K: tl.constexpr,
 ):  # fmt: skip
     """fp32 ``silu(x @ gate^T) * (x @ up^T)`` of columns ``n_block B + [0, B)`` (scale block
     ``n_block``) from the gathered e4m3 A rows ``a_ptrs`` (k block 0) and their scales: gate and
@@ -157,7 +177,7 @@ def _swiglu_block(
     n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * FP8_BLOCK  # (B_TMA)
     gate, up = _scaled_products(
         a_ptrs, a_scales, live, gate_ptrs, I * H, 2 * I, gate_scales, (I // FP8_BLOCK) * KB,
-        w13_desc, n0, I, KB, BLOCK_M, B_TMA, True,
+        w13_desc, n0, I, KB, BLOCK_M, B_TMA, True, PROMOTE_K,
     )  # fmt: skip
     return gate * tl.sigmoid(gate) * up
 
@@ -180,6 +200,7 @@ def tile_gemm1_fp8(
     BLOCK_M: tl.constexpr,
     w13_desc=None,  # with B_TMA: a [B, B] block descriptor of w13 as [L * 2I, H]
     B_TMA: tl.constexpr = False,
+    PROMOTE_K: tl.constexpr = FP8_BLOCK,  # KernelConfig.fp8_promote_k
 ):
     """Columns ``[n_block B, (n_block + 1) B)`` of ``silu(x @ gate^T) * (x @ up^T)`` for rows
     ``[row0, row0 + rows)`` (A row r is ``x[src[r]]``), quantised per row: e4m3 into ``act`` and
@@ -192,7 +213,7 @@ def tile_gemm1_fp8(
     a_ptrs = x_ptr + src[:, None] * H + tl.arange(0, FP8_BLOCK)[None, :]
     h = _swiglu_block(
         a_ptrs, x_scale_ptr + src * KB, live, w13_ptr, w13_scale_ptr, w13_desc, local, n_block,
-        H, I, BLOCK_M, B_TMA,
+        H, I, BLOCK_M, B_TMA, PROMOTE_K,
     )  # fmt: skip
     q, scale = quantize_rows(h)
     out_rows = (row0 + r).to(tl.int64)
@@ -217,6 +238,7 @@ def tile_down_fp8(
     BLOCK_N: tl.constexpr,  # B or 2 B: one weight scale block, or two side by side
     w2_desc=None,  # with B_TMA: a [B, B] block descriptor of w2 as [L * H, I]
     B_TMA: tl.constexpr = False,
+    PROMOTE_K: tl.constexpr = FP8_BLOCK,  # KernelConfig.fp8_promote_k
 ):
     """The fp32 ``[BM, BLOCK_N]`` block ``act[row0 : row0 + rows] @ w2[local, n_block BLOCK_N :
     +BLOCK_N]^T`` (rows past ``rows`` are 0; columns past H are junk, which the caller drops).
@@ -239,7 +261,7 @@ def tile_down_fp8(
     n0 = tl.cast(local, tl.int32) * H + n_lo  # (B_TMA)
     out, hi = _scaled_products(
         a_ptrs, a_scales, live, b_ptrs, FP8_BLOCK * I, H - n_lo, w_scales, KB, w2_desc, n0,
-        FP8_BLOCK, KB, BLOCK_M, B_TMA, WIDE,
+        FP8_BLOCK, KB, BLOCK_M, B_TMA, WIDE, PROMOTE_K,
     )  # fmt: skip
     if WIDE:  # [out | hi]: joined as [BM, B, 2], then the pair axis moved ahead of the columns
         out = tl.reshape(tl.permute(tl.join(out, hi), (0, 2, 1)), [BLOCK_M, BLOCK_N])

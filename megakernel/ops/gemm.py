@@ -254,7 +254,7 @@ def gemm1_task(
                     tile_gemm1_fp8(
                         recv_x, x_scale, recv_src, w13_ptr, scales.w13, act_ptr, scales.act,
                         local, row0, rows, j % M.GEMM1_BLOCKS, M.H, M.I, M.BLOCK_M, w13_desc,
-                        M.GEMM1_TMA,
+                        M.GEMM1_TMA, M.FP8_PROMOTE_K,
                     )  # fmt: skip
                 else:
                     tile_expert_gemm(
@@ -320,7 +320,7 @@ def down_task(
         elif M.FP8:
             acc = tile_down_fp8(
                 act_ptr, scales.act, w2_ptr, scales.w2, local, row0, rows, n_block, M.H, M.I,
-                M.BLOCK_M, M.DOWN_BLOCK_N, w2_desc, M.DOWN_TMA,
+                M.BLOCK_M, M.DOWN_BLOCK_N, w2_desc, M.DOWN_TMA, M.FP8_PROMOTE_K,
             )  # fmt: skip
         else:
             acc = tile_down_gemm(

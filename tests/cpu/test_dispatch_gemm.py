@@ -195,6 +195,9 @@ def test_input_validation():
             ws.run({}, {}, None, {}, mode="combine")
     with pytest.raises(ValueError, match="chunk must be a power of two"):
         KernelConfig(chunk=3)
+    for promote in (16, 256, -1):
+        with pytest.raises(ValueError, match="fp8_promote_k must be"):
+            KernelConfig(fp8_promote_k=promote)
     with EmulatedWorld(1) as world, pytest.raises(ValueError, match="not a multiple of block_k"):
         Megakernel(world, SHAPE, config=small_config(block_k=128))
     fp16 = SHAPE.__class__(64, 32, 8, 2, 100, torch.float16)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from megakernel import FusedEPMoE, KernelConfig, routing
+from megakernel.fp8 import FP8_REF_ERROR
 from megakernel.shapes import MoEShape
-from megakernel.testing import check_layer_output, make_tokens, make_w2, make_w13
+from megakernel.testing import check_layer_output, fp8_layer_ref, make_tokens, make_w2, make_w13
 from symm_mem import EmulatedWorld
 
 MEDIUM = MoEShape(hidden=1024, ffn=512, num_experts=64, topk=6, max_tokens_per_rank=700, fp8=True)
@@ -44,3 +45,31 @@ def test_fp8_layer_matches_the_fp8_reference(R, tma):
         assert len(layer.graphs.graphs) == 2, "each T captured once, then replayed"
         layer.close()
     torch.cuda.synchronize()
+
+
+def test_fp8_long_k_products_keep_their_precision():
+    """dsv3's widths (H = 7168: 56 k blocks in GEMM1) on one rank: Hopper's e4m3 MMAs add into
+    their accumulator with too few bits, so a chain over the whole k loop drifts from
+    ``moe_fp8_ref`` as k grows (1.52% on an H100, past ``FP8_REF_ERROR``). With partials of 128 k
+    elements added in fp32 (``fp8_promote_k``, the default) the layer stays well inside it, and
+    closer than the whole-loop chain."""
+    seed, T = 7, 256
+    shape = MoEShape(hidden=7168, ffn=2048, num_experts=8, topk=4, max_tokens_per_rank=T, fp8=True)
+    w13, w2 = make_w13(shape, seed, "cuda"), make_w2(shape, seed, "cuda")
+    rt = routing.uniform(1, T, shape.num_experts, shape.topk, seed=seed).to("cuda")
+    x = make_tokens(shape, [T], seed, "cuda")[0]
+    ids, w = rt.topk_ids[0], rt.topk_weights[0]
+    want = fp8_layer_ref(x, ids, w, shape, seed)
+    errors = {}
+    with EmulatedWorld(1, "cuda") as world:
+        for promote in (128, 0):
+            config = KernelConfig(fp8_promote_k=promote)
+            layer = FusedEPMoE.from_dense(world, shape, w13, w2, config=config)
+            out = layer({0: x}, {0: ids}, {0: w})[0]
+            layer.check_errors()
+            errors[promote] = ((out.float() - want).norm() / want.norm()).item()
+            layer.close()
+    print(f"\nH 7168 norm-relative error from moe_fp8_ref: promoted {errors[128]:.4f}, "
+          f"whole-loop chain {errors[0]:.4f}")  # fmt: skip
+    assert errors[128] <= FP8_REF_ERROR / 2, errors
+    assert errors[128] < errors[0], errors
