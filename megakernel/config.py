@@ -135,9 +135,8 @@ class KernelConfig:
         of 128, and so are a GEMM1 task's columns, so each product takes one scale per row and
         one per weight block; gate and up are two products (no pairs); a down task's columns
         are one scale block, or two side by side where ``down_block_n`` >= 256 (two products).
-        GEMM1 gathers its
-        rows through ``recv_src`` (their scales too), so ``pack="scan"`` does not apply. The
-        weights come by TMA or by pointers as ``gemm1_tma`` / ``down_tma`` say."""
+        GEMM1 gathers its rows through ``recv_src`` (their scales too), so ``pack="scan"`` does
+        not apply. The weights come by TMA or by pointers as ``gemm1_tma`` / ``down_tma`` say."""
         if self.pack == "scan":
             raise ValueError(
                 'KernelConfig(pack="scan") resolves rows in place, which the FP8 path does not: '

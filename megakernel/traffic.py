@@ -71,6 +71,13 @@ def traffic_model(phys_all: list[torch.Tensor], slots_per_rank: int) -> Traffic:
     return Traffic(plain, saved, tokens, distinct_sum / n, remote_sum / n)
 
 
+def rows_per_expert(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows each expert receives from ``topk_ids`` (any shape; ids < 0 are dropped slots), on
+    the CPU: the ``rows`` of ``operand_bytes`` where slot = expert."""
+    ids = topk_ids.flatten().long().cpu()
+    return torch.bincount(ids[ids >= 0], minlength=num_experts)
+
+
 @dataclass(frozen=True)
 class OperandBytes:
     weights: int  # the experts' weights a call touches, each byte once: what HBM must deliver

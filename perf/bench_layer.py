@@ -41,7 +41,7 @@ from megakernel.fp8 import quantize_experts
 from megakernel.placement import Placement
 from megakernel.shapes import preset
 from megakernel.testing import check_layer_output, local_w2, local_w13, make_tokens
-from megakernel.traffic import operand_bytes
+from megakernel.traffic import operand_bytes, rows_per_expert
 from perf.baseline import baseline_moe
 from perf.record import knob_values, write_result
 from perf.timing import graphed, time_many, time_us
@@ -169,8 +169,7 @@ def busiest_rank_loads(topk_ids: list[torch.Tensor], ws) -> int:
     R = ws.world.world_size
     if ws.placement != Placement.contiguous(ws.shape.num_experts, R):
         raise ValueError("busiest_rank_loads counts rows by expert: contiguous placements only")
-    ids = torch.cat([i.flatten().cpu() for i in topk_ids])
-    rows = torch.bincount(ids[ids >= 0].long(), minlength=ws.shape.num_experts)
+    rows = rows_per_expert(torch.cat([i.flatten().cpu() for i in topk_ids]), ws.shape.num_experts)
     L = ws.placement.slots_per_rank
     return max(
         operand_bytes(rows[r * L : (r + 1) * L], ws.shape, ws.config).streamed for r in range(R)

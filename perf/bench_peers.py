@@ -55,7 +55,7 @@ from megakernel.testing import (
     local_w13,
     make_tokens,
 )
-from megakernel.traffic import operand_bytes
+from megakernel.traffic import operand_bytes, rows_per_expert
 from perf.baseline import DequantizedBaseline, baseline_moe, blockwise_grouped_mm_refusal
 from perf.record import write_result
 from perf.timing import wall_us
@@ -70,12 +70,6 @@ SEED = 1
 def rotations(names: list[str], rounds: int) -> list[list[str]]:
     """The order of each round: ``names`` rotated by the round's index."""
     return [names[i % len(names) :] + names[: i % len(names)] for i in range(rounds)]
-
-
-def expert_rows(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Rows each expert receives at one rank holding them all (ids < 0 are dropped slots)."""
-    ids = topk_ids[topk_ids >= 0].long().cpu()
-    return torch.bincount(ids, minlength=num_experts)
 
 
 def read_bandwidth() -> float:
@@ -191,7 +185,7 @@ class PresetCase:
         for call in calls.values():  # warm: eager's second call of a T captures its own graph
             call()
             call()
-        return calls, expert_rows(ids, shape.num_experts)
+        return calls, rows_per_expert(ids, shape.num_experts)
 
     def fp8_calls(self, T: int, x, ids, w, want: torch.Tensor) -> dict:
         """The FP8 implementations at ``T``, checked first (``want``: ``moe_ref``)."""

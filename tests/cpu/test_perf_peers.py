@@ -1,5 +1,5 @@
 """perf.bench_peers' bookkeeping, on CPU: the rotating order, the rows per expert, and the
-operand loads it reports (``megakernel.traffic.operand_bytes``)."""
+operand loads it reports (``megakernel.traffic.rows_per_expert``, ``operand_bytes``)."""
 
 from dataclasses import replace
 
@@ -7,8 +7,8 @@ import torch
 
 from megakernel import KernelConfig
 from megakernel.shapes import MoEShape
-from megakernel.traffic import operand_bytes
-from perf.bench_peers import expert_rows, rotations
+from megakernel.traffic import operand_bytes, rows_per_expert
+from perf.bench_peers import rotations
 
 
 def test_each_round_rotates_the_order_so_every_implementation_leads_in_turn():
@@ -20,10 +20,10 @@ def test_each_round_rotates_the_order_so_every_implementation_leads_in_turn():
     assert all(sorted(o) == sorted(order[0]) for o in order)
 
 
-def test_expert_rows_skip_dropped_slots():
+def test_rows_per_expert_skip_dropped_slots():
     ids = torch.tensor([[0, 3], [3, -1], [7, 0]])
-    assert expert_rows(ids, 8).tolist() == [2, 0, 0, 2, 0, 0, 0, 1]
-    assert expert_rows(torch.full((4, 2), -1), 3).tolist() == [0, 0, 0]
+    assert rows_per_expert(ids, 8).tolist() == [2, 0, 0, 2, 0, 0, 0, 1]
+    assert rows_per_expert(torch.full((4, 2), -1), 3).tolist() == [0, 0, 0]
 
 
 def test_operand_loads_count_a_weight_stream_per_tile_and_the_rows_per_column_block():
