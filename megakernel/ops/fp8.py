@@ -31,6 +31,12 @@ one accumulator, against 0.6% in the interpreter. ``tl.dot``'s ``max_num_impreci
 the chain: the MMAs of ``PROMOTE_K`` k elements sum into a fresh partial, which is added to
 ``acc`` in full fp32 (DeepSeek's 128-element promotion). ``KernelConfig.fp8_promote_k`` = 0
 keeps the old chain for comparison. The interpreter's dot is exact either way.
+
+NOTE (SCALES): a k step's scales (one per row, one per weight block) are plain loads, which
+Triton's pipeliner leaves in place: loaded where they are used, each step waited a global
+load's latency (the second product's weight scale after the first product's MMAs, so with
+nothing in flight to hide it) between MMAs. ``_scaled_products`` loads them a step ahead, in
+registers carried over the loop.
 """
 
 from __future__ import annotations
@@ -135,23 +141,31 @@ def _scaled_products(
     first_unit = tl.full([BLOCK_M], 1.0, tl.float32)
     second_unit = tl.full([BLOCK_M], 1.0, tl.float32)
     kk = tl.arange(0, FP8_BLOCK)
+    second_there = n_step < rows_left
+    # the scales of k block 0, then each block's loaded one step ahead (see the SCALES note)
+    a_scale_next = tl.load(a_scales, mask=live, other=1.0)
+    w_first_next = tl.load(scales)
+    w_second_next = tl.load(scales + scales_step, mask=TWO and second_there, other=1.0)
     for kb in tl.range(0, KB):
+        a_scale, w_first, w_second = a_scale_next, w_first_next, w_second_next
+        ahead = tl.minimum(kb + 1, KB - 1)  # the last step loads its own again: no mask
+        a_scale_next = tl.load(a_scales + ahead, mask=live, other=1.0)
+        w_first_next = tl.load(scales + ahead)
+        if TWO:
+            w_second_next = tl.load(scales + scales_step + ahead, mask=second_there, other=1.0)
         a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-        a_scale = tl.load(a_scales + kb, mask=live, other=1.0)
         if B_TMA:
             b = b_desc.load([n0, kb * FP8_BLOCK]).T
         else:
             b = tl.load(b_ptrs, mask=(kk < rows_left)[None, :], other=0.0)
-        w_scale = tl.load(scales + kb)
-        first, first_unit = _scaled_mma(a, b, first, first_unit, a_scale, w_scale, PROMOTE_K)
+        first, first_unit = _scaled_mma(a, b, first, first_unit, a_scale, w_first, PROMOTE_K)
         if TWO:
             if B_TMA:
                 b = b_desc.load([n0 + n_step, kb * FP8_BLOCK]).T
             else:
                 b = tl.load(b_ptrs + b_step, mask=(kk + n_step < rows_left)[None, :], other=0.0)
-            w_scale = tl.load(scales + scales_step + kb, mask=n_step < rows_left, other=1.0)
             second, second_unit = _scaled_mma(
-                a, b, second, second_unit, a_scale, w_scale, PROMOTE_K
+                a, b, second, second_unit, a_scale, w_second, PROMOTE_K
             )
         a_ptrs += FP8_BLOCK
         b_ptrs += FP8_BLOCK
