@@ -32,6 +32,14 @@ the chain: the MMAs of ``PROMOTE_K`` k elements sum into a fresh partial, which 
 ``acc`` in full fp32 (DeepSeek's 128-element promotion). ``KernelConfig.fp8_promote_k`` = 0
 keeps the old chain for comparison. The interpreter's dot is exact either way.
 
+NOTE (WAIT): Triton lowers ``max_num_imprecise_acc`` by adding each partial to the accumulator
+right after its MMAs, before their group is committed and waited for. ptxas answers an
+accumulator read inside an MMA group by making every MMA of the kernel wait for the one before
+(its advisory C7514; four waits a k step, and the tensor pipe drained between k32 MMAs). At
+``PROMOTE_K`` = 128, one k block, ``_scaled_mma`` therefore takes the block's product alone
+(``tl.dot(a, b)``: a fresh chain of four MMAs) and adds it to the rescaled accumulator in
+its own FMA, which Triton places after the group's wait. 32 and 64 still take Triton's path.
+
 NOTE (SCALES): a k step's scales (one per row, one per weight block) are plain loads, which
 Triton's pipeliner leaves in place: loaded where they are used, each step waited a global
 load's latency (the second product's weight scale after the first product's MMAs, so with
@@ -112,11 +120,13 @@ def _scaled_mma(a, b, acc, unit, a_scale, b_scale, PROMOTE_K: tl.constexpr):
     ``PROMOTE_K`` k elements, each added to ``acc`` in fp32 (0: in place, see the PROMOTE
     note). Returns the accumulator and its new unit."""
     scale = tl.maximum(a_scale * b_scale, SCALE_FLOOR)
-    acc = acc * (unit / scale)[:, None]
+    rescale = (unit / scale)[:, None]
     if PROMOTE_K == 0:
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc * rescale)
+    elif PROMOTE_K == FP8_BLOCK:  # the block's product alone, then added (the WAIT note)
+        acc = tl.fma(acc, rescale, tl.dot(a, b))
     else:
-        acc = tl.dot(a, b, acc, max_num_imprecise_acc=PROMOTE_K)
+        acc = tl.dot(a, b, acc * rescale, max_num_imprecise_acc=PROMOTE_K)
     return acc, scale
 
 

@@ -101,19 +101,21 @@ def sass_ops(kernel) -> list[str]:
 
 
 def wgmma_groups(ops: list[str]) -> list[tuple[str, list[str]]]:
-    """Each warpgroup MMA group (the HGMMAs up to the one that commits, ``gsb0``) as (its shape,
-    the instructions from its first HGMMA to its last)."""
+    """Each warpgroup MMA group (the MMAs up to the one that commits, ``gsb0``; HGMMA for 16-bit
+    operands, QGMMA for 8-bit) as (its shape, the instructions from its first MMA to its
+    last)."""
     groups, first = [], None
     for i, op in enumerate(ops):
-        if "HGMMA" in op:
+        if GMMA.search(op):
             first = i if first is None else first
             if "gsb0" in op:
-                shape = re.search(r"HGMMA\.(\d+x\d+)", ops[first]).group(1)
+                shape = GMMA.search(ops[first]).group(1)
                 groups.append((shape, ops[first : i + 1]))
                 first = None
     return groups
 
 
+GMMA = re.compile(r"\b[HQ]GMMA\.(\d+x\d+)")
 SPILL = re.compile(r"(@!?U?P\w+ +)?(STL|LDL)\b")
 
 
