@@ -117,8 +117,8 @@ def _scaled_mma(a, b, acc, unit, a_scale, b_scale, PROMOTE_K: tl.constexpr):
     ``acc`` (``[BM, N]``, held in units of ``unit [BM]``) re-expressed in units of this block's
     scale, its rows' ``a_scale [BM]`` times the weight block's ``b_scale`` (at least
     ``SCALE_FLOOR``: the next step divides by it), then ``a @ b`` added: in partials of
-    ``PROMOTE_K`` k elements, each added to ``acc`` in fp32 (0: in place, see the PROMOTE
-    note). Returns the accumulator and its new unit."""
+    ``PROMOTE_K`` k elements, each added to ``acc`` in fp32 (0: in place; see the PROMOTE
+    and WAIT notes). Returns the accumulator and its new unit."""
     scale = tl.maximum(a_scale * b_scale, SCALE_FLOOR)
     rescale = (unit / scale)[:, None]
     if PROMOTE_K == 0:
