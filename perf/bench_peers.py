@@ -36,6 +36,7 @@ perf/results/ (perf.record).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import time
@@ -317,6 +318,7 @@ def main() -> None:
             rows += [bench_point(case, T, bandwidth, args) for T in args.tokens]
             case.close()
             del case
+            gc.collect()  # a layer's workspace sits in a reference cycle: free it before the next
             torch.cuda.empty_cache()
     path, _ = write_result("peers_one_rank", {"rows": rows, "read_Bps": bandwidth})
     print("\n".join(["", header(bandwidth, args.fp8), *map(table_row, rows), f"wrote {path}"]))
