@@ -12,6 +12,7 @@ A call on every local rank: the plan's kernels (``megakernel.plan``), then ``moe
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import torch
 
@@ -122,9 +123,14 @@ class Megakernel:
         self._meta_cache: dict[tuple[str, int], KernelMeta] = {}
         self._descriptors = WeightDescriptors(shape, self.config)
         self.epoch = {r: 0 for r in world.local_ranks}  # host mirror of the plan's device epoch
+        # a timeout's flag is named from numbers, not through this workspace: a bound method
+        # here would make a reference cycle, which only the cyclic collector frees (the layer's
+        # GPU memory with it)
+        token_blocks = self.config.token_blocks(shape.max_tokens_per_rank)
         self.errors = CallErrors(
-            world, self.plan_ws.routing_err, self.placement.num_experts, self.flag_name
-        )
+            world, self.plan_ws.routing_err, self.placement.num_experts,
+            partial(flag_name, token_blocks=token_blocks, world_size=world.world_size),
+        )  # fmt: skip
 
     def _check_config(self) -> None:
         """The shape and config fit the kernel's tiles and the world's SMs."""
@@ -595,11 +601,6 @@ class Megakernel:
             cut = regions["down"][0]
             return [(0, cut), (cut, end)]
         return [(0, end)]
-
-    def flag_name(self, flag: int) -> str:
-        """Names the flag of a ``WaitTimeoutError`` raised by ``world.check_errors``."""
-        token_blocks = self.config.token_blocks(self.shape.max_tokens_per_rank)
-        return flag_name(flag, token_blocks, self.world.world_size)
 
     def check_errors(self) -> None:
         """Wait for the device, then raise if a call failed: ``WaitTimeoutError`` or

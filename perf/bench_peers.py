@@ -318,7 +318,7 @@ def main() -> None:
             rows += [bench_point(case, T, bandwidth, args) for T in args.tokens]
             case.close()
             del case
-            gc.collect()  # a layer's workspace sits in a reference cycle: free it before the next
+            gc.collect()  # anything of the case left in reference cycles, before the next preset
             torch.cuda.empty_cache()
     path, _ = write_result("peers_one_rank", {"rows": rows, "read_Bps": bandwidth})
     print("\n".join(["", header(bandwidth, args.fp8), *map(table_row, rows), f"wrote {path}"]))

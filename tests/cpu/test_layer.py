@@ -6,7 +6,9 @@ interpreter runs each task kind on every rank before the next kind, so the one- 
 modes launch the same phases here; the GPU tests run them as written.
 """
 
+import gc
 import time
+import weakref
 
 import pytest
 import torch
@@ -549,3 +551,31 @@ def test_lifecycle_and_input_errors_are_clear():
         ws.close()
         with pytest.raises(RuntimeError, match="workspace is closed"):
             ws.run(x, ids, w, {r: w13[:8] for r in range(R)})
+
+
+def test_a_dropped_layer_frees_its_buffers_without_the_cycle_collector():
+    """Deleting a layer (after a call that raised on a bad id, so the error path's objects are
+    built too) frees its workspace at once: no reference cycle keeps the buffers until Python's
+    cyclic collector happens to run (it does not look at GPU memory; a benchmark building one
+    large layer after another ran out of it)."""
+    R = 2
+    w13, w2 = make_w13(SHAPE, 2, "cpu"), make_w2(SHAPE, 2, "cpu")
+    x = {r: torch.randn(4, SHAPE.hidden) for r in range(R)}
+    ids = {r: torch.zeros(4, SHAPE.topk, dtype=torch.int32) for r in range(R)}
+    w = {r: torch.full((4, SHAPE.topk), 0.25) for r in range(R)}
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with EmulatedWorld(R) as world:
+            layer = FusedEPMoE.from_dense(world, SHAPE, w13, w2, config=small_config())
+            layer(x, ids, w)
+            with pytest.raises(RoutingError):  # at this call or, at the latest, the check
+                layer(x, {0: ids[0], 1: ids[1] + SHAPE.num_experts}, w)
+                layer.check_errors()
+            alive = weakref.ref(layer.workspace)
+            layer.close()
+            del layer
+            assert alive() is None, "a reference cycle holds the dropped layer's workspace"
+    finally:
+        if collecting:
+            gc.enable()
