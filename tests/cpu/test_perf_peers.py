@@ -6,8 +6,11 @@ from dataclasses import replace
 import torch
 
 from megakernel import KernelConfig
+from megakernel.fp8 import FP8_DENSE_ERROR, dequantize_weight_blocks, quantize_experts
+from megakernel.reference import moe_ref
 from megakernel.shapes import MoEShape
 from megakernel.traffic import operand_bytes, rows_per_expert
+from perf.baseline import DequantizedBaseline
 from perf.bench_peers import rotations
 
 
@@ -57,3 +60,25 @@ def test_bench_layer_counts_the_busiest_ranks_loads():
         want = operand_bytes(torch.tensor([3, 3]), shape, ws.config).streamed
         assert busiest_rank_loads(ids, ws) == want
         ws.close()
+
+
+def test_the_torch_fp8_baseline_dequantises_as_the_reference_does():
+    """``DequantizedBaseline`` (bench_peers' torch_fp8) fills its bf16 weights with exactly
+    ``dequantize_weight_blocks``' values, rounded once, and computes the layer: within the FP8
+    bound of ``moe_ref`` on the bf16 weights the e4m3 ones came from."""
+    E, H, I, K, T = 4, 256, 128, 2, 16
+    shape = replace(MoEShape(H, I, E, K, T), fp8=True)
+    gen = torch.Generator().manual_seed(3)
+    w13 = (0.02 * torch.randn(E, 2 * I, H, generator=gen)).to(torch.bfloat16)
+    w2 = (0.02 * torch.randn(E, H, I, generator=gen)).to(torch.bfloat16)
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).int()
+    weights = torch.rand(T, K, generator=gen)
+    q13, q2 = quantize_experts(w13), quantize_experts(w2)
+    base = DequantizedBaseline(shape, q13, q2)
+    out = base(x, ids, weights)
+    assert torch.equal(base.dense13, dequantize_weight_blocks(*q13).to(torch.bfloat16))
+    assert torch.equal(base.dense2, dequantize_weight_blocks(*q2).to(torch.bfloat16))
+    want = moe_ref(x.float(), ids, weights, w13.float(), w2.float())
+    error = ((out.float() - want).norm() / want.norm()).item()
+    assert error <= FP8_DENSE_ERROR, error
