@@ -16,13 +16,15 @@ block), BM rows per tile.
   for the tests and the compile checks.
 
 NOTE (running scale): K block k's product counts ``s_k = a_scale[row, k] * w_scale[col, k]``
-times. Adding it to an fp32 accumulator as ``acc += (a_k @ w_k) * s_k`` needs the product in
-registers of its own beside ``acc``: GEMM1's gate and up over 128 columns at once then took four
-64-register tiles a thread (8 warps, BM 128) and ptxas spilled, and splitting the columns made
-every task load its A rows twice. Instead the accumulator is kept in units of the current block's
-scale: before block k, ``acc *= s_(k-1) / s_k``, then the MMA adds ``a_k @ w_k`` into it in
-place, and the last unit multiplies out at the end. One accumulator a product; the same
-multiplies a block as the separate product; an fp32 rounding per block (a relative 6e-8).
+times. The accumulator is kept in units of the current block's scale: before block k,
+``acc *= s_(k-1) / s_k``, then ``a_k @ w_k`` is added (by the MMAs in place, or as a fresh
+partial in one FMA, ``acc * (s_(k-1) / s_k) + p``: the PROMOTE and WAIT notes), and the last
+unit multiplies out at the end; an fp32 rounding per block (a relative 6e-8). In place, a
+product needs no registers beside its accumulator (a partial beside each of GEMM1's gate and up
+took four 64-register tiles a thread and ptxas spilled; splitting the columns made every task
+load its A rows twice). The promoted partial takes one more tile, made one product at a time;
+there the plain ``acc += p * s_k`` compiled to spills in the k loops (sm_90, dsv3) and the
+running form does not.
 
 NOTE (PROMOTE): Hopper's e4m3 MMAs add into their fp32 accumulator keeping too few bits (about
 14, as DeepSeek-V3's report measured), dropping the rest, so an error that grows with k: on
