@@ -138,15 +138,15 @@ def test_fp8_megakernel_makes_e4m3_products(R, tma):
     assert len(fresh) * (FP8_BLOCK // 32) == len(mma), f"{len(fresh)} of {len(mma)} start at 0"
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
     assert ("cp.async.bulk.tensor" in ptx) == tma
-    # running-scale products: one accumulator each, plus the 128-k partial being made. With TMA
-    # that fits; with pointer loads (their addresses in registers too) ptxas spills in the k
-    # loops (170 instructions, dsv3 R = 2): the pointer path is the fallback, not the default
-    # and ptxas keeps each chain of four in flight together: with any instruction reading an
-    # MMA's accumulator before its group is committed, it makes every MMA of the kernel wait
-    # for the one before (C7514; ``_scaled_mma``'s WAIT note)
+    # ptxas keeps each chain of four in flight together: with any instruction reading an MMA's
+    # accumulator before its group is committed, it makes every MMA of the kernel wait for the
+    # one before (C7514; ``_scaled_mma``'s WAIT note)
     ops = sass_ops(kernel)
     chains = [sum("GMMA" in op for op in group) for _, group in wgmma_groups(ops)]
     assert chains and set(chains) == {FP8_BLOCK // 32}, f"MMAs per committed group: {chains}"
+    # running-scale products: one accumulator each, plus the 128-k partial being made. With TMA
+    # that fits; with pointer loads (their addresses in registers too) ptxas spills in the k
+    # loops (170 instructions, dsv3 R = 2): the pointer path is the fallback, not the default
     spills = mma_loop_spills(ops)
     if tma:
         assert spills == [], f"{len(spills)} local-memory (spill) instructions in the MMA loops"
