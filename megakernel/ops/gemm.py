@@ -251,11 +251,19 @@ def gemm1_task(
             if M.PROBE != PROBE_COMM:
                 if M.FP8:
                     x_scale = mine.recv_scale + parity * (M.C * M.H // FP8_BLOCK)
-                    tile_gemm1_fp8(
-                        recv_x, x_scale, recv_src, w13_ptr, scales.w13, act_ptr, scales.act,
-                        local, row0, rows, j % M.GEMM1_BLOCKS, M.H, M.I, M.BLOCK_M, w13_desc,
-                        M.GEMM1_TMA, M.FP8_PROMOTE_K,
-                    )  # fmt: skip
+                    n_block = j % M.GEMM1_BLOCKS
+                    if M.HALF_TILES and rows <= M.BLOCK_M // 2:
+                        tile_gemm1_fp8(
+                            recv_x, x_scale, recv_src, w13_ptr, scales.w13, act_ptr, scales.act,
+                            local, row0, rows, n_block, M.H, M.I, M.BLOCK_M // 2, w13_desc,
+                            M.GEMM1_TMA, M.FP8_PROMOTE_K,
+                        )  # fmt: skip
+                    else:
+                        tile_gemm1_fp8(
+                            recv_x, x_scale, recv_src, w13_ptr, scales.w13, act_ptr, scales.act,
+                            local, row0, rows, n_block, M.H, M.I, M.BLOCK_M, w13_desc,
+                            M.GEMM1_TMA, M.FP8_PROMOTE_K,
+                        )  # fmt: skip
                 else:
                     tile_expert_gemm(
                         recv_x,
@@ -315,45 +323,41 @@ def down_task(
         local = tl.load(row)
         row0 = tl.load(row + 1)
         rows = tl.load(row + 2)
-        if M.PROBE == PROBE_COMM:
-            acc = tl.full([M.BLOCK_M, M.DOWN_BLOCK_N], 0.0, tl.float32)
-        elif M.FP8:
-            acc = tile_down_fp8(
-                act_ptr, scales.act, w2_ptr, scales.w2, local, row0, rows, n_block, M.H, M.I,
-                M.BLOCK_M, M.DOWN_BLOCK_N, w2_desc, M.DOWN_TMA, M.FP8_PROMOTE_K,
+        recv_tag = mine.recv_tag + (epoch % 2) * M.C
+        if M.FP8 and M.HALF_TILES and rows <= M.BLOCK_M // 2:
+            _down_tile(
+                local, row0, rows, n_block, w2_ptr, w2_desc, act_ptr, scales, recv_tag,
+                pending_row, peers, mine, M, M.BLOCK_M // 2,
             )  # fmt: skip
         else:
-            acc = tile_down_gemm(
-                act_ptr,
-                w2_ptr,
-                w2_desc,
-                local,
-                row0,
-                rows,
-                n_block,
-                M.H,
-                M.I,
-                M.BLOCK_M,
-                M.DOWN_BLOCK_N,
-                M.DOWN_BLOCK_K,
-                M.DOWN_TMA,
-            )
-        tile_combine_put(
-            acc,
-            mine.recv_tag + (epoch % 2) * M.C,
-            peers.combine_y,
-            pending_row,
-            mine.combine_y,
-            row0,
-            rows,
-            n_block,
-            M.H,
-            M.K,
-            M.TK,
-            M.COMBINE_BLOCK,
-            M.TOKEN_BLOCKS,
-            M.BLOCK_M,
-            M.DOWN_BLOCK_N,
-            M.PROBE != PROBE_COMPUTE,
-        )
+            _down_tile(
+                local, row0, rows, n_block, w2_ptr, w2_desc, act_ptr, scales, recv_tag,
+                pending_row, peers, mine, M, M.BLOCK_M,
+            )  # fmt: skip
     return waited
+
+
+@triton.jit
+def _down_tile(
+    local, row0, rows, n_block, w2_ptr, w2_desc, act_ptr, scales, recv_tag, pending_row, peers,
+    mine, M: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Column block ``n_block`` of a tile's down projection, ``BLOCK_M`` rows high (``rows`` of
+    them live), put to the rows' source ranks."""
+    if M.PROBE == PROBE_COMM:
+        acc = tl.full([BLOCK_M, M.DOWN_BLOCK_N], 0.0, tl.float32)
+    elif M.FP8:
+        acc = tile_down_fp8(
+            act_ptr, scales.act, w2_ptr, scales.w2, local, row0, rows, n_block, M.H, M.I,
+            BLOCK_M, M.DOWN_BLOCK_N, w2_desc, M.DOWN_TMA, M.FP8_PROMOTE_K,
+        )  # fmt: skip
+    else:
+        acc = tile_down_gemm(
+            act_ptr, w2_ptr, w2_desc, local, row0, rows, n_block, M.H, M.I, BLOCK_M,
+            M.DOWN_BLOCK_N, M.DOWN_BLOCK_K, M.DOWN_TMA,
+        )  # fmt: skip
+    tile_combine_put(
+        acc, recv_tag, peers.combine_y, pending_row, mine.combine_y, row0, rows, n_block, M.H,
+        M.K, M.TK, M.COMBINE_BLOCK, M.TOKEN_BLOCKS, BLOCK_M, M.DOWN_BLOCK_N,
+        M.PROBE != PROBE_COMPUTE,
+    )  # fmt: skip

@@ -78,6 +78,23 @@ def test_fp8_layer_loads_pre_quantised_weights_as_given():
         layer.close()
 
 
+def test_fp8_half_tiles_match_the_fp8_reference():
+    """``half_tiles``: tiles of at most block_m / 2 rows (8 here) run GEMM1 and the down
+    projection at half the height; the routing gives experts tails of both heights."""
+    R = 2
+    rt = routing.uniform(R, [T] * R, SHAPE.num_experts, SHAPE.topk, seed=40)
+    rows = torch.bincount(torch.cat(rt.topk_ids).flatten(), minlength=SHAPE.num_experts)
+    tails = rows % 16
+    assert ((tails > 0) & (tails <= 8)).any() and ((tails > 8) | (tails == 0) & (rows > 0)).any()
+    with EmulatedWorld(R) as world:
+        layer = FusedEPMoE.from_dense(
+            world, SHAPE, make_w13(SHAPE, 3, "cpu"), make_w2(SHAPE, 3, "cpu"),
+            config=config(half_tiles=True),
+        )  # fmt: skip
+        run_and_check(layer, R, [T] * R, seed=41, rt=rt)
+        layer.close()
+
+
 @pytest.mark.parametrize("tma", [True, False])
 def test_fp8_down_tasks_span_scale_blocks_and_k_steps_keep_their_scales(tma):
     """Down tasks 256 columns wide (two w2 scale blocks side by side) over H = 384, so the second
