@@ -84,8 +84,8 @@ class KernelConfig:
     # accumulator (32, 64 or 128); 0: never, the whole k loop in the tensor cores' accumulator,
     # whose adds keep too few bits on Hopper (an error that grows with k: perf/NOTES.md)
     fp8_promote_k: int = 128
-    # FP8 GEMMs: a tile of at most block_m / 2 rows (an expert's last, partly filled one) runs
-    # at half the height, so its MMAs and adds cover the rows it has, not block_m of them
+    # a tile of at most block_m / 2 rows (an expert's last, partly filled one) runs GEMM1 and
+    # the down projection at half the height, so its MMAs cover the rows it has, not block_m
     half_tiles: bool = False
     combine_block: int = 128  # tokens per combine counter
     reduce_h: int = 1024  # columns per top-k reduce task (at least down_block_n of them)
@@ -225,7 +225,7 @@ class KernelMeta(NamedTuple):
     DOWN_BLOCK_K: int  # k step over I
     DOWN_BLOCKS: int  # down tasks (column blocks of H) per tile
     FP8_PROMOTE_K: int  # FP8 MMAs: k elements per partial before an fp32 add (0: never)
-    HALF_TILES: bool  # FP8: tiles of at most BLOCK_M / 2 rows run at half the height
+    HALF_TILES: bool  # tiles of at most BLOCK_M / 2 rows run at half the height
     COMBINE_BLOCK: int  # tokens per combine counter
     TOKEN_BLOCKS: int  # combine counters per column group: cdiv(T_max, COMBINE_BLOCK)
     COUNTERS_P: int  # GROUPS * TOKEN_BLOCKS, rounded up

@@ -249,47 +249,41 @@ def gemm1_task(
     if arrived:
         if M.GEMM:
             if M.PROBE != PROBE_COMM:
-                if M.FP8:
-                    x_scale = mine.recv_scale + parity * (M.C * M.H // FP8_BLOCK)
-                    n_block = j % M.GEMM1_BLOCKS
-                    if M.HALF_TILES and rows <= M.BLOCK_M // 2:
-                        tile_gemm1_fp8(
-                            recv_x, x_scale, recv_src, w13_ptr, scales.w13, act_ptr, scales.act,
-                            local, row0, rows, n_block, M.H, M.I, M.BLOCK_M // 2, w13_desc,
-                            M.GEMM1_TMA, M.FP8_PROMOTE_K,
-                        )  # fmt: skip
-                    else:
-                        tile_gemm1_fp8(
-                            recv_x, x_scale, recv_src, w13_ptr, scales.w13, act_ptr, scales.act,
-                            local, row0, rows, n_block, M.H, M.I, M.BLOCK_M, w13_desc,
-                            M.GEMM1_TMA, M.FP8_PROMOTE_K,
-                        )  # fmt: skip
+                if M.HALF_TILES and rows <= M.BLOCK_M // 2:
+                    _gemm1_tile(
+                        j, w13_ptr, w13_desc, act_ptr, scales, mine, recv_x, recv_src, local, row0,
+                        rows, parity, M, M.BLOCK_M // 2,
+                    )  # fmt: skip
                 else:
-                    tile_expert_gemm(
-                        recv_x,
-                        recv_src,
-                        w13_ptr,
-                        w13_desc,
-                        act_ptr,
-                        local,
-                        row0,
-                        rows,
-                        j % M.GEMM1_BLOCKS,
-                        M.H,
-                        M.I,
-                        M.BLOCK_M,
-                        M.BLOCK_N,
-                        M.BLOCK_K,
-                        M.SWIGLU,
-                        M.GATHER_A,
-                        M.GEMM1_TMA,
-                        M.PAIRS,
-                    )
+                    _gemm1_tile(
+                        j, w13_ptr, w13_desc, act_ptr, scales, mine, recv_x, recv_src, local, row0,
+                        rows, parity, M, M.BLOCK_M,
+                    )  # fmt: skip
             if M.LAYER:
                 _publish_activations(tile, state, epoch, M)
         else:
             tile_resolve_rows(recv_x, recv_src, row0, rows, M.H, M.CHUNK, M.BLOCK_H, M.BLOCK_M)
     return waited
+
+
+@triton.jit
+def _gemm1_tile(
+    j, w13_ptr, w13_desc, act_ptr, scales, mine, recv_x, recv_src, local, row0, rows, parity,
+    M: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """GEMM1 column block ``j % GEMM1_BLOCKS`` of a tile, ``BLOCK_M`` rows high (``rows`` of
+    them live)."""
+    if M.FP8:
+        x_scale = mine.recv_scale + parity * (M.C * M.H // FP8_BLOCK)
+        tile_gemm1_fp8(
+            recv_x, x_scale, recv_src, w13_ptr, scales.w13, act_ptr, scales.act, local, row0,
+            rows, j % M.GEMM1_BLOCKS, M.H, M.I, BLOCK_M, w13_desc, M.GEMM1_TMA, M.FP8_PROMOTE_K,
+        )  # fmt: skip
+    else:
+        tile_expert_gemm(
+            recv_x, recv_src, w13_ptr, w13_desc, act_ptr, local, row0, rows, j % M.GEMM1_BLOCKS,
+            M.H, M.I, BLOCK_M, M.BLOCK_N, M.BLOCK_K, M.SWIGLU, M.GATHER_A, M.GEMM1_TMA, M.PAIRS,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -324,7 +318,7 @@ def down_task(
         row0 = tl.load(row + 1)
         rows = tl.load(row + 2)
         recv_tag = mine.recv_tag + (epoch % 2) * M.C
-        if M.FP8 and M.HALF_TILES and rows <= M.BLOCK_M // 2:
+        if M.HALF_TILES and rows <= M.BLOCK_M // 2:
             _down_tile(
                 local, row0, rows, n_block, w2_ptr, w2_desc, act_ptr, scales, recv_tag,
                 pending_row, peers, mine, M, M.BLOCK_M // 2,

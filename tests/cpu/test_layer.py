@@ -104,6 +104,21 @@ def test_layer_pack_scan():
         layer_call(ws, rt, placement, seed=9, shape=SHAPE, split=True)
 
 
+@pytest.mark.parametrize("pack", ["auto", "scan"])
+def test_half_tiles(pack):
+    """``half_tiles``: tiles of at most 8 rows (half of block_m) run GEMM1 and the down
+    projection at half the height, with rows gathered or resolved in place (``pack``)."""
+    R, shape = 2, MoEShape(64, 32, 8, 2, 100)
+    rt = routing.uniform(R, [T] * R, shape.num_experts, shape.topk, seed=11)
+    rows = torch.bincount(torch.cat(rt.topk_ids).flatten(), minlength=shape.num_experts)
+    tails = rows % 16
+    assert ((tails > 0) & (tails <= 8)).any() and (tails > 8).any()
+    placement = Placement.contiguous(shape.num_experts, R)
+    with EmulatedWorld(R) as world:
+        ws = Megakernel(world, shape, config=small_config(half_tiles=True, pack=pack))
+        layer_call(ws, rt, placement, seed=12, shape=shape)
+
+
 def test_gemm1_as_two_products_and_the_module_keeps_the_weights_as_given():
     """GEMM1 without the paired product (the default makes gate and up as one 2BN-wide product
     from a [L, I, 2, H] view of w13): as two products by TMA, and by pointer loads. The module
