@@ -86,6 +86,7 @@ class KernelConfig:
     fp8_promote_k: int = 128
     # a tile of at most block_m / 2 rows (an expert's last, partly filled one) runs GEMM1 and
     # the down projection at half the height, so its MMAs cover the rows it has, not block_m
+    # (bf16: no gain, its tasks are bound by their weight stream; FP8: perf/NOTES.md)
     half_tiles: bool = False
     combine_block: int = 128  # tokens per combine counter
     reduce_h: int = 1024  # columns per top-k reduce task (at least down_block_n of them)
