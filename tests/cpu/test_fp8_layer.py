@@ -85,7 +85,7 @@ def test_fp8_half_tiles_match_the_fp8_reference():
     rt = routing.uniform(R, [T] * R, SHAPE.num_experts, SHAPE.topk, seed=40)
     rows = torch.bincount(torch.cat(rt.topk_ids).flatten(), minlength=SHAPE.num_experts)
     tails = rows % 16
-    assert ((tails > 0) & (tails <= 8)).any() and ((tails > 8) | (tails == 0) & (rows > 0)).any()
+    assert ((tails > 0) & (tails <= 8)).any() and (rows > 8).any()  # both heights run
     with EmulatedWorld(R) as world:
         layer = FusedEPMoE.from_dense(
             world, SHAPE, make_w13(SHAPE, 3, "cpu"), make_w2(SHAPE, 3, "cpu"),

@@ -112,7 +112,7 @@ def test_half_tiles(pack):
     rt = routing.uniform(R, [T] * R, shape.num_experts, shape.topk, seed=11)
     rows = torch.bincount(torch.cat(rt.topk_ids).flatten(), minlength=shape.num_experts)
     tails = rows % 16
-    assert ((tails > 0) & (tails <= 8)).any() and (tails > 8).any()
+    assert ((tails > 0) & (tails <= 8)).any() and (rows > 8).any()  # both heights run
     placement = Placement.contiguous(shape.num_experts, R)
     with EmulatedWorld(R) as world:
         ws = Megakernel(world, shape, config=small_config(half_tiles=True, pack=pack))
