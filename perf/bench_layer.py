@@ -15,6 +15,7 @@ p20/p80 over repeats, max over ranks; each row timed on its own, one after anoth
   pack       with ``--pack gather scan``: the layer again for each ``KernelConfig.pack`` mode,
              timed in alternation with the default layer (``perf.timing.time_many``), whose
              figure of that pairing goes beside it; ``--vary KNOB=V1,V2`` the same for other knobs
+             (knobs that go together joined by ``+``: ``block_m=64+num_warps=4`` is one variant)
   torch      ``torch._grouped_mm`` GEMM1 + SwiGLU + GEMM2 on the same received rows
   fp8        with ``--fp8``: the FP8 layer (``MoEShape.fp8``) on the same experts quantised to
              e4m3 with 128 x 128 block scales, checked against ``moe_fp8_ref`` first, timed in
@@ -43,7 +44,7 @@ from megakernel.shapes import preset
 from megakernel.testing import check_layer_output, local_w2, local_w13, make_tokens
 from megakernel.traffic import operand_bytes, rows_per_expert
 from perf.baseline import baseline_moe
-from perf.record import knob_values, write_result
+from perf.record import knob_sets, write_result
 from perf.timing import graphed, time_many, time_us
 from symm_mem import World
 from symm_mem.launch import run_in_world
@@ -94,21 +95,21 @@ def time_variants(world, ws, case: dict, inputs: tuple, shape, name: str, args) 
     """The layer with other knobs (``--pack``, ``--vary``), same inputs, each checked first, then
     timed in alternation with the default."""
     row = {"pack_us": {}, "vary_us": {}, "paired_default_us": {}}
-    variants = [("pack", m) for m in args.pack] + knob_values(args.vary)
+    variants = [("pack_us", m, {"pack": m}) for m in args.pack]
+    variants += [("vary_us", key, knobs) for key, knobs in knob_sets(args.vary)]
     if not variants:
         return row
     default = graphed(lambda: ws.run(*inputs, mode="layer", validate=False))
-    for knob, value in variants:
+    for column, key, knobs in variants:
         torch.cuda.empty_cache()
-        cfg = KernelConfig(num_ctas=args.ctas, **{knob: value})
+        cfg = KernelConfig(**({"num_ctas": args.ctas} | knobs))
         other = FusedEPMoE(world, shape, inputs[3], inputs[4], placement=ws.placement, config=cfg)
-        found = check_outputs(other, case, shape, args.seed, f"{knob}={value}")
+        found = check_outputs(other, case, shape, args.seed, key)
         if found:
             raise SystemExit(f"{name}: wrong results: {found[:4]}")
-        key = value if knob == "pack" else f"{knob}={value}"
         call = graphed(lambda ws=other.workspace: ws.run(*inputs, mode="layer", validate=False))
         timed = time_many({"variant": call, "default": default})  # the same clocks
-        row["pack_us" if knob == "pack" else "vary_us"][key] = timed["variant"]
+        row[column][key] = timed["variant"]
         row["paired_default_us"][key] = timed["default"]
         other.check_errors()
         other.close()
@@ -124,13 +125,12 @@ def time_fp8(world, ws, case: dict, inputs: tuple, shape, name: str, args) -> di
     q13 = {r: quantize_experts(inputs[3][r]) for r in ranks}
     q2 = {r: quantize_experts(inputs[4][r]) for r in ranks}
     calls, layers = {}, []
-    for knob, value in [(None, None), *knob_values(args.fp8_vary)]:
-        label = "fp8" if knob is None else f"fp8 {knob}={value}"
-        knobs = {} if knob is None else {knob: value}
+    for key, knobs in [(None, {}), *knob_sets(args.fp8_vary)]:
+        label = "fp8" if key is None else f"fp8 {key}"
         layer = FusedEPMoE(
             world, fp8_shape, {r: q[0] for r, q in q13.items()}, {r: q[0] for r, q in q2.items()},
             w13_scale={r: q[1] for r, q in q13.items()}, w2_scale={r: q[1] for r, q in q2.items()},
-            placement=ws.placement, config=KernelConfig(num_ctas=args.ctas, **knobs),
+            placement=ws.placement, config=KernelConfig(**({"num_ctas": args.ctas} | knobs)),
         )  # fmt: skip
         out = layer(case["x"], case["ids"], case["weights"])
         layer.check_errors()
@@ -138,7 +138,7 @@ def time_fp8(world, ws, case: dict, inputs: tuple, shape, name: str, args) -> di
         for r in ranks:
             ids, w = case["ids"][r], case["weights"][r]
             found += check_layer_output(out[r], case["xs"][r], ids, w, fp8_shape, args.seed, r)
-        if found and knob is None:
+        if found and key is None:
             raise SystemExit(f"{name} {label}: wrong results: {found[:4]}")
         if found:  # a variant is still timed (fp8_promote_k=0 exists to be compared), marked
             print(f"{name} {label}: outside the FP8 bounds (timed all the same): {found[:2]}")
@@ -316,7 +316,7 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="also time the FP8 layer (see above)")
     parser.add_argument(
         "--fp8-vary", nargs="*", default=[], metavar="KNOB=V1,V2",
-        help="with --fp8: also time FP8 layers with these KernelConfig knobs",
+        help="with --fp8: also time FP8 layers with these KernelConfig knobs (A=1+B=2: together)",
     )  # fmt: skip
     parser.add_argument(
         "--pack", nargs="*", default=[], choices=PACK_MODES, help="also time these pack modes"
@@ -326,7 +326,8 @@ def main() -> None:
         nargs="*",
         default=[],
         metavar="KNOB=V1,V2",
-        help="also time the layer with these KernelConfig knobs (e.g. reduce_lag=1000000)",
+        help="also time the layer with these KernelConfig knobs (e.g. reduce_lag=1000000; "
+        "knobs joined by + make one variant)",
     )
     args = parser.parse_args()
 

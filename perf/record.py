@@ -63,3 +63,23 @@ def knob_values(specs: list[str]) -> list[tuple[str, int | str]]:
                 )
             out.append(pair)
     return out
+
+
+def knob_sets(specs: list[str]) -> list[tuple[str, dict[str, int | str]]]:
+    """``knob_values``, with knobs that only make sense together joined by ``+``:
+    ``["half_tiles=True", "block_m=64+num_warps=4"]`` -> ``[("half_tiles=True", {"half_tiles":
+    True}), ("block_m=64+num_warps=4", {"block_m": 64, "num_warps": 4})]``, each (label, knobs)
+    one variant. A joined spec takes one value per knob."""
+    out: list[tuple[str, dict[str, int | str]]] = []
+    for spec in specs:
+        if "+" not in spec:
+            out += [(f"{k}={v}", {k: v}) for k, v in knob_values([spec])]
+            continue
+        pairs = knob_values(spec.split("+"))
+        if len(pairs) != len(spec.split("+")) or len({k for k, _ in pairs}) != len(pairs):
+            raise SystemExit(f"a joined variant takes one value per knob, once: {spec!r}")
+        out.append((spec, dict(pairs)))
+    labels = [label for label, _ in out]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"a variant is given twice in {specs}: each is timed once")
+    return out

@@ -2,7 +2,7 @@
 
 import pytest
 
-from perf.record import knob_values
+from perf.record import knob_sets, knob_values
 
 
 def test_vary_parses_knob_values_and_rejects_a_spec_without_values():
@@ -23,3 +23,17 @@ def test_vary_refuses_a_value_given_twice():
         with pytest.raises(SystemExit, match="twice"):
             knob_values(specs)
     assert knob_values(["chunk=16", "block_m=16"]) == [("chunk", 16), ("block_m", 16)]
+
+
+def test_joined_knobs_make_one_variant():
+    assert knob_sets(["half_tiles=True", "block_m=64+num_warps=4", "chunk=8,16"]) == [
+        ("half_tiles=True", {"half_tiles": True}),
+        ("block_m=64+num_warps=4", {"block_m": 64, "num_warps": 4}),
+        ("chunk=8", {"chunk": 8}),
+        ("chunk=16", {"chunk": 16}),
+    ]
+    for bad in (["block_m=64,32+num_warps=4"], ["block_m=64+block_m=32"], ["block_m=64+num_warps"]):
+        with pytest.raises(SystemExit):
+            knob_sets(bad)
+    with pytest.raises(SystemExit, match="twice"):
+        knob_sets(["block_m=64+num_warps=4", "block_m=64+num_warps=4"])
