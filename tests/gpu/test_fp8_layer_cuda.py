@@ -15,14 +15,35 @@ from symm_mem import EmulatedWorld
 MEDIUM = MoEShape(hidden=1024, ffn=512, num_experts=64, topk=6, max_tokens_per_rank=700, fp8=True)
 
 
-@pytest.mark.parametrize("R,tma", [(1, True), (2, True), (4, True), (8, True), (2, False)])
-def test_fp8_layer_matches_the_fp8_reference(R, tma):
-    """T = 700 per rank (uniform routing), then T = 300 with zipf routing, three calls each;
-    weights by TMA (the default) or by pointers."""
+# two programs an SM, each a warpgroup on 64-row tiles (one rank: programs of ranks sharing a
+# GPU may not outnumber its SMs)
+TWO_PER_SM = dict(block_m=64, num_warps=4, num_stages=2, num_ctas="2 per SM")
+
+
+@pytest.mark.parametrize(
+    "R,knobs",
+    [
+        (1, {}),
+        (2, {}),
+        (4, {}),
+        (8, {}),
+        (2, dict(gemm1_tma=False, down_tma=False)),
+        (1, dict(half_tiles=True)),
+        (2, dict(half_tiles=True)),
+        (1, TWO_PER_SM),
+    ],
+    ids=["R1", "R2", "R4", "R8", "R2-pointers", "R1-half_tiles", "R2-half_tiles", "R1-two_per_sm"],
+)
+def test_fp8_layer_matches_the_fp8_reference(R, knobs):
+    """T = 700 per rank (uniform routing: about 66 rows an expert, so tiles of both halves'
+    heights), then T = 300 with zipf routing, three calls each; weights by TMA (the default) or
+    by pointers, remainder tiles at half height, two programs an SM."""
     seed, E, K = 40 + R, MEDIUM.num_experts, MEDIUM.topk
     w13, w2 = make_w13(MEDIUM, seed, "cuda"), make_w2(MEDIUM, seed, "cuda")
+    if knobs.get("num_ctas") == "2 per SM":
+        knobs = knobs | dict(num_ctas=2 * torch.cuda.get_device_properties(0).multi_processor_count)
     with EmulatedWorld(R, "cuda") as world:
-        config = KernelConfig(gemm1_tma=tma, down_tma=tma)
+        config = KernelConfig(**knobs)
         layer = FusedEPMoE.from_dense(world, MEDIUM, w13, w2, config=config)
         for T, rt in (
             (700, routing.uniform(R, 700, E, K, seed=seed)),
