@@ -78,9 +78,11 @@ def test_fp8_layer_loads_pre_quantised_weights_as_given():
         layer.close()
 
 
-def test_fp8_half_tiles_match_the_fp8_reference():
-    """``half_tiles``: tiles of at most block_m / 2 rows (8 here) run GEMM1 and the down
-    projection at half the height; the routing gives experts tails of both heights."""
+@pytest.mark.parametrize("half_tiles", [None, False])
+def test_fp8_half_tiles_match_the_fp8_reference(half_tiles):
+    """``half_tiles``, on for FP8 unless turned off: tiles of at most block_m / 2 rows (8 here)
+    run GEMM1 and the down projection at half the height (off: every tile at full height);
+    the routing gives experts tails of both heights."""
     R = 2
     rt = routing.uniform(R, [T] * R, SHAPE.num_experts, SHAPE.topk, seed=40)
     rows = torch.bincount(torch.cat(rt.topk_ids).flatten(), minlength=SHAPE.num_experts)
@@ -89,10 +91,19 @@ def test_fp8_half_tiles_match_the_fp8_reference():
     with EmulatedWorld(R) as world:
         layer = FusedEPMoE.from_dense(
             world, SHAPE, make_w13(SHAPE, 3, "cpu"), make_w2(SHAPE, 3, "cpu"),
-            config=config(half_tiles=True),
+            config=config(half_tiles=half_tiles),
         )  # fmt: skip
+        assert layer.workspace.meta("layer").HALF_TILES == (half_tiles is None)
         run_and_check(layer, R, [T] * R, seed=41, rt=rt)
         layer.close()
+
+
+def test_half_tiles_default_to_on_for_fp8_only():
+    assert KernelConfig().for_fp8().half_tiles is True
+    assert KernelConfig(half_tiles=False).for_fp8().half_tiles is False
+    assert KernelConfig().half_tiles is None  # bf16 runs it as off (test_layer.py)
+    with pytest.raises(ValueError, match="half_tiles"):
+        KernelConfig(half_tiles="yes")
 
 
 @pytest.mark.parametrize("tma", [True, False])
