@@ -86,7 +86,9 @@ def tile_dispatch_put(
     out = recv_x_dst + row.to(tl.int64)[:, None] * H
     if FP8:
         scales = recv_scale_dst + row.to(tl.int64)[:, None] * (H // FP8_BLOCK)
-        quantize_copy_rows(src, out, scales, live[:, None], H)
+        # at least one scale group a step (BLOCK_H is a power of two)
+        STEP: tl.constexpr = BLOCK_H if BLOCK_H > FP8_BLOCK else FP8_BLOCK
+        quantize_copy_rows(src, out, scales, live[:, None], H, CHUNK, STEP)
     else:
         copy_rows(src, out, live[:, None], H, BLOCK_H, COPY_STAGES)
 

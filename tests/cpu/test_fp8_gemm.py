@@ -66,16 +66,23 @@ def within_half_a_step(got: torch.Tensor, want: torch.Tensor, scales: torch.Tens
     return bool(((got - want).abs() <= bound * 1.01).all())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_dispatch_quantisation_matches_the_token_group_format(dtype):
+@pytest.mark.parametrize(
+    "dtype,width,step",
+    [(torch.bfloat16, H, 128), (torch.float32, H, 128), (torch.bfloat16, 640, 256)],
+)
+def test_dispatch_quantisation_matches_the_token_group_format(dtype, width, step):
     """Rows quantised on their way out equal ``quantize_token_groups`` (scales bit for bit, values
-    within e4m3's rounding), an all-zero row included."""
+    within e4m3's rounding), an all-zero row included; one scale group a step, or two with the
+    last step half past the row (640 = 2.5 steps of 256)."""
     g = torch.Generator().manual_seed(3)
-    x = (torch.randn(ROWS, H, generator=g) * torch.rand(ROWS, 1, generator=g) * 8).to(dtype)
+    x = (torch.randn(ROWS, width, generator=g) * torch.rand(ROWS, width // 128, generator=g)
+         .repeat_interleave(128, dim=1) * 8).to(dtype)  # fmt: skip
     x[5] = 0.0
-    q = torch.zeros(ROWS, H, dtype=torch.float8_e4m3fn)
-    scales = torch.full((ROWS, H // 128), float("nan"))
-    fp8_quantize_kernel[(triton.cdiv(ROWS, BM),)](x, q, scales, ROWS, H, BM)
+    q = torch.zeros(ROWS, width, dtype=torch.float8_e4m3fn)
+    past = torch.full((ROWS * (width // 128) + 4,), float("nan"))  # 4 past the last row's
+    scales = past[: ROWS * (width // 128)].view(ROWS, width // 128)
+    fp8_quantize_kernel[(triton.cdiv(ROWS, BM),)](x, q, scales, ROWS, width, BM, step)
+    assert past[scales.numel() :].isnan().all(), "a scale past the last row's groups was written"
     want_q, want_scales = quantize_token_groups(x.float())
     torch.testing.assert_close(scales, want_scales, rtol=0, atol=0)
     got = dequantize_token_groups(q, scales)
