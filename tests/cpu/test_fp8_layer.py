@@ -45,14 +45,17 @@ def run_and_check(layer: FusedEPMoE, R: int, counts: list[int], seed: int, rt=No
         assert check_layer_output(outs[r], xs[r], ids[r], w[r], SHAPE, 3, r) == []
 
 
-@pytest.mark.parametrize("R", [1, 2, 4])
-def test_fp8_layer_matches_the_fp8_reference(R):
+@pytest.mark.parametrize("R,block_h", [(1, 64), (2, 64), (4, 64), (2, 256)])
+def test_fp8_layer_matches_the_fp8_reference(R, block_h):
     """Dense bf16 experts quantised by ``from_dense``; uniform routing, then a second call with
-    a rank of no tokens (the double-buffered receive side and scales)."""
+    a rank of no tokens (the double-buffered receive side and scales). The dispatch quantises
+    one 128-column group a step (``block_h`` below 128) or two (256, as the GPU's 1024 takes 8)."""
     with EmulatedWorld(R) as world:
         layer = FusedEPMoE.from_dense(
-            world, SHAPE, make_w13(SHAPE, 3, "cpu"), make_w2(SHAPE, 3, "cpu"), config=config()
-        )
+            world, SHAPE, make_w13(SHAPE, 3, "cpu"), make_w2(SHAPE, 3, "cpu"),
+            config=config(block_h=block_h),
+        )  # fmt: skip
+        assert layer.workspace.meta("layer").BLOCK_H == block_h
         assert layer.w13["0"].dtype == E4M3 and layer.w13_scale["0"].dtype == torch.float32
         run_and_check(layer, R, [T] * R, seed=10)
         run_and_check(layer, R, [T - 5 * r for r in range(R - 1)] + [0], seed=20)
