@@ -15,11 +15,20 @@
 #   profile   megakernel.profile --overhead, dsv3 then qwen3_235b (trace, timeline, summary)
 #   profile32 megakernel.profile, qwen3_235b with 32 dispatch programs
 #   scaling   perf.scaling (this GPU count's point of the scaling plot)
+#   fp8       one GPU: perf.bench_layer --emulate 1 --fp8, dsv3 and qwen3_235b (the FP8 layer
+#             against bf16 in one alternation; also with the dispatch quantising one scale group
+#             a step, block_h=128, and with remainder tiles at full height, half_tiles=False),
+#             then tests/gpu/test_fp8_layer_cuda.py
+#   fp8trace  one GPU: megakernel.profile --fp8 --emulate 1, dsv3 (the FP8 layer's task trace)
+#   peers     one GPU: perf.bench_peers --fp8, dsv3 and qwen3_235b at T = 4096 and 128 (our
+#             layer eager and graphed, bf16 and FP8, Liger-Kernel where installed, torch, the
+#             weight-read bound)
 #
-# No STEP: all of them, in that order. Each step's output goes to $OUT/<step>.log (OUT defaults
-# to perf/results/node_suite), its last lines to the terminal; a failed step does not stop the
-# ones after it, and the exit status is the number of failed steps. Python scripts relaunch
-# themselves under torchrun with the NVSHMEM environment (symm_mem.launch).
+# No STEP: dist to scaling, in that order (the one-GPU steps run when named). Each step's output
+# goes to $OUT/<step>.log (OUT defaults to perf/results/node_suite), its last lines to the
+# terminal; a failed step does not stop the ones after it, and the exit status is the number of
+# failed steps. Python scripts relaunch themselves under torchrun with the NVSHMEM environment
+# (symm_mem.launch).
 #
 # With OUT set, the perf/results files a step writes are copied into $OUT too: on the device
 # machine only $OUT comes back, at most 8 files of it. A step leaves at most 7 there (profile:
@@ -53,8 +62,18 @@ run_step() {
       python3 -m megakernel.profile --preset qwen3_235b --set dispatch_ctas=32 --out "$out"
       ;;
     scaling) python3 -m perf.scaling ;;
+    fp8)
+      python3 -m perf.bench_layer --emulate 1 --presets dsv3 qwen3_235b --fp8 \
+        --fp8-vary block_h=128 half_tiles=False &&
+        python3 -m pytest tests/gpu/test_fp8_layer_cuda.py -q
+      ;;
+    fp8trace)
+      python3 -m megakernel.profile --preset dsv3 --tokens 4096 --emulate 1 --fp8 --out "$out"
+      ;;
+    peers) python3 -m perf.bench_peers --presets dsv3 qwen3_235b --tokens 4096 128 --fp8 ;;
     *)
-      echo "unknown step $1 (dist, dispatch, sweep, layer, profile, profile32, scaling)" >&2
+      echo "unknown step $1 (dist, dispatch, sweep, layer, profile, profile32, scaling, fp8," \
+        "fp8trace, peers)" >&2
       return 2
       ;;
   esac
