@@ -75,8 +75,9 @@ def knob_sets(specs: list[str]) -> list[tuple[str, dict[str, int | str]]]:
         if "+" not in spec:
             out += [(f"{k}={v}", {k: v}) for k, v in knob_values([spec])]
             continue
-        pairs = knob_values(spec.split("+"))
-        if len(pairs) != len(spec.split("+")) or len({k for k, _ in pairs}) != len(pairs):
+        parts = spec.split("+")
+        pairs = knob_values(parts)
+        if len(pairs) != len(parts) or len({k for k, _ in pairs}) != len(pairs):
             raise SystemExit(f"a joined variant takes one value per knob, once: {spec!r}")
         out.append((spec, dict(pairs)))
     labels = [label for label, _ in out]

@@ -112,9 +112,10 @@ def quantize_copy_rows(
     c = tl.arange(0, STEP)[None, :]
     g = tl.arange(0, G)[None, :]
     for h0 in tl.range(0, H, STEP):
-        x = tl.load(src_rows + h0 + c, mask=live & (h0 + c < H), other=0.0).to(tl.float32)
+        in_row = live & (h0 + c < H)
+        x = tl.load(src_rows + h0 + c, mask=in_row, other=0.0).to(tl.float32)
         q, scale = quantize_rows(tl.reshape(x, [N * G, FP8_BLOCK]))
-        tl.store(out_rows + h0 + c, tl.reshape(q, [N, STEP]), mask=live & (h0 + c < H))
+        tl.store(out_rows + h0 + c, tl.reshape(q, [N, STEP]), mask=in_row)
         group = h0 // FP8_BLOCK + g
         tl.store(
             scale_rows + group, tl.reshape(scale, [N, G]), mask=live & (group < H // FP8_BLOCK)
