@@ -100,9 +100,6 @@ class KernelConfig:
     num_stages: int = 3
     num_ctas: int = 0  # programs per rank; 0: the world's SM share (see Megakernel.programs)
     dispatch_ctas: int = 0  # programs that take dispatch tasks first; 0: all of them
-    # compute task ids a program claims at once (one counter round trip per claim_batch tasks;
-    # it runs them in id order, so a claimed task waits only behind lower ids: megakernel.tasks)
-    claim_batch: int = 1
     trace: bool = False  # record every task per program (megakernel.profiler); off: no code
     trace_events: int = 1024  # events each program can record per call
 
@@ -226,7 +223,6 @@ class KernelMeta(NamedTuple):
     BLOCK_H: int  # columns per dispatch copy step
     COPY_STAGES: int  # copy steps loaded ahead
     DISPATCH_CTAS: int  # programs that take dispatch tasks first
-    CLAIM: int  # compute task ids a program claims at once
     # -- GEMM1 (+ SwiGLU)
     BLOCK_M: int  # rows per tile
     BLOCK_N: int  # output columns per GEMM1 task
@@ -280,7 +276,6 @@ _AS_CONFIGURED = dict(
     TRACE="trace",
     TRACE_CAP="trace_events",
     FP8_PROMOTE_K="fp8_promote_k",
-    CLAIM="claim_batch",
 )
 
 

@@ -162,9 +162,7 @@ def moe_megakernel(
     # here or on dispatch / down tasks of peers
     pending_row = state.pending + tl.program_id(0) * M.PENDING_P
     held = tl.full((), -1, tl.int32)  # column group of the pieces in pending_row; -1: none
-    # ids are claimed CLAIM at a time: [q, claimed) are this program's, run in order
-    q = tl.atomic_add(state.counters + COUNTER_COMPUTE, M.CLAIM, sem="relaxed")
-    claimed = q + M.CLAIM
+    q = tl.atomic_add(state.counters + COUNTER_COMPUTE, 1, sem="relaxed")
     while q < g_count + n_count + r_count:
         start = now(M.TRACE)
         waited = tl.zeros((), tl.int64)
@@ -185,13 +183,7 @@ def moe_megakernel(
         n_events = trace_task(
             state.trace, n_events, kind, task, start, waited, M.TRACE, M.TRACE_CAP
         )
-        if M.CLAIM == 1:
-            q = tl.atomic_add(state.counters + COUNTER_COMPUTE, 1, sem="relaxed")
-        else:
-            q += 1
-            if q == claimed:
-                q = tl.atomic_add(state.counters + COUNTER_COMPUTE, M.CLAIM, sem="relaxed")
-                claimed = q + M.CLAIM
+        q = tl.atomic_add(state.counters + COUNTER_COMPUTE, 1, sem="relaxed")
     if M.LAYER:
         if held >= 0:
             publish_pieces(pending_row, peers, held, M)

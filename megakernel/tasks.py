@@ -41,10 +41,7 @@ NOTE (the deadlock-freedom rule): every wait targets a task claimed earlier on t
 task of a peer that the peer claims earlier in the same order and that itself waits only on
 earlier tasks. Programs claim ids from one atomic counter in order (``moe_megakernel``), so
 whatever a claimed task waits on was claimed by a program that is already running: the grid
-cannot deadlock even when not every program is resident. A program that claims several ids at
-once (``KernelConfig.claim_batch``) runs them in id order, so a claimed task not yet started
-waits only behind lower ids of its own program, whose waits the rule covers: the lowest
-unfinished id on a rank is always running. ``combine_order`` keeps the rule when
+cannot deadlock even when not every program is resident. ``combine_order`` keeps the rule when
 it moves a group's reduce tasks among the next group's down tasks: they follow every down task
 of their own group. With ``KernelConfig(pack="scan")`` a tile's column blocks 1.. also wait for
 its block 0 (a lower id of this rank) to copy the token-saving rows into place.

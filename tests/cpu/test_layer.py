@@ -167,22 +167,6 @@ def test_one_launch_mixes_the_reduce_into_the_down_tasks(lag):
         assert problems == []
 
 
-@pytest.mark.parametrize("claim", [2, 3])
-def test_programs_claiming_several_compute_tasks_at_once(claim):
-    """``claim_batch``: a program takes ``claim`` compute ids per trip to the counter and runs
-    them in order. Every id still runs exactly once: in one launch at R = 1 (the first program
-    claims every task, the batches straddling the regions' bounds and the last one past the
-    end) and in the phases of R = 2."""
-    for R in (1, 2):
-        rt = routing.zipf(R, T, SHAPE.num_experts, SHAPE.topk, 1.1, seed=19)
-        placement = Placement.contiguous(SHAPE.num_experts, R)
-        with EmulatedWorld(R) as world:
-            ws = Megakernel(world, SHAPE, config=small_config(claim_batch=claim))
-            assert ws.meta("layer").CLAIM == claim
-            _, problems = run_layer_checked(ws, rt, placement, 20, SHAPE, "cpu", overlap=R == 1)
-            assert problems == []
-
-
 def test_module_back_to_back_with_router_is_deterministic():
     R = 2
     g = torch.Generator().manual_seed(7)
