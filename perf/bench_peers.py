@@ -21,8 +21,12 @@ of ``moe_ref`` (torch's) first:
                           (perf/baseline.py, ``DequantizedBaseline``)
 
 Each round times every implementation once (``--calls`` calls, synchronised at the end), in an
-order that rotates from round to round, so the power cap's drift falls on all of them alike; the
-figure is the median over rounds.
+order that rotates from round to round, each run untimed for about 0.2 s first unless it was the
+one timed last (``perf.timing.time_many``), so that none is timed on the clock the previous
+one's power draw left under the GPU's power cap. (Without the settling, FP8 graph replays came
+out 7% slower than the same layer's eager calls, always timed just before them, on an H100;
+that the clock was the cause is an inference, not measured.) The figure is the median over
+rounds.
 
 The weight-read bound of a point: the bytes of the experts its routing touches (w13 and w2 of
 each, ``3 H I`` elements) over the read bandwidth a large read-only reduction measures on the
@@ -59,18 +63,13 @@ from megakernel.testing import (
 from megakernel.traffic import operand_bytes, rows_per_expert
 from perf.baseline import DequantizedBaseline, baseline_moe, blockwise_grouped_mm_refusal
 from perf.record import write_result
-from perf.timing import wall_us
+from perf.timing import time_many, wall_us
 from symm_mem import EmulatedWorld
 
 IMPLS = ("eager", "graph", "liger", "torch")
 FP8_IMPLS = ("fp8_eager", "fp8_graph", "torch_fp8")
 READ_BYTES = 4 << 30  # the bandwidth probe reads this much
 SEED = 1
-
-
-def rotations(names: list[str], rounds: int) -> list[list[str]]:
-    """The order of each round: ``names`` rotated by the round's index."""
-    return [names[i % len(names) :] + names[: i % len(names)] for i in range(rounds)]
 
 
 def read_bandwidth() -> float:
@@ -230,12 +229,9 @@ def captured_call(layer: FusedEPMoE, x, ids, w):
 def bench_point(case: PresetCase, T: int, bandwidth: float, args) -> dict:
     calls, rows = case.calls(T)
     names = [impl for impl in IMPLS + FP8_IMPLS if impl in calls]
-    times: dict[str, list[float]] = {impl: [] for impl in names}
-    for order in rotations(names, args.rounds):
-        for impl in order:
-            times[impl].append(wall_us(calls[impl], args.calls))
+    timed = time_many({i: calls[i] for i in names}, args.rounds, args.calls, timer=wall_us)
     case.layer.check_errors()
-    row = {"preset": case.name, "T": T, **{f"{i}_us": statistics.median(times[i]) for i in names}}
+    row = {"preset": case.name, "T": T, **{f"{i}_us": timed[i]["median"] for i in names}}
     loads = operand_bytes(rows, case.shape, case.layer.workspace.config)
     row["bound_us"] = loads.weights / bandwidth * 1e6
     row["graph_over_bound"] = row["graph_us"] / row["bound_us"]

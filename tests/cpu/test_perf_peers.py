@@ -1,4 +1,4 @@
-"""perf.bench_peers' bookkeeping, on CPU: the rotating order, the rows per expert, and the
+"""perf.bench_peers' bookkeeping, on CPU: the rows per expert, and the
 operand loads it reports (``megakernel.traffic.rows_per_expert``, ``operand_bytes``)."""
 
 from dataclasses import replace
@@ -11,16 +11,6 @@ from megakernel.reference import moe_ref
 from megakernel.shapes import MoEShape
 from megakernel.traffic import operand_bytes, rows_per_expert
 from perf.baseline import DequantizedBaseline
-from perf.bench_peers import rotations
-
-
-def test_each_round_rotates_the_order_so_every_implementation_leads_in_turn():
-    order = rotations(["eager", "graph", "liger", "torch"], 5)
-    assert order[0] == ["eager", "graph", "liger", "torch"]
-    assert order[1] == ["graph", "liger", "torch", "eager"]
-    assert order[4] == order[0]
-    assert [o[0] for o in order[:4]] == ["eager", "graph", "liger", "torch"]
-    assert all(sorted(o) == sorted(order[0]) for o in order)
 
 
 def test_rows_per_expert_skip_dropped_slots():
