@@ -369,15 +369,24 @@ class Megakernel:
             w2_scale=scales[1] if shape.fp8 else None,
         )
 
-    def warmup(self, mode: str = "gemm", probe: int = 0) -> None:
-        """Compile and load the plan kernels and the megakernel before anything spins."""
+    def warmup(self, mode: str = "gemm", probe: int = 0, inputs: CallInputs | None = None) -> None:
+        """Compile and load the plan kernels and the megakernel before anything spins, for
+        ``inputs`` (the first local rank's, as a call passes them) or, without them, for dummy
+        inputs of the layer's shape.
+
+        NOTE: a call compiles with its own inputs: dummy weights are as large as the real ones
+        (a transient second copy of the experts), and allocated while the caller captures a
+        CUDA graph they would stay in the graph's memory pool."""
         if (mode, probe) in self._kernel.compiled or self.world.device.type != "cuda":
             return
         self.plan_ws.warmup()
         r = self.world.local_ranks[0]
-        args = self.kernel_args(r, self._dummy_inputs(), self.meta(mode, probe), 0, 0)
+        dummy = inputs is None
+        args = self.kernel_args(r, self._dummy_inputs() if dummy else inputs,
+                                self.meta(mode, probe), 0, 0)  # fmt: skip
         self._kernel.compile((mode, probe), args, **self._options)
-        self._descriptors.clear()  # only the dummy weights' are there
+        if dummy:
+            self._descriptors.clear()  # only the dummy weights' are there
 
     # -- a call ---------------------------------------------------------------------------
 
@@ -508,7 +517,7 @@ class Megakernel:
             for r in ranks
         }
         ready = {r: self._prepare(r, given[r], mode, validate) for r in ranks}
-        self.warmup(mode, probe)
+        self.warmup(mode, probe, ready[ranks[0]])
         rerun = stage in ("sends", "tiles", "compute")
         if not rerun:
             rounds = self.meta(mode, probe).ROUNDS

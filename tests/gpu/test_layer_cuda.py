@@ -169,6 +169,44 @@ def test_module_back_to_back_graph_and_repeatability():
         layer.close()
 
 
+@pytest.mark.parametrize("captured", [False, True])
+def test_first_call_compiles_for_its_own_inputs(captured):
+    """A layer's first call compiles the megakernel for its own inputs, with no stand-in copy of
+    the experts: its peak memory stays far under one rank's weights, whether it runs eagerly or
+    is captured in a CUDA graph before any eager call (a stand-in allocated there stayed in the
+    graph's memory pool, and its zero fill replayed with the graph). The captured call's replays
+    are checked."""
+    R, T, seed = 2, 300, 9
+    w13, w2 = make_w13(MEDIUM, seed, "cuda"), make_w2(MEDIUM, seed, "cuda")
+    rank_weights = (w13.numel() + w2.numel()) * w13.element_size() // R
+    xs = make_tokens(MEDIUM, [T] * R, 40, "cuda")
+    rt = routing.uniform(R, T, MEDIUM.num_experts, MEDIUM.topk, seed=41).to("cuda")
+    args = dict(enumerate(xs)), dict(enumerate(rt.topk_ids)), dict(enumerate(rt.topk_weights))
+    with EmulatedWorld(R, "cuda") as world:
+        layer = FusedEPMoE.from_dense(world, MEDIUM, w13, w2, graphs=False)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        if captured:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outs = layer(*args)
+            graph.replay()
+            graph.replay()
+        else:
+            outs = layer(*args)
+        torch.cuda.synchronize()
+        grown = torch.cuda.max_memory_allocated() - before
+        assert grown < rank_weights // 4, (
+            f"first call took {grown} bytes, a rank's experts {rank_weights}"
+        )
+        layer.check_errors()
+        for r in range(R):
+            want = layer_ref(xs[r], rt.topk_ids[r], rt.topk_weights[r], MEDIUM, seed)
+            assert compare_layer_output(outs[r], want, MEDIUM.dtype, r) == []
+        layer.close()
+
+
 BIG_GPU = torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory > 120e9
 
 
