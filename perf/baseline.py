@@ -121,3 +121,59 @@ class DequantizedBaseline:
             blocks.mul_(scale[:, :, None, :, None])
         x = fp8_roundtrip(x).to(x.dtype)
         return baseline_moe(x, topk_ids, topk_weights, self.dense13, self.dense2, self.shape, 1)
+
+
+class ScaledMMBaseline:
+    """The FP8 layer in plain PyTorch with FP8 GEMMs, one rank (``MoEShape.fp8``): per expert,
+    its rows gathered, quantised per 128 columns (``megakernel.fp8``), and ``torch._scaled_mm``
+    with DeepSeek-V3's scaling (1 x 128 token groups, 128 x 128 weight blocks: cuBLASLt >= 12.9
+    on Hopper), bf16 out; SwiGLU in fp32, quantised again for the down projection; the rows'
+    outputs weighted and summed per token. One expert after another, the row counts through the
+    host, as a plain PyTorch loop over experts runs.
+
+    ``_scaled_mm`` takes the token scales ``[M, K/128]`` with M innermost and the weight scales
+    as ``[K/128, N/128]`` with K/128 innermost and a multiple of 4: the checkpoint's
+    ``[N/128, K/128]`` transposed, as it is where K is a multiple of 512."""
+
+    def __init__(self, shape: MoEShape, w13, w2) -> None:
+        """``w13`` / ``w2``: (e4m3 weights, fp32 block scales) of every expert."""
+        from megakernel.fp8 import BLOCK
+
+        for name, (q, _) in (("w13", w13), ("w2", w2)):
+            if q.shape[-1] % (4 * BLOCK):
+                raise ValueError(
+                    f"torch._scaled_mm's 128 x 128 weight scales need K / 128 a multiple of 4: "
+                    f"{name} has K = {q.shape[-1]}"
+                )
+        self.shape, self.w13, self.w2 = shape, w13, w2
+
+    def __call__(self, x, topk_ids, topk_weights) -> torch.Tensor:
+        from megakernel.fp8 import quantize_token_groups
+
+        T, K = topk_ids.shape
+        E, H, I = self.shape.num_experts, self.shape.hidden, self.shape.ffn
+        flat = topk_ids.reshape(-1).long()
+        order = torch.argsort(torch.where(flat >= 0, flat, E), stable=True)  # expert-major
+        counts = torch.bincount(flat[flat >= 0], minlength=E).tolist()
+        xq, xs = quantize_token_groups(x)
+        per_slot = torch.zeros(T * K, H, dtype=x.dtype, device=x.device)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            slots = order[start : start + n]
+            h = _scaled_mm(xq[slots // K], xs[slots // K], *(w[e] for w in self.w13))
+            act = F.silu(h[:, :I].float()) * h[:, I:].float()
+            y = _scaled_mm(*quantize_token_groups(act), *(w[e] for w in self.w2))
+            per_slot[slots] = y.to(x.dtype)
+            start += n
+        weighted = per_slot.view(T, K, H).float() * topk_weights.float().unsqueeze(2)
+        return weighted.sum(1).to(x.dtype)
+
+
+def _scaled_mm(a, a_scale, w, w_scale) -> torch.Tensor:
+    """bf16 ``a @ w^T`` from e4m3 ``a [M, K]`` with ``a_scale [M, K/128]`` and e4m3 ``w [N, K]``
+    with ``w_scale [N/128, K/128]``, in the layouts ``torch._scaled_mm`` takes them."""
+    return torch._scaled_mm(
+        a, w.t(), a_scale.t().contiguous().t(), w_scale.t(), out_dtype=torch.bfloat16
+    )

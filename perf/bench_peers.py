@@ -12,13 +12,16 @@ checked against ``moe_ref`` (fp32) first:
           shape where Triton's cache is cold); skipped where liger_kernel is not installed
   torch   the unfused baseline (perf/baseline.py: permute, ``torch._grouped_mm``, SwiGLU, back)
 
-With ``--fp8`` three more, on the same experts quantised to e4m3 with 128 x 128 block scales
+With ``--fp8`` four more, on the same experts quantised to e4m3 with 128 x 128 block scales
 (``MoEShape.fp8``), each checked against ``moe_fp8_ref`` (ours) or within ``FP8_DENSE_ERROR``
 of ``moe_ref`` (torch's) first:
 
   fp8_eager / fp8_graph   the FP8 ``FusedEPMoE``, called and replayed as above
   torch_fp8               the weights dequantised every call, then the unfused baseline
                           (perf/baseline.py, ``DequantizedBaseline``)
+  scaled_mm               FP8 GEMMs in PyTorch: per expert, ``torch._scaled_mm`` with the
+                          same block scales (perf/baseline.py, ``ScaledMMBaseline``); left out,
+                          with PyTorch's reason printed, where this build refuses the scaling
 
 Each round times every implementation once (``--calls`` calls, synchronised at the end), in an
 order that rotates from round to round, each run untimed for about 0.2 s first unless it was the
@@ -61,13 +64,19 @@ from megakernel.testing import (
     make_tokens,
 )
 from megakernel.traffic import operand_bytes, rows_per_expert
-from perf.baseline import DequantizedBaseline, baseline_moe, blockwise_grouped_mm_refusal
+from perf.baseline import (
+    DequantizedBaseline,
+    ScaledMMBaseline,
+    baseline_moe,
+    blockwise_grouped_mm_refusal,
+)
 from perf.record import write_result
 from perf.timing import time_many, wall_us
 from symm_mem import EmulatedWorld
 
 IMPLS = ("eager", "graph", "liger", "torch")
-FP8_IMPLS = ("fp8_eager", "fp8_graph", "torch_fp8")
+FP8_IMPLS = ("fp8_eager", "fp8_graph", "torch_fp8", "scaled_mm")
+FP8_LABELS = dict(fp8_eager="fp8_eag", fp8_graph="fp8_gra", torch_fp8="deq+mm", scaled_mm="scal_mm")
 READ_BYTES = 4 << 30  # the bandwidth probe reads this much
 SEED = 1
 
@@ -146,7 +155,7 @@ class PresetCase:
         self.w2 = local_w2(self.shape, self.placement, 0, SEED, "cuda")
         self.layer = FusedEPMoE(world, self.shape, {0: self.w13}, {0: self.w2},
                                 placement=self.placement)  # fmt: skip
-        self.fp8_layer = self.fp8_torch = None
+        self.fp8_layer = self.fp8_torch = self.fp8_mm = None
         if fp8:
             self.fp8_shape = replace(self.shape, fp8=True)
             q13, q2 = quantize_experts(self.w13), quantize_experts(self.w2)
@@ -155,6 +164,11 @@ class PresetCase:
                 w2_scale={0: q2[1]}, placement=self.placement,
             )  # fmt: skip
             self.fp8_torch = DequantizedBaseline(self.fp8_shape, q13, q2)
+            try:
+                self.fp8_mm = ScaledMMBaseline(self.fp8_shape, q13, q2)
+            except ValueError as refusal:
+                self.fp8_mm = None
+                print(f"{name}: scaled_mm left out: {refusal}")
         if liger is not None:  # Liger tunes on a shape's first call: at the sweep's largest T
             x, ids, w = self.inputs(max_tokens)
             liger(x, self.w13, self.w2, ids, w)
@@ -197,10 +211,20 @@ class PresetCase:
         calls["fp8_graph"], out = captured_call(layer, x, ids, w)
         self.check(f"T={T} fp8_graph", check_layer_output(out, x, ids, w, shape, SEED, 0))
         calls["torch_fp8"] = lambda: self.fp8_torch(x, ids, w)
-        got = calls["torch_fp8"]().float()
-        error = ((got - want).norm() / want.norm()).item()
-        if not error <= FP8_DENSE_ERROR:
-            self.check(f"T={T} torch_fp8", [f"{error:.3g} from moe_ref (norm-relative)"])
+        if self.fp8_mm is not None:
+            calls["scaled_mm"] = lambda: self.fp8_mm(x, ids, w)
+        for impl in [i for i in ("torch_fp8", "scaled_mm") if i in calls]:
+            try:
+                got = calls[impl]().float()
+            except (RuntimeError, NotImplementedError, ValueError) as refusal:
+                if impl != "scaled_mm":
+                    raise
+                print(f"scaled_mm left out: {type(refusal).__name__}: {str(refusal)[:200]}")
+                del calls[impl]
+                continue
+            error = ((got - want).norm() / want.norm()).item()
+            if not error <= FP8_DENSE_ERROR:
+                self.check(f"T={T} {impl}", [f"{error:.3g} from moe_ref (norm-relative)"])
         return calls
 
     def check(self, what: str, problems: list[str]) -> None:
@@ -260,7 +284,7 @@ def table_row(r: dict) -> str:
         f"{r['streamed_bytes'] / 1e9:6.1f} {r['streamed_Bps'] / 1e12:5.2f}"
     )
     if "fp8_graph_us" in r:
-        line += " " + " ".join(f"{r[i + '_us']:9.1f}" for i in FP8_IMPLS)
+        line += " " + " ".join(f"{r.get(i + '_us', float('nan')):9.1f}" for i in FP8_IMPLS)
         fp8 = r["fp8_graph_us"]
         ratios = (r["graph_over_fp8_graph"], r["fp8_eager_us"] / fp8, fp8 / r["fp8_bound_us"])
         line += f" {ratios[0]:8.2f} {ratios[1]:5.2f} {ratios[2]:7.2f}"
@@ -274,7 +298,7 @@ def header(bandwidth: float, fp8: bool) -> str:
     head += f" {'e/g':>5} {'liger/e':>7} {'liger/g':>7} {'bound us':>8} {'g/bound':>7}"
     head += f" {'GB':>6} {'TB/s':>5}"  # the tasks' operand loads and their rate at the graph time
     if fp8:  # bf16 graph over FP8 graph, FP8 eager over graph, FP8 graph over its weight bound
-        head += " " + " ".join(f"{i[:7] + ' us':>9}" for i in FP8_IMPLS)
+        head += " " + " ".join(f"{FP8_LABELS[i] + ' us':>9}" for i in FP8_IMPLS)
         head += f" {'bf16/fp8':>8} {'e/g':>5} {'g/bound':>7} {'GB':>6} {'TB/s':>5}"
     title = f"one rank holding every expert, {gpu}, read bandwidth {bandwidth / 1e9:.0f} GB/s"
     return f"{title}\n{head}"

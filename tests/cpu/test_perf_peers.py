@@ -3,14 +3,22 @@ operand loads it reports (``megakernel.traffic.rows_per_expert``, ``operand_byte
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from megakernel import KernelConfig
-from megakernel.fp8 import FP8_DENSE_ERROR, dequantize_weight_blocks, quantize_experts
+from megakernel.fp8 import (
+    FP8_DENSE_ERROR,
+    dequantize_token_groups,
+    dequantize_weight_blocks,
+    moe_fp8_ref,
+    quantize_experts,
+)
 from megakernel.reference import moe_ref
 from megakernel.shapes import MoEShape
 from megakernel.traffic import operand_bytes, rows_per_expert
-from perf.baseline import DequantizedBaseline
+from perf import baseline
+from perf.baseline import DequantizedBaseline, ScaledMMBaseline
 
 
 def test_rows_per_expert_skip_dropped_slots():
@@ -72,3 +80,33 @@ def test_the_torch_fp8_baseline_dequantises_as_the_reference_does():
     want = moe_ref(x.float(), ids, weights, w13.float(), w2.float())
     error = ((out.float() - want).norm() / want.norm()).item()
     assert error <= FP8_DENSE_ERROR, error
+
+
+def _dequantized_mm(a, a_scale, w, w_scale):
+    """The product ``perf.baseline._scaled_mm`` asks ``torch._scaled_mm`` for, of the
+    dequantised operands in fp32 and left in fp32 (the GPU's is rounded to bf16): the CPU build
+    has no block-scaled FP8 GEMM."""
+    return dequantize_token_groups(a, a_scale) @ dequantize_weight_blocks(w, w_scale).t()
+
+
+def test_the_scaled_mm_baseline_runs_the_fp8_layer(monkeypatch):
+    """``ScaledMMBaseline`` (bench_peers' scaled_mm) routes, quantises and sums as the FP8 path
+    does: with the GEMMs in fp32 (the GPU's ``torch._scaled_mm`` is checked by the benchmark),
+    within the rows' bf16 roundings of ``moe_fp8_ref``, dropped slots and an expert nobody
+    picks included."""
+    monkeypatch.setattr(baseline, "_scaled_mm", _dequantized_mm)
+    E, H, I, K, T = 5, 512, 512, 2, 24
+    shape = replace(MoEShape(H, I, E, K, T), fp8=True)
+    gen = torch.Generator().manual_seed(4)
+    w13 = (0.02 * torch.randn(E, 2 * I, H, generator=gen)).to(torch.bfloat16)
+    w2 = (0.02 * torch.randn(E, H, I, generator=gen)).to(torch.bfloat16)
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(T)]).int()
+    ids[3, 1] = ids[10, 0] = -1  # dropped; expert E - 1 unpicked
+    weights = torch.rand(T, K, generator=gen)
+    q13, q2 = quantize_experts(w13), quantize_experts(w2)
+    out = ScaledMMBaseline(shape, q13, q2)(x, ids, weights)
+    want = moe_fp8_ref(x, ids, weights, q13, q2)
+    assert ((out.float() - want).norm() / want.norm()).item() < 4e-3
+    with pytest.raises(ValueError, match="multiple of 4"):
+        ScaledMMBaseline(shape, quantize_experts(w13[:, :, :256]), q2)
