@@ -123,6 +123,9 @@ class DequantizedBaseline:
         return baseline_moe(x, topk_ids, topk_weights, self.dense13, self.dense2, self.shape, 1)
 
 
+SCALED_MM_ROWS = 16  # ScaledMMBaseline's GEMMs take rows in multiples of this (see _scaled_mm)
+
+
 class ScaledMMBaseline:
     """The FP8 layer in plain PyTorch with FP8 GEMMs, one rank (``MoEShape.fp8``): per expert,
     its rows gathered, quantised per 128 columns (``megakernel.fp8``), and ``torch._scaled_mm``
@@ -173,7 +176,15 @@ class ScaledMMBaseline:
 
 def _scaled_mm(a, a_scale, w, w_scale) -> torch.Tensor:
     """bf16 ``a @ w^T`` from e4m3 ``a [M, K]`` with ``a_scale [M, K/128]`` and e4m3 ``w [N, K]``
-    with ``w_scale [N/128, K/128]``, in the layouts ``torch._scaled_mm`` takes them."""
-    return torch._scaled_mm(
+    with ``w_scale [N/128, K/128]``, in the layouts ``torch._scaled_mm`` takes them. M is padded
+    to a multiple of ``SCALED_MM_ROWS`` (zero rows, unit scales; cuBLASLt found no algorithm
+    for other row counts on an H100) and the padding sliced off."""
+    M = a.shape[0]
+    pad = -M % SCALED_MM_ROWS
+    if pad:
+        a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
+        a_scale = torch.cat([a_scale, a_scale.new_ones(pad, a_scale.shape[1])])
+    out = torch._scaled_mm(
         a, w.t(), a_scale.t().contiguous().t(), w_scale.t(), out_dtype=torch.bfloat16
     )
+    return out[:M]
