@@ -172,8 +172,8 @@ def moe_megakernel(
         task = M.MAX_DISPATCH + g_lo + q
         if q < g_count:
             waited = gemm1_task(
-                g_lo + q, num_tiles, w13_ptr, w13_desc, act_ptr, scales, plan, mine, state, rank,
-                epoch, deadline, M,
+                g_lo + q, w13_ptr, w13_desc, act_ptr, scales, plan, mine, state, rank, epoch,
+                deadline, M,
             )  # fmt: skip
         elif M.LAYER:
             waited, kind, task, held = _combine_step(

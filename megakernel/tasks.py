@@ -15,11 +15,12 @@ Task ids of one call, in claim order (``KernelMeta`` holds the region bounds):
                 (the plan's dispatch table)         (``ops.dispatch``); the group's last task
                                                     raises ``expert_ready`` on the destination.
                                                     Waits on nothing.
-  GEMM1         ``[MAX_DISPATCH, BASE_DOWN)``       GEMM1 + SwiGLU of one (tile, column block)
-  (RESOLVE in   one per (tile, column block),       (``ops.gemm``); the tile's last block raises
-  mode          tile groups column-block major      ``act_ready[tile]``. Waits on
-  "dispatch")   (gemm1_coords)                      ``expert_ready`` of its rows' sources:
-                                                    raised by DISPATCH tasks, here or on peers.
+  GEMM1         ``[MAX_DISPATCH, BASE_DOWN)``       tile ``j // GEMM1_BLOCKS``, column block
+  (RESOLVE in   one per (tile, column block)        ``j % GEMM1_BLOCKS``: GEMM1 + SwiGLU
+  mode                                              (``ops.gemm``); the tile's last block raises
+  "dispatch")                                       ``act_ready[tile]``. Waits on
+                                                    ``expert_ready`` of its rows' sources: raised
+                                                    by DISPATCH tasks, here or on peers.
   DOWN          ``[BASE_DOWN, BASE_REDUCE)``        down projection of one (tile, column block of
                 column-group major (down_coords)    H) and the combine put to the rows' source
                                                     ranks (``ops.gemm``, ``ops.combine``). Waits
@@ -150,21 +151,6 @@ def share(task_begin, task_end, base, active):
     lo = tl.minimum(tl.maximum(task_begin - base, 0), active)
     hi = tl.minimum(tl.maximum(task_end - base, 0), active)
     return lo, hi - lo
-
-
-@triton.jit
-def gemm1_coords(j, num_tiles, GROUP: tl.constexpr, NB: tl.constexpr):
-    """GEMM1 task ``j`` -> (tile, column block); ``NB`` column blocks per tile. Tiles go in
-    groups of ``GROUP`` (the last may have fewer), and a group's tasks run column block major:
-    block 0 of each of its tiles, then block 1, ... (``KernelConfig.gemm1_group``). A tile's
-    block 0 still precedes its other blocks, which may wait on it (``pack="scan"``)."""
-    if GROUP == 1:
-        tile = j // NB
-        return tile, j - tile * NB
-    first = j // (GROUP * NB) * GROUP  # the group's first tile
-    m = tl.minimum(GROUP, num_tiles - first)  # tiles in the group
-    w = j - first * NB
-    return first + w % m, w // m
 
 
 @triton.jit

@@ -27,7 +27,6 @@ from megakernel.tasks import (
     FLAG_ROWS_RESOLVED,
     PROBE_COMM,
     PROBE_COMPUTE,
-    gemm1_coords,
 )
 from symm_mem.device import INTERPRET, globaltimer, wait_flag, wait_flags
 
@@ -206,17 +205,16 @@ def _wait_tile_rows(j, tile, local, plan, mine, state, rank, epoch, deadline, M:
 
 @triton.jit
 def gemm1_task(
-    j, num_tiles, w13_ptr, w13_desc, act_ptr, scales, plan, mine, state, rank, epoch, deadline,
+    j, w13_ptr, w13_desc, act_ptr, scales, plan, mine, state, rank, epoch, deadline,
     M: tl.constexpr,
 ):  # fmt: skip
-    """GEMM1 task ``j`` (of ``num_tiles`` tiles' tasks; ``gemm1_coords`` names its tile and
-    column block): wait for its tile's rows, then GEMM its column block (or, in mode "dispatch",
-    resolve the tile's rows). In the layer, the tile's last column block out publishes
-    ``act_ready[tile] = epoch``. Without ``GATHER_A`` (and with token saving) column block 0
-    first resolves the tile's rows in place and publishes ``resolved[tile] = epoch``, which the
-    tile's other blocks (higher ids on this rank) wait for. Returns the nanoseconds it waited
-    (with TRACE; else 0)."""
-    tile, n_block = gemm1_coords(j, num_tiles, M.GEMM1_GROUP, M.GEMM1_BLOCKS)
+    """GEMM1 task ``j``: wait for its tile's rows, then GEMM column block ``j % GEMM1_BLOCKS``
+    (or, in mode "dispatch", resolve the tile's rows). In the layer, the tile's last column block
+    out publishes ``act_ready[tile] = epoch``. Without ``GATHER_A`` (and with token saving)
+    column block 0 first resolves the tile's rows in place and publishes ``resolved[tile] =
+    epoch``, which the tile's other blocks (higher ids on this rank) wait for. Returns the
+    nanoseconds it waited (with TRACE; else 0)."""
+    tile = j // M.GEMM1_BLOCKS
     row = plan.tiles + tile * TILE_COLS
     local = tl.load(row)
     row0 = tl.load(row + 1)
@@ -233,7 +231,7 @@ def gemm1_task(
     if arrived:
         if M.GEMM and M.TOKEN_SAVING and not M.GATHER_A:
             # rows that take their data from the token's first slot get a copy of it first
-            if n_block == 0:
+            if j % M.GEMM1_BLOCKS == 0:
                 tile_resolve_rows(recv_x, recv_src, row0, rows, M.H, M.CHUNK, M.BLOCK_H, M.BLOCK_M)
                 tl.debug_barrier()  # every thread's copies before the release
                 value = tl.cast(epoch, tl.int64)
@@ -253,13 +251,13 @@ def gemm1_task(
             if M.PROBE != PROBE_COMM:
                 if M.HALF_TILES and rows <= M.BLOCK_M // 2:
                     _gemm1_tile(
-                        n_block, w13_ptr, w13_desc, act_ptr, scales, mine, recv_x, recv_src,
-                        local, row0, rows, parity, M, M.BLOCK_M // 2,
+                        j, w13_ptr, w13_desc, act_ptr, scales, mine, recv_x, recv_src, local, row0,
+                        rows, parity, M, M.BLOCK_M // 2,
                     )  # fmt: skip
                 else:
                     _gemm1_tile(
-                        n_block, w13_ptr, w13_desc, act_ptr, scales, mine, recv_x, recv_src,
-                        local, row0, rows, parity, M, M.BLOCK_M,
+                        j, w13_ptr, w13_desc, act_ptr, scales, mine, recv_x, recv_src, local, row0,
+                        rows, parity, M, M.BLOCK_M,
                     )  # fmt: skip
             if M.LAYER:
                 _publish_activations(tile, state, epoch, M)
@@ -270,20 +268,20 @@ def gemm1_task(
 
 @triton.jit
 def _gemm1_tile(
-    n_block, w13_ptr, w13_desc, act_ptr, scales, mine, recv_x, recv_src, local, row0, rows,
-    parity, M: tl.constexpr, BLOCK_M: tl.constexpr,
+    j, w13_ptr, w13_desc, act_ptr, scales, mine, recv_x, recv_src, local, row0, rows, parity,
+    M: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """GEMM1 column block ``n_block`` of a tile, ``BLOCK_M`` rows high (``rows`` of them
-    live)."""
+    """GEMM1 column block ``j % GEMM1_BLOCKS`` of a tile, ``BLOCK_M`` rows high (``rows`` of
+    them live)."""
     if M.FP8:
         x_scale = mine.recv_scale + parity * (M.C * M.H // FP8_BLOCK)
         tile_gemm1_fp8(
             recv_x, x_scale, recv_src, w13_ptr, scales.w13, act_ptr, scales.act, local, row0,
-            rows, n_block, M.H, M.I, BLOCK_M, w13_desc, M.GEMM1_TMA, M.FP8_PROMOTE_K,
+            rows, j % M.GEMM1_BLOCKS, M.H, M.I, BLOCK_M, w13_desc, M.GEMM1_TMA, M.FP8_PROMOTE_K,
         )  # fmt: skip
     else:
         tile_expert_gemm(
-            recv_x, recv_src, w13_ptr, w13_desc, act_ptr, local, row0, rows, n_block,
+            recv_x, recv_src, w13_ptr, w13_desc, act_ptr, local, row0, rows, j % M.GEMM1_BLOCKS,
             M.H, M.I, BLOCK_M, M.BLOCK_N, M.BLOCK_K, M.SWIGLU, M.GATHER_A, M.GEMM1_TMA, M.PAIRS,
         )  # fmt: skip
 

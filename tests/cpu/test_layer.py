@@ -18,7 +18,7 @@ import triton.language as tl
 from megakernel import FusedEPMoE, KernelConfig, Megakernel, TopKRouter, routing
 from megakernel.placement import Placement
 from megakernel.shapes import PRESETS, MoEShape
-from megakernel.tasks import combine_order, down_coords, gemm1_coords
+from megakernel.tasks import combine_order, down_coords
 from megakernel.testing import (
     check_calls,
     check_layer_output,
@@ -95,16 +95,12 @@ def test_layer_top1_one_expert_per_rank_fp16_switches_off():
         layer_call(ws, rt, placement, seed=6, shape=shape)
 
 
-@pytest.mark.parametrize("group", [1, 3])
-def test_layer_pack_scan(group):
-    """pack="scan" (a tile's column blocks 1.. wait for block 0's copies), with GEMM1's tasks
-    tile by tile and (``gemm1_group=3``) column block major over three tiles."""
+def test_layer_pack_scan():
     R = 2
     rt = routing.hot_expert(R, T, SHAPE.num_experts, SHAPE.topk, 0.5, seed=8)
     placement = Placement.contiguous(SHAPE.num_experts, R)
     with EmulatedWorld(R) as world:
-        ws = Megakernel(world, SHAPE, config=small_config(pack="scan", gemm1_group=group))
-        assert ws.meta("layer").GEMM1_GROUP == group
+        ws = Megakernel(world, SHAPE, config=small_config(pack="scan"))
         layer_call(ws, rt, placement, seed=9, shape=SHAPE, split=True)
 
 
@@ -464,32 +460,6 @@ def test_down_and_reduce_order(num_tiles, nrb, GB, NB2, lag):
         following = downs_of.get(g + 1, [])
         assert sum(q < p for q in following) >= min(lag, len(following))
     assert [r[1] for _, r in red] == sorted(r[1] for _, r in red), "reduce tasks in id order"
-
-
-@triton.jit
-def _gemm1_order_kernel(
-    out_ptr, n, num_tiles, GROUP: tl.constexpr, NB: tl.constexpr, NP: tl.constexpr
-):
-    j = tl.arange(0, NP)
-    tile, n_block = gemm1_coords(j, num_tiles, GROUP, NB)
-    tl.store(out_ptr + j * 2, tile, mask=j < n)
-    tl.store(out_ptr + j * 2 + 1, n_block, mask=j < n)
-
-
-@pytest.mark.parametrize("GROUP", [1, 2, 3, 8])
-@pytest.mark.parametrize("num_tiles, NB", [(7, 3), (1, 4), (8, 1), (5, 16)])
-def test_gemm1_order(num_tiles, NB, GROUP):
-    """``gemm1_coords`` visits every (tile, column block) once; tiles go in groups of GROUP (the
-    last one shorter), a group's tasks column block by column block, its tiles in order within
-    a block, so a tile's block 0 precedes its other blocks; GROUP 1 is tile-major."""
-    n = num_tiles * NB
-    out = torch.full((n, 2), -1, dtype=torch.int32)
-    _gemm1_order_kernel[(1,)](out, n, num_tiles, GROUP, NB, triton.next_power_of_2(n))
-    want = []
-    for first in range(0, num_tiles, GROUP):
-        group = range(first, min(first + GROUP, num_tiles))
-        want += [(t, c) for c in range(NB) for t in group]
-    assert [tuple(r) for r in out.tolist()] == want
 
 
 def plant_bad_ids(rt: routing.Routing, rank: int) -> tuple[routing.Routing, routing.Routing]:
