@@ -123,7 +123,7 @@ class DequantizedBaseline:
         return baseline_moe(x, topk_ids, topk_weights, self.dense13, self.dense2, self.shape, 1)
 
 
-SCALED_MM_ROWS = 16  # ScaledMMBaseline's GEMMs take rows in multiples of this (see _scaled_mm)
+SCALED_MM_ROWS = 4  # ScaledMMBaseline's GEMMs take rows in multiples of this (see _scaled_mm)
 
 
 class ScaledMMBaseline:
@@ -177,8 +177,9 @@ class ScaledMMBaseline:
 def _scaled_mm(a, a_scale, w, w_scale) -> torch.Tensor:
     """bf16 ``a @ w^T`` from e4m3 ``a [M, K]`` with ``a_scale [M, K/128]`` and e4m3 ``w [N, K]``
     with ``w_scale [N/128, K/128]``, in the layouts ``torch._scaled_mm`` takes them. M is padded
-    to a multiple of ``SCALED_MM_ROWS`` (zero rows, unit scales; cuBLASLt found no algorithm
-    for other row counts on an H100) and the padding sliced off."""
+    to a multiple of ``SCALED_MM_ROWS`` (zero rows, unit scales) and the padding sliced off:
+    on an H100 (torch 2.11, CUDA 13) cuBLASLt found no algorithm for 1 or 117 rows
+    (``CUBLAS_STATUS_NOT_SUPPORTED``), and ran 4, 8, 16, 120, 124 and 128."""
     M = a.shape[0]
     pad = -M % SCALED_MM_ROWS
     if pad:

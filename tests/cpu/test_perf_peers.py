@@ -82,11 +82,14 @@ def test_the_torch_fp8_baseline_dequantises_as_the_reference_does():
     assert error <= FP8_DENSE_ERROR, error
 
 
-def _dequantized_mm(a, a_scale, w, w_scale):
-    """The product ``perf.baseline._scaled_mm`` asks ``torch._scaled_mm`` for, of the
-    dequantised operands in fp32 and left in fp32 (the GPU's is rounded to bf16): the CPU build
-    has no block-scaled FP8 GEMM."""
-    return dequantize_token_groups(a, a_scale) @ dequantize_weight_blocks(w, w_scale).t()
+def _dequantized_scaled_mm(a, b, scale_a, scale_b, out_dtype):
+    """``torch._scaled_mm`` with DeepSeek-V3's scaling as cuBLASLt takes it (rows in multiples of
+    ``SCALED_MM_ROWS``, both scales with their first dimension innermost), computed from the
+    dequantised operands in fp32 and left in fp32 (the GPU's is ``out_dtype``): the CPU build has
+    no block-scaled FP8 GEMM."""
+    assert a.shape[0] % baseline.SCALED_MM_ROWS == 0 and out_dtype == torch.bfloat16
+    assert scale_a.stride(0) == 1 and scale_b.stride(0) == 1
+    return dequantize_token_groups(a, scale_a) @ dequantize_weight_blocks(b.t(), scale_b.t()).t()
 
 
 def test_the_scaled_mm_baseline_runs_the_fp8_layer(monkeypatch):
@@ -94,8 +97,8 @@ def test_the_scaled_mm_baseline_runs_the_fp8_layer(monkeypatch):
     does: with the GEMMs in fp32 (the GPU's ``torch._scaled_mm`` is checked by the benchmark),
     within the rows' bf16 roundings of ``moe_fp8_ref``, dropped slots and an expert nobody
     picks included."""
-    monkeypatch.setattr(baseline, "_scaled_mm", _dequantized_mm)
-    E, H, I, K, T = 5, 512, 512, 2, 24
+    monkeypatch.setattr(torch, "_scaled_mm", _dequantized_scaled_mm)
+    E, H, I, K, T = 5, 512, 512, 2, 23  # experts get row counts that need padding
     shape = replace(MoEShape(H, I, E, K, T), fp8=True)
     gen = torch.Generator().manual_seed(4)
     w13 = (0.02 * torch.randn(E, 2 * I, H, generator=gen)).to(torch.bfloat16)
@@ -104,6 +107,7 @@ def test_the_scaled_mm_baseline_runs_the_fp8_layer(monkeypatch):
     ids = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(T)]).int()
     ids[3, 1] = ids[10, 0] = -1  # dropped; expert E - 1 unpicked
     weights = torch.rand(T, K, generator=gen)
+    assert (torch.bincount(ids[ids >= 0]) % baseline.SCALED_MM_ROWS != 0).any()
     q13, q2 = quantize_experts(w13), quantize_experts(w2)
     out = ScaledMMBaseline(shape, q13, q2)(x, ids, weights)
     want = moe_fp8_ref(x, ids, weights, q13, q2)
