@@ -24,8 +24,9 @@ of ``moe_ref`` (torch's) first:
                           with PyTorch's reason printed, where this build refuses the scaling
 
 Each round times every implementation once (``--calls`` calls, synchronised at the end), in an
-order that rotates from round to round, each run untimed for about 0.2 s first unless it was the
-one timed last (``perf.timing.time_many``), so that none is timed on the clock the previous
+order that rotates from round to round, each run untimed for about 0.2 s (``--settle``) first
+unless it was the one timed last (``perf.timing.time_many``), so that none is timed on the clock
+the previous
 one's power draw left under the GPU's power cap. (Without the settling, FP8 graph replays came
 out 7% slower than the same layer's eager calls, always timed just before them, on an H100;
 that the clock was the cause is an inference, not measured.) The figure is the median over
@@ -253,7 +254,8 @@ def captured_call(layer: FusedEPMoE, x, ids, w):
 def bench_point(case: PresetCase, T: int, bandwidth: float, args) -> dict:
     calls, rows = case.calls(T)
     names = [impl for impl in IMPLS + FP8_IMPLS if impl in calls]
-    timed = time_many({i: calls[i] for i in names}, args.rounds, args.calls, timer=wall_us)
+    fns = {i: calls[i] for i in names}
+    timed = time_many(fns, args.rounds, args.calls, settle_s=args.settle, timer=wall_us)
     case.layer.check_errors()
     row = {"preset": case.name, "T": T, **{f"{i}_us": timed[i]["median"] for i in names}}
     loads = operand_bytes(rows, case.shape, case.layer.workspace.config)
@@ -312,6 +314,10 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[16, 128, 1024, 4096])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument(
+        "--settle", type=float, default=0.2,
+        help="seconds each implementation runs untimed before its timed calls (time_many)",
+    )  # fmt: skip
     parser.add_argument("--fp8", action="store_true", help="add the FP8 rows (see above)")
     parser.add_argument("--no-liger", action="store_true", help="leave Liger's column empty")
     parser.add_argument(
