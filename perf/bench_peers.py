@@ -26,11 +26,10 @@ of ``moe_ref`` (torch's) first:
 Each round times every implementation once (``--calls`` calls, synchronised at the end), in an
 order that rotates from round to round, each run untimed for about 0.2 s (``--settle``) first
 unless it was the one timed last (``perf.timing.time_many``), so that none is timed on the clock
-the previous
-one's power draw left under the GPU's power cap. (Without the settling, FP8 graph replays came
-out 7% slower than the same layer's eager calls, always timed just before them, on an H100;
-that the clock was the cause is an inference, not measured.) The figure is the median over
-rounds.
+the previous one's power draw left under the GPU's power cap. (Without the settling, FP8 graph
+replays came out 7% slower than the same layer's eager calls, always timed just before them, on
+an H100; that the clock was the cause is an inference, not measured.) The figure is the median
+over rounds.
 
 The weight-read bound of a point: the bytes of the experts its routing touches (w13 and w2 of
 each, ``3 H I`` elements) over the read bandwidth a large read-only reduction measures on the
