@@ -165,7 +165,8 @@ class ScaledMMBaseline:
             if n == 0:
                 continue
             slots = order[start : start + n]
-            h = _scaled_mm(xq[slots // K], xs[slots // K], *(w[e] for w in self.w13))
+            tokens = slots // K
+            h = _scaled_mm(xq[tokens], xs[tokens], *(w[e] for w in self.w13))
             act = F.silu(h[:, :I].float()) * h[:, I:].float()
             y = _scaled_mm(*quantize_token_groups(act), *(w[e] for w in self.w2))
             per_slot[slots] = y.to(x.dtype)
