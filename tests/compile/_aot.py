@@ -119,19 +119,25 @@ GMMA = re.compile(r"\b[HQ]GMMA\.(\d+x\d+)")
 SPILL = re.compile(r"(@!?U?P\w+ +)?(STL|LDL)\b")
 
 
-def mma_loop_spills(ops: list[str]) -> list[str]:
-    """The spill instructions (``STL`` / ``LDL``) inside an innermost loop that makes warpgroup
-    MMAs (a GEMM's k loop): a loop is a backward branch (``BRA 0x<target>``, sm_90 instructions
-    being 16 bytes) and the instructions from its target to it; innermost, no other loop lies
-    within it. (The persistent task loop around them may spill its long-lived scalars.)"""
+def mma_loops(ops: list[str]) -> list[list[str]]:
+    """The innermost loops that make warpgroup MMAs (the GEMMs' k loops), each as its
+    instructions: a loop is a backward branch (``BRA 0x<target>``, sm_90 instructions being 16
+    bytes) and the instructions from its target to it; innermost, no other loop lies within it.
+    """
     loops = []
     for end, op in enumerate(ops):
         branch = re.search(r"\bBRA\S* +(?:`\()?0x([0-9a-f]+)", op)
         if branch and int(branch.group(1), 16) // 16 < end:
             loops.append((int(branch.group(1), 16) // 16, end))
-    found = []
-    for a, b in loops:
-        inner = any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)
-        if not inner and any("GMMA" in o for o in ops[a : b + 1]):
-            found += [o for o in ops[a : b + 1] if SPILL.match(o)]
-    return found
+    return [
+        ops[a : b + 1]
+        for a, b in loops
+        if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)
+        and any("GMMA" in o for o in ops[a : b + 1])
+    ]
+
+
+def mma_loop_spills(ops: list[str]) -> list[str]:
+    """The spill instructions (``STL`` / ``LDL``) inside the MMA k loops (``mma_loops``). (The
+    persistent task loop around them may spill its long-lived scalars.)"""
+    return [o for body in mma_loops(ops) for o in body if SPILL.match(o)]

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from _aot import compile_sm90, mma_loop_spills, sass_ops, signature_of, wgmma_groups
+from _aot import compile_sm90, mma_loop_spills, mma_loops, sass_ops, signature_of, wgmma_groups
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from megakernel.config import KernelConfig, default_capacity, kernel_meta
@@ -150,6 +150,16 @@ def test_fp8_megakernel_makes_e4m3_products(R, tma):
     spills = mma_loop_spills(ops)
     if tma:
         assert spills == [], f"{len(spills)} local-memory (spill) instructions in the MMA loops"
+        # the k step's serial part, between one product's MMAs and the next (``_scaled_mma``'s
+        # STEP note): the unit change is a fast reciprocal, not fp32 division's full-range
+        # path (whose range test compares with 2^126), and the partial's add leaves the
+        # accumulator where it was (the fma with the partial as its addend copied up's
+        # accumulator back: 47 moves a GEMM1 step, 37 a down step; 16-24 are the rest, the
+        # scales carried over and masked loads' defaults)
+        for body in mma_loops(ops):
+            assert not [o for o in body if "8.50705917302346158658e+37" in o], "full-range division"
+            moves = [o for o in body if re.match(r"(@!?U?P\w+ +)?(IMAD\.)?MOV\b", o)]
+            assert len(moves) <= 32, f"{len(moves)} register moves in an MMA k loop"
     assert "globaltimer" in ptx and "atom.global.sys.release.add.u32" in ptx
     assert kernel.metadata.shared <= 227 * 1024
 
