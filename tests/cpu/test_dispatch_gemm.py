@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from megakernel import KernelConfig, Megakernel, dispatch_gemm, routing
+from megakernel.descriptors import WeightDescriptors
 from megakernel.placement import Placement
-from megakernel.shapes import PRESETS
+from megakernel.shapes import PRESETS, MoEShape
 from megakernel.testing import check_calls, make_tokens, make_w13, poison, run_poisoned
 from symm_mem import CapacityError, EmulatedWorld
 
@@ -207,3 +208,36 @@ def test_input_validation():
         Megakernel(world, fp16, config=small_config(down_block_k=4))
     with EmulatedWorld(1) as world:
         Megakernel(world, fp16, config=small_config(block_k=4, gemm1_tma=False)).close()
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_warmup_stand_ins_hold_one_row_of_weights(fp8):
+    """``warmup()`` without inputs compiles for stand-ins: expert weights of the layer's full
+    shape that hold one row each (a view, not a second copy of the experts), from which the
+    TMA descriptors come out as from real weights: same shapes, same boxes. (That the kernel
+    compiled for them is the one a real call launches: tests/gpu/test_dispatch_gemm_cuda.py.)"""
+    if fp8:  # H and I whole scale blocks; the FP8 path's tiles
+        shape, cfg = MoEShape(256, 128, 8, 2, 24, fp8=True), KernelConfig.interpreter()
+    else:
+        shape, cfg = MoEShape(64, 32, 16, 4, 24, torch.bfloat16), small_config(block_k=32)
+    with EmulatedWorld(1) as world:
+        ws = Megakernel(world, shape, config=cfg)
+        L, H, I = shape.num_experts, shape.hidden, shape.ffn
+        stand_in = ws._dummy_inputs()
+        assert stand_in.w13.shape == (L, 2 * I, H) and stand_in.w2.shape == (L, H, I)
+        item = shape.gemm_dtype.itemsize
+        assert stand_in.w13.untyped_storage().nbytes() == H * item
+        assert stand_in.w2.untyped_storage().nbytes() == I * item
+        real = make_w13(shape, 0, "cpu").to(shape.gemm_dtype), torch.zeros(L, H, I).to(
+            shape.gemm_dtype
+        )
+        meta = ws.meta("layer")
+        assert meta.GEMM1_TMA and meta.DOWN_TMA
+        made = WeightDescriptors(shape, ws.config)
+        for d_stand_in, d_real in zip(
+            made._make(meta, stand_in.w13, stand_in.w2), made._make(meta, *real), strict=True
+        ):
+            assert d_stand_in.base.dtype == d_real.base.dtype
+            assert list(d_stand_in.shape) == list(d_real.shape)
+            assert list(d_stand_in.block_shape) == list(d_real.block_shape)
+        ws.close()

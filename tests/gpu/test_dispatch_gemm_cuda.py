@@ -41,15 +41,22 @@ def check(ws, rt, placement, seed, mode="gemm", overlap=None, shape=MEDIUM):
 @pytest.mark.parametrize("mode", ["dispatch", "gemm", "layer"])
 def test_warmup_compiles_the_variant_every_call_launches(mode):
     """After ``warmup(mode)`` a call of that mode compiles nothing more: a kernel compiled at
-    launch would run while peers already spin. (A shape no other test uses, so the variants
-    are not in the cache already.)"""
+    launch would run while peers already spin. ``warmup`` compiles for stand-ins holding one
+    row of weights, so it allocates far less than a rank's experts. (A shape no other test
+    uses, so the variants are not in the cache already.)"""
     shape = MoEShape(hidden=512, ffn=256, num_experts=16, topk=4, max_tokens_per_rank=300)
     R = 2
     placement = Placement.contiguous(shape.num_experts, R)
     rt = routing.uniform(R, 300, shape.num_experts, shape.topk, seed=7)
     with EmulatedWorld(R, "cuda") as world:
         ws = Megakernel(world, shape)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         ws.warmup(mode)
+        grown = torch.cuda.max_memory_allocated() - before
+        rank_weights = placement.slots_per_rank * 3 * shape.ffn * shape.hidden * 2
+        assert grown < rank_weights // 8, f"warmup took {grown} bytes, experts {rank_weights}"
         compiled = moe_megakernel.device_caches[torch.cuda.current_device()][0]
         before = len(compiled)
         if mode == "layer":
