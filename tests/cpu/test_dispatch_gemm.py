@@ -228,8 +228,9 @@ def test_warmup_stand_ins_hold_one_row_of_weights(fp8):
         item = shape.gemm_dtype.itemsize
         assert stand_in.w13.untyped_storage().nbytes() == H * item
         assert stand_in.w2.untyped_storage().nbytes() == I * item
-        real = make_w13(shape, 0, "cpu").to(shape.gemm_dtype), torch.zeros(L, H, I).to(
-            shape.gemm_dtype
+        real = (
+            make_w13(shape, 0, "cpu").to(shape.gemm_dtype),
+            torch.zeros(L, H, I).to(shape.gemm_dtype),
         )
         meta = ws.meta("layer")
         assert meta.GEMM1_TMA and meta.DOWN_TMA
