@@ -9,6 +9,8 @@ import itertools
 
 import pytest
 import torch
+from triton._C.libtriton import native_specialize_impl as specialize
+from triton.backends.nvidia.compiler import CUDABackend
 
 from megakernel import KernelConfig, Megakernel, dispatch_gemm, routing
 from megakernel.descriptors import WeightDescriptors
@@ -235,10 +237,13 @@ def test_warmup_stand_ins_hold_one_row_of_weights(fp8):
         meta = ws.meta("layer")
         assert meta.GEMM1_TMA and meta.DOWN_TMA
         made = WeightDescriptors(shape, ws.config)
-        for d_stand_in, d_real in zip(
-            made._make(meta, stand_in.w13, stand_in.w2), made._make(meta, *real), strict=True
-        ):
-            assert d_stand_in.base.dtype == d_real.base.dtype
-            assert list(d_stand_in.shape) == list(d_real.shape)
-            assert list(d_stand_in.block_shape) == list(d_real.block_shape)
+        stand_in_args = [stand_in.w13, stand_in.w2, *made._make(meta, stand_in.w13, stand_in.w2)]
+        real_args = [*real, *made._make(meta, *real)]
+        for a, b in zip(stand_in_args[2:], real_args[2:], strict=True):
+            assert list(a.shape) == list(b.shape) and list(a.block_shape) == list(b.block_shape)
+        # what Triton's JIT keys a compiled variant on, argument by argument (the CUDA backend's
+        # specialisation: a tensor's dtype and 16-byte alignment, a descriptor's dtype and box)
+        keys = [[specialize(CUDABackend, a, False, True, True) for a in args]
+                for args in (stand_in_args, real_args)]  # fmt: skip
+        assert keys[0] == keys[1]
         ws.close()
