@@ -354,21 +354,18 @@ class Megakernel:
         return [groups(rnd) for rnd in range(self.plan_cfg.rounds)]
 
     def _dummy_inputs(self) -> CallInputs:
-        """Stand-in inputs of the layer's shape for ``warmup``: what the kernels compile for is
-        the arguments' types and alignments (and the descriptors' block shapes), not their
-        values, so the expert weights are one row each, viewed at full size (stride 0 over the
-        rows: a view of ``H`` and ``I`` elements, not a copy of the experts)."""
+        """Stand-ins for ``warmup``: a variant depends on types, alignments and descriptor
+        boxes, not sizes, so each expert weight is one row viewed at full size (stride 0)."""
         dev, shape, L = self.world.device, self.shape, self.plan_cfg.slots_per_rank
         H, I, K = shape.hidden, shape.ffn, shape.topk
         x = torch.zeros(2, H, dtype=shape.dtype, device=dev)
         scales = [torch.ones(s, device=dev) for s in shape.weight_scale_shapes(L)]
-        row = partial(torch.zeros, dtype=shape.gemm_dtype, device=dev)
         return CallInputs(
             x=x,
             topk_ids=torch.zeros(2, K, dtype=torch.int32, device=dev),
             topk_weights=torch.zeros(2, K, dtype=torch.float32, device=dev),
-            w13=row(H).expand(L, 2 * I, H),
-            w2=row(I).expand(L, H, I),
+            w13=torch.zeros(H, dtype=shape.gemm_dtype, device=dev).expand(L, 2 * I, H),
+            w2=torch.zeros(I, dtype=shape.gemm_dtype, device=dev).expand(L, H, I),
             out=torch.zeros_like(x),
             w13_scale=scales[0] if shape.fp8 else None,
             w2_scale=scales[1] if shape.fp8 else None,
@@ -376,8 +373,7 @@ class Megakernel:
 
     def warmup(self, mode: str = "gemm", probe: int = 0, inputs: CallInputs | None = None) -> None:
         """Compile and load the plan kernels and the megakernel before anything spins, for
-        ``inputs`` (the first local rank's, as a call passes them) or, without them, for
-        stand-ins of the layer's shape (``_dummy_inputs``: a few rows, no copy of the experts).
+        ``inputs`` (the first local rank's, as a call passes them), else for ``_dummy_inputs``.
 
         NOTE: a call compiles with its own inputs: even small stand-ins, allocated while the
         caller captures a CUDA graph, would stay in the graph's memory pool."""

@@ -79,7 +79,8 @@ E4M3_MAX = tl.constexpr(torch.finfo(torch.float8_e4m3fn).max)
 # becomes 1.0, 31.8 becomes 16.0); there, and only there, values are rounded onto e4m3's grid in
 # fp32 first, which that conversion then keeps exactly (compiled kernels convert with cvt.rn)
 E4M3_PREROUND = tl.constexpr(INTERPRET)
-INTERP = tl.constexpr(INTERPRET)  # the interpreter: no extern (libdevice) calls
+# the unit change's fast reciprocal is an extern (libdevice) call, which the interpreter lacks
+FAST_DIV = tl.constexpr(not INTERPRET)
 # the smallest scale a running-scale product divides by: fp32's smallest normal (the layer takes
 # only positive weight scales, and a row's scale is positive, so only an underflow meets it)
 SCALE_FLOOR = tl.constexpr(2.0**-126)
@@ -147,10 +148,10 @@ def _scaled_mma(a, b, acc, unit, a_scale, b_scale, PROMOTE_K: tl.constexpr):
     and WAIT notes). Returns the accumulator and its new unit. The division and the add's form
     are the STEP note's."""
     scale = tl.maximum(a_scale * b_scale, SCALE_FLOOR)
-    if INTERP:  # (no extern calls there)
-        rescale = (unit / scale)[:, None]
-    else:
+    if FAST_DIV:
         rescale = libdevice.fast_dividef(unit, scale)[:, None]
+    else:
+        rescale = (unit / scale)[:, None]
     if PROMOTE_K == 0:
         acc = tl.dot(a, b, acc * rescale)
     elif PROMOTE_K == FP8_BLOCK:  # the block's product alone, then added (the WAIT note)
