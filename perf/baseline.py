@@ -64,8 +64,16 @@ def baseline_moe(
     _all_to_all(back, source_major, in_splits, out_splits)
     per_slot = torch.zeros(T * K, H, dtype=x.dtype, device=x.device)
     per_slot[order[:n_send]] = back
-    weighted = per_slot.view(T, K, H).float() * topk_weights.float().unsqueeze(2)
-    return weighted.sum(1).to(x.dtype)
+    return topk_sum(per_slot, topk_weights)
+
+
+def topk_sum(per_slot: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Each token's ``K`` slot outputs (``per_slot [T * K, H]``, slot ``t * K + k``; a dropped
+    slot's row 0) weighted by ``topk_weights [T, K]`` and summed in fp32, in ``per_slot``'s dtype.
+    """
+    T, K = topk_weights.shape
+    weighted = per_slot.view(T, K, -1).float() * topk_weights.float().unsqueeze(2)
+    return weighted.sum(1).to(per_slot.dtype)
 
 
 def blockwise_grouped_mm_refusal(device="cuda") -> str | None:
@@ -171,8 +179,7 @@ class ScaledMMBaseline:
             y = _scaled_mm(*quantize_token_groups(act), *(w[e] for w in self.w2))
             per_slot[slots] = y.to(x.dtype)
             start += n
-        weighted = per_slot.view(T, K, H).float() * topk_weights.float().unsqueeze(2)
-        return weighted.sum(1).to(x.dtype)
+        return topk_sum(per_slot, topk_weights)
 
 
 def _scaled_mm(a, a_scale, w, w_scale) -> torch.Tensor:

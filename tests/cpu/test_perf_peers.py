@@ -1,5 +1,6 @@
-"""perf.bench_peers' bookkeeping, on CPU: the rows per expert, and the
-operand loads it reports (``megakernel.traffic.rows_per_expert``, ``operand_bytes``)."""
+"""perf.bench_peers on CPU: the rows per expert and the operand loads it reports
+(``megakernel.traffic.rows_per_expert``, ``operand_bytes``), and its two PyTorch FP8 layers
+(``perf.baseline``'s ``DequantizedBaseline`` and ``ScaledMMBaseline``)."""
 
 from dataclasses import replace
 
