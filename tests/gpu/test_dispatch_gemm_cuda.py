@@ -51,10 +51,10 @@ def test_warmup_compiles_the_variant_every_call_launches(mode):
     with EmulatedWorld(R, "cuda") as world:
         ws = Megakernel(world, shape)
         torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
+        allocated = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         ws.warmup(mode)
-        grown = torch.cuda.max_memory_allocated() - before
+        grown = torch.cuda.max_memory_allocated() - allocated
         rank_weights = placement.slots_per_rank * 3 * shape.ffn * shape.hidden * 2
         assert grown < rank_weights // 8, f"warmup took {grown} bytes, experts {rank_weights}"
         compiled = moe_megakernel.device_caches[torch.cuda.current_device()][0]
