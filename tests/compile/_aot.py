@@ -116,7 +116,9 @@ def wgmma_groups(ops: list[str]) -> list[tuple[str, list[str]]]:
 
 
 GMMA = re.compile(r"\b[HQ]GMMA\.(\d+x\d+)")
-SPILL = re.compile(r"(@!?U?P\w+ +)?(STL|LDL)\b")
+# an instruction's optional guard predicate (``@P0``, ``@!UP1``), before its opcode
+PREDICATE = r"(@!?U?P\w+ +)?"
+SPILL = re.compile(PREDICATE + r"(STL|LDL)\b")
 
 
 def mma_loops(ops: list[str]) -> list[list[str]]:

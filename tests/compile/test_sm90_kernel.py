@@ -6,7 +6,15 @@ from dataclasses import replace
 
 import pytest
 import torch
-from _aot import compile_sm90, mma_loop_spills, mma_loops, sass_ops, signature_of, wgmma_groups
+from _aot import (
+    PREDICATE,
+    compile_sm90,
+    mma_loop_spills,
+    mma_loops,
+    sass_ops,
+    signature_of,
+    wgmma_groups,
+)
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from megakernel.config import KernelConfig, default_capacity, kernel_meta
@@ -158,7 +166,7 @@ def test_fp8_megakernel_makes_e4m3_products(R, tma):
         # scales carried over and masked loads' defaults)
         for body in mma_loops(ops):
             assert not [o for o in body if "8.50705917302346158658e+37" in o], "full-range division"
-            moves = [o for o in body if re.match(r"(@!?U?P\w+ +)?(IMAD\.)?MOV\b", o)]
+            moves = [o for o in body if re.match(PREDICATE + r"(IMAD\.)?MOV\b", o)]
             assert len(moves) <= 32, f"{len(moves)} register moves in an MMA k loop"
     assert "globaltimer" in ptx and "atom.global.sys.release.add.u32" in ptx
     assert kernel.metadata.shared <= 227 * 1024
