@@ -9,6 +9,8 @@ import pytest
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -30,7 +32,11 @@ _TORCH_TYPES = {
 
 def type_of(name: str, value: object):
     """The Triton type of one example argument: tensors -> pointers, tensor descriptors ->
-    ``tensordesc<dtype[block]>``, ints -> i32 / i64, a (named) tuple -> a tuple of its items'."""
+    ``tensordesc<dtype[block]>`` (Gluon's: ``tensordesc<dtype[block],layout>``), ints -> i32 /
+    i64, a (named) tuple -> a tuple of its items'."""
+    if isinstance(value, GluonDescriptor):
+        block = ",".join(str(n) for n in value.block_shape)
+        return f"tensordesc<{_TORCH_TYPES[str(value.base.dtype)]}[{block}],{value.layout!r}>"
     if isinstance(value, TensorDescriptor):
         block = ",".join(str(n) for n in value.block_shape)
         return f"tensordesc<{_TORCH_TYPES[str(value.base.dtype)]}[{block}]>"
@@ -72,11 +78,12 @@ def compile_sm90(
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
     aligned = [p for k, t in signature.items() for p in _pointer_paths((names.index(k),), t)]
     aligned += [(names.index(k),) for k in divisible]
-    src = ASTSource(
-        fn=fn,
-        signature=sig,
-        constexprs={(names.index(k),): v for k, v in constexprs.items()},
-        attrs={path: [["tt.divisibility", 16]] for path in aligned},
+    source = GluonASTSource if fn.is_gluon() else ASTSource
+    src = source(
+        fn,
+        sig,
+        {(names.index(k),): v for k, v in constexprs.items()},
+        {path: [["tt.divisibility", 16]] for path in aligned},
     )
     if getattr(fn, "_symm_mem_nvshmem", False):
         options["extern_libs"] = (("libnvshmem_device", NVSHMEM_BITCODE),)
