@@ -1,6 +1,7 @@
 """Block-scaled e4m3 GEMM k loops written in Gluon (Triton's explicit-layout dialect), against the
 megakernel's ``tl.dot`` loop. A study, kept out of the runtime: the megakernel is one
-``@triton.jit`` kernel, and Gluon functions cannot be called from it.
+``@triton.jit`` kernel, and a called function runs under its caller's semantics, so Gluon code
+with explicit layouts cannot be called from it (perf/NOTES.md, "The FP8 k loop in Gluon").
 
 The question (perf/NOTES.md, "FP8 timed"): the FP8 k step waits for each 128-k product before
 scaling it into the fp32 accumulator, and Triton 3.6 neither overlaps those adds with the next
