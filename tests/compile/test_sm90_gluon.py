@@ -1,4 +1,4 @@
-"""The Gluon FP8 k loops of ``perf.studies.fp8_gemm_gluon`` compile for sm_90 with no GPU, and
+"""The Gluon FP8 k loops of ``perf.studies.gemm_gluon`` compile for sm_90 with no GPU, and
 ptxas keeps what they were written for: every k block's four MMAs in one uninterrupted wgmma
 group (a serialised loop waits after each), a wait that leaves one product in flight, no
 spills, and, for the specialised kernel, warp specialisation itself (register reallocation)."""
@@ -16,7 +16,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
 
-from perf.studies import fp8_gemm_gluon as study  # noqa: E402
+from perf.studies import gemm_gluon as study  # noqa: E402
 
 M, N, K = 4096, 4096, 7168  # dsv3's H as the reduction
 
@@ -85,3 +85,35 @@ def test_no_spills_and_warp_specialisation_took_effect(compiled):
         assert kernel.metadata.shared <= 228 * 1024
     else:
         assert not reallocates
+
+
+def test_bf16_specialised_keeps_a_product_in_flight():
+    """The bf16 kernel's two consumer loops chain one accumulator, each k step's four MMAs one
+    group, and wait only for the product before it (one left in flight)."""
+    BM, BN, BK = study.BF16_TILE
+
+    def desc(rows, box):
+        t = torch.empty(rows, K, dtype=torch.bfloat16, device="meta")
+        layout = gl.NVMMASharedLayout.get_default_for(box, gl.bfloat16)
+        return TensorDescriptor(t, [rows, K], [K, 1], box, layout)
+
+    args = {
+        "a_desc": desc(M, [BM, BK]),
+        "b_desc": desc(N, [BN, BK]),
+        "out": torch.empty(M, N, device="meta"),
+        "N": N,
+        "K": K,
+    }
+    kernel = compile_sm90(
+        study.bf16_gemm_specialised, signature_of(args), {"STAGES": 4, "num_warps": 4},
+        divisible=("N", "K"), num_warps=4, maxnreg=study.WS_MAXNREG,
+    )  # fmt: skip
+    ops = sass_ops(kernel)
+    loops = mma_loops(ops)
+    assert len(loops) == 2, f"{len(loops)} MMA loops, want one a consumer"
+    for body in loops:
+        groups = wgmma_groups(body)
+        assert [(shape, sum("HGMMA" in o for o in g)) for shape, g in groups] == [("64x256", 4)]
+        assert [o for o in body if "WARPGROUP.DEPBAR" in o] == ["WARPGROUP.DEPBAR.LE gsb0, 0x1"]
+    assert mma_loop_spills(ops) == []
+    assert any(o.startswith("USETMAXREG") for o in ops)

@@ -30,8 +30,14 @@ Two ptxas rules shape the loops (``tests/compile/test_sm90_gluon.py`` holds them
   wait (``deps``) keeps the adds before it, and taking the previous product through a
   ``wait(1)`` after the issue keeps them after the issue.
 
-``python -m perf.studies.fp8_gemm_gluon`` checks every kernel against a dequantised fp32 product
-and times them, alternated over rounds (one Hopper GPU).
+The bf16 pair asks the same of a plain product, the layer's bf16 GEMM1 tile ([128, 256], k steps
+of 64), where the large-T points are bound by how fast the tasks take in their operands
+(perf/RESULTS.md, "What holds the large-T points"): ``triton`` (``tl.dot`` chained, Triton's
+pipeline) against ``specialised`` (the loader warp and two consumer warpgroups, one product in
+flight each).
+
+``python -m perf.studies.gemm_gluon`` checks every kernel against an fp32 product (FP8: of the
+dequantised operands) and times them, alternated over rounds (one Hopper GPU).
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 BLOCK = 128  # the scale block, the k block and the output tile's side
 B = gl.constexpr(BLOCK)
 KERNELS = ("triton", "pipelined", "specialised")
+BF16_KERNELS = ("triton", "specialised")
 # the specialised kernel's register split: consumers get 232 a thread, the loader warp 40, under
 # a launch cap of 168 a thread over its three warpgroups (the loader's is one warp, padded)
 CONSUMER_REGS, LOADER_REGS = gl.constexpr(232), gl.constexpr(40)
@@ -89,11 +96,12 @@ def _load_block(a_desc, b_desc, a_s, b_s, ready, m0, n0, kb, kbs):
     """Bring k block kb of the tile's operands into its ring slot (nothing past the last)."""
     stages: gl.constexpr = a_s.type.shape[0]
     nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+    bk: gl.constexpr = a_desc.block_type.shape[1]
     s = kb % stages
     go = kb < kbs
     mbarrier.expect(ready.index(s), nbytes, pred=go)
-    tma.async_copy_global_to_shared(a_desc, [m0, kb * B], ready.index(s), a_s.index(s), pred=go)
-    tma.async_copy_global_to_shared(b_desc, [n0, kb * B], ready.index(s), b_s.index(s), pred=go)
+    tma.async_copy_global_to_shared(a_desc, [m0, kb * bk], ready.index(s), a_s.index(s), pred=go)
+    tma.async_copy_global_to_shared(b_desc, [n0, kb * bk], ready.index(s), b_s.index(s), pred=go)
 
 
 @gluon.jit
@@ -132,10 +140,10 @@ def _scaled_k_loop(a_s, b_s, ready, empty, a_scale, b_scale, r, n_tile, kbs, acc
 
 @gluon.jit
 def _ring(a_desc, b_desc, stages: gl.constexpr):
-    """Shared-memory slots for ``stages`` k blocks of A and B, and a ready and an empty barrier
-    per slot (empty: both consumer warpgroups hand it back)."""
-    a_s = gl.allocate_shared_memory(a_desc.dtype, [stages, B, B], a_desc.layout)
-    b_s = gl.allocate_shared_memory(b_desc.dtype, [stages, B, B], b_desc.layout)
+    """Shared-memory slots for ``stages`` k blocks of A and B (the descriptors' boxes), and a
+    ready and an empty barrier per slot (empty: both consumer warpgroups hand it back)."""
+    a_s = gl.allocate_shared_memory(a_desc.dtype, [stages] + a_desc.block_type.shape, a_desc.layout)
+    b_s = gl.allocate_shared_memory(b_desc.dtype, [stages] + b_desc.block_type.shape, b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [stages, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [stages, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(stages):
@@ -145,8 +153,8 @@ def _ring(a_desc, b_desc, stages: gl.constexpr):
 
 
 @gluon.jit
-def _store_tile(out, acc, r, n0, N):
-    c = n0 + gl.arange(0, B, layout=gl.SliceLayout(0, acc.type.layout))
+def _store_tile(out, acc, r, n0, N, BN: gl.constexpr):
+    c = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, acc.type.layout))
     gl.store(out + r[:, None] * N + c[None, :], acc)
 
 
@@ -170,7 +178,7 @@ def fp8_gemm_pipelined(a_desc, b_desc, a_scale, b_scale, out, N, K,
     acc = gl.zeros([B, B], gl.float32, layout=mma)
     acc = _scaled_k_loop(a_s, b_s, ready, empty, a_scale, b_scale, r, n0 // B, kbs, acc,
                          a_desc, b_desc, m0, n0, 0, False)  # fmt: skip
-    _store_tile(out, acc, r, n0, N)
+    _store_tile(out, acc, r, n0, N, B)
 
 
 @gluon.jit
@@ -192,7 +200,7 @@ def _consumer(a_s, b_s, ready, empty, a_scale, b_scale, out, m0, n0, N, kbs, HAL
     acc = gl.zeros([64, B], gl.float32, layout=mma)
     acc = _scaled_k_loop(a_s, b_s, ready, empty, a_scale, b_scale, r, n0 // B, kbs, acc,
                          None, None, m0, n0, HALF * 64, True)  # fmt: skip
-    _store_tile(out, acc, r, n0, N)
+    _store_tile(out, acc, r, n0, N, B)
 
 
 @gluon.jit
@@ -238,6 +246,82 @@ def fp8_gemm_triton(a_desc, b_desc, a_scale, b_scale, out, N, K):
         scale = tl.load(a_scale + r * kbs + kb) * tl.load(b_scale + (n0 // 128) * kbs + kb)
         acc += part * scale[:, None]
     tl.store(out + r[:, None] * N + n0 + tl.arange(0, 128)[None, :], acc)
+
+
+# --- bf16: the same two arrangements for a plain product (the layer's bf16 GEMM1 tile, [128, 256]
+# of gate and up columns, k steps of 64)
+
+BF16_TILE = (128, 256, 64)  # rows, columns, k step
+
+
+@gluon.jit
+def _bf16_consumer(a_s, b_s, ready, empty, out, m0, n0, N, kbs, HALF: gl.constexpr):
+    """One warpgroup: rows ``[64 HALF, 64 HALF + 64)`` of the tile, the accumulator chained
+    through every k step with one product in flight; a slot goes back to the loader as soon
+    as the product after it is issued and the one reading it is done."""
+    stages: gl.constexpr = a_s.type.shape[0]
+    BN: gl.constexpr = b_s.type.shape[1]
+    mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16]
+    )
+    acc = gl.zeros([64, BN], gl.float32, layout=mma)
+    for kb in range(kbs):
+        s = kb % stages
+        mbarrier.wait(ready.index(s), (kb // stages) & 1)
+        a = a_s.index(s).slice(HALF * 64, 64)
+        acc = warpgroup_mma(a, b_s.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        mbarrier.arrive(empty.index((kb + stages - 1) % stages), count=1, pred=kb > 0)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    r = m0 + HALF * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
+    _store_tile(out, acc, r, n0, N, BN)
+
+
+@gluon.jit
+def _bf16_consumer_low(a_s, b_s, ready, empty, out, m0, n0, N, kbs):
+    _bf16_consumer(a_s, b_s, ready, empty, out, m0, n0, N, kbs, 0)
+
+
+@gluon.jit
+def _bf16_consumer_high(a_desc, b_desc, a_s, b_s, ready, empty, a_scale, b_scale, out, m0, n0,
+                        N, kbs):  # fmt: skip
+    _bf16_consumer(a_s, b_s, ready, empty, out, m0, n0, N, kbs, 1)
+
+
+@gluon.jit
+def bf16_gemm_specialised(a_desc, b_desc, out, N, K, STAGES: gl.constexpr,
+                          num_warps: gl.constexpr):  # fmt: skip
+    gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = b_desc.block_type.shape[0]
+    gl.static_assert(BM == 128)
+    kbs = K // BK
+    m0 = gl.program_id(0) * BM
+    n0 = gl.program_id(1) * BN
+    a_s, b_s, ready, empty = _ring(a_desc, b_desc, STAGES)
+    worker = (a_desc, b_desc, a_s, b_s, ready, empty, None, None, out, m0, n0, N, kbs)
+    gl.warp_specialize(
+        [
+            (_bf16_consumer_low, (a_s, b_s, ready, empty, out, m0, n0, N, kbs)),
+            (_bf16_consumer_high, worker),
+            (_loader, worker),
+        ],
+        [4, 1],
+        [CONSUMER_REGS, LOADER_REGS],
+    )
+
+
+@triton.jit
+def bf16_gemm_triton(a_desc, b_desc, out, N, K, BM: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr):  # fmt: skip
+    m0 = tl.program_id(0) * BM
+    n0 = tl.program_id(1) * BN
+    acc = tl.zeros([BM, BN], tl.float32)
+    for k in range(0, K, BK):
+        acc = tl.dot(a_desc.load([m0, k]), b_desc.load([n0, k]).T, acc)
+    r = m0 + tl.arange(0, BM)
+    tl.store(out + r[:, None] * N + n0 + tl.arange(0, BN)[None, :], acc)
 
 
 # --- host side
@@ -293,6 +377,36 @@ def fp8_gemm_ref(a, b, a_scale, b_scale) -> torch.Tensor:
     return a32 @ b32.T
 
 
+def bf16_gemm(kernel: str, a, b, out, stages: int = 4):
+    """``out [M, N] fp32`` = ``a @ b^T`` for bf16 ``a [M, K]`` and ``b [N, K]``."""
+    (M, K), N = a.shape, b.shape[0]
+    BM, BN, BK = BF16_TILE
+    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or b.shape[1] != K:
+        raise ValueError(
+            f"a [M, K] and b [N, K] bf16, got {a.dtype} {a.shape}, {b.dtype} {b.shape}"
+        )
+    if M % BM or N % BN or K % BK:
+        raise ValueError(f"M, N, K multiples of {BM}, {BN}, {BK}, got {M} {N} {K}")
+    grid = (M // BM, N // BN)
+    if kernel == "triton":
+        a_desc = TensorDescriptor(a, [M, K], [K, 1], [BM, BK])
+        b_desc = TensorDescriptor(b, [N, K], [K, 1], [BN, BK])
+        bf16_gemm_triton[grid](a_desc, b_desc, out, N, K, BM, BN, BK, num_warps=8, num_stages=3)
+    elif kernel == "specialised":
+        a_desc = GluonDescriptor.from_tensor(
+            a, [BM, BK], gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16)
+        )
+        b_desc = GluonDescriptor.from_tensor(
+            b, [BN, BK], gl.NVMMASharedLayout.get_default_for([BN, BK], gl.bfloat16)
+        )
+        bf16_gemm_specialised[grid](
+            a_desc, b_desc, out, N, K, stages, num_warps=4, maxnreg=WS_MAXNREG
+        )
+    else:
+        raise ValueError(f"kernel must be one of {BF16_KERNELS}, got {kernel!r}")
+    return out
+
+
 def random_operands(M: int, N: int, K: int, device: str = "cuda", seed: int = 0):
     g = torch.Generator(device).manual_seed(seed)
     a = (torch.randn(M, K, device=device, generator=g) / 4).to(torch.float8_e4m3fn)
@@ -300,6 +414,31 @@ def random_operands(M: int, N: int, K: int, device: str = "cuda", seed: int = 0)
     a_scale = torch.rand(M, K // BLOCK, device=device, generator=g) + 0.5
     b_scale = torch.rand(N // BLOCK, K // BLOCK, device=device, generator=g) + 0.5
     return a, b, a_scale, b_scale
+
+
+def _time(label, variants, call, want, flops, rounds):
+    """Check every variant's output against ``want``, then time them alternated over rounds and
+    print the best of each against the first."""
+    outs = {}
+    for variant in variants:
+        out = torch.full(want.shape, float("nan"), device="cuda")
+        call(*variant, out)
+        error = ((out - want).norm() / want.norm()).item()
+        if not error < 1e-3:
+            raise SystemExit(f"{label} {variant}: relative error {error:.2e} against the reference")
+        outs[variant] = out
+    best = {}
+    for rnd in range(rounds):
+        for variant in variants if rnd % 2 == 0 else variants[::-1]:  # drift falls on all alike
+            ms = triton.testing.do_bench(
+                functools.partial(call, *variant, outs[variant]), warmup=50, rep=300
+            )
+            best[variant] = min(best.get(variant, ms), ms)
+    base = best[variants[0]]
+    print(f"{label}: every output within 1e-3 of the reference; best of {rounds} rounds")
+    print(f"{'kernel':>12} {'stages':>6} {'us':>8} {'TFLOP/s':>8} {'vs triton':>9}")
+    for (kernel, stages), ms in best.items():
+        print(f"{kernel:>12} {stages:>6} {ms * 1e3:8.1f} {flops / ms / 1e9:8.1f} {base / ms:9.2f}")
 
 
 def main() -> None:
@@ -311,33 +450,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     M, N, K = args.shape
+    print(f"{torch.cuda.get_device_name()}, M N K = {M} {N} {K}")
     ops = random_operands(M, N, K)
-    want = fp8_gemm_ref(*ops)
     variants = [("triton", 3)] + [(k, s) for k in KERNELS[1:] for s in args.stages]
-    outs = {}
-    for kernel, stages in variants:
-        out = torch.full((M, N), float("nan"), device="cuda")
-        fp8_gemm(kernel, *ops, out, stages)
-        error = ((out - want).norm() / want.norm()).item()
-        if not error < 1e-3:
-            raise SystemExit(
-                f"{kernel} (stages {stages}): relative error {error:.2e} against fp8_gemm_ref"
-            )
-        outs[kernel, stages] = out
-    gpu = torch.cuda.get_device_name()
-    print(f"{gpu}, M N K = {M} {N} {K}; every kernel within 1e-3 of fp8_gemm_ref")
-    flops = 2 * M * N * K
-    best = {}
-    for rnd in range(args.rounds):
-        order = variants if rnd % 2 == 0 else variants[::-1]  # drift falls on all alike
-        for kernel, stages in order:
-            run = functools.partial(fp8_gemm, kernel, *ops, outs[kernel, stages], stages)
-            ms = triton.testing.do_bench(run, warmup=50, rep=300)
-            best[kernel, stages] = min(best.get((kernel, stages), ms), ms)
-    base = best["triton", 3]
-    print(f"{'kernel':>12} {'stages':>6} {'us':>8} {'TFLOP/s':>8} {'vs triton':>9}")
-    for (kernel, stages), ms in best.items():
-        print(f"{kernel:>12} {stages:>6} {ms * 1e3:8.1f} {flops / ms / 1e9:8.1f} {base / ms:9.2f}")
+
+    def fp8(kernel, stages, out):
+        return fp8_gemm(kernel, *ops, out, stages)
+
+    _time("e4m3, block-scaled", variants, fp8, fp8_gemm_ref(*ops), 2 * M * N * K, args.rounds)
+    g = torch.Generator("cuda").manual_seed(1)
+    a = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+    b = torch.randn(N, K, device="cuda", generator=g).to(torch.bfloat16)
+    variants = [("triton", 3)] + [("specialised", s) for s in args.stages]
+
+    def bf16(kernel, stages, out):
+        return bf16_gemm(kernel, a, b, out, stages)
+
+    _time("bf16", variants, bf16, a.float() @ b.float().T, 2 * M * N * K, args.rounds)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""The FP8 GEMM study's kernels (``perf.studies.fp8_gemm_gluon``) on a Hopper GPU: every kernel,
-at every ring depth timed, against the dequantised fp32 product, on fresh random operands and
-NaN-poisoned outputs."""
+"""The GEMM study's kernels (``perf.studies.gemm_gluon``) on a Hopper GPU: every kernel, at
+every ring depth timed, against the fp32 product (FP8: of the dequantised operands), on fresh
+random operands and NaN-poisoned outputs."""
 
 import pytest
 import torch
 
-from perf.studies import fp8_gemm_gluon as study
+from perf.studies import gemm_gluon as study
 
 
 @pytest.fixture(autouse=True)
@@ -36,3 +36,17 @@ def test_refuses_shapes_it_cannot_tile():
         study.fp8_gemm("specialised", a[:, :384], b[:, :384], sa[:, :3], sb[:, :3], out)
     with pytest.raises(ValueError, match="kernel must be one of"):
         study.fp8_gemm("cutlass", a, b, sa, sb, out)
+
+
+@pytest.mark.parametrize("kernel", study.BF16_KERNELS)
+@pytest.mark.parametrize("stages", [3, 4])
+@pytest.mark.parametrize("M,N,K,seed", [(256, 512, 1024, 3), (384, 256, 4096, 4)])
+def test_bf16_kernel_matches_the_fp32_product(kernel, stages, M, N, K, seed):
+    g = torch.Generator("cuda").manual_seed(seed)
+    a = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+    b = torch.randn(N, K, device="cuda", generator=g).to(torch.bfloat16)
+    out = torch.full((M, N), float("nan"), device="cuda")
+    study.bf16_gemm(kernel, a, b, out, stages)
+    want = a.float() @ b.float().T
+    error = ((out - want).norm() / want.norm()).item()
+    assert error < 1e-5, f"{kernel} stages={stages}: relative error {error:.2e}"
