@@ -192,15 +192,34 @@ def _loader(a_desc, b_desc, a_s, b_s, ready, empty, a_scale, b_scale, out, m0, n
 
 @gluon.jit
 def _consumer(a_s, b_s, ready, empty, a_scale, b_scale, out, m0, n0, N, kbs, HALF: gl.constexpr):
-    """One warpgroup: rows ``[64 HALF, 64 HALF + 64)`` of the tile, on the loader's ring."""
+    """One warpgroup: rows ``[64 HALF, 64 HALF + 64)`` of the tile, on the loader's ring. With
+    scales (FP8), every k block's product apart, scaled in the next one's shadow; without
+    (bf16), one accumulator chained through the k steps with one product in flight, each slot
+    handed back once the product after it is issued and the one reading it is done."""
+    stages: gl.constexpr = a_s.type.shape[0]
+    BN: gl.constexpr = b_s.type.shape[1]
     mma: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, B, 32]
+        version=[3, 0],
+        warps_per_cta=[4, 1],
+        instr_shape=[16, BN, 256 // a_s.dtype.primitive_bitwidth],
     )
-    r = m0 + HALF * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
-    acc = gl.zeros([64, B], gl.float32, layout=mma)
-    acc = _scaled_k_loop(a_s, b_s, ready, empty, a_scale, b_scale, r, n0 // B, kbs, acc,
-                         None, None, m0, n0, HALF * 64, True)  # fmt: skip
-    _store_tile(out, acc, r, n0, N, B)
+    rows: gl.constexpr = gl.SliceLayout(1, mma)
+    acc = gl.zeros([64, BN], gl.float32, layout=mma)
+    if a_scale is not None:
+        r = m0 + HALF * 64 + gl.arange(0, 64, layout=rows)
+        acc = _scaled_k_loop(a_s, b_s, ready, empty, a_scale, b_scale, r, n0 // BN, kbs, acc,
+                             None, None, m0, n0, HALF * 64, True)  # fmt: skip
+    else:
+        for kb in range(kbs):
+            s = kb % stages
+            mbarrier.wait(ready.index(s), (kb // stages) & 1)
+            a = a_s.index(s).slice(HALF * 64, 64)
+            acc = warpgroup_mma(a, b_s.index(s).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(empty.index((kb + stages - 1) % stages), count=1, pred=kb > 0)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        r = m0 + HALF * 64 + gl.arange(0, 64, layout=rows)
+    _store_tile(out, acc, r, n0, N, BN)
 
 
 @gluon.jit
@@ -215,12 +234,15 @@ def _consumer_high(a_desc, b_desc, a_s, b_s, ready, empty, a_scale, b_scale, out
 
 
 @gluon.jit
-def fp8_gemm_specialised(a_desc, b_desc, a_scale, b_scale, out, N, K,
-                         STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+def gemm_specialised(a_desc, b_desc, a_scale, b_scale, out, N, K,
+                     STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """The warp-specialised kernel, FP8 with its scales or bf16 without (``a_scale`` None): a
+    [128, BN] tile a program, its k steps the descriptors' boxes."""
     gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
-    kbs = K // B
-    m0 = gl.program_id(0) * B
-    n0 = gl.program_id(1) * B
+    gl.static_assert(a_desc.block_type.shape[0] == 128, "two consumer warpgroups of 64 rows")
+    kbs = K // a_desc.block_type.shape[1]
+    m0 = gl.program_id(0) * a_desc.block_type.shape[0]
+    n0 = gl.program_id(1) * b_desc.block_type.shape[0]
     a_s, b_s, ready, empty = _ring(a_desc, b_desc, STAGES)
     worker = (a_desc, b_desc, a_s, b_s, ready, empty, a_scale, b_scale, out, m0, n0, N, kbs)
     gl.warp_specialize(
@@ -248,68 +270,10 @@ def fp8_gemm_triton(a_desc, b_desc, a_scale, b_scale, out, N, K):
     tl.store(out + r[:, None] * N + n0 + tl.arange(0, 128)[None, :], acc)
 
 
-# --- bf16: the same two arrangements for a plain product (the layer's bf16 GEMM1 tile, [128, 256]
-# of gate and up columns, k steps of 64)
+# --- bf16: a plain product on the layer's bf16 GEMM1 tile ([128, 256] of gate and up columns,
+# k steps of 64), Triton's loop against ``gemm_specialised`` without scales
 
 BF16_TILE = (128, 256, 64)  # rows, columns, k step
-
-
-@gluon.jit
-def _bf16_consumer(a_s, b_s, ready, empty, out, m0, n0, N, kbs, HALF: gl.constexpr):
-    """One warpgroup: rows ``[64 HALF, 64 HALF + 64)`` of the tile, the accumulator chained
-    through every k step with one product in flight; a slot goes back to the loader as soon
-    as the product after it is issued and the one reading it is done."""
-    stages: gl.constexpr = a_s.type.shape[0]
-    BN: gl.constexpr = b_s.type.shape[1]
-    mma: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16]
-    )
-    acc = gl.zeros([64, BN], gl.float32, layout=mma)
-    for kb in range(kbs):
-        s = kb % stages
-        mbarrier.wait(ready.index(s), (kb // stages) & 1)
-        a = a_s.index(s).slice(HALF * 64, 64)
-        acc = warpgroup_mma(a, b_s.index(s).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        mbarrier.arrive(empty.index((kb + stages - 1) % stages), count=1, pred=kb > 0)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    r = m0 + HALF * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, mma))
-    _store_tile(out, acc, r, n0, N, BN)
-
-
-@gluon.jit
-def _bf16_consumer_low(a_s, b_s, ready, empty, out, m0, n0, N, kbs):
-    _bf16_consumer(a_s, b_s, ready, empty, out, m0, n0, N, kbs, 0)
-
-
-@gluon.jit
-def _bf16_consumer_high(a_desc, b_desc, a_s, b_s, ready, empty, a_scale, b_scale, out, m0, n0,
-                        N, kbs):  # fmt: skip
-    _bf16_consumer(a_s, b_s, ready, empty, out, m0, n0, N, kbs, 1)
-
-
-@gluon.jit
-def bf16_gemm_specialised(a_desc, b_desc, out, N, K, STAGES: gl.constexpr,
-                          num_warps: gl.constexpr):  # fmt: skip
-    gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
-    BM: gl.constexpr = a_desc.block_type.shape[0]
-    BK: gl.constexpr = a_desc.block_type.shape[1]
-    BN: gl.constexpr = b_desc.block_type.shape[0]
-    gl.static_assert(BM == 128)
-    kbs = K // BK
-    m0 = gl.program_id(0) * BM
-    n0 = gl.program_id(1) * BN
-    a_s, b_s, ready, empty = _ring(a_desc, b_desc, STAGES)
-    worker = (a_desc, b_desc, a_s, b_s, ready, empty, None, None, out, m0, n0, N, kbs)
-    gl.warp_specialize(
-        [
-            (_bf16_consumer_low, (a_s, b_s, ready, empty, out, m0, n0, N, kbs)),
-            (_bf16_consumer_high, worker),
-            (_loader, worker),
-        ],
-        [4, 1],
-        [CONSUMER_REGS, LOADER_REGS],
-    )
 
 
 @triton.jit
@@ -361,7 +325,7 @@ def fp8_gemm(kernel: str, a, b, a_scale, b_scale, out, stages: int = 4):
     if kernel == "pipelined":
         fp8_gemm_pipelined[grid](*args, num_warps=8)
     elif kernel == "specialised":
-        fp8_gemm_specialised[grid](*args, num_warps=4, maxnreg=WS_MAXNREG)
+        gemm_specialised[grid](*args, num_warps=4, maxnreg=WS_MAXNREG)
     else:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     return out
@@ -399,8 +363,8 @@ def bf16_gemm(kernel: str, a, b, out, stages: int = 4):
         b_desc = GluonDescriptor.from_tensor(
             b, [BN, BK], gl.NVMMASharedLayout.get_default_for([BN, BK], gl.bfloat16)
         )
-        bf16_gemm_specialised[grid](
-            a_desc, b_desc, out, N, K, stages, num_warps=4, maxnreg=WS_MAXNREG
+        gemm_specialised[grid](
+            a_desc, b_desc, None, None, out, N, K, stages, num_warps=4, maxnreg=WS_MAXNREG
         )
     else:
         raise ValueError(f"kernel must be one of {BF16_KERNELS}, got {kernel!r}")

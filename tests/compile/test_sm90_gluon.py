@@ -42,7 +42,7 @@ def example_args():
 @pytest.fixture(scope="module", params=["pipelined", "specialised"])
 def compiled(request):
     specialised = request.param == "specialised"
-    fn = study.fp8_gemm_specialised if specialised else study.fp8_gemm_pipelined
+    fn = study.gemm_specialised if specialised else study.fp8_gemm_pipelined
     warps = 4 if specialised else 8
     options = {"maxnreg": study.WS_MAXNREG} if specialised else {}
     kernel = compile_sm90(
@@ -105,7 +105,8 @@ def test_bf16_specialised_keeps_a_product_in_flight():
         "K": K,
     }
     kernel = compile_sm90(
-        study.bf16_gemm_specialised, signature_of(args), {"STAGES": 4, "num_warps": 4},
+        study.gemm_specialised, signature_of(args),
+        {"a_scale": None, "b_scale": None, "STAGES": 4, "num_warps": 4},
         divisible=("N", "K"), num_warps=4, maxnreg=study.WS_MAXNREG,
     )  # fmt: skip
     ops = sass_ops(kernel)
