@@ -1,5 +1,5 @@
-"""Block-scaled e4m3 GEMM k loops written in Gluon (Triton's explicit-layout dialect), against the
-megakernel's ``tl.dot`` loop. A study, kept out of the runtime: the megakernel is one
+"""GEMM k loops written in Gluon (Triton's explicit-layout dialect), block-scaled e4m3 and bf16,
+against the megakernel's ``tl.dot`` loops. A study, kept out of the runtime: the megakernel is one
 ``@triton.jit`` kernel, and a called function runs under its caller's semantics, so Gluon code
 with explicit layouts cannot be called from it (perf/NOTES.md, "The FP8 k loop in Gluon").
 
@@ -141,7 +141,8 @@ def _scaled_k_loop(a_s, b_s, ready, empty, a_scale, b_scale, r, n_tile, kbs, acc
 @gluon.jit
 def _ring(a_desc, b_desc, stages: gl.constexpr):
     """Shared-memory slots for ``stages`` k blocks of A and B (the descriptors' boxes), and a
-    ready and an empty barrier per slot (empty: both consumer warpgroups hand it back)."""
+    ready and an empty barrier per slot (empty: both consumer warpgroups of the specialised
+    kernel hand it back; the pipelined kernel refills from its loop and leaves them unused)."""
     a_s = gl.allocate_shared_memory(a_desc.dtype, [stages] + a_desc.block_type.shape, a_desc.layout)
     b_s = gl.allocate_shared_memory(b_desc.dtype, [stages] + b_desc.block_type.shape, b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [stages, 1], mbarrier.MBarrierLayout())
