@@ -51,7 +51,7 @@ from megakernel.fp8 import (
     quantize_token_groups,
 )
 from megakernel.ops.fp8 import tile_gemm1_fp8
-from perf.studies.gemm_gluon import CONSUMER_REGS, LOADER_REGS, WS_MAXNREG
+from perf.studies.gemm_gluon import CONSUMER_REGS, LOADER_REGS, WS_MAXNREG, time_variants
 
 BLOCK = 128  # scale block = k step = the task's columns = the tile's rows
 B = gl.constexpr(BLOCK)
@@ -255,30 +255,25 @@ def main() -> None:
     want = gemm1_ref(*case, rows)
     C = L * BLOCK
     variants = [("triton", 3)] + [("specialised", s) for s in args.stages]
+    live = torch.cat([torch.arange(t * BLOCK, t * BLOCK + rows) for t in range(L)])
     outs = {}
     for kernel, stages in variants:
         act = torch.full((C, I), float("nan"), device="cuda").to(torch.float8_e4m3fn)
         act_scale = torch.full((C, I // BLOCK), float("nan"), device="cuda")
         gemm1(kernel, *case, act, act_scale, rows, stages)
         got = dequantize_token_groups(act, act_scale)
-        live = torch.cat([torch.arange(t * BLOCK, t * BLOCK + rows) for t in range(L)])
         error = ((got[live] - want[live]).norm() / want[live].norm()).item()
         if not error < 3e-2:  # e4m3's rounding of act: about 2e-2
             raise SystemExit(f"{kernel} (stages {stages}): relative error {error:.2e}")
         print(f"{kernel} stages {stages}: act within {error:.2e} of the fp32 reference")
         outs[kernel, stages] = (act, act_scale)
-    flops = 2 * L * rows * 2 * I * H
-    best = {}
-    for rnd in range(args.rounds):
-        for variant in variants if rnd % 2 == 0 else variants[::-1]:
-            run = functools.partial(gemm1, variant[0], *case, *outs[variant], rows, variant[1])
-            ms = triton.testing.do_bench(run, warmup=50, rep=300)
-            best[variant] = min(best.get(variant, ms), ms)
-    base = best[variants[0]]
     print(f"{torch.cuda.get_device_name()}: {L} experts x {rows} rows, H {H}, I {I}")
-    print(f"{'kernel':>12} {'stages':>6} {'us':>8} {'TFLOP/s':>8} {'vs triton':>9}")
-    for (kernel, stages), ms in best.items():
-        print(f"{kernel:>12} {stages:>6} {ms * 1e3:8.1f} {flops / ms / 1e9:8.1f} {base / ms:9.2f}")
+    time_variants(
+        variants,
+        lambda v: functools.partial(gemm1, v[0], *case, *outs[v], rows, v[1]),
+        2 * L * rows * 2 * I * H,
+        args.rounds,
+    )
 
 
 if __name__ == "__main__":

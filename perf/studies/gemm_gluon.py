@@ -381,9 +381,23 @@ def random_operands(M: int, N: int, K: int, device: str = "cuda", seed: int = 0)
     return a, b, a_scale, b_scale
 
 
+def time_variants(variants, run, flops: float, rounds: int) -> None:
+    """Time ``run(variant)`` (a call that runs it once) for every variant, alternated over
+    ``rounds`` so the power cap's drift falls on all alike, and print the best of each against
+    the first (the ``triton`` one)."""
+    best = {}
+    for rnd in range(rounds):
+        for variant in variants if rnd % 2 == 0 else variants[::-1]:
+            ms = triton.testing.do_bench(run(variant), warmup=50, rep=300)
+            best[variant] = min(best.get(variant, ms), ms)
+    base = best[variants[0]]
+    print(f"{'kernel':>12} {'stages':>6} {'us':>8} {'TFLOP/s':>8} {'vs triton':>9}")
+    for (kernel, stages), ms in best.items():
+        print(f"{kernel:>12} {stages:>6} {ms * 1e3:8.1f} {flops / ms / 1e9:8.1f} {base / ms:9.2f}")
+
+
 def _time(label, variants, call, want, flops, rounds):
-    """Check every variant's output against ``want``, then time them alternated over rounds and
-    print the best of each against the first."""
+    """Check every variant's output against ``want``, then ``time_variants``."""
     outs = {}
     for variant in variants:
         out = torch.full(want.shape, float("nan"), device="cuda")
@@ -392,18 +406,8 @@ def _time(label, variants, call, want, flops, rounds):
         if not error < 1e-3:
             raise SystemExit(f"{label} {variant}: relative error {error:.2e} against the reference")
         outs[variant] = out
-    best = {}
-    for rnd in range(rounds):
-        for variant in variants if rnd % 2 == 0 else variants[::-1]:  # drift falls on all alike
-            ms = triton.testing.do_bench(
-                functools.partial(call, *variant, outs[variant]), warmup=50, rep=300
-            )
-            best[variant] = min(best.get(variant, ms), ms)
-    base = best[variants[0]]
     print(f"{label}: every output within 1e-3 of the reference; best of {rounds} rounds")
-    print(f"{'kernel':>12} {'stages':>6} {'us':>8} {'TFLOP/s':>8} {'vs triton':>9}")
-    for (kernel, stages), ms in best.items():
-        print(f"{kernel:>12} {stages:>6} {ms * 1e3:8.1f} {flops / ms / 1e9:8.1f} {base / ms:9.2f}")
+    time_variants(variants, lambda v: functools.partial(call, *v, outs[v]), flops, rounds)
 
 
 def main() -> None:
