@@ -89,6 +89,11 @@ class KernelConfig:
     # None: on for FP8 (4-6% faster on an H100), off for bf16 (no gain, its tasks are bound by
     # their weight stream): perf/NOTES.md
     half_tiles: bool | None = None
+    # GEMM1 tasks of up to this many tiles of one expert run column block by column block
+    # (block 0 of each tile, then block 1, ...), so those tiles read each weight block at the
+    # same time and all but the first find it in L2; 1: a tile's column blocks in a row
+    # (ops.gemm.gemm1_coords)
+    gemm1_group: int = 1
     combine_block: int = 128  # tokens per combine counter
     reduce_h: int = 1024  # columns per top-k reduce task (at least down_block_n of them)
     reduce_tokens: int = 32  # tokens per top-k reduce task (capped at combine_block)
@@ -228,6 +233,7 @@ class KernelMeta(NamedTuple):
     BLOCK_N: int  # output columns per GEMM1 task
     BLOCK_K: int  # k step over H
     GEMM1_BLOCKS: int  # GEMM1 tasks (column blocks) per tile
+    GEMM1_GROUP: int  # an expert's tiles whose GEMM1 tasks interleave by column block
     # -- down projection + combine put
     DOWN_BLOCK_N: int  # output columns (of H) per down task
     DOWN_BLOCK_K: int  # k step over I
@@ -276,6 +282,7 @@ _AS_CONFIGURED = dict(
     TRACE="trace",
     TRACE_CAP="trace_events",
     FP8_PROMOTE_K="fp8_promote_k",
+    GEMM1_GROUP="gemm1_group",
 )
 
 

@@ -239,20 +239,22 @@ def _send_order(phys: torch.Tensor, cfg: PlanConfig):
 
 
 def _tile_table(recv_offset: torch.Tensor, cnt: torch.Tensor, cfg: PlanConfig):
-    """(tiles [max_tiles, 5], tiles made): ``block_m`` rows of a local slot per tile, with the
-    first and last source rank its rows come from."""
+    """(tiles [max_tiles, TILE_COLS], tiles made): ``block_m`` rows of a local slot per tile, with
+    the first and last source rank its rows come from, its index among its slot's tiles and
+    their number."""
     tiles = torch.zeros(cfg.max_tiles, TILE_COLS, dtype=torch.int64)
     tiles[:, 0] = -1
     expert_rows, expert_start = cnt.sum(1), recv_offset[:, 0]
     i = 0
     for local in range(cfg.slots_per_rank):
         ends = recv_offset[local] + cnt[local]
-        for m in range(triton.cdiv(int(expert_rows[local]), cfg.block_m)):
+        n_tiles = triton.cdiv(int(expert_rows[local]), cfg.block_m)
+        for m in range(n_tiles):
             row0 = int(expert_start[local]) + m * cfg.block_m
             rows = min(cfg.block_m, int(expert_rows[local]) - m * cfg.block_m)
             src_lo = int((ends <= row0).sum())
             src_hi = int((ends <= row0 + rows - 1).sum())
-            tiles[i] = torch.tensor([local, row0, rows, src_lo, src_hi])
+            tiles[i] = torch.tensor([local, row0, rows, src_lo, src_hi, m, n_tiles])
             i += 1
     return tiles, i
 

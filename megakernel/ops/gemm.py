@@ -35,8 +35,9 @@ from symm_mem.device import INTERPRET, globaltimer, wait_flag, wait_flags
 DOT_UPCAST = tl.constexpr(INTERPRET)
 
 # columns of the plan's tile table: (local slot, first row, rows, first source rank, last source
-# rank); local slot -1: no tile
-TILE_COLS = tl.constexpr(5)
+# rank, the tile's index among its slot's tiles, its slot's tiles), all within the round; local
+# slot -1: no tile
+TILE_COLS = tl.constexpr(7)
 
 
 @triton.jit
@@ -204,17 +205,40 @@ def _wait_tile_rows(j, tile, local, plan, mine, state, rank, epoch, deadline, M:
 
 
 @triton.jit
+def gemm1_coords(j, tiles_ptr, GROUP: tl.constexpr, NB: tl.constexpr):
+    """GEMM1 task ``j`` -> (tile, column block), ``NB`` column blocks a tile.
+
+    ``GROUP`` 1: tile-major, a tile's blocks in a row. Else each slot's tiles go in chunks of at
+    most ``GROUP`` (its first ``GROUP`` tiles, the next ``GROUP``, ...) and a chunk's tasks run
+    column block major: block 0 of each of its tiles, then block 1, ... So the tiles of one
+    expert read each weight block within a few ids of each other and all but the first find it
+    in L2, where tile-major they read it ``NB`` ids apart (``KernelConfig.gemm1_group``). A chunk
+    takes the ids its tiles take tile-major, so the tile table's row ``j // NB`` names the chunk
+    (its columns 5 and 6); a tile's block 0 still precedes its other blocks."""
+    u = j // NB
+    if GROUP == 1:
+        return u, j - u * NB
+    row = tiles_ptr + u * TILE_COLS
+    m = tl.load(row + 5)  # u's index among its slot's tiles
+    first_m = m // GROUP * GROUP  # the chunk's first, by the same index
+    first = u - (m - first_m)
+    size = tl.minimum(GROUP, tl.load(row + 6) - first_m)
+    w = j - first * NB
+    return first + w % size, w // size
+
+
+@triton.jit
 def gemm1_task(
     j, w13_ptr, w13_desc, act_ptr, scales, plan, mine, state, rank, epoch, deadline,
     M: tl.constexpr,
 ):  # fmt: skip
-    """GEMM1 task ``j``: wait for its tile's rows, then GEMM column block ``j % GEMM1_BLOCKS``
-    (or, in mode "dispatch", resolve the tile's rows). In the layer, the tile's last column block
-    out publishes ``act_ready[tile] = epoch``. Without ``GATHER_A`` (and with token saving)
-    column block 0 first resolves the tile's rows in place and publishes ``resolved[tile] =
-    epoch``, which the tile's other blocks (higher ids on this rank) wait for. Returns the
-    nanoseconds it waited (with TRACE; else 0)."""
-    tile = j // M.GEMM1_BLOCKS
+    """GEMM1 task ``j``: wait for its tile's rows, then GEMM its column block (``gemm1_coords``
+    name both; or, in mode "dispatch", resolve the tile's rows). In the layer, the tile's last
+    column block out publishes ``act_ready[tile] = epoch``. Without ``GATHER_A`` (and with token
+    saving) column block 0 first resolves the tile's rows in place and publishes
+    ``resolved[tile] = epoch``, which the tile's other blocks (higher ids on this rank) wait
+    for. Returns the nanoseconds it waited (with TRACE; else 0)."""
+    tile, n_block = gemm1_coords(j, plan.tiles, M.GEMM1_GROUP, M.GEMM1_BLOCKS)
     row = plan.tiles + tile * TILE_COLS
     local = tl.load(row)
     row0 = tl.load(row + 1)
@@ -231,7 +255,7 @@ def gemm1_task(
     if arrived:
         if M.GEMM and M.TOKEN_SAVING and not M.GATHER_A:
             # rows that take their data from the token's first slot get a copy of it first
-            if j % M.GEMM1_BLOCKS == 0:
+            if n_block == 0:
                 tile_resolve_rows(recv_x, recv_src, row0, rows, M.H, M.CHUNK, M.BLOCK_H, M.BLOCK_M)
                 tl.debug_barrier()  # every thread's copies before the release
                 value = tl.cast(epoch, tl.int64)
@@ -251,13 +275,13 @@ def gemm1_task(
             if M.PROBE != PROBE_COMM:
                 if M.HALF_TILES and rows <= M.BLOCK_M // 2:
                     _gemm1_tile(
-                        j, w13_ptr, w13_desc, act_ptr, scales, mine, recv_x, recv_src, local, row0,
-                        rows, parity, M, M.BLOCK_M // 2,
+                        n_block, w13_ptr, w13_desc, act_ptr, scales, mine, recv_x, recv_src,
+                        local, row0, rows, parity, M, M.BLOCK_M // 2,
                     )  # fmt: skip
                 else:
                     _gemm1_tile(
-                        j, w13_ptr, w13_desc, act_ptr, scales, mine, recv_x, recv_src, local, row0,
-                        rows, parity, M, M.BLOCK_M,
+                        n_block, w13_ptr, w13_desc, act_ptr, scales, mine, recv_x, recv_src,
+                        local, row0, rows, parity, M, M.BLOCK_M,
                     )  # fmt: skip
             if M.LAYER:
                 _publish_activations(tile, state, epoch, M)
@@ -268,21 +292,21 @@ def gemm1_task(
 
 @triton.jit
 def _gemm1_tile(
-    j, w13_ptr, w13_desc, act_ptr, scales, mine, recv_x, recv_src, local, row0, rows, parity,
-    M: tl.constexpr, BLOCK_M: tl.constexpr,
+    n_block, w13_ptr, w13_desc, act_ptr, scales, mine, recv_x, recv_src, local, row0, rows,
+    parity, M: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """GEMM1 column block ``j % GEMM1_BLOCKS`` of a tile, ``BLOCK_M`` rows high (``rows`` of
-    them live)."""
+    """GEMM1 column block ``n_block`` of a tile, ``BLOCK_M`` rows high (``rows`` of them
+    live)."""
     if M.FP8:
         x_scale = mine.recv_scale + parity * (M.C * M.H // FP8_BLOCK)
         tile_gemm1_fp8(
             recv_x, x_scale, recv_src, w13_ptr, scales.w13, act_ptr, scales.act, local, row0,
-            rows, j % M.GEMM1_BLOCKS, M.H, M.I, BLOCK_M, w13_desc, M.GEMM1_TMA, M.FP8_PROMOTE_K,
+            rows, n_block, M.H, M.I, BLOCK_M, w13_desc, M.GEMM1_TMA, M.FP8_PROMOTE_K,
         )  # fmt: skip
     else:
         tile_expert_gemm(
-            recv_x, recv_src, w13_ptr, w13_desc, act_ptr, local, row0, rows, j % M.GEMM1_BLOCKS,
-            M.H, M.I, BLOCK_M, M.BLOCK_N, M.BLOCK_K, M.SWIGLU, M.GATHER_A, M.GEMM1_TMA, M.PAIRS,
+            recv_x, recv_src, w13_ptr, w13_desc, act_ptr, local, row0, rows, n_block, M.H, M.I,
+            BLOCK_M, M.BLOCK_N, M.BLOCK_K, M.SWIGLU, M.GATHER_A, M.GEMM1_TMA, M.PAIRS,
         )  # fmt: skip
 
 

@@ -317,6 +317,8 @@ def _tile_chunk(c, rnd, cnt, counts_ptr, parity, rank, out, call, max_tiles, M: 
     tl.store(row + 2, tl.where(live, rows, 0), mask=inside)
     tl.store(row + 3, tl.where(live, src_lo, 0), mask=inside)
     tl.store(row + 4, tl.where(live, src_hi, 0), mask=inside)
+    tl.store(row + 5, tl.where(live, m, 0), mask=inside)
+    tl.store(row + 6, tl.where(live, tl.gather(n_tiles, local, 0), 0), mask=inside)
 
 
 @triton.jit

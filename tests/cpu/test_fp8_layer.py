@@ -81,11 +81,12 @@ def test_fp8_layer_loads_pre_quantised_weights_as_given():
         layer.close()
 
 
-@pytest.mark.parametrize("half_tiles", [None, False])
-def test_fp8_half_tiles_match_the_fp8_reference(half_tiles):
+@pytest.mark.parametrize("half_tiles, group", [(None, 1), (False, 1), (None, 2)])
+def test_fp8_half_tiles_match_the_fp8_reference(half_tiles, group):
     """``half_tiles``, on for FP8 unless turned off: tiles of at most block_m / 2 rows (8 here)
     run GEMM1 and the down projection at half the height (off: every tile at full height);
-    the routing gives experts tails of both heights."""
+    the routing gives experts tails of both heights. ``gemm1_group=2``: GEMM1's tasks column
+    block major over an expert's tiles two at a time."""
     R = 2
     rt = routing.uniform(R, [T] * R, SHAPE.num_experts, SHAPE.topk, seed=40)
     rows = torch.bincount(torch.cat(rt.topk_ids).flatten(), minlength=SHAPE.num_experts)
@@ -94,7 +95,7 @@ def test_fp8_half_tiles_match_the_fp8_reference(half_tiles):
     with EmulatedWorld(R) as world:
         layer = FusedEPMoE.from_dense(
             world, SHAPE, make_w13(SHAPE, 3, "cpu"), make_w2(SHAPE, 3, "cpu"),
-            config=config(half_tiles=half_tiles),
+            config=config(half_tiles=half_tiles, gemm1_group=group),
         )  # fmt: skip
         assert layer.workspace.meta("layer").HALF_TILES == (half_tiles is None)
         run_and_check(layer, R, [T] * R, seed=41, rt=rt)

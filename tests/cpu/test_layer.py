@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from megakernel import FusedEPMoE, KernelConfig, Megakernel, TopKRouter, routing
+from megakernel.ops.gemm import TILE_COLS, gemm1_coords
 from megakernel.placement import Placement
 from megakernel.shapes import PRESETS, MoEShape
 from megakernel.tasks import combine_order, down_coords
@@ -95,12 +96,18 @@ def test_layer_top1_one_expert_per_rank_fp16_switches_off():
         layer_call(ws, rt, placement, seed=6, shape=shape)
 
 
-def test_layer_pack_scan():
+@pytest.mark.parametrize("pack", ["auto", "scan"])
+@pytest.mark.parametrize("group", [1, 3])
+def test_layer_gemm1_groups(pack, group):
+    """GEMM1's tasks tile by tile and (``gemm1_group=3``) column block major over up to three
+    tiles of one expert; a hot expert has many tiles, the others one or two. ``pack="scan"``:
+    a tile's column blocks 1.. wait for block 0's copies, which either order runs first."""
     R = 2
     rt = routing.hot_expert(R, T, SHAPE.num_experts, SHAPE.topk, 0.5, seed=8)
     placement = Placement.contiguous(SHAPE.num_experts, R)
     with EmulatedWorld(R) as world:
-        ws = Megakernel(world, SHAPE, config=small_config(pack="scan"))
+        ws = Megakernel(world, SHAPE, config=small_config(pack=pack, gemm1_group=group))
+        assert ws.meta("layer").GEMM1_GROUP == group
         layer_call(ws, rt, placement, seed=9, shape=SHAPE, split=True)
 
 
@@ -460,6 +467,39 @@ def test_down_and_reduce_order(num_tiles, nrb, GB, NB2, lag):
         following = downs_of.get(g + 1, [])
         assert sum(q < p for q in following) >= min(lag, len(following))
     assert [r[1] for _, r in red] == sorted(r[1] for _, r in red), "reduce tasks in id order"
+
+
+@triton.jit
+def _gemm1_order_kernel(out_ptr, tiles_ptr, n, GROUP: tl.constexpr, NB: tl.constexpr,
+                        NP: tl.constexpr):  # fmt: skip
+    i = tl.arange(0, NP)
+    tile, n_block = gemm1_coords(tl.minimum(i, n - 1), tiles_ptr, GROUP, NB)  # rows of the table
+    tl.store(out_ptr + i * 2, tile, mask=i < n)
+    tl.store(out_ptr + i * 2 + 1, n_block, mask=i < n)
+
+
+@pytest.mark.parametrize("GROUP", [1, 2, 3, 8])
+@pytest.mark.parametrize("slot_tiles, NB", [([3, 1, 7, 2], 3), ([1], 4), ([8], 1), ([5, 6], 16)])
+def test_gemm1_order(slot_tiles, NB, GROUP):
+    """``gemm1_coords`` visits every (tile, column block) once: each slot's tiles in chunks of
+    GROUP (its last one shorter), a chunk's tasks column block by column block, its tiles in
+    order within a block (so a tile's block 0 precedes its other blocks), a chunk at the ids
+    its tiles take tile-major; GROUP 1 is tile-major. The tile table as the plan writes it:
+    columns 5 and 6 hold a tile's index among its slot's tiles and their number."""
+    table = torch.cat(
+        [torch.tensor([[0] * 5 + [m, n] for m in range(n)]) for n in slot_tiles]
+    ).to(torch.int32)
+    assert table.shape[1] == TILE_COLS
+    n = table.shape[0] * NB
+    out = torch.full((n, 2), -1, dtype=torch.int32)
+    _gemm1_order_kernel[(1,)](out, table, n, GROUP, NB, triton.next_power_of_2(n))
+    want, first = [], 0
+    for tiles in slot_tiles:
+        for start in range(0, tiles, GROUP):
+            chunk = range(first + start, first + min(start + GROUP, tiles))
+            want += [(t, c) for c in range(NB) for t in chunk]
+        first += tiles
+    assert [tuple(r) for r in out.tolist()] == want
 
 
 def plant_bad_ids(rt: routing.Routing, rank: int) -> tuple[routing.Routing, routing.Routing]:

@@ -148,8 +148,12 @@ def test_task_table_ordering_rule(token_saving, seed):
                 g = p.dispatch_tasks[i, 0].item()
                 groups.setdefault((s, g // R, g % R), []).append(i)
         layout = recv_layout_ref(phys, placement, d)
+        slots = plan.tiles[: plan.stat("num_tiles"), 0].tolist()
         for tile in range(plan.stat("num_tiles")):
-            local, row0, rows, src_lo, src_hi = plan.tiles[tile].tolist()
+            local, row0, rows, src_lo, src_hi, m, n_tiles = plan.tiles[tile].tolist()
+            # its index among its slot's tiles, and their number (gemm1_coords' chunks)
+            mates = [i for i, slot in enumerate(slots) if slot == local]
+            assert (m, n_tiles) == (mates.index(tile), len(mates))
             ls = range(local + 1) if token_saving else [local]
             waits = {
                 (s, t)

@@ -24,8 +24,9 @@ MEDIUM = MoEShape(hidden=1024, ffn=512, num_experts=64, topk=6, max_tokens_per_r
         (8, {}),
         (2, dict(gemm1_tma=False, down_tma=False)),
         (1, dict(half_tiles=False)),
+        (2, dict(gemm1_group=8)),
     ],
-    ids=["R1", "R2", "R4", "R8", "R2-pointers", "R1-full_height_tails"],
+    ids=["R1", "R2", "R4", "R8", "R2-pointers", "R1-full_height_tails", "R2-gemm1_groups"],
 )
 def test_fp8_layer_matches_the_fp8_reference(R, knobs):
     """T = 700 per rank (uniform routing: about 66 rows an expert, so tiles of both halves'

@@ -111,6 +111,16 @@ def test_layer_pack_scan(R):
         ws.close()
 
 
+@pytest.mark.parametrize("R, pack", [(1, "auto"), (4, "auto"), (1, "scan")])
+def test_layer_gemm1_groups(R, pack):
+    """KernelConfig(gemm1_group=8): GEMM1's tasks column block major over up to eight tiles of
+    one expert (one_expert gives one expert every tile), back to back without a sync."""
+    with EmulatedWorld(R, "cuda") as world:
+        ws = Megakernel(world, MEDIUM, config=KernelConfig(gemm1_group=8, pack=pack))
+        layer_cases(ws, ["uniform", "zipf", "one_expert"])
+        ws.close()
+
+
 def test_layer_phase_by_phase_on_the_gpu():
     """The CPU tests' launch order, on the GPU: isolates a race from a missing signal."""
     R = 4
