@@ -94,7 +94,8 @@ class KernelConfig:
     # same time and all but the first find it in L2; 1: a tile's column blocks in a row
     # (ops.gemm.gemm1_coords). 16 keeps a chunk's A rows and the weight blocks the programs
     # stream together near their smallest (G A + 132 / G W, W = 2 A, at G = 16): mixtral 1.45x
-    # faster at T = 4096 than tile by tile, dsv3 3% (perf/NOTES.md, "GEMM1 tasks by expert")
+    # faster at T = 4096 than tile by tile, dsv3 3% with G = 8 (perf/NOTES.md, "GEMM1 tasks by
+    # expert")
     gemm1_group: int = 16
     combine_block: int = 128  # tokens per combine counter
     reduce_h: int = 1024  # columns per top-k reduce task (at least down_block_n of them)
