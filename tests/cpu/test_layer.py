@@ -486,9 +486,8 @@ def test_gemm1_order(slot_tiles, NB, GROUP):
     order within a block (so a tile's block 0 precedes its other blocks), a chunk at the ids
     its tiles take tile-major; GROUP 1 is tile-major. The tile table as the plan writes it:
     columns 5 and 6 hold a tile's index among its slot's tiles and their number."""
-    table = torch.cat(
-        [torch.tensor([[0] * 5 + [m, n] for m in range(n)]) for n in slot_tiles]
-    ).to(torch.int32)
+    rows = [[0] * 5 + [m, n] for n in slot_tiles for m in range(n)]
+    table = torch.tensor(rows, dtype=torch.int32)
     assert table.shape[1] == TILE_COLS
     n = table.shape[0] * NB
     out = torch.full((n, 2), -1, dtype=torch.int32)
