@@ -189,7 +189,11 @@ def _wait_tile_rows(j, tile, local, plan, mine, state, rank, epoch, deadline, M:
     ``PER_TILE``), and with token saving of every earlier local slot too, since a row may take
     its data from the token's first slot. Returns whether they all arrived."""
     row = plan.tiles + tile * TILE_COLS
-    lo = tl.arange(0, M.L_P)[:, None]
+    # NOTE: at least 64 flags, masked beyond L: with fewer (L_P R_P < 64: gpt_oss and mixtral at
+    # R = 1, mixtral at R = 2) ptxas built GEMM1's MMA descriptors in plain registers and moved
+    # them over (R2UR) before every MMA of the k loop; the compile tests hold it to none
+    LANES: tl.constexpr = max(M.L_P, 64 // M.R_P)
+    lo = tl.arange(0, LANES)[:, None]
     s = tl.arange(0, M.R_P)[None, :]
     if M.TOKEN_SAVING:
         want = (lo <= local) & (s < M.R)  # a row's data may sit in the token's first slot
@@ -198,8 +202,8 @@ def _wait_tile_rows(j, tile, local, plan, mine, state, rank, epoch, deadline, M:
     if M.PER_TILE:
         want = want & (s >= tl.load(row + 3))
         want = want & (s <= tl.load(row + 4))
-    flags = tl.reshape(mine.expert_ready + lo * M.R + s, [M.L_P * M.R_P])
-    mask = tl.reshape(want, [M.L_P * M.R_P])
+    flags = tl.reshape(mine.expert_ready + lo * M.R + s, [LANES * M.R_P])
+    mask = tl.reshape(want, [LANES * M.R_P])
     task = M.MAX_DISPATCH + j
     return wait_flags(flags, mask, epoch, deadline, state.err, rank, FLAG_EXPERT_READY, task)
 

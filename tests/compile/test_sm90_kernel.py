@@ -227,20 +227,23 @@ def test_pack_scan_resolves_then_reads_rows_in_place():
 
 
 @pytest.mark.parametrize(
-    "preset,mode,knobs,known",
+    "preset,R,mode,knobs,known",
     [
-        ("dsv3", "layer", {}, ()),
-        ("qwen3_235b", "layer", {}, ()),
-        # NOTE: with few slots per rank (E <= 32 at R = 2) ptxas moves the paired GEMM1's
-        # descriptors through R2UR; measured harmless there (mixtral's GEMM1, H200: 485.7 TFLOP/s
-        # paired against 477.9 and 467.5 as two products; perf/NOTES.md)
-        ("mixtral", "layer", {}, ("gemm1",)),
-        ("mixtral", "layer", {"gemm1_pairs": False}, ()),
-        ("dsv3", "gemm", {}, ()),
-        ("dsv3", "layer", {"gemm1_pairs": False}, ()),
+        ("dsv3", 2, "layer", {}, ()),
+        ("qwen3_235b", 2, "layer", {}, ()),
+        # few slots a rank: a tile's flag wait once took under 64 lanes here, and ptxas moved the
+        # paired GEMM1's descriptors through R2UR (ops.gemm._wait_tile_rows)
+        ("mixtral", 2, "layer", {}, ()),
+        ("mixtral", 1, "layer", {}, ()),
+        ("gpt_oss", 1, "layer", {}, ()),
+        ("mixtral", 2, "layer", {"gemm1_pairs": False}, ()),
+        ("dsv3", 2, "gemm", {}, ()),
+        ("dsv3", 2, "layer", {"gemm1_pairs": False}, ()),
     ],
 )
-def test_gemm_k_loops_keep_their_mma_descriptors_in_uniform_registers(preset, mode, knobs, known):
+def test_gemm_k_loops_keep_their_mma_descriptors_in_uniform_registers(
+    preset, R, mode, knobs, known
+):
     """Between the HGMMAs of one k step there is no ``R2UR``: ptxas built the shared-memory
     descriptors on the uniform datapath, not in plain registers moved over one per MMA.
 
@@ -253,7 +256,7 @@ def test_gemm_k_loops_keep_their_mma_descriptors_in_uniform_registers(preset, mo
     so that a change that cleans them up is noticed too.
     """
     cfg = KernelConfig(**knobs)
-    groups = wgmma_groups(sass_ops(compile_megakernel(PRESETS[preset], 2, cfg, mode)))
+    groups = wgmma_groups(sass_ops(compile_megakernel(PRESETS[preset], R, cfg, mode)))
     # GEMM1: gate and up as one product, or as two; the layer adds the down projection
     paired = cfg.paired_gemm1(swiglu=True)
     names = (["gemm1"] if paired else ["gate", "up"]) + (["down"] if mode == "layer" else [])
