@@ -85,10 +85,10 @@ class KernelConfig:
     # whose adds keep too few bits on Hopper (an error that grows with k: perf/NOTES.md)
     fp8_promote_k: int = 128
     # a tile of at most block_m / 2 rows (an expert's last, partly filled one) runs GEMM1 and
-    # the down projection at half the height, so its MMAs cover the rows it has, not block_m.
-    # None: on for FP8 (4-6% faster on an H100), off for bf16 (no gain, its tasks are bound by
-    # their weight stream): perf/NOTES.md
-    half_tiles: bool | None = None
+    # the down projection at half the height, so its MMAs cover the rows it has, not block_m:
+    # FP8 4-6% faster at T = 4096, bf16 2-6% at T = 16 and 128 and 1-2% at T = 1024, within
+    # the spread at T = 4096, every preset on an H100 (perf/NOTES.md)
+    half_tiles: bool = True
     # GEMM1 tasks of up to this many tiles of one expert run column block by column block
     # (block 0 of each tile, then block 1, ...), so those tiles read each weight block at the
     # same time and all but the first find it in L2; 1: a tile's column blocks in a row
@@ -118,13 +118,13 @@ class KernelConfig:
                 "fixes the receive order (DESIGN §4), so the pack study's 'sort' and 'atomic' "
                 "do not apply to the layer"
             )
-        if self.half_tiles not in (None, False, True):
-            raise ValueError(
-                f"KernelConfig.half_tiles must be None, False or True, got {self.half_tiles!r}"
-            )
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type in ("bool", "str", "bool | None"):
+            if f.type == "str":
+                continue
+            if f.type == "bool":
+                if value not in (False, True):  # 0 and 1 too (``megakernel.profile --set``)
+                    raise ValueError(f"KernelConfig.{f.name} must be True or False, got {value!r}")
                 continue
             low = 0 if f.name in ("num_ctas", "dispatch_ctas", "reduce_lag", "fp8_promote_k") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -153,8 +153,7 @@ class KernelConfig:
         one per weight block; gate and up are two products (no pairs); a down task's columns
         are one scale block, or two side by side where ``down_block_n`` >= 256 (two products).
         GEMM1 gathers its rows through ``recv_src`` (their scales too), so ``pack="scan"`` does
-        not apply. The weights come by TMA or by pointers as ``gemm1_tma`` / ``down_tma`` say;
-        ``half_tiles`` left to the path (None) is on."""
+        not apply. The weights come by TMA or by pointers as ``gemm1_tma`` / ``down_tma`` say."""
         if self.pack == "scan":
             raise ValueError(
                 'KernelConfig(pack="scan") resolves rows in place, which the FP8 path does not: '
@@ -164,7 +163,6 @@ class KernelConfig:
         return replace(
             self, block_n=b, block_k=b, down_block_n=b if self.down_block_n <= b else 2 * b,
             down_block_k=b, gemm1_pairs=False,
-            half_tiles=self.half_tiles is None or bool(self.half_tiles),
         )  # fmt: skip
 
     def paired_gemm1(self, swiglu: bool) -> bool:
@@ -333,7 +331,7 @@ def kernel_meta(
         PAIRS=gemm and cfg.paired_gemm1(swiglu),
         LAYER=layer,
         FP8=shape.fp8,
-        HALF_TILES=bool(cfg.half_tiles),  # None (left to the path) where not FP8: off
+        HALF_TILES=bool(cfg.half_tiles),
         PROBE=probe,
         **{name: getattr(cfg, knob) for name, knob in _AS_CONFIGURED.items()},
     )

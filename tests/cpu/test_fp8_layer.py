@@ -81,9 +81,9 @@ def test_fp8_layer_loads_pre_quantised_weights_as_given():
         layer.close()
 
 
-@pytest.mark.parametrize("half_tiles, group", [(None, 1), (False, 1), (None, 2)])
+@pytest.mark.parametrize("half_tiles, group", [(True, 1), (False, 1), (True, 2)])
 def test_fp8_half_tiles_match_the_fp8_reference(half_tiles, group):
-    """``half_tiles``, on for FP8 unless turned off: tiles of at most block_m / 2 rows (8 here)
+    """``half_tiles`` (on by default): tiles of at most block_m / 2 rows (8 here)
     run GEMM1 and the down projection at half the height (off: every tile at full height);
     the routing gives experts tails of both heights. ``gemm1_group=2``: GEMM1's tasks column
     block major over an expert's tiles two at a time."""
@@ -97,17 +97,19 @@ def test_fp8_half_tiles_match_the_fp8_reference(half_tiles, group):
             world, SHAPE, make_w13(SHAPE, 3, "cpu"), make_w2(SHAPE, 3, "cpu"),
             config=config(half_tiles=half_tiles, gemm1_group=group),
         )  # fmt: skip
-        assert layer.workspace.meta("layer").HALF_TILES == (half_tiles is None)
+        assert layer.workspace.meta("layer").HALF_TILES == half_tiles
         run_and_check(layer, R, [T] * R, seed=41, rt=rt)
         layer.close()
 
 
-def test_half_tiles_default_to_on_for_fp8_only():
+def test_half_tiles_default_to_on_and_fp8_keeps_the_choice():
+    assert KernelConfig().half_tiles is True
     assert KernelConfig().for_fp8().half_tiles is True
     assert KernelConfig(half_tiles=False).for_fp8().half_tiles is False
-    assert KernelConfig().half_tiles is None  # bf16 runs it as off (test_layer.py)
-    with pytest.raises(ValueError, match="half_tiles"):
+    with pytest.raises(ValueError, match="half_tiles must be True or False, got 'yes'"):
         KernelConfig(half_tiles="yes")
+    with pytest.raises(ValueError, match="token_saving must be True or False, got None"):
+        KernelConfig(token_saving=None)
 
 
 @pytest.mark.parametrize("tma", [True, False])

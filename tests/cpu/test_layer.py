@@ -111,11 +111,12 @@ def test_layer_gemm1_groups(pack, group):
         layer_call(ws, rt, placement, seed=9, shape=SHAPE, split=True)
 
 
+@pytest.mark.parametrize("half_tiles", [True, False])
 @pytest.mark.parametrize("pack", ["auto", "scan"])
-def test_half_tiles(pack):
-    """``half_tiles`` (off by default for bf16): tiles of at most 8 rows (half of block_m) run
-    GEMM1 and the down projection at half the height, with rows gathered or resolved in place
-    (``pack``)."""
+def test_half_tiles(pack, half_tiles):
+    """``half_tiles`` (the default): tiles of at most 8 rows (half of block_m) run GEMM1 and
+    the down projection at half the height, with rows gathered or resolved in place (``pack``);
+    off, every tile runs at full height."""
     R, shape = 2, MoEShape(64, 32, 8, 2, 100)
     rt = routing.uniform(R, [T] * R, shape.num_experts, shape.topk, seed=11)
     rows = torch.bincount(torch.cat(rt.topk_ids).flatten(), minlength=shape.num_experts)
@@ -123,9 +124,8 @@ def test_half_tiles(pack):
     assert ((tails > 0) & (tails <= 8)).any() and (rows > 8).any()  # both heights run
     placement = Placement.contiguous(shape.num_experts, R)
     with EmulatedWorld(R) as world:
-        assert not Megakernel(world, shape, config=small_config()).meta("layer").HALF_TILES
-        ws = Megakernel(world, shape, config=small_config(half_tiles=True, pack=pack))
-        assert ws.meta("layer").HALF_TILES
+        ws = Megakernel(world, shape, config=small_config(half_tiles=half_tiles, pack=pack))
+        assert ws.meta("layer").HALF_TILES == half_tiles
         layer_call(ws, rt, placement, seed=12, shape=shape)
 
 
