@@ -121,6 +121,17 @@ def test_layer_gemm1_groups(R, pack):
         ws.close()
 
 
+@pytest.mark.parametrize("R", [1, 4])
+def test_layer_full_height_tiles(R):
+    """KernelConfig(half_tiles=False): every tile at full height, an expert's half-empty last one
+    too (the default runs those at half the height), back to back without a sync."""
+    with EmulatedWorld(R, "cuda") as world:
+        ws = Megakernel(world, MEDIUM, config=KernelConfig(half_tiles=False))
+        assert not ws.meta("layer").HALF_TILES
+        layer_cases(ws, ["uniform", "zipf", "ragged"])
+        ws.close()
+
+
 def test_layer_phase_by_phase_on_the_gpu():
     """The CPU tests' launch order, on the GPU: isolates a race from a missing signal."""
     R = 4
