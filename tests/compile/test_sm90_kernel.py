@@ -245,7 +245,8 @@ def test_pack_scan_resolves_then_reads_rows_in_place():
 )
 def test_gemm_k_loops_keep_their_mma_descriptors_in_uniform_registers(preset, R, mode, knobs):
     """Between the HGMMAs of one k step there is no ``R2UR``: ptxas built the shared-memory
-    descriptors on the uniform datapath, not in plain registers moved over one per MMA.
+    descriptors on the uniform datapath, not in plain registers moved over one per MMA. The
+    same loops hold no spills (local-memory loads or stores).
 
     NOTE: a tripwire, not a rule of Hopper. Twice a change outside the GEMMs (taking the next
     task in another atomic) made ptxas move these descriptors through ``R2UR`` in GEMM1's or the
@@ -261,7 +262,7 @@ def test_gemm_k_loops_keep_their_mma_descriptors_in_uniform_registers(preset, R,
     paired = cfg.paired_gemm1(swiglu=True)
     names = (["gemm1"] if paired else ["gate", "up"]) + (["down"] if mode == "layer" else [])
     assert len(groups) == len(names) * (2 if cfg.half_tiles else 1), f"{names}: {len(groups)}"
-    moves = [sum(op.startswith("R2UR") for op in ops) for _, ops in groups]
+    moves = [sum(op.startswith("R2UR") for op in group) for _, group in groups]
     assert not any(moves), f"R2UR per wgmma group ({'/'.join(names)}, both heights): {moves}"
     spills = mma_loop_spills(ops)  # none at any preset, R = 1 or 2, either height (2026-12-07)
     assert spills == [], f"{len(spills)} local-memory (spill) instructions in the MMA loops"
