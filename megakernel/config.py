@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from megakernel.shapes import FP8_BLOCK, MoEShape
+from megakernel.shapes import ACTIVATIONS, FP8_BLOCK, MoEShape
 
 # KernelConfig.pack: how GEMM1 reads rows that token saving left as references (see gather_a)
 PACK_MODES = ("auto", "gather", "scan")
@@ -262,6 +262,8 @@ class KernelMeta(NamedTuple):
     PAIRS: bool  # gate and up as one product (KernelConfig.paired_gemm1)
     LAYER: bool  # the whole layer (down, combine, reduce)
     FP8: bool  # e4m3 rows, activations and weights with fp32 block scales (MoEShape.fp8)
+    ACT: int  # GEMM1's gated activation: MoEShape.activation's index in shapes.ACTIVATIONS
+    BIAS: bool  # the experts add their biases (MoEShape.bias): GEMM1's b13, the down's b2
     TOKEN_SAVING: bool
     SORTED: bool  # expert-major send order
     PER_TILE: bool  # a tile waits on its own source ranks' flags only
@@ -331,6 +333,8 @@ def kernel_meta(
         PAIRS=gemm and cfg.paired_gemm1(swiglu),
         LAYER=layer,
         FP8=shape.fp8,
+        ACT=ACTIVATIONS.index(shape.activation),
+        BIAS=gemm and shape.bias,
         HALF_TILES=bool(cfg.half_tiles),
         PROBE=probe,
         **{name: getattr(cfg, knob) for name, knob in _AS_CONFIGURED.items()},

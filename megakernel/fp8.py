@@ -17,10 +17,11 @@ fp32 on dequantised operands; ``FP8_TOLERANCE`` is how far the layer may be from
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
-from megakernel.reference import moe_ref_by_expert
+from megakernel.reference import expert_down_ref, expert_gemm1_ref, moe_ref_by_expert
 from megakernel.shapes import FP8_BLOCK
 
 E4M3 = torch.float8_e4m3fn
@@ -102,24 +103,33 @@ def fp8_roundtrip(x: torch.Tensor) -> torch.Tensor:
     return dequantize_token_groups(*quantize_token_groups(x))
 
 
-def _dequantized_experts(w13, w2):
-    """``expert(e) -> (w13 [2I, H], w2 [H, I])`` fp32, from (e4m3, block scales) pairs."""
+def _dequantized_experts(w13, w2, b13=None, b2=None):
+    """``expert(e) -> (w13 [2I, H], w2 [H, I], b13 [2I] | None, b2 [H] | None)`` fp32, the
+    weights from (e4m3, block scales) pairs."""
 
-    def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def expert(e: int) -> tuple[torch.Tensor | None, ...]:
         return (
             dequantize_weight_blocks(w13[0][e], w13[1][e]),
             dequantize_weight_blocks(w2[0][e], w2[1][e]),
+            None if b13 is None else b13[e],
+            None if b2 is None else b2[e],
         )
 
     return expert
 
 
-def _fp8_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """One expert's FFN as the FP8 path runs it: the SwiGLU output quantised per token group
+def _fp8_ffn(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """One expert's FFN as the FP8 path runs it: the gated output quantised per token group
     before the down projection."""
-    ffn = w13.shape[0] // 2
-    h = x @ w13.t()
-    return fp8_roundtrip(torch.nn.functional.silu(h[:, :ffn]) * h[:, ffn:]) @ w2.t()
+    act = fp8_roundtrip(expert_gemm1_ref(x, w13, b13, activation))
+    return expert_down_ref(act, w2, b2)
 
 
 def moe_fp8_ref(
@@ -128,23 +138,31 @@ def moe_fp8_ref(
     topk_weights: torch.Tensor,
     w13: tuple[torch.Tensor, torch.Tensor],
     w2: tuple[torch.Tensor, torch.Tensor],
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: str = "silu",
 ) -> torch.Tensor:
     """The FP8 layer's result, fp32 ``[T, H]``: ``x`` quantised per token group (the dispatch),
-    each expert's ``w13`` / ``w2`` given as (e4m3, block scales) and dequantised, GEMM1 and SwiGLU
-    in fp32, the SwiGLU output quantised per token group again, GEMM2 in fp32, the top-k sum in
-    fp32. Dropped slots (id -1) contribute nothing."""
-    return moe_fp8_ref_by_expert(x, topk_ids, topk_weights, _dequantized_experts(w13, w2))
+    each expert's ``w13`` / ``w2`` given as (e4m3, block scales) and dequantised, GEMM1 (plus
+    ``b13 [E, 2I]``) and the gated activation (``MoEShape.activation``) in fp32, its output
+    quantised per token group again, GEMM2 (plus ``b2 [E, H]``) in fp32, the top-k sum in fp32.
+    Dropped slots (id -1) contribute nothing."""
+    experts = _dequantized_experts(w13, w2, b13, b2)
+    return moe_fp8_ref_by_expert(x, topk_ids, topk_weights, experts, activation)
 
 
 def moe_fp8_ref_by_expert(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
-    expert_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    expert_weights: Callable[[int], tuple[torch.Tensor | None, ...]],
+    activation: str = "silu",
 ) -> torch.Tensor:
     """``moe_fp8_ref`` asking ``expert_weights(e)`` for one expert's dequantised ``(w13, w2)``
-    at a time, only for the experts the tokens picked (``moe_ref_by_expert``)."""
-    return moe_ref_by_expert(fp8_roundtrip(x), topk_ids, topk_weights, expert_weights, _fp8_ffn)
+    (then its biases, where it has them) at a time, only for the experts the tokens picked
+    (``moe_ref_by_expert``)."""
+    ffn = partial(_fp8_ffn, activation=activation)
+    return moe_ref_by_expert(fp8_roundtrip(x), topk_ids, topk_weights, expert_weights, ffn)
 
 
 def moe_dequantized_ref(

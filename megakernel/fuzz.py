@@ -1,6 +1,7 @@
 """Random sequences of layer calls, for the randomized tests (``tests/cpu/test_random_calls.py``
 and its GPU twin): each sequence builds a layer on an emulated world of R ranks, with a random
-dtype and capacity, and makes a few calls with random token counts (0 and 1 included) and random
+dtype, capacity and kind of experts (SwiGLU, or gpt-oss's clamped form, with or without
+biases), and makes a few calls with random token counts (0 and 1 included) and random
 routings; every output is compared with ``moe_ref``, or the expected error is checked.
 
 A sequence is data (``Sequence``), drawn from one seed by ``draw_sequence``, so a failure names
@@ -10,7 +11,7 @@ the seed that reproduces it; ``run_sequence`` runs one and returns what went wro
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import triton
@@ -19,7 +20,14 @@ from megakernel import routing
 from megakernel.config import KernelConfig
 from megakernel.plan import MAX_ROUNDS, PlanConfig
 from megakernel.shapes import MoEShape
-from megakernel.testing import compare_layer_output, layer_ref, make_tokens, make_w2, make_w13
+from megakernel.testing import (
+    compare_layer_output,
+    layer_ref,
+    make_biases,
+    make_tokens,
+    make_w2,
+    make_w13,
+)
 from megakernel.validate import RoutingError
 
 # "bad_id": uniform, but one rank names an expert outside [-1, E): its output must be NaN and
@@ -49,9 +57,10 @@ class Sequence:
 
     def describe(self) -> str:
         kinds = ", ".join(f"{c.kind} T={c.tokens}" for c in self.calls)
+        experts = self.shape.activation + (" + bias" if self.shape.bias else "")
         return (
-            f"sequence {self.seed}: R={self.world_size} {str(self.shape.dtype)[6:]} capacity "
-            f"{self.capacity} ({kinds})"
+            f"sequence {self.seed}: R={self.world_size} {str(self.shape.dtype)[6:]} {experts} "
+            f"capacity {self.capacity} ({kinds})"
         )
 
 
@@ -112,6 +121,12 @@ def draw_sequence(
             call.rank = g.choice([r for r in range(R) if tokens[r]])
             call.expert = g.choice([E, E + 3, -2, -7])
         seq.calls.append(call)
+    # the experts' kind, drawn last so the draws above stay what they were for every seed
+    # (gpt-oss's 20%, its activation without biases 7%, SwiGLU with biases 8%, plain the rest)
+    pick = g.random()
+    if pick < 0.35:
+        activation = "swigluoai" if pick < 0.27 else "silu"
+        seq.shape = replace(shape, activation=activation, bias=not 0.2 <= pick < 0.27)
     return seq
 
 
@@ -145,11 +160,13 @@ def run_sequence(
     R, shape = seq.world_size, seq.shape
     problems: list[str] = []
     w13, w2 = make_w13(shape, seq.seed, device), make_w2(shape, seq.seed, device)
+    biases = make_biases(shape, seq.seed, device)
     with EmulatedWorld(R, device) as world:
         try:
             layer = FusedEPMoE.from_dense(
-                world, shape, w13, w2, config=config, capacity=seq.capacity, graphs=graphs
-            )
+                world, shape, w13, w2, **biases, config=config, capacity=seq.capacity,
+                graphs=graphs,
+            )  # fmt: skip
         except ValueError as e:
             if seq.refused and "rounds" in str(e):
                 return []

@@ -66,7 +66,7 @@ class DispatchHandle:
 @dataclass
 class CallInputs:
     """One rank's checked inputs of a call (``None`` where the mode needs none; the weights'
-    scales with ``MoEShape.fp8`` only)."""
+    scales with ``MoEShape.fp8`` only, the experts' biases with ``MoEShape.bias`` only)."""
 
     x: torch.Tensor  # [T, H]
     topk_ids: torch.Tensor  # [T, K] int32
@@ -76,3 +76,5 @@ class CallInputs:
     out: torch.Tensor | None  # [T, H]
     w13_scale: torch.Tensor | None = None  # FP8: [L, 2I/128, H/128] fp32
     w2_scale: torch.Tensor | None = None  # FP8: [L, H/128, I/128] fp32
+    b13: torch.Tensor | None = None  # MoEShape.bias: [L, 2I] fp32
+    b2: torch.Tensor | None = None  # MoEShape.bias: [L, H] fp32

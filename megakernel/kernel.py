@@ -6,9 +6,10 @@ Shape legend: T tokens on this rank, H hidden, I expert FFN width, K top-k, R ra
 slots per rank, P = R * L, C receive rows per rank (the capacity).
 
 Arguments, by name (``megakernel.workspace`` builds them in one place): the layer's tensors, then
-five groups of buffers (the FP8 scales, the plan, the symmetric buffers as peers and as this
-rank's, the rank's state), each a ``NamedTuple`` whose fields the task bodies read by name, then
-the per-call scalars, then ``M``, the ``KernelMeta`` of every compile-time constant.
+six groups of buffers (the FP8 scales, the experts' biases, the plan, the symmetric buffers as
+peers and as this rank's, the rank's state), each a ``NamedTuple`` whose fields the task bodies
+read by name, then the per-call scalars, then ``M``, the ``KernelMeta`` of every compile-time
+constant.
 
 Back-to-back calls with no host synchronisation: ``recv_x`` / ``recv_src`` / ``recv_tag`` (and
 ``recv_scale``) are double-buffered by epoch parity. A sender can only reach call e + 2 after its
@@ -88,6 +89,14 @@ class Fp8Scales(NamedTuple):
     act: torch.Tensor  # [C, I/128] of act's rows, per 128 columns
 
 
+class ExpertBiases(NamedTuple):
+    """The experts' fp32 biases (``MoEShape.bias``; without it others stand in, and the kernel
+    never reads them)."""
+
+    b13: torch.Tensor  # [L, 2I] added to GEMM1's gate columns, then its up columns
+    b2: torch.Tensor  # [L, H] added to the down projection's output
+
+
 class RankState(NamedTuple):
     """This rank's private flags, counters and records."""
 
@@ -115,6 +124,7 @@ def moe_megakernel(
     act_ptr,  # [C, I] (or [C, 2I] without SwiGLU) out: expert activations, receive order
     out_ptr,  # [T, H] out: the layer's output (LAYER)
     scales,  # Fp8Scales (FP8)
+    biases,  # ExpertBiases (BIAS)
     plan,  # PlanBuffers
     peers,  # SymBuffers of base tables
     mine,  # SymBuffers of this rank
@@ -172,13 +182,14 @@ def moe_megakernel(
         task = M.MAX_DISPATCH + g_lo + q
         if q < g_count:
             waited = gemm1_task(
-                g_lo + q, w13_ptr, w13_desc, act_ptr, scales, plan, mine, state, rank, epoch,
-                deadline, M,
+                g_lo + q, w13_ptr, w13_desc, act_ptr, scales, biases, plan, mine, state, rank,
+                epoch, deadline, M,
             )  # fmt: skip
         elif M.LAYER:
             waited, kind, task, held = _combine_step(
                 q - g_count, held, pending_row, shares, num_tokens, w2_ptr, w2_desc, act_ptr,
-                scales, weights_ptr, out_ptr, plan, peers, mine, state, rank, epoch, deadline, M,
+                scales, biases, weights_ptr, out_ptr, plan, peers, mine, state, rank, epoch,
+                deadline, M,
             )  # fmt: skip
         n_events = trace_task(
             state.trace, n_events, kind, task, start, waited, M.TRACE, M.TRACE_CAP
@@ -193,8 +204,8 @@ def moe_megakernel(
 
 @triton.jit
 def _combine_step(
-    u, held, pending_row, shares, num_tokens, w2_ptr, w2_desc, act_ptr, scales, weights_ptr,
-    out_ptr, plan, peers, mine, state, rank, epoch, deadline, M: tl.constexpr,
+    u, held, pending_row, shares, num_tokens, w2_ptr, w2_desc, act_ptr, scales, biases,
+    weights_ptr, out_ptr, plan, peers, mine, state, rank, epoch, deadline, M: tl.constexpr,
 ):  # fmt: skip
     """Task ``u`` of the down + reduce part (``shares``: this launch's part of both regions):
     run it, publishing the program's held combine pieces where it moves on from their column
@@ -216,8 +227,8 @@ def _combine_step(
         kind = tl.full((), KIND_DOWN, tl.int32)
         task = M.BASE_DOWN + idx
         waited = down_task(
-            tile, n_block, task, w2_ptr, w2_desc, act_ptr, scales, pending_row, plan, peers,
-            mine, state, rank, epoch, deadline, M,
+            tile, n_block, task, w2_ptr, w2_desc, act_ptr, scales, biases, pending_row, plan,
+            peers, mine, state, rank, epoch, deadline, M,
         )  # fmt: skip
     else:
         # NOTE: publish this program's combine pieces before it waits on anybody's

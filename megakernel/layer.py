@@ -59,9 +59,10 @@ class FusedEPMoE(nn.Module):
     ``w2_scale`` hold their fp32 128 x 128 block scales (``[L, 2I/128, H/128]`` /
     ``[L, H/128, I/128]``, DeepSeek-V3's ``weight_scale_inv``; ``megakernel.fp8``).
     ``from_dense`` shards a single-process MoE's ``[E, ...]`` weights instead (and quantises
-    them for FP8). ``router`` maps ``x`` to (``topk_weights``, ``topk_ids``) when a call gives
-    none. The symmetric workspace is allocated once here (``describe()`` prints its buffers) and
-    freed by ``close()``, which every rank calls.
+    them for FP8). With ``MoEShape.bias``, ``b13`` / ``b2`` are the experts' biases (``[L, 2I]``
+    / ``[L, H]``, any float dtype, held in fp32). ``router`` maps ``x`` to (``topk_weights``,
+    ``topk_ids``) when a call gives none. The symmetric workspace is allocated once here
+    (``describe()`` prints its buffers) and freed by ``close()``, which every rank calls.
 
     Calls need no host synchronisation and can be captured in a CUDA graph (make one call first,
     so every kernel is compiled). ``validate="device"`` checks every routing id on the device: a
@@ -81,6 +82,8 @@ class FusedEPMoE(nn.Module):
         *,
         w13_scale: torch.Tensor | Mapping[int, torch.Tensor] | None = None,
         w2_scale: torch.Tensor | Mapping[int, torch.Tensor] | None = None,
+        b13: torch.Tensor | Mapping[int, torch.Tensor] | None = None,
+        b2: torch.Tensor | Mapping[int, torch.Tensor] | None = None,
         placement: Placement | None = None,
         config: KernelConfig | None = None,
         capacity: int | None = None,
@@ -120,6 +123,15 @@ class FusedEPMoE(nn.Module):
             _check_scales("w2_scale", self.w2_scale)
         elif w13_scale is not None or w2_scale is not None:
             raise ValueError("weight scales are for MoEShape(fp8=True); this layer is not FP8")
+        self.b13 = self.b2 = None
+        if shape.bias:
+            if b13 is None or b2 is None:
+                raise ValueError("MoEShape(bias=True): give b13 [L, 2I] and b2 [L, H]")
+            want13, want2 = shape.bias_shapes(L)
+            self.b13 = self._weights("b13", _as_fp32(b13), want13, torch.float32)
+            self.b2 = self._weights("b2", _as_fp32(b2), want2, torch.float32)
+        elif b13 is not None or b2 is not None:
+            raise ValueError("biases are for MoEShape(bias=True); this layer's experts have none")
         self._by_rank_cache: dict[str, dict[int, torch.Tensor]] | None = None
         self.router = router
         if validate not in VALIDATE_MODES:
@@ -137,15 +149,19 @@ class FusedEPMoE(nn.Module):
         shape: MoEShape,
         w13: torch.Tensor,
         w2: torch.Tensor,
+        b13: torch.Tensor | None = None,
+        b2: torch.Tensor | None = None,
         **kw: object,
     ) -> FusedEPMoE:
         """Shard every expert's ``w13 [E, 2I, H]`` / ``w2 [E, H, I]`` (any device) onto this
         process's ranks by the placement (``kw`` as for the constructor). With ``MoEShape.fp8``
         each weight is either dense (any float dtype: quantised here, one scale per 128 x 128
         block) or an already quantised pair (e4m3 weights, fp32 block scales ``[E, N/128,
-        K/128]``), loaded as given."""
+        K/128]``), loaded as given. With ``MoEShape.bias``, ``b13 [E, 2I]`` / ``b2 [E, H]``
+        (sharded the same way)."""
         E, H, I = shape.num_experts, shape.hidden, shape.ffn
         dense = {"w13": (w13, (E, 2 * I, H)), "w2": (w2, (E, H, I))}
+        biases = {"b13": (b13, (E, 2 * I)), "b2": (b2, (E, H))}
         placement = kw.pop("placement", None) or Placement.contiguous(E, world.world_size)
         experts = {}
         for name, (given, want) in dense.items():
@@ -159,6 +175,12 @@ class FusedEPMoE(nn.Module):
             if tuple(experts[name].shape) != want:
                 shape_given = tuple(experts[name].shape)
                 raise ValueError(f"dense {name} has shape {shape_given}, expected {want}")
+        for name, (given, want) in biases.items():
+            if given is None:
+                continue  # (the constructor says whether the shape needs it)
+            if tuple(given.shape) != want:
+                raise ValueError(f"{name} has shape {tuple(given.shape)}, expected {want}")
+            experts[name] = given
         dev = world.device
         local = {
             name: {r: placement.local_weights(t, r).to(dev) for r in world.local_ranks}
@@ -171,8 +193,8 @@ class FusedEPMoE(nn.Module):
     @classmethod
     def from_hf(cls, block: nn.Module, world: World, **kw: object) -> FusedEPMoE:
         """The routed experts of a Hugging Face sparse MoE block (Qwen3-MoE, Qwen2-MoE,
-        Mixtral, DeepSeek-V3; ``megakernel.integrations.hf``), sharded onto ``world``'s ranks.
-        ``kw``: ``max_tokens`` (per rank per call), ``dtype``, and the constructor's."""
+        Mixtral, DeepSeek-V3, gpt-oss; ``megakernel.integrations.hf``), sharded onto ``world``'s
+        ranks. ``kw``: ``max_tokens`` (per rank per call), ``dtype``, and the constructor's."""
         from megakernel.integrations.hf import from_hf
 
         return from_hf(block, world, **kw)
@@ -246,10 +268,12 @@ class FusedEPMoE(nn.Module):
 
     def _experts(self) -> dict[str, nn.ParameterDict]:
         """The experts' parameters by ``Megakernel.run``'s argument names (with FP8, the scales
-        too)."""
+        too; with biases, the biases)."""
         experts = {"w13": self.w13, "w2": self.w2}
         if self.shape.fp8:
             experts |= {"w13_scale": self.w13_scale, "w2_scale": self.w2_scale}
+        if self.shape.bias:
+            experts |= {"b13": self.b13, "b2": self.b2}
         return experts
 
     def _experts_by_rank(self) -> dict[str, dict[int, torch.Tensor]]:
@@ -379,6 +403,15 @@ class FusedEPMoE(nn.Module):
             f"H={s.hidden}, I={s.ffn}, E={s.num_experts}, K={s.topk}, "
             f"R={self.world.world_size}, L={self.placement.slots_per_rank}, split={self.split}"
         )
+
+
+def _as_fp32(value):
+    """Biases (a tensor, or tensors by rank) as fp32, which the kernels read."""
+    if isinstance(value, torch.Tensor):
+        return value.float()
+    if isinstance(value, Mapping):
+        return {r: t.float() if isinstance(t, torch.Tensor) else t for r, t in value.items()}
+    return value  # (``_by_rank`` names what is wrong with it)
 
 
 def _check_scales(name: str, scales: nn.ParameterDict) -> None:

@@ -2,7 +2,9 @@
 
 Shape legend: T tokens per rank, H hidden, I expert FFN width, E experts, L physical slots per
 rank, K top-k, R ranks, S receive slots on a rank. Weights: ``w13 [E, 2I, H]`` (gate rows, then
-up rows), ``w2 [E, H, I]``; an expert computes ``w2 @ (silu(w13_gate @ x) * (w13_up @ x))``.
+up rows), ``w2 [E, H, I]``; an expert computes ``w2 @ (silu(w13_gate @ x) * (w13_up @ x))``, or
+with ``activation`` and biases (``MoEShape.activation``, ``MoEShape.bias``: ``b13 [E, 2I]``,
+``b2 [E, H]``) ``w2 @ glu(w13_gate @ x + b_gate, w13_up @ x + b_up) + b2``.
 
 Receive layout (DESIGN §4): rank d's buffer holds one row per (source rank, token, k) routed to
 one of its slots, ordered by local slot, then source rank, then token.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +22,58 @@ import triton
 
 from megakernel.placement import Placement, resolve_ref
 from megakernel.plan.config import DISPATCH_TASK_COLS, TILE_COLS, Plan, PlanConfig
+from megakernel.shapes import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT
 
 
-def expert_ffn_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """One expert's SwiGLU FFN in fp32: ``x [N, H]``, ``w13 [2I, H]``, ``w2 [H, I]`` -> [N, H]."""
+def glu_ref(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """The gated activation (``MoEShape.activation``) of fp32 ``gate`` and ``up``: ``silu(gate) *
+    up``, or gpt-oss's ``swigluoai``, ``g * sigmoid(1.702 g) * (u + 1)`` with ``g = min(gate,
+    7)``, ``u = clamp(up, -7, 7)``."""
+    if activation == "silu":
+        return F.silu(gate) * up
+    if activation == "swigluoai":
+        g = gate.clamp(max=SWIGLUOAI_LIMIT)
+        u = up.clamp(-SWIGLUOAI_LIMIT, SWIGLUOAI_LIMIT)
+        return g * torch.sigmoid(SWIGLUOAI_ALPHA * g) * (u + 1)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def expert_ffn_ref(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """One expert's gated FFN in fp32: ``x [N, H]``, ``w13 [2I, H]``, ``w2 [H, I]`` (biases
+    ``b13 [2I]``, ``b2 [H]`` where given) -> [N, H]."""
+    return expert_down_ref(expert_gemm1_ref(x, w13, b13, activation), w2, b2)
+
+
+def expert_gemm1_ref(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    b13: torch.Tensor | None = None,
+    activation: str = "silu",
+    gated: bool = True,
+) -> torch.Tensor:
+    """One expert's GEMM1 in fp32: ``x [N, H]``, ``w13 [2I, H]`` (``b13 [2I]``) -> ``glu(gate,
+    up)`` ``[N, I]`` (``glu_ref``), or, not ``gated``, the biased product ``[N, 2I]``."""
     ffn = w13.shape[0] // 2
     h = x.float() @ w13.float().t()
-    return (F.silu(h[:, :ffn]) * h[:, ffn:]) @ w2.float().t()
+    if b13 is not None:
+        h = h + b13.float()
+    return glu_ref(h[:, :ffn], h[:, ffn:], activation) if gated else h
+
+
+def expert_down_ref(
+    act: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One expert's down projection in fp32: ``act [N, I]``, ``w2 [H, I]`` (``b2 [H]``) ->
+    ``[N, H]``."""
+    out = act.float() @ w2.float().t()
+    return out if b2 is None else out + b2.float()
 
 
 def moe_ref(
@@ -34,29 +82,39 @@ def moe_ref(
     topk_weights: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: str = "silu",
 ) -> torch.Tensor:
     """``x [T, H]`` -> ``[T, H]`` (x.dtype): sum over k of ``w_k * FFN_{e_k}(x)``, fp32
-    accumulate; dropped slots (id -1) contribute nothing. ``w13 [E, 2I, H]``, ``w2 [E, H, I]``."""
-    return moe_ref_by_expert(x, topk_ids, topk_weights, lambda e: (w13[e], w2[e])).to(x.dtype)
+    accumulate; dropped slots (id -1) contribute nothing. ``w13 [E, 2I, H]``, ``w2 [E, H, I]``;
+    the experts' biases ``b13 [E, 2I]`` and ``b2 [E, H]`` where they have them; ``activation``:
+    ``MoEShape.activation``."""
+
+    def expert(e: int) -> tuple[torch.Tensor | None, ...]:
+        return w13[e], w2[e], None if b13 is None else b13[e], None if b2 is None else b2[e]
+
+    ffn = partial(expert_ffn_ref, activation=activation)
+    return moe_ref_by_expert(x, topk_ids, topk_weights, expert, ffn).to(x.dtype)
 
 
 def moe_ref_by_expert(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
-    expert_weights: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-    ffn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = expert_ffn_ref,
+    expert_weights: Callable[[int], tuple[torch.Tensor | None, ...]],
+    ffn: Callable[..., torch.Tensor] = expert_ffn_ref,
 ) -> torch.Tensor:
-    """``moe_ref`` in fp32, asking ``expert_weights(e) -> (w13 [2I, H], w2 [H, I])`` for one
-    expert at a time, only for the experts the tokens picked: a rank can check its output without
-    holding every expert (dsv3: 22 GB of weights). ``ffn(x, w13, w2)``: one expert's FFN."""
+    """``moe_ref`` in fp32, asking ``expert_weights(e) -> (w13 [2I, H], w2 [H, I])`` (then
+    ``b13 [2I]``, ``b2 [H]`` where the experts have biases) for one expert at a time, only for
+    the experts the tokens picked: a rank can check its output without holding every expert
+    (dsv3: 22 GB of weights). ``ffn(x, *expert_weights(e))``: one expert's FFN."""
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     ids = topk_ids.to(x.device).long()
     weights = topk_weights.to(x.device).float()
     for e in ids[ids >= 0].unique().tolist():
         t, k = (ids == e).nonzero(as_tuple=True)
-        w13_e, w2_e = expert_weights(e)
-        out.index_add_(0, t, weights[t, k].unsqueeze(1) * ffn(x[t], w13_e, w2_e))
+        out.index_add_(0, t, weights[t, k].unsqueeze(1) * ffn(x[t], *expert_weights(e)))
     return out
 
 
@@ -149,17 +207,24 @@ def combine_ref(
 
 
 def expert_act_ref(
-    recv: torch.Tensor, layout: RecvLayout, w13_local: torch.Tensor, swiglu: bool = True
+    recv: torch.Tensor,
+    layout: RecvLayout,
+    w13_local: torch.Tensor,
+    swiglu: bool = True,
+    b13_local: torch.Tensor | None = None,
+    activation: str = "silu",
 ) -> torch.Tensor:
     """The experts' first GEMM on one rank's receive buffer, fp32: ``recv [S, H]`` in the order of
-    ``layout``, ``w13_local [L, 2I, H]`` -> ``silu(x @ w_gate^T) * (x @ w_up^T)`` ``[S, I]``, or
-    ``x @ w13^T`` ``[S, 2I]`` without SwiGLU."""
+    ``layout``, ``w13_local [L, 2I, H]`` (and ``b13_local [L, 2I]``) -> ``glu(x @ w_gate^T,
+    x @ w_up^T)`` ``[S, I]`` (``glu_ref``), or ``x @ w13^T`` ``[S, 2I]`` without SwiGLU (biases
+    added first where given)."""
     ffn = w13_local.shape[1] // 2
     out = torch.zeros(recv.shape[0], ffn if swiglu else 2 * ffn, device=recv.device)
     for local in range(w13_local.shape[0]):
         start, rows = int(layout.expert_start[local]), int(layout.expert_rows[local])
-        h = recv[start : start + rows].float() @ w13_local[local].float().t()
-        out[start : start + rows] = F.silu(h[:, :ffn]) * h[:, ffn:] if swiglu else h
+        b13 = None if b13_local is None else b13_local[local]
+        x = recv[start : start + rows]
+        out[start : start + rows] = expert_gemm1_ref(x, w13_local[local], b13, activation, swiglu)
     return out
 
 

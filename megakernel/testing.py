@@ -9,6 +9,8 @@ so each rank can compute its own expected output without communication.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from megakernel.fp8 import (
@@ -22,11 +24,22 @@ from megakernel.fp8 import (
 from megakernel.handles import DispatchHandle
 from megakernel.placement import Placement
 from megakernel.plan import PlanConfig
-from megakernel.reference import dispatch_ref, expert_act_ref, moe_ref_by_expert, resolve_all_ref
+from megakernel.reference import (
+    dispatch_ref,
+    expert_act_ref,
+    expert_ffn_ref,
+    moe_ref_by_expert,
+    resolve_all_ref,
+)
 from megakernel.routing import Routing, edge_case
 from megakernel.shapes import MoEShape
 
 W2_SEED_OFFSET = 50_021  # w2 generators: seeds apart from every w13 one (E < 50_021)
+B13_SEED_OFFSET = 2 * W2_SEED_OFFSET  # and the biases' (MoEShape.bias), apart from both
+B2_SEED_OFFSET = 3 * W2_SEED_OFFSET
+# b13's spread: gate and up near 0 +- 4 with x @ w of about 0 +- 1, so "swigluoai"'s clamps at
+# +-7 act on some columns (a test that never reached them would not test them)
+B13_SCALE = 4.0
 # |got - want| <= atol + rtol * |want| for the GEMM outputs (DESIGN §8); fp32 runs through tf32
 # on the GPU, hence its loose bound
 TOLERANCE = {
@@ -67,11 +80,42 @@ def make_w2(shape: MoEShape, seed: int, device: str | torch.device) -> torch.Ten
     return torch.stack([expert_w2(shape, seed, e, device) for e in range(shape.num_experts)])
 
 
+def expert_b13(shape: MoEShape, seed: int, expert: int, device: str | torch.device):
+    """Expert ``expert``'s ``b13 [2I]`` (fp32; ``MoEShape.bias``), from its own generator."""
+    g = torch.Generator(device=device).manual_seed(seed * 100_003 + B13_SEED_OFFSET + expert)
+    return B13_SCALE * torch.randn(2 * shape.ffn, generator=g, device=device)
+
+
+def expert_b2(shape: MoEShape, seed: int, expert: int, device: str | torch.device):
+    """Expert ``expert``'s ``b2 [H]`` (fp32), from its own generator."""
+    g = torch.Generator(device=device).manual_seed(seed * 100_003 + B2_SEED_OFFSET + expert)
+    return torch.randn(shape.hidden, generator=g, device=device)
+
+
+def _expert_biases(shape: MoEShape, seed: int, expert: int, device) -> tuple[torch.Tensor, ...]:
+    """(``b13``, ``b2``) of one expert, or () where the shape's experts have no biases."""
+    if not shape.bias:
+        return ()
+    return expert_b13(shape, seed, expert, device), expert_b2(shape, seed, expert, device)
+
+
+def make_biases(shape: MoEShape, seed: int, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """Every expert's biases as ``from_dense`` takes them, ``{"b13": [E, 2I], "b2": [E, H]}``
+    (fp32), or ``{}`` where the shape's experts have none."""
+    if not shape.bias:
+        return {}
+    experts = range(shape.num_experts)
+    return {
+        "b13": torch.stack([expert_b13(shape, seed, e, device) for e in experts]),
+        "b2": torch.stack([expert_b2(shape, seed, e, device) for e in experts]),
+    }
+
+
 def _local_experts(expert_fn, shape: MoEShape, placement: Placement, rank: int, seed: int, device):
     L = placement.slots_per_rank
     experts = placement.slot_expert()[rank * L : (rank + 1) * L]
     some = expert_fn(shape, seed, 0, device)
-    out = torch.zeros(L, *some.shape, dtype=shape.dtype, device=device)
+    out = torch.zeros(L, *some.shape, dtype=some.dtype, device=device)
     for local, e in enumerate(experts):
         if e >= 0:
             out[local] = expert_fn(shape, seed, e, device)
@@ -91,6 +135,19 @@ def local_w2(
 ) -> torch.Tensor:
     """Rank ``rank``'s ``w2 [L, H, I]``, like ``local_w13``."""
     return _local_experts(expert_w2, shape, placement, rank, seed, device)
+
+
+def local_biases(
+    shape: MoEShape, placement: Placement, rank: int, seed: int, device: str | torch.device
+) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s biases as ``Megakernel.run`` takes them, ``{"b13": [L, 2I], "b2": [L, H]}``
+    (zeros for an unused slot), or ``{}`` where the shape's experts have none."""
+    if not shape.bias:
+        return {}
+    return {
+        name: _local_experts(fn, shape, placement, rank, seed, device)
+        for name, fn in (("b13", expert_b13), ("b2", expert_b2))
+    }
 
 
 def layer_inputs(
@@ -118,13 +175,16 @@ def layer_ref(
     seed: int,
 ) -> torch.Tensor:
     """``moe_ref`` (fp32, ``[T, H]``, on x's device) on experts rebuilt from ``seed`` one at a
-    time: a rank checks its output without holding every expert."""
+    time: a rank checks its output without holding every expert. The shape's activation, and its
+    biases where it has them."""
     dev = x.device
 
-    def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return expert_w13(shape, seed, e, dev), expert_w2(shape, seed, e, dev)
+    def expert(e: int) -> tuple[torch.Tensor, ...]:
+        w13, w2 = expert_w13(shape, seed, e, dev), expert_w2(shape, seed, e, dev)
+        return w13, w2, *_expert_biases(shape, seed, e, dev)
 
-    return moe_ref_by_expert(x, topk_ids, topk_weights, expert)
+    ffn = partial(expert_ffn_ref, activation=shape.activation)
+    return moe_ref_by_expert(x, topk_ids, topk_weights, expert, ffn)
 
 
 def fp8_layer_ref(
@@ -134,12 +194,13 @@ def fp8_layer_ref(
     ``FusedEPMoE.from_dense`` quantises them, one expert at a time, where ``x`` lives."""
     dev = x.device
 
-    def dequantized(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def dequantized(e: int) -> tuple[torch.Tensor, ...]:
         w13 = quantize_weight_blocks(expert_w13(shape, seed, e, dev))
         w2 = quantize_weight_blocks(expert_w2(shape, seed, e, dev))
-        return dequantize_weight_blocks(*w13), dequantize_weight_blocks(*w2)
+        w13, w2 = dequantize_weight_blocks(*w13), dequantize_weight_blocks(*w2)
+        return w13, w2, *_expert_biases(shape, seed, e, dev)
 
-    return moe_fp8_ref_by_expert(x, topk_ids, topk_weights, dequantized)
+    return moe_fp8_ref_by_expert(x, topk_ids, topk_weights, dequantized, shape.activation)
 
 
 def _fp8_problems(
@@ -180,11 +241,18 @@ def compare_layer_output(
 ) -> list[str]:
     """What is wrong with one rank's layer output ``out [T, H]`` against ``want`` (``layer_ref``,
     or the reference ``against`` names) within ``tolerance``: (rtol, atol), or a dtype's
-    ``TOLERANCE`` (empty: nothing)."""
+    ``TOLERANCE`` (empty: nothing).
+
+    ``atol`` is for outputs of unit scale: where ``want``'s rms is larger it scales with it, as
+    the roundings of the intermediate rows do (gpt-oss's clamped activations reach 50, and a
+    token's output can cancel to near 0 from terms that large)."""
     got = out.float()
     if got.shape != want.shape:
         return [f"rank {rank}: output has shape {tuple(got.shape)}, expected {tuple(want.shape)}"]
     rtol, atol = tolerance if isinstance(tolerance, tuple) else TOLERANCE[tolerance]
+    finite = want[want.isfinite()]
+    if finite.numel():
+        atol *= max(1.0, finite.pow(2).mean().sqrt().item())
     if not torch.allclose(got, want, rtol=rtol, atol=atol):
         err = (got - want).abs().nan_to_num(float("inf"))
         bad = (err > atol + rtol * want.abs()).any(1).nonzero().squeeze(1).cpu()
@@ -230,10 +298,13 @@ def check_call(
     placement: Placement,
     mode: str,
     swiglu: bool = True,
+    b13_local: torch.Tensor | None = None,
+    activation: str = "silu",
 ) -> list[str]:
     """What is wrong with one rank's call (empty: nothing). Dispatch must be bit-exact; the GEMM
     output within ``TOLERANCE``. ``xs``, ``topk_ids``: every rank's inputs; ``w13_local
-    [L, 2I, H]``: the weights of the handle's rank."""
+    [L, 2I, H]`` (``b13_local [L, 2I]``): the weights (biases) of the handle's rank;
+    ``activation``: the shape's."""
     d = handle.rank
     phys = resolve_all_ref([ids.cpu() for ids in topk_ids], placement)
     dev = handle.recv_x.device  # the references run where the data is (fp32 GEMMs on the GPU)
@@ -247,7 +318,8 @@ def check_call(
         bad = (recv_got != recv_want).any(1).nonzero().squeeze(1).cpu()
         problems.append(f"rank {d}: {bad.numel()} of {n} received rows differ (first {bad[:5]})")
     if mode != "dispatch":
-        want = expert_act_ref(recv_want, layout, w13_local.to(dev), swiglu)
+        b13 = None if b13_local is None else b13_local.to(dev)
+        want = expert_act_ref(recv_want, layout, w13_local.to(dev), swiglu, b13, activation)
         got = handle.act[:n].float()
         rtol, atol = TOLERANCE[xs[0].dtype]
         if not torch.allclose(got, want, rtol=rtol, atol=atol):
@@ -302,12 +374,24 @@ def check_calls(
     placement: Placement,
     mode: str,
     swiglu: bool = True,
+    b13_local: dict[int, torch.Tensor] | None = None,
+    activation: str = "silu",
 ) -> list[str]:
-    """``check_call`` for every handle (keyed by rank)."""
+    """``check_call`` for every handle (keyed by rank; ``b13_local`` too)."""
     return [
         p
         for r, h in handles.items()
-        for p in check_call(h, xs, topk_ids, w13_local[r], placement, mode, swiglu)
+        for p in check_call(
+            h,
+            xs,
+            topk_ids,
+            w13_local[r],
+            placement,
+            mode,
+            swiglu,
+            None if b13_local is None else b13_local[r],
+            activation,
+        )  # fmt: skip
     ]
 
 
@@ -323,10 +407,17 @@ def run_layer_checked(
     ranks = ws.world.local_ranks
     w13_local = {r: placement.local_weights(w13, r) for r in ranks}
     w2_local = {r: placement.local_weights(w2, r) for r in ranks}
+    biases = {
+        name: {r: placement.local_weights(t, r) for r in ranks}
+        for name, t in make_biases(shape, seed, device).items()
+    }
     handles = run_poisoned(
-        ws, xs, rt.topk_ids, w13_local, "layer", rt.topk_weights, w2=w2_local, **run_kw
+        ws, xs, rt.topk_ids, w13_local, "layer", rt.topk_weights, w2=w2_local, **biases, **run_kw
     )
-    problems = check_calls(handles, xs, rt.topk_ids, w13_local, placement, "layer")
+    problems = check_calls(
+        handles, xs, rt.topk_ids, w13_local, placement, "layer",
+        b13_local=biases.get("b13"), activation=shape.activation,
+    )  # fmt: skip
     for r, h in handles.items():
         problems += check_layer_output(
             h.out, xs[r], rt.topk_ids[r], rt.topk_weights[r], shape, seed, r

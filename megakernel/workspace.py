@@ -28,7 +28,14 @@ from megakernel.config import (
 from megakernel.descriptors import WeightDescriptors
 from megakernel.errors import CallErrors
 from megakernel.handles import CallInputs, DispatchHandle
-from megakernel.kernel import Fp8Scales, PlanBuffers, RankState, SymBuffers, moe_megakernel
+from megakernel.kernel import (
+    ExpertBiases,
+    Fp8Scales,
+    PlanBuffers,
+    RankState,
+    SymBuffers,
+    moe_megakernel,
+)
 from megakernel.launch import Launcher, aligned
 from megakernel.placement import Placement
 from megakernel.plan import MAX_ROUNDS, STATS, PlanConfig, PlanWorkspace
@@ -304,6 +311,10 @@ class Megakernel:
                 w2=self._no_scales if inputs.w2_scale is None else inputs.w2_scale,
                 act=self.act_scale[rank],
             ),
+            biases=ExpertBiases(
+                b13=self._no_scales if inputs.b13 is None else inputs.b13,
+                b2=self._no_scales if inputs.b2 is None else inputs.b2,
+            ),
             **self._groups[rank][rnd],
             rank=rank,
             num_tokens=x.shape[0],
@@ -360,6 +371,7 @@ class Megakernel:
         H, I, K = shape.hidden, shape.ffn, shape.topk
         x = torch.zeros(2, H, dtype=shape.dtype, device=dev)
         scales = [torch.ones(s, device=dev) for s in shape.weight_scale_shapes(L)]
+        biases = [torch.zeros(s, device=dev) for s in shape.bias_shapes(L)]
         return CallInputs(
             x=x,
             topk_ids=torch.zeros(2, K, dtype=torch.int32, device=dev),
@@ -369,6 +381,8 @@ class Megakernel:
             out=torch.zeros_like(x),
             w13_scale=scales[0] if shape.fp8 else None,
             w2_scale=scales[1] if shape.fp8 else None,
+            b13=biases[0] if shape.bias else None,
+            b2=biases[1] if shape.bias else None,
         )
 
     def warmup(self, mode: str = "gemm", probe: int = 0, inputs: CallInputs | None = None) -> None:
@@ -419,6 +433,11 @@ class Megakernel:
             w13_scale, w2_scale = shape.weight_scale_shapes(L)
             check_tensor(rank, "w13_scale", given.w13_scale, w13_scale, torch.float32, dev)
             check_tensor(rank, "w2_scale", given.w2_scale, w2_scale, torch.float32, dev)
+        if weights and shape.bias:
+            b13, b2 = shape.bias_shapes(L)
+            check_tensor(rank, "b13", given.b13, b13, torch.float32, dev)
+            if layer:
+                check_tensor(rank, "b2", given.b2, b2, torch.float32, dev)
         if given.out is not None:
             check_tensor(rank, "out", given.out, (given.x.shape[0], H), shape.dtype, dev)
             if not given.out.is_contiguous():
@@ -432,12 +451,14 @@ class Megakernel:
             raise ValueError('mode "layer" needs topk_weights')
         if layer and given.w2 is None:
             raise ValueError('mode "layer" needs w2 [L, H, I]')
+        self._check_biases(given, mode)
         if validate:
             self.check_inputs(rank, given, layer, values=validate == "host")
         # NOTE: the kernels are compiled for 16-byte aligned pointers (megakernel.launch): a
         # misaligned view is copied, or would need another variant compiled while peers spin
         x, w13, w2 = aligned(given.x), aligned(given.w13), aligned(given.w2)
         w13_scale, w2_scale = aligned(given.w13_scale), aligned(given.w2_scale)
+        b13, b2 = aligned(given.b13), aligned(given.b2)
         weights, out = given.topk_weights, given.out
         if layer:
             weights = aligned(weights.to(torch.float32))
@@ -446,7 +467,7 @@ class Megakernel:
             elif out.data_ptr() % 16:
                 raise ValueError("out must be 16-byte aligned (a fresh tensor is)")
         ids = self.plan_ws.prepare_ids(given.topk_ids, validate=False)
-        return CallInputs(x, ids, weights, w13, w2, out, w13_scale, w2_scale)
+        return CallInputs(x, ids, weights, w13, w2, out, w13_scale, w2_scale, b13, b2)
 
     def run(
         self,
@@ -459,6 +480,8 @@ class Megakernel:
         out: dict[int, torch.Tensor] | None = None,
         w13_scale: dict[int, torch.Tensor] | None = None,
         w2_scale: dict[int, torch.Tensor] | None = None,
+        b13: dict[int, torch.Tensor] | None = None,
+        b2: dict[int, torch.Tensor] | None = None,
         mode: str = "gemm",
         overlap: bool | None = None,
         split: bool = False,
@@ -469,7 +492,8 @@ class Megakernel:
         layer: needs ``topk_weights`` and ``w2``; writes ``out [T, H]`` when given, else a new
         tensor), "gemm" (dispatch + GEMM1, fused) or "dispatch" (dispatch, then resolve every
         indirect row). With ``MoEShape.fp8`` only "layer", and the weights are e4m3 with their
-        block scales ``w13_scale`` / ``w2_scale`` (``megakernel.fp8``).
+        block scales ``w13_scale`` / ``w2_scale`` (``megakernel.fp8``). With ``MoEShape.bias``
+        the experts' fp32 biases ``b13 [L, 2I]`` (where GEMM1 runs) and ``b2 [L, H]`` ("layer").
 
         ``split`` runs the layer as two kernels (dispatch + GEMM1, then down projection + combine
         + top-k reduce) instead of one.
@@ -513,6 +537,8 @@ class Megakernel:
                 (out or none)[r],
                 (w13_scale or none)[r],
                 (w2_scale or none)[r],
+                (b13 or none)[r],
+                (b2 or none)[r],
             )  # fmt: skip
             for r in ranks
         }
@@ -535,6 +561,17 @@ class Megakernel:
         handles = {r: self._handle(r, ready[r], advance=not rerun) for r in ranks}
         self.after_call()
         return handles
+
+    def _check_biases(self, given: CallInputs, mode: str) -> None:
+        """The experts' biases are given where the shape has them and the mode reads them
+        (``b13`` with a GEMM, ``b2`` in mode "layer"), and not otherwise."""
+        wanted = {"b13": mode != "dispatch", "b2": mode == "layer"}
+        for name, reads in wanted.items():
+            there = getattr(given, name) is not None
+            if there and not self.shape.bias:
+                raise ValueError(f"{name} given, but the shape's experts have no biases")
+            if reads and self.shape.bias and not there:
+                raise ValueError(f"MoEShape(bias=True): mode {mode!r} needs {name}")
 
     def _check_call(self, mode: str, stage: str) -> int:
         """The call's mode and stage are known and go together; returns the stage's probe."""
@@ -681,10 +718,12 @@ def dispatch_gemm(
     *,
     workspace: Megakernel,
     mode: str = "gemm",
+    b13: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, DispatchHandle]:
     """This rank's tokens ``x [T, H]`` routed by ``topk_ids [T, K]`` to the experts, whose
     ``w13 [L, 2I, H]`` this rank holds: returns ``act [C, I]`` (rows in the receive order,
-    ``handle.num_recv()`` of them valid) and the handle the combine needs.
+    ``handle.num_recv()`` of them valid) and the handle the combine needs. ``b13 [L, 2I]``:
+    the experts' GEMM1 biases (fp32), where the shape has them (``MoEShape.bias``).
 
     For a world with one rank per process (NVSHMEM under torchrun). No host synchronisation:
     errors surface at ``workspace.check_errors()``.
@@ -696,5 +735,8 @@ def dispatch_gemm(
             "Megakernel.run with inputs keyed by rank"
         )
     (r,) = ranks
-    handle = workspace.run({r: x}, {r: topk_ids}, {r: topk_weights}, {r: w13}, mode=mode)[r]
+    biases = None if b13 is None else {r: b13}
+    handle = workspace.run(
+        {r: x}, {r: topk_ids}, {r: topk_weights}, {r: w13}, b13=biases, mode=mode
+    )[r]
     return handle.act, handle

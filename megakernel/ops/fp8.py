@@ -70,6 +70,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from megakernel import shapes
+from megakernel.ops.activation import ACT_SILU, bias_row, glu
 from symm_mem.device import INTERPRET
 
 # the host side's constants (megakernel.fp8), as constexprs
@@ -215,13 +216,14 @@ def _scaled_products(
 
 @triton.jit
 def _swiglu_block(
-    a_ptrs, a_scales, live, w13_ptr, w13_scale_ptr, w13_desc, local, n_block,
+    a_ptrs, a_scales, live, w13_ptr, w13_scale_ptr, w13_desc, local, n_block, b13_ptr,
     H: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, B_TMA: tl.constexpr,
-    PROMOTE_K: tl.constexpr,
+    PROMOTE_K: tl.constexpr, ACT: tl.constexpr, BIAS: tl.constexpr,
 ):  # fmt: skip
-    """fp32 ``silu(x @ gate^T) * (x @ up^T)`` of columns ``n_block B + [0, B)`` (scale block
-    ``n_block``) from the gathered e4m3 A rows ``a_ptrs`` (k block 0) and their scales: gate and
-    up accumulate together, each in running-scale units, from one load of each A block."""
+    """fp32 ``silu(x @ gate^T) * (x @ up^T)`` (``ACT``: ``glu``'s, with ``b13``'s biases added
+    to gate and up where ``BIAS``) of columns ``n_block B + [0, B)`` (scale block ``n_block``)
+    from the gathered e4m3 A rows ``a_ptrs`` (k block 0) and their scales: gate and up
+    accumulate together, each in running-scale units, from one load of each A block."""
     KB: tl.constexpr = H // FP8_BLOCK
     kk = tl.arange(0, FP8_BLOCK)
     n = n_block * FP8_BLOCK + kk  # gate rows; up rows I further
@@ -234,7 +236,10 @@ def _swiglu_block(
         a_ptrs, a_scales, live, gate_ptrs, I * H, 2 * I, gate_scales, (I // FP8_BLOCK) * KB,
         w13_desc, n0, I, KB, BLOCK_M, B_TMA, True, PROMOTE_K,
     )  # fmt: skip
-    return gate * tl.sigmoid(gate) * up
+    if BIAS:
+        gate += bias_row(b13_ptr, local, n, 2 * I)
+        up += bias_row(b13_ptr, local, I + n, 2 * I)
+    return glu(gate, up, ACT)
 
 
 @triton.jit
@@ -256,8 +261,12 @@ def tile_gemm1_fp8(
     w13_desc=None,  # with B_TMA: a [B, B] block descriptor of w13 as [L * 2I, H]
     B_TMA: tl.constexpr = False,
     PROMOTE_K: tl.constexpr = FP8_BLOCK,  # KernelConfig.fp8_promote_k
+    b13_ptr=None,  # BIAS: [L, 2I] fp32 gate biases, then up biases
+    ACT: tl.constexpr = ACT_SILU,  # megakernel.ops.activation
+    BIAS: tl.constexpr = False,
 ):
-    """Columns ``[n_block B, (n_block + 1) B)`` of ``silu(x @ gate^T) * (x @ up^T)`` for rows
+    """Columns ``[n_block B, (n_block + 1) B)`` of ``silu(x @ gate^T) * (x @ up^T)`` (or
+    ``ACT``'s activation, with ``b13`` added to gate and up where ``BIAS``) for rows
     ``[row0, row0 + rows)`` (A row r is ``x[src[r]]``), quantised per row: e4m3 into ``act`` and
     one scale per row into ``act_scale[:, n_block]``. ``B_TMA``: the weight blocks come by TMA
     (A rows, gathered, cannot)."""
@@ -268,7 +277,7 @@ def tile_gemm1_fp8(
     a_ptrs = x_ptr + src[:, None] * H + tl.arange(0, FP8_BLOCK)[None, :]
     h = _swiglu_block(
         a_ptrs, x_scale_ptr + src * KB, live, w13_ptr, w13_scale_ptr, w13_desc, local, n_block,
-        H, I, BLOCK_M, B_TMA, PROMOTE_K,
+        b13_ptr, H, I, BLOCK_M, B_TMA, PROMOTE_K, ACT, BIAS,
     )  # fmt: skip
     q, scale = quantize_rows(h)
     out_rows = (row0 + r).to(tl.int64)

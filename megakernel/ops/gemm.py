@@ -5,8 +5,9 @@ capacity), BM / BN / BK GEMM block sizes.
 
 - ``tile_expert_gemm``: one ``[BM, BN]`` block of an expert's first GEMM, A rows gathered
   through ``recv_src`` (so no resolve copy is needed), the weights loaded by TMA or by pointers,
-  bf16/fp16 in, fp32 accumulate, with the SwiGLU epilogue ``silu(x @ w_gate^T) * (x @ w_up^T)``
-  or the raw ``x @ w13^T``.
+  bf16/fp16 in, fp32 accumulate, with the gated epilogue (``silu(x @ w_gate^T) * (x @ w_up^T)``,
+  or ``MoEShape.activation``'s other, with the biases where the experts have them) or the raw
+  ``x @ w13^T``.
 - ``tile_down_gemm``: one fp32 ``[BM, BN]`` block of ``act @ w2^T``, for the combine put.
 - ``gemm1_task`` / ``down_task``: the scheduler's task bodies: wait for the tile's inputs
   (bounded), run the tile, publish what later tasks wait on. With FP8 (``MoEShape.fp8``) they
@@ -18,6 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from megakernel.ops.activation import ACT_SILU, bias_row, glu
 from megakernel.ops.combine import tile_combine_put
 from megakernel.ops.dispatch import tile_resolve_rows
 from megakernel.ops.fp8 import FP8_BLOCK, tile_down_fp8, tile_gemm1_fp8
@@ -69,6 +71,9 @@ def tile_expert_gemm(
     GATHER: tl.constexpr = True,
     B_TMA: tl.constexpr = False,
     PAIRS: tl.constexpr = False,
+    b13_ptr=None,  # BIAS: [L, 2I] fp32 gate biases, then up biases
+    ACT: tl.constexpr = ACT_SILU,
+    BIAS: tl.constexpr = False,
 ):
     """Output columns ``[n_block * BLOCK_N, +BLOCK_N)`` of rows ``[row0, row0 + rows)``.
     ``GATHER``: A row ``r`` is ``recv_x[recv_src[r]]``; off: ``recv_x[r]`` (rows resolved first).
@@ -79,6 +84,9 @@ def tile_expert_gemm(
     ``PAIRS`` (with ``B_TMA`` and ``SWIGLU``): the descriptor's box brings w13's rows in pairs
     (gate j, up j), so one [BM, 2 BN] product per k step gives both halves, split in registers
     (``KernelConfig.gemm1_pairs``; perf/NOTES.md).
+
+    ``BIAS``: ``b13`` is added to the products (gate and up, or the raw columns); ``ACT``: the
+    gated activation (``megakernel.ops.activation.glu``).
 
     NOTE: H must be a multiple of BLOCK_K (checked on the host); rows past ``rows`` read row 0's
     source harmlessly (masked to 0) and are not stored.
@@ -130,8 +138,12 @@ def tile_expert_gemm(
                 up_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
             gate_ptrs += BLOCK_K
+    if BIAS:  # gate columns n (raw: columns n of 2I), up columns I + n
+        acc += bias_row(b13_ptr, local, n, 2 * I)
+        if SWIGLU:
+            acc_up += bias_row(b13_ptr, local, I + n, 2 * I)
     if SWIGLU:
-        acc = acc * tl.sigmoid(acc) * acc_up
+        acc = glu(acc, acc_up, ACT)
     out = out_ptr + (row0 + r).to(tl.int64)[:, None] * WIDTH + n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=live[:, None] & n_ok)
 
@@ -233,7 +245,7 @@ def gemm1_coords(j, tiles_ptr, GROUP: tl.constexpr, NB: tl.constexpr):
 
 @triton.jit
 def gemm1_task(
-    j, w13_ptr, w13_desc, act_ptr, scales, plan, mine, state, rank, epoch, deadline,
+    j, w13_ptr, w13_desc, act_ptr, scales, biases, plan, mine, state, rank, epoch, deadline,
     M: tl.constexpr,
 ):  # fmt: skip
     """GEMM1 task ``j``: wait for its tile's rows, then GEMM its column block (``gemm1_coords``
@@ -279,13 +291,13 @@ def gemm1_task(
             if M.PROBE != PROBE_COMM:
                 if M.HALF_TILES and rows <= M.BLOCK_M // 2:
                     _gemm1_tile(
-                        n_block, w13_ptr, w13_desc, act_ptr, scales, mine, recv_x, recv_src,
-                        local, row0, rows, parity, M, M.BLOCK_M // 2,
+                        n_block, w13_ptr, w13_desc, act_ptr, scales, biases, mine, recv_x,
+                        recv_src, local, row0, rows, parity, M, M.BLOCK_M // 2,
                     )  # fmt: skip
                 else:
                     _gemm1_tile(
-                        n_block, w13_ptr, w13_desc, act_ptr, scales, mine, recv_x, recv_src,
-                        local, row0, rows, parity, M, M.BLOCK_M,
+                        n_block, w13_ptr, w13_desc, act_ptr, scales, biases, mine, recv_x,
+                        recv_src, local, row0, rows, parity, M, M.BLOCK_M,
                     )  # fmt: skip
             if M.LAYER:
                 _publish_activations(tile, state, epoch, M)
@@ -296,8 +308,8 @@ def gemm1_task(
 
 @triton.jit
 def _gemm1_tile(
-    n_block, w13_ptr, w13_desc, act_ptr, scales, mine, recv_x, recv_src, local, row0, rows,
-    parity, M: tl.constexpr, BLOCK_M: tl.constexpr,
+    n_block, w13_ptr, w13_desc, act_ptr, scales, biases, mine, recv_x, recv_src, local, row0,
+    rows, parity, M: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """GEMM1 column block ``n_block`` of a tile, ``BLOCK_M`` rows high (``rows`` of them
     live)."""
@@ -306,11 +318,13 @@ def _gemm1_tile(
         tile_gemm1_fp8(
             recv_x, x_scale, recv_src, w13_ptr, scales.w13, act_ptr, scales.act, local, row0,
             rows, n_block, M.H, M.I, BLOCK_M, w13_desc, M.GEMM1_TMA, M.FP8_PROMOTE_K,
+            biases.b13, M.ACT, M.BIAS,
         )  # fmt: skip
     else:
         tile_expert_gemm(
             recv_x, recv_src, w13_ptr, w13_desc, act_ptr, local, row0, rows, n_block, M.H, M.I,
             BLOCK_M, M.BLOCK_N, M.BLOCK_K, M.SWIGLU, M.GATHER_A, M.GEMM1_TMA, M.PAIRS,
+            biases.b13, M.ACT, M.BIAS,
         )  # fmt: skip
 
 
@@ -327,8 +341,8 @@ def _publish_activations(tile, state, epoch, M: tl.constexpr):
 
 @triton.jit
 def down_task(
-    tile, n_block, task, w2_ptr, w2_desc, act_ptr, scales, pending_row, plan, peers, mine, state,
-    rank, epoch, deadline, M: tl.constexpr,
+    tile, n_block, task, w2_ptr, w2_desc, act_ptr, scales, biases, pending_row, plan, peers,
+    mine, state, rank, epoch, deadline, M: tl.constexpr,
 ):  # fmt: skip
     """Down-projection task ``task`` (``tile``, column block ``n_block`` of H): wait for the
     tile's activations (GEMM1 tasks of this rank with lower ids), GEMM and put the rows to their
@@ -348,12 +362,12 @@ def down_task(
         recv_tag = mine.recv_tag + (epoch % 2) * M.C
         if M.HALF_TILES and rows <= M.BLOCK_M // 2:
             _down_tile(
-                local, row0, rows, n_block, w2_ptr, w2_desc, act_ptr, scales, recv_tag,
+                local, row0, rows, n_block, w2_ptr, w2_desc, act_ptr, scales, biases, recv_tag,
                 pending_row, peers, mine, M, M.BLOCK_M // 2,
             )  # fmt: skip
         else:
             _down_tile(
-                local, row0, rows, n_block, w2_ptr, w2_desc, act_ptr, scales, recv_tag,
+                local, row0, rows, n_block, w2_ptr, w2_desc, act_ptr, scales, biases, recv_tag,
                 pending_row, peers, mine, M, M.BLOCK_M,
             )  # fmt: skip
     return waited
@@ -361,11 +375,12 @@ def down_task(
 
 @triton.jit
 def _down_tile(
-    local, row0, rows, n_block, w2_ptr, w2_desc, act_ptr, scales, recv_tag, pending_row, peers,
-    mine, M: tl.constexpr, BLOCK_M: tl.constexpr,
+    local, row0, rows, n_block, w2_ptr, w2_desc, act_ptr, scales, biases, recv_tag, pending_row,
+    peers, mine, M: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """Column block ``n_block`` of a tile's down projection, ``BLOCK_M`` rows high (``rows`` of
-    them live), put to the rows' source ranks."""
+    them live), with the slot's ``b2`` added where the experts have biases, put to the rows'
+    source ranks (whose top-k reduce weights it)."""
     if M.PROBE == PROBE_COMM:
         acc = tl.full([BLOCK_M, M.DOWN_BLOCK_N], 0.0, tl.float32)
     elif M.FP8:
@@ -378,6 +393,10 @@ def _down_tile(
             act_ptr, w2_ptr, w2_desc, local, row0, rows, n_block, M.H, M.I, BLOCK_M,
             M.DOWN_BLOCK_N, M.DOWN_BLOCK_K, M.DOWN_TMA,
         )  # fmt: skip
+    if M.BIAS:
+        if M.PROBE != PROBE_COMM:
+            cols = n_block * M.DOWN_BLOCK_N + tl.arange(0, M.DOWN_BLOCK_N)
+            acc += bias_row(biases.b2, local, cols, M.H)
     tile_combine_put(
         acc, recv_tag, peers.combine_y, pending_row, mine.combine_y, row0, rows, n_block, M.H,
         M.K, M.TK, M.COMBINE_BLOCK, M.TOKEN_BLOCKS, BLOCK_M, M.DOWN_BLOCK_N,

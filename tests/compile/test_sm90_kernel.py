@@ -18,7 +18,14 @@ from _aot import (
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from megakernel.config import KernelConfig, default_capacity, kernel_meta
-from megakernel.kernel import Fp8Scales, PlanBuffers, RankState, SymBuffers, moe_megakernel
+from megakernel.kernel import (
+    ExpertBiases,
+    Fp8Scales,
+    PlanBuffers,
+    RankState,
+    SymBuffers,
+    moe_megakernel,
+)
 from megakernel.plan import PlanConfig
 from megakernel.shapes import FP8_BLOCK, PRESETS
 
@@ -31,14 +38,14 @@ INT64 = {
 }  # fmt: skip
 DATA = {"x_ptr", "out_ptr", "combine_y"}  # the shape's dtype
 GEMM_DATA = {"w13_ptr", "w2_ptr", "act_ptr", "recv_x"}  # its gemm_dtype (e4m3 with FP8)
-FLOAT32 = {"weights_ptr", "recv_scale", *Fp8Scales._fields}
+FLOAT32 = {"weights_ptr", "recv_scale", *Fp8Scales._fields, *ExpertBiases._fields}
 SCALARS = {
     "rank": 1, "num_tokens": 4000, "rnd": 0, "task_begin": 0, "task_end": 100,
     "timeout_ns": 10**10,
 }  # fmt: skip
 GROUPS = {
-    "scales": Fp8Scales, "plan": PlanBuffers, "peers": SymBuffers, "mine": SymBuffers,
-    "state": RankState,
+    "scales": Fp8Scales, "biases": ExpertBiases, "plan": PlanBuffers, "peers": SymBuffers,
+    "mine": SymBuffers, "state": RankState,
 }  # fmt: skip
 
 
@@ -266,3 +273,23 @@ def test_gemm_k_loops_keep_their_mma_descriptors_in_uniform_registers(preset, R,
     assert not any(moves), f"R2UR per wgmma group ({'/'.join(names)}, both heights): {moves}"
     spills = mma_loop_spills(ops)  # none at any preset, R = 1 or 2, either height (2026-12-07)
     assert spills == [], f"{len(spills)} local-memory (spill) instructions in the MMA loops"
+
+
+@pytest.mark.parametrize("preset,fp8", [("gpt_oss", False), ("qwen3_235b", True)])
+def test_clamped_activation_keeps_nan_and_the_k_loops_clean(preset, fp8):
+    """gpt-oss's experts (``activation="swigluoai"``, ``bias=True``): the clamps compile to the
+    NaN-keeping ``min.NaN`` / ``max.NaN`` (plain ``min.f32`` returns the other operand, so a NaN
+    token would come out as the clamp's bound times a finite number: plausible, wrong), and the
+    biases' loads after the k loops leave those loops as they were: no spills, and (bf16) no
+    ``R2UR`` between the MMAs of a k step."""
+    shape = replace(PRESETS[preset], activation="swigluoai", bias=True, fp8=fp8)
+    cfg = KernelConfig().for_fp8() if fp8 else KernelConfig()
+    kernel = compile_megakernel(shape, 1, cfg, "layer")
+    ptx = kernel.asm["ptx"]
+    assert re.search(r"\bmin\.NaN\.f32\b", ptx) and re.search(r"\bmax\.NaN\.f32\b", ptx)
+    ops = sass_ops(kernel)
+    spills = mma_loop_spills(ops)
+    assert spills == [], f"{len(spills)} local-memory (spill) instructions in the MMA loops"
+    if not fp8:
+        moves = [sum(op.startswith("R2UR") for op in group) for _, group in wgmma_groups(ops)]
+        assert not any(moves), f"R2UR per wgmma group: {moves}"

@@ -1,7 +1,8 @@
 """Random sequences of layer calls under the interpreter (``megakernel.fuzz``): R in {1, 2, 4},
-fp32 / fp16 / bf16, random capacities (a few too small, which must be refused), 1-3 calls each
-with token counts from 0 to max_tokens and uniform, zipf, all-to-one, hot-expert, dropped or
-bad-id routing. Every output is compared with moe_ref, or the expected error checked.
+fp32 / fp16 / bf16, SwiGLU or gpt-oss experts with or without biases, random capacities (a few
+too small, which must be refused), 1-3 calls each with token counts from 0 to max_tokens and
+uniform, zipf, all-to-one, hot-expert, dropped or bad-id routing. Every output is compared with
+moe_ref, or the expected error checked.
 
 CI runs ``MK_RANDOM_SEQUENCES`` sequences (default 6); ``MK_RANDOM_SEQUENCES=200`` is the full
 suite (about 25 minutes on two cores).
@@ -33,8 +34,9 @@ def test_random_sequence(seed):
 
 
 def test_the_draws_cover_what_the_suite_promises():
-    """Over the full suite's 200 seeds: every R, dtype and routing kind, token counts 0, 1 and
-    max_tokens, the default capacity, a custom one and a refused one all occur."""
+    """Over the full suite's 200 seeds: every R, dtype, kind of experts and routing kind, token
+    counts 0, 1 and max_tokens, the default capacity, a custom one and a refused one all
+    occur."""
     seqs = [draw_sequence(s, ranks=(1, 2, 4), dtypes=DTYPES, base=BASE) for s in range(200)]
     calls = [c for s in seqs for c in s.calls]
     assert {s.world_size for s in seqs} == {1, 2, 4}
@@ -45,3 +47,5 @@ def test_the_draws_cover_what_the_suite_promises():
     assert any(s.capacity is None for s in seqs) and any(s.capacity for s in seqs)
     assert any(s.refused for s in seqs)
     assert torch.bfloat16 in {s.shape.dtype for s in seqs}
+    kinds = {(s.shape.activation, s.shape.bias) for s in seqs}
+    assert kinds == {("silu", False), ("silu", True), ("swigluoai", True), ("swigluoai", False)}

@@ -17,6 +17,7 @@ from megakernel.testing import (
     layer_ref,
     local_w2,
     local_w13,
+    make_biases,
     make_tokens,
     make_w2,
     make_w13,
@@ -130,6 +131,45 @@ def test_layer_full_height_tiles(R):
         assert not ws.meta("layer").HALF_TILES
         layer_cases(ws, ["uniform", "zipf", "ragged"])
         ws.close()
+
+
+GPT_OSS_LIKE = MoEShape(1024, 512, 64, 6, 700, activation="swigluoai", bias=True)
+
+
+@pytest.mark.parametrize("R", [1, 4])
+def test_layer_gpt_oss_experts(R):
+    """gpt-oss's experts (``activation="swigluoai"``, ``bias=True``; the test biases put some
+    gate and up values past the clamps): dispatch, GEMM1 with b13 and the clamped activation,
+    the down projection with b2, one kernel and two, against the references."""
+    with EmulatedWorld(R, "cuda") as world:
+        ws = Megakernel(world, GPT_OSS_LIKE)
+        for seed, (case, split) in enumerate([("uniform", False), ("zipf", True)]):
+            E, K = GPT_OSS_LIKE.num_experts, GPT_OSS_LIKE.topk
+            rt, pl = routing.edge_case(case, R, 700 - seed, E, K, seed)
+            layer_call(ws, rt, pl or Placement.contiguous(E, R), seed, split, GPT_OSS_LIKE)
+        ws.close()
+
+
+def test_gpt_oss_experts_keep_a_nan_token_nan():
+    """A NaN token comes out NaN through the clamps (``min.NaN``: a plain ``min`` would return
+    the bound, and the token would come out finite and wrong); the other tokens are right."""
+    R, seed, shape = 1, 3, GPT_OSS_LIKE
+    rt = routing.uniform(R, [500], shape.num_experts, shape.topk, seed=seed).to("cuda")
+    x = make_tokens(shape, [500], seed, "cuda")[0]
+    x[17] = float("nan")
+    with EmulatedWorld(R, "cuda") as world:
+        layer = FusedEPMoE.from_dense(
+            world, shape, make_w13(shape, seed, "cuda"), make_w2(shape, seed, "cuda"),
+            **make_biases(shape, seed, "cuda"),
+        )  # fmt: skip
+        out = layer(x, rt.topk_ids[0], rt.topk_weights[0])
+        layer.check_errors()
+        assert out[17].isnan().all()
+        good = torch.ones(500, dtype=torch.bool, device="cuda")
+        good[17] = False
+        want = layer_ref(x, rt.topk_ids[0], rt.topk_weights[0], shape, seed)
+        assert compare_layer_output(out[good], want[good], shape.dtype, 0) == []
+        layer.close()
 
 
 def test_layer_phase_by_phase_on_the_gpu():
