@@ -1,7 +1,9 @@
 """A small random Qwen3-MoE model with its MoE blocks on the fused layer: ``python
 examples/hf_qwen3_moe.py [--layers 4] [--new-tokens 32]`` (one GPU), or ``python -m
 symm_mem.launch [--nproc N] examples/hf_qwen3_moe.py`` (N GPUs: each rank holds E / N experts and
-generates from its own prompts).
+generates from its own prompts). ``--family gpt_oss``: a small random gpt-oss model instead (its
+experts' biases and clamped SwiGLU on the layer: ``MoEShape(activation="swigluoai",
+bias=True)``).
 
 Builds the model (random weights, bf16), generates greedily with the original blocks, swaps the
 blocks' routed experts for ``FusedEPMoE`` layers (``replace_moe_blocks``), generates again from
@@ -23,14 +25,28 @@ from megakernel.integrations.hf import close_moe_blocks, is_moe_block, replace_m
 from symm_mem import EmulatedWorld, World, init_world
 
 
-def small_qwen3_moe(layers: int, seed: int) -> transformers.Qwen3MoeForCausalLM:
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=4096, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512,
-        num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
-        num_experts=64, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+def small_model(family: str, layers: int, seed: int) -> transformers.PreTrainedModel:
+    """A random bf16 model of ``family`` ("qwen3_moe" or "gpt_oss") with ``layers`` MoE layers."""
+    common = dict(
+        vocab_size=4096, hidden_size=1024, num_hidden_layers=layers, num_attention_heads=16,
+        num_key_value_heads=4, head_dim=64, num_experts_per_tok=8,
     )  # fmt: skip
     torch.manual_seed(seed)
-    return transformers.Qwen3MoeForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    if family == "gpt_oss":
+        cfg = transformers.GptOssConfig(**common, intermediate_size=512, num_local_experts=64)
+        model = transformers.GptOssForCausalLM(cfg)
+        with torch.no_grad():  # (its init leaves the experts' biases at 0)
+            for m in model.modules():
+                if hasattr(m, "gate_up_proj_bias"):
+                    m.gate_up_proj_bias.normal_(0, 1.0)
+                    m.down_proj_bias.normal_(0, 0.02)
+    else:
+        cfg = transformers.Qwen3MoeConfig(
+            **common, intermediate_size=2048, moe_intermediate_size=512, num_experts=64,
+            norm_topk_prob=True, decoder_sparse_step=1,
+        )  # fmt: skip
+        model = transformers.Qwen3MoeForCausalLM(cfg)
+    return model.to("cuda", torch.bfloat16).eval()
 
 
 def block_inputs(model, prompt: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -75,13 +91,14 @@ def open_world() -> World:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--family", default="qwen3_moe", choices=["qwen3_moe", "gpt_oss"])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     world = open_world()
-    model = small_qwen3_moe(args.layers, seed=0)  # the same model on every rank
+    model = small_model(args.family, args.layers, seed=0)  # the same model on every rank
     cfg = model.config
     g = torch.Generator(device="cuda").manual_seed(1 + world.rank)  # each rank its own prompts
     prompt = torch.randint(
@@ -100,9 +117,11 @@ def main() -> None:
         diff = new[0] != new[1]
         first = [int(d.nonzero()[0]) if d.any() else None for d in diff]
         say = print if world.rank == 0 else (lambda *a: None)
-        say(f"{torch.cuda.get_device_name()} x {world.world_size}, Qwen3-MoE {args.layers} "
-            f"layers, H {cfg.hidden_size}, I {cfg.moe_intermediate_size}, E {cfg.num_experts}, "
-            f"K {cfg.num_experts_per_tok}, bf16, random weights")  # fmt: skip
+        ffn = getattr(cfg, "moe_intermediate_size", cfg.intermediate_size)
+        experts = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+        say(f"{torch.cuda.get_device_name()} x {world.world_size}, {args.family} {args.layers} "
+            f"layers, H {cfg.hidden_size}, I {ffn}, E {experts}, K {cfg.num_experts_per_tok}, "
+            "bf16, random weights")  # fmt: skip
         say(f"rank 0: greedy tokens matching: {same} of {new[0].numel()} "
             f"(first mismatch per sequence: {first})")  # fmt: skip
         for name, xs in zip(("prefill", "decode"), inputs, strict=True):

@@ -13,7 +13,8 @@ Two module forms:
   ``experts(hidden [T, H], top_k_index [T, K], top_k_weights [T, K])`` after its router. Only
   ``block.experts`` is replaced (by ``FusedExperts``): the block's own code runs the rest.
   Qwen3-MoE, Qwen2-MoE (its gated shared expert kept), Mixtral, DeepSeek-V3 (its shared experts
-  and grouped top-k router kept).
+  and grouped top-k router kept), gpt-oss (below). The experts' layout flags of transformers 5
+  (``is_transposed``, ``is_concatenated``, ``has_bias``) are read and undone.
 - **per-expert modules** (transformers 4): ``block.experts`` is an ``nn.ModuleList`` of MLPs
   (``gate_proj`` / ``up_proj`` / ``down_proj``, or Mixtral's ``w1`` / ``w3`` / ``w2``) and the
   block's forward loops over them, with the router inline: the whole block is replaced by
@@ -27,9 +28,12 @@ DeepSeek-V3's FP8 checkpoints load: e4m3 ``gate_up_proj`` / ``down_proj`` with f
 ``*_scale_inv`` per 128 x 128 block, activations quantised per token and 128 columns on the fly),
 the layer is an FP8 one (``MoEShape.fp8``) holding those weights and scales as they are.
 
-gpt-oss is refused: its experts compute ``(up + 1) * gate * sigmoid(alpha * gate)`` with both
-halves clamped, add biases and interleave gate and up columns; the layer computes
-``silu(gate) * up``. Any other activation than SiLU is refused too.
+gpt-oss: its experts add biases and compute ``(u + 1) * g * sigmoid(1.702 g)`` with ``g`` and
+``u`` the gate and up values clamped at 7 (``u`` at -7 too), from transposed weights with gate
+and up columns interleaved: the layer is built with ``activation="swigluoai"``, ``bias=True``
+and the weights in its own layout (a copy). A fused form's gate (``_apply_gate``) is identified
+by what it computes on a probe, not by its name; one that computes neither SwiGLU nor that, or
+experts without a gate or with another activation function, are refused.
 
 Where it runs: a world whose process runs one rank, ``EmulatedWorld(1, "cuda")`` or
 ``NvshmemWorld`` under ``symm_mem.launch`` (each rank then holds the experts of its slots and
@@ -45,7 +49,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from megakernel.shapes import MoEShape
+from megakernel.reference import glu_ref
+from megakernel.shapes import ACTIVATIONS, SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, MoEShape
 from symm_mem.buffer import World
 
 if TYPE_CHECKING:
@@ -61,30 +66,69 @@ def is_moe_block(module: nn.Module) -> bool:
     return (hasattr(module, "gate") or hasattr(module, "router")) and hasattr(module, "experts")
 
 
-def _refuse_unsupported(block: nn.Module) -> None:
-    name = type(block.experts).__name__ + type(block).__name__
-    # (transformers' FP8Experts registers gate_up_proj_bias as None)
-    if "GptOss" in name or getattr(block.experts, "gate_up_proj_bias", None) is not None:
+def expert_activation(block: nn.Module) -> str:
+    """The ``MoEShape.activation`` of ``block``'s experts; raises ``NotImplementedError`` for
+    experts the layer cannot compute. A fused form's ``_apply_gate`` (transformers 5) is told by
+    what it computes on a probe (``_probe_gate``): SwiGLU, or gpt-oss's clamped form with its
+    constants."""
+    experts = block.experts
+    kind = type(block).__name__
+    if getattr(experts, "has_gate", True) is False:
         raise NotImplementedError(
-            f"{type(block).__name__}: gpt-oss experts compute (up + 1) * gate * sigmoid(alpha * "
-            "gate) with clamped halves, biases and interleaved gate/up columns; FusedEPMoE "
-            "computes silu(gate) * up without biases, so this block is not supported"
+            f"{kind}: its experts have no gate (act(x @ up^T) only); FusedEPMoE computes gated "
+            "experts"
         )
-    act = getattr(block.experts, "act_fn", None)
-    if isinstance(block.experts, nn.ModuleList) and len(block.experts):
-        first = block.experts[0]
+    act = getattr(experts, "act_fn", None)
+    if isinstance(experts, nn.ModuleList) and len(experts):
+        first = experts[0]
         act = getattr(first, "act_fn", None) or getattr(first, "act", None)
     if act is not None and type(act).__name__ not in SILU:
         raise NotImplementedError(
-            f"{type(block).__name__}: experts use {type(act).__name__}; FusedEPMoE computes "
-            "SwiGLU (silu(gate) * up) only"
+            f"{kind}: experts use {type(act).__name__}; FusedEPMoE computes SwiGLU "
+            "(silu(gate) * up) or gpt-oss's clamped form only"
         )
+    if isinstance(experts, nn.ModuleList) or not hasattr(experts, "_apply_gate"):
+        return "silu"
+    return _probe_gate(experts, kind)
 
 
-def dense_weights(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The block's routed experts as ``w13 [E, 2I, H]`` (gate rows, then up rows) and
-    ``w2 [E, H, I]``, from either module form (views of the fused form's parameters)."""
-    _refuse_unsupported(block)
+def _probe_gate(experts: nn.Module, kind: str) -> str:
+    """Which of ``ACTIVATIONS`` the experts' ``_apply_gate(gate_up)`` computes, from gate and up
+    values spread over +-10 (past gpt-oss's clamps at 7), laid out as the experts lay out their
+    columns (gate then up, or interleaved where ``is_concatenated`` is False)."""
+    g = torch.Generator().manual_seed(0)
+    gate, up = (20 * torch.rand(8, 32, generator=g) - 10 for _ in range(2))
+    if getattr(experts, "is_concatenated", True):
+        probe = torch.cat([gate, up], dim=-1)
+    else:
+        probe = torch.stack([gate, up], dim=-1).flatten(-2)
+    try:
+        with torch.no_grad():
+            got = experts._apply_gate(probe).float()
+    except Exception as e:  # a gate that needs more than its columns: not one of ours
+        raise NotImplementedError(
+            f"{kind}: its experts' gate could not be probed ({e!r}); FusedEPMoE computes "
+            f"one of {ACTIVATIONS}"
+        ) from e
+    for name in ACTIVATIONS:
+        want = glu_ref(gate, up, name)
+        if got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            return name
+    raise NotImplementedError(
+        f"{kind}: its experts' gate ({type(experts).__name__}._apply_gate) computes none of "
+        f"{ACTIVATIONS} (SwiGLU, or gpt-oss's clamped form with alpha {SWIGLUOAI_ALPHA} and "
+        f"limit {SWIGLUOAI_LIMIT}), so this block is not supported"
+    )
+
+
+def dense_experts(block: nn.Module) -> dict[str, torch.Tensor]:
+    """The block's routed experts as ``FusedEPMoE.from_dense`` takes them: ``w13 [E, 2I, H]``
+    (gate rows, then up rows) and ``w2 [E, H, I]``, plus ``b13 [E, 2I]`` and ``b2 [E, H]`` where
+    the experts have biases. From either module form; a fused form's layout flags
+    (``is_transposed``: ``gate_up_proj [E, H, 2I]`` and ``down_proj [E, I, H]``;
+    ``is_concatenated`` False: gate and up columns interleaved, as gpt-oss has them) are undone
+    here (copies; the plain layout's tensors are views of the parameters)."""
+    expert_activation(block)  # refuses what the layer cannot compute
     experts = block.experts
     if isinstance(experts, nn.ModuleList):
         names = next((n for n in LEGACY_NAMES if hasattr(experts[0], n[0])), None)
@@ -96,13 +140,27 @@ def dense_weights(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up, down = (
             torch.stack([getattr(e, n).weight for e in experts]).detach() for n in names
         )
-        return torch.cat([gate, up], dim=1), down
+        return {"w13": torch.cat([gate, up], dim=1), "w2": down}
     if not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
         raise ValueError(
             f"{type(block).__name__}: its experts ({type(experts).__name__}) hold neither "
             "gate_up_proj / down_proj nor an nn.ModuleList of expert MLPs"
         )
-    return experts.gate_up_proj.detach(), experts.down_proj.detach()
+    transposed = getattr(experts, "is_transposed", False)
+    interleaved = not getattr(experts, "is_concatenated", True)
+
+    def gate_then_up(t: torch.Tensor) -> torch.Tensor:  # [E, 2I, ...] rows
+        return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1) if interleaved else t
+
+    w13 = experts.gate_up_proj.detach()
+    w2 = experts.down_proj.detach()
+    if transposed:
+        w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
+    found = {"w13": gate_then_up(w13).contiguous(), "w2": w2.contiguous()}
+    if getattr(experts, "has_bias", False):
+        found["b13"] = gate_then_up(experts.gate_up_proj_bias.detach())
+        found["b2"] = experts.down_proj_bias.detach()
+    return found
 
 
 def fp8_weights(block: nn.Module):
@@ -114,7 +172,7 @@ def fp8_weights(block: nn.Module):
     weight = getattr(experts, "gate_up_proj", None)
     if not isinstance(weight, torch.Tensor) or weight.dtype != torch.float8_e4m3fn:
         return None
-    _refuse_unsupported(block)
+    expert_activation(block)
     kind = f"{type(block).__name__}'s FP8 experts"
     block_size = tuple(getattr(experts, "block_size", None) or ())
     if block_size != (128, 128):
@@ -128,7 +186,10 @@ def fp8_weights(block: nn.Module):
             "and 128 columns as it dispatches them (the dynamic scheme)"
         )
     if getattr(experts, "limit", None) is not None:
-        raise NotImplementedError(f"{kind} clamp their SwiGLU; FusedEPMoE computes silu(gate) * up")
+        raise NotImplementedError(
+            f"{kind} clamp their SwiGLU: FusedEPMoE's FP8 path takes clamped (gpt-oss) experts "
+            "from dense weights only (FusedEPMoE.from_dense quantises them)"
+        )
     return tuple(
         (getattr(experts, name).detach(), getattr(experts, f"{name}_scale_inv").detach().float())
         for name in ("gate_up_proj", "down_proj")
@@ -136,8 +197,9 @@ def fp8_weights(block: nn.Module):
 
 
 def block_topk(block: nn.Module) -> int:
-    """K: the router's ``top_k`` (transformers 5), else the block's (transformers 4)."""
-    for owner in (getattr(block, "gate", None), block):
+    """K: the router's ``top_k`` (transformers 5: ``gate``, or gpt-oss's ``router``), else the
+    block's (transformers 4)."""
+    for owner in (getattr(block, "gate", None), getattr(block, "router", None), block):
         k = getattr(owner, "top_k", None)
         if isinstance(k, int):
             return k
@@ -158,8 +220,9 @@ def from_hf(
     from megakernel.layer import FusedEPMoE
 
     fp8 = fp8_weights(block)
-    w13, w2 = fp8 or dense_weights(block)
-    E, two_i, H = (w13[0] if fp8 else w13).shape
+    experts = {"w13": fp8[0], "w2": fp8[1]} if fp8 else dense_experts(block)
+    w13 = experts["w13"][0] if fp8 else experts["w13"]
+    E, two_i, H = w13.shape
     shape = MoEShape(
         hidden=H,
         ffn=two_i // 2,
@@ -168,8 +231,10 @@ def from_hf(
         max_tokens_per_rank=max_tokens,
         dtype=dtype or (torch.bfloat16 if fp8 else w13.dtype),
         fp8=fp8 is not None,
+        activation=expert_activation(block),
+        bias="b13" in experts,
     )
-    return FusedEPMoE.from_dense(world, shape, w13, w2, **kw)
+    return FusedEPMoE.from_dense(world, shape, **experts, **kw)
 
 
 class FusedExperts(nn.Module):
@@ -234,7 +299,7 @@ def replace_moe_blocks(model: nn.Module, world: World, **kw: object) -> nn.Modul
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no sparse MoE block (gate + experts)")
     for _, block in blocks:  # refuse before changing anything
-        fp8_weights(block) or dense_weights(block)
+        fp8_weights(block) or dense_experts(block)
     for name, block in blocks:
         experts = FusedExperts(from_hf(block, world, **kw))
         if isinstance(block.experts, nn.ModuleList):

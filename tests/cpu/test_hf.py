@@ -200,16 +200,67 @@ def test_per_expert_form_block_matches(shared, norm, mixtral):
         close_moe_blocks(model)
 
 
-def test_gpt_oss_and_other_activations_are_refused_clearly():
+def gpt_oss_block(seed: int) -> nn.Module:
+    """A gpt-oss MoE block (router + experts with biases; weights transposed, gate and up
+    columns interleaved) with random weights, fp32; its gate/up biases spread so that some gate
+    and up values pass the clamps at +-7."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
     cfg = transformers.GptOssConfig(
         hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K
     )
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+    block = GptOssMLP(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        block.experts.gate_up_proj_bias.mul_(40.0)  # 0 +- 8
+    return block.float().eval()
 
-    model = nn.ModuleDict({"mlp": GptOssMLP(cfg)})
+
+def test_gpt_oss_block_matches_the_hf_block():
+    """gpt-oss's experts (clamped SwiGLU with alpha, biases, transposed and interleaved
+    weights) on the layer: ``activation="swigluoai"``, ``bias=True``, the weights in the layer's
+    layout; the swapped block gives the HF block's output (its router, softmax over the top-k
+    logits, its own). The probe tells the gate by what it computes."""
+    block = gpt_oss_block(seed=7)
+    x = torch.randn(BATCH, SEQ, H, generator=torch.Generator().manual_seed(8))
+    gate_up = torch.einsum("bsh,ehi->bsei", x, block.experts.gate_up_proj)
+    gate_up = gate_up + block.experts.gate_up_proj_bias
+    assert (gate_up[..., 0::2] > 7).any() and (gate_up[..., 1::2].abs() > 7).any(), "clamps"
+    with torch.no_grad():
+        want, want_scores = block(x)
+    swapped = copy.deepcopy(block)
     with EmulatedWorld(1) as world:
-        with pytest.raises(NotImplementedError, match="gpt-oss experts compute .*not supported"):
+        holder = nn.ModuleDict({"mlp": swapped})
+        replace_moe_blocks(holder, world, config=small_config(), max_tokens=64)
+        layer = swapped.experts.layer
+        assert (layer.shape.activation, layer.shape.bias, layer.shape.topk) == (
+            "swigluoai",
+            True,
+            K,
+        )
+        with torch.no_grad():
+            got, scores = swapped(x)
+        layer.check_errors()
+        assert torch.equal(scores, want_scores)
+        assert rel_err(got, want) < 1e-5, rel_err(got, want)
+        close_moe_blocks(holder)
+
+
+def test_unsupported_experts_are_refused_clearly():
+    """A gate that computes something else (gpt-oss's with another alpha), experts without a
+    gate, another activation function: refused, naming what differs, and nothing swapped."""
+    altered = gpt_oss_block(seed=9)
+    altered.experts.alpha = 1.5
+    model = nn.ModuleDict({"mlp": altered})
+    with EmulatedWorld(1) as world:
+        with pytest.raises(NotImplementedError, match="computes none of .*alpha 1.702"):
             replace_moe_blocks(model, world)
+        ungated = gpt_oss_block(seed=9)
+        ungated.experts.has_gate = False
+        with pytest.raises(NotImplementedError, match="no gate"):
+            FusedEPMoE.from_hf(ungated, world)
         gelu = family_block("mixtral", seed=5)
         gelu.experts.act_fn = nn.GELU()
         with pytest.raises(NotImplementedError, match="experts use GELU.*SwiGLU"):
@@ -237,6 +288,36 @@ def test_a_whole_qwen3_moe_model_generates_the_same_tokens():
     with EmulatedWorld(1) as world:
         replace_moe_blocks(model, world, config=small_config(), max_tokens=64)
         assert sum(isinstance(m, FusedExperts) for m in model.modules()) == 1
+        with torch.no_grad():
+            got = model.generate(prompt, max_new_tokens=4, do_sample=False)
+        assert torch.equal(got, want)
+        close_moe_blocks(model)
+
+
+def test_a_whole_gpt_oss_model_generates_the_same_tokens():
+    """A two-layer random gpt-oss model (sliding and full attention), both MoE blocks swapped:
+    greedy decoding gives the same tokens. The experts' biases are spread so the clamps act."""
+    cfg = transformers.GptOssConfig(
+        vocab_size=97, hidden_size=H, intermediate_size=I, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=E,
+        num_experts_per_tok=K, layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8,
+    )  # fmt: skip
+    torch.manual_seed(6)
+    model = transformers.GptOssForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "gate_up_proj_bias"):
+                m.gate_up_proj.normal_(0, 0.2)
+                m.down_proj.normal_(0, 0.2)
+                m.gate_up_proj_bias.normal_(0, 4)
+                m.down_proj_bias.normal_(0, 0.5)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 6))
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    with EmulatedWorld(1) as world:
+        replace_moe_blocks(model, world, config=small_config(), max_tokens=64)
+        assert sum(isinstance(m, FusedExperts) for m in model.modules()) == 2
         with torch.no_grad():
             got = model.generate(prompt, max_new_tokens=4, do_sample=False)
         assert torch.equal(got, want)

@@ -95,3 +95,35 @@ def test_from_hf_on_two_emulated_ranks():
             print(f"qwen3_moe, rank {r} of 2: relative error {err:.2e}")
             assert err < TOLERANCE
         layer.close()
+
+
+def test_gpt_oss_block_matches_the_hf_block_in_bf16():
+    """gpt-oss's block (clamped SwiGLU, biases, transposed and interleaved weights): the
+    swapped block against the HF block, both in bf16; its biases spread so the clamps act."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    cfg = transformers.GptOssConfig(
+        hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K
+    )
+    block = GptOssMLP(cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * H**-0.5)
+        block.experts.gate_up_proj_bias.normal_(0, 4, generator=g)
+    block = block.to("cuda", torch.bfloat16).eval()
+    x = torch.randn(4, 96, H, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want, _ = block(x)
+    holder = nn.ModuleDict({"mlp": copy.deepcopy(block)})
+    with EmulatedWorld(1, "cuda") as world:
+        replace_moe_blocks(holder, world, max_tokens=512)
+        layer = holder["mlp"].experts.layer
+        assert (layer.shape.activation, layer.shape.bias) == ("swigluoai", True)
+        with torch.no_grad():
+            got, _ = holder["mlp"](x)
+        layer.check_errors()
+        err = rel_err(got, want)
+        print(f"gpt_oss: relative error against the HF block {err:.2e}")
+        assert err < TOLERANCE
+        close_moe_blocks(holder)
