@@ -17,6 +17,9 @@ p20/p80 over repeats, max over ranks; each row timed on its own, one after anoth
              figure of that pairing goes beside it; ``--vary KNOB=V1,V2`` the same for other knobs
              (knobs that go together joined by ``+``: ``block_m=64+num_warps=4`` is one variant)
   torch      ``torch._grouped_mm`` GEMM1 + SwiGLU + GEMM2 on the same received rows
+  experts    with ``--experts swigluoai+bias ...``: the layer with other experts (``MoEShape``'s
+             ``activation``, ``bias``; the same weights, biases from the seed), checked against
+             ``moe_ref`` first, timed in alternation with the default (SwiGLU, no biases)
   fp8        with ``--fp8``: the FP8 layer (``MoEShape.fp8``) on the same experts quantised to
              e4m3 with 128 x 128 block scales, checked against ``moe_fp8_ref`` first, timed in
              alternation with the layer above (whose figure of that pairing goes beside it);
@@ -41,7 +44,7 @@ from megakernel.config import PACK_MODES, KernelConfig
 from megakernel.fp8 import quantize_experts
 from megakernel.placement import Placement
 from megakernel.shapes import preset
-from megakernel.testing import check_layer_output, local_w2, local_w13, make_tokens
+from megakernel.testing import check_layer_output, local_biases, local_w2, local_w13, make_tokens
 from megakernel.traffic import operand_bytes, rows_per_expert
 from perf.baseline import baseline_moe
 from perf.record import knob_sets, write_result
@@ -111,6 +114,45 @@ def time_variants(world, ws, case: dict, inputs: tuple, shape, name: str, args) 
         timed = time_many({"variant": call, "default": default})  # the same clocks
         row[column][key] = timed["variant"]
         row["paired_default_us"][key] = timed["default"]
+        other.check_errors()
+        other.close()
+    return row
+
+
+EXPERT_KINDS = ("swigluoai", "bias", "swigluoai+bias")  # --experts: MoEShape activation / bias
+
+
+def time_experts(world, ws, case: dict, inputs: tuple, shape, name: str, args) -> dict:
+    """The layer with other experts (``--experts``): gpt-oss's clamped activation, biases, or
+    both, on the same weights (biases from the seed), each checked against ``moe_ref`` first,
+    then its graph replay timed in alternation with the default layer's."""
+    row = {"experts_us": {}, "experts_paired_default_us": {}}
+    default = graphed(lambda: ws.run(*inputs, mode="layer", validate=False))
+    for kind in args.experts:
+        parts = kind.split("+")
+        other_shape = replace(
+            shape, activation="swigluoai" if "swigluoai" in parts else "silu", bias="bias" in parts
+        )
+        biases = {r: local_biases(other_shape, ws.placement, r, args.seed, world.device)
+                  for r in world.local_ranks}  # fmt: skip
+        torch.cuda.empty_cache()
+        other = FusedEPMoE(
+            world, other_shape, inputs[3], inputs[4], placement=ws.placement,
+            config=KernelConfig(num_ctas=args.ctas),
+            **{n: {r: b[n] for r, b in biases.items()} for n in ("b13", "b2") if other_shape.bias},
+        )  # fmt: skip
+        found = check_outputs(other, case, other_shape, args.seed, kind)
+        if found:
+            raise SystemExit(f"{name} {kind}: wrong results: {found[:4]}")
+        run, experts = other.workspace.run, other._experts_by_rank()
+        call = graphed(
+            lambda run=run, experts=experts: run(
+                *inputs[:3], mode="layer", validate=False, **experts
+            )
+        )
+        timed = time_many({"variant": call, "default": default})
+        row["experts_us"][kind] = timed["variant"]
+        row["experts_paired_default_us"][kind] = timed["default"]
         other.check_errors()
         other.close()
     return row
@@ -217,6 +259,8 @@ def bench_preset(world: World, name: str, args) -> dict:
     row["baseline_us"] = time_us(lambda: baseline_moe(*base_args)) if can_baseline else None
     row["pack"] = "gather" if config.gather_a() else "scan"  # what pack="auto" means
     row.update(time_variants(world, ws, case, inputs, shape, name, args))
+    if args.experts:
+        row.update(time_experts(world, ws, case, inputs, shape, name, args))
     if args.fp8:
         row.update(time_fp8(world, ws, case, inputs, shape, name, args))
     ws.check_errors()
@@ -278,6 +322,12 @@ def report(result: dict, args) -> None:
         if v.get("vary_us"):
             times = _paired(v["vary_us"], v)
             print(f"{v['preset']}: layer with other KernelConfig knobs: {times}")
+        for kind, t in v.get("experts_us", {}).items():
+            paired = v["experts_paired_default_us"][kind]["median"]
+            print(
+                f"{v['preset']}: layer with {kind} experts {t['median']:.1f} us (default "
+                f"{paired:.1f}): {t['median'] / paired:.3f}x"
+            )
     print(f"wrote {name}")
 
 
@@ -314,6 +364,10 @@ def main() -> None:
     parser.add_argument("--ctas", type=int, default=0, help="programs per rank (0: SM share)")
     parser.add_argument("--symmetric-size", default="8G")
     parser.add_argument("--fp8", action="store_true", help="also time the FP8 layer (see above)")
+    parser.add_argument(
+        "--experts", nargs="*", default=[], choices=EXPERT_KINDS,
+        help="also time the layer with these experts (gpt-oss's activation, biases, both)",
+    )  # fmt: skip
     parser.add_argument(
         "--fp8-vary", nargs="*", default=[], metavar="KNOB=V1,V2",
         help="with --fp8: also time FP8 layers with these KernelConfig knobs (A=1+B=2: together)",

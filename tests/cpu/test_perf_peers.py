@@ -115,3 +115,41 @@ def test_the_scaled_mm_baseline_runs_the_fp8_layer(monkeypatch):
     assert ((out.float() - want).norm() / want.norm()).item() < 4e-3
     with pytest.raises(ValueError, match="multiple of 4"):
         ScaledMMBaseline(shape, quantize_experts(w13[:, :, :256]), q2)
+
+
+def test_bench_layer_checks_other_experts_then_times_them_beside_the_default(monkeypatch):
+    """perf.bench_layer ``--experts``: each kind is built on the same weights (biases from the
+    seed), checked against ``moe_ref`` and timed in alternation with the default layer. On the
+    CPU, with the graph capture and the timer stood in for by plain calls."""
+    import argparse
+
+    from megakernel import FusedEPMoE, routing
+    from megakernel.placement import Placement
+    from megakernel.testing import local_w2, local_w13, make_tokens
+    from perf import bench_layer
+    from symm_mem import EmulatedWorld
+
+    def time_many(calls):
+        return {name: {"median": float(len(name)), "ran": call()} for name, call in calls.items()}
+
+    monkeypatch.setattr(bench_layer, "graphed", lambda fn: fn)
+    monkeypatch.setattr(bench_layer, "time_many", time_many)
+    monkeypatch.setattr(bench_layer, "KernelConfig", lambda **kw: KernelConfig.interpreter())
+    shape = MoEShape(hidden=64, ffn=32, num_experts=8, topk=2, max_tokens_per_rank=16)
+    R, seed = 2, 4
+    args = argparse.Namespace(experts=list(bench_layer.EXPERT_KINDS), seed=seed, ctas=0)
+    placement = Placement.contiguous(shape.num_experts, R)
+    rt = routing.uniform(R, [16] * R, shape.num_experts, shape.topk, seed=seed)
+    xs = make_tokens(shape, [16] * R, seed, "cpu")
+    case = dict(xs=xs, x=dict(enumerate(xs)), ids=dict(enumerate(rt.topk_ids)))
+    case["weights"] = dict(enumerate(rt.topk_weights))
+    with EmulatedWorld(R) as world:
+        w13 = {r: local_w13(shape, placement, r, seed, "cpu") for r in range(R)}
+        w2 = {r: local_w2(shape, placement, r, seed, "cpu") for r in range(R)}
+        layer = FusedEPMoE(world, shape, w13, w2, config=KernelConfig.interpreter())
+        inputs = (case["x"], case["ids"], case["weights"], w13, w2)
+        row = bench_layer.time_experts(world, layer.workspace, case, inputs, shape, "tiny", args)
+        assert set(row["experts_us"]) == set(bench_layer.EXPERT_KINDS)
+        assert row["experts_us"]["bias"]["median"] == len("variant")
+        assert row["experts_paired_default_us"]["bias"]["median"] == len("default")
+        layer.close()
