@@ -344,7 +344,11 @@ def main() -> None:
             del case
             gc.collect()  # anything of the case left in reference cycles, before the next preset
             torch.cuda.empty_cache()
-    path, _ = write_result("peers_one_rank", {"rows": rows, "read_Bps": bandwidth})
+    # one file per run's points: a later run of other presets or T does not overwrite it
+    stem = f"peers_one_rank_{'_'.join(args.presets)}_T{'_'.join(map(str, args.tokens))}"
+    path, _ = write_result(
+        stem + ("_fp8" if args.fp8 else ""), {"rows": rows, "read_Bps": bandwidth}
+    )
     print("\n".join(["", header(bandwidth, args.fp8), *map(table_row, rows), f"wrote {path}"]))
 
 
