@@ -21,7 +21,7 @@ from functools import partial
 
 import torch
 
-from megakernel.reference import expert_down_ref, expert_gemm1_ref, moe_ref_by_expert
+from megakernel.reference import expert_ffn_ref, moe_ref_by_expert
 from megakernel.shapes import FP8_BLOCK
 
 E4M3 = torch.float8_e4m3fn
@@ -118,20 +118,6 @@ def _dequantized_experts(w13, w2, b13=None, b2=None):
     return expert
 
 
-def _fp8_ffn(
-    x: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    b13: torch.Tensor | None = None,
-    b2: torch.Tensor | None = None,
-    activation: str = "silu",
-) -> torch.Tensor:
-    """One expert's FFN as the FP8 path runs it: the gated output quantised per token group
-    before the down projection."""
-    act = fp8_roundtrip(expert_gemm1_ref(x, w13, b13, activation))
-    return expert_down_ref(act, w2, b2)
-
-
 def moe_fp8_ref(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -161,7 +147,8 @@ def moe_fp8_ref_by_expert(
     """``moe_fp8_ref`` asking ``expert_weights(e)`` for one expert's dequantised ``(w13, w2)``
     (then its biases, where it has them) at a time, only for the experts the tokens picked
     (``moe_ref_by_expert``)."""
-    ffn = partial(_fp8_ffn, activation=activation)
+    # the gated output quantised per token group before the down projection, as the path does
+    ffn = partial(expert_ffn_ref, activation=activation, between=fp8_roundtrip)
     return moe_ref_by_expert(fp8_roundtrip(x), topk_ids, topk_weights, expert_weights, ffn)
 
 

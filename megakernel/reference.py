@@ -45,10 +45,13 @@ def expert_ffn_ref(
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
     activation: str = "silu",
+    between: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One expert's gated FFN in fp32: ``x [N, H]``, ``w13 [2I, H]``, ``w2 [H, I]`` (biases
-    ``b13 [2I]``, ``b2 [H]`` where given) -> [N, H]."""
-    return expert_down_ref(expert_gemm1_ref(x, w13, b13, activation), w2, b2)
+    ``b13 [2I]``, ``b2 [H]`` where given) -> [N, H]. ``between``: applied to the activations
+    before the down projection (the FP8 path's requantisation)."""
+    act = expert_gemm1_ref(x, w13, b13, activation)
+    return expert_down_ref(act if between is None else between(act), w2, b2)
 
 
 def expert_gemm1_ref(

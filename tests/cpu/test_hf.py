@@ -282,12 +282,17 @@ def test_a_whole_qwen3_moe_model_generates_the_same_tokens():
     )  # fmt: skip
     torch.manual_seed(6)
     model = transformers.Qwen3MoeForCausalLM(cfg).float().eval()
-    prompt = torch.randint(0, cfg.vocab_size, (1, 6))
+    assert_swapped_model_generates_the_same(model, swapped_blocks=1)
+
+
+def assert_swapped_model_generates_the_same(model, swapped_blocks: int) -> None:
+    """Greedy tokens of a prompt, before and after ``replace_moe_blocks``, are equal."""
+    prompt = torch.randint(0, model.config.vocab_size, (1, 6))
     with torch.no_grad():
         want = model.generate(prompt, max_new_tokens=4, do_sample=False)
     with EmulatedWorld(1) as world:
         replace_moe_blocks(model, world, config=small_config(), max_tokens=64)
-        assert sum(isinstance(m, FusedExperts) for m in model.modules()) == 1
+        assert sum(isinstance(m, FusedExperts) for m in model.modules()) == swapped_blocks
         with torch.no_grad():
             got = model.generate(prompt, max_new_tokens=4, do_sample=False)
         assert torch.equal(got, want)
@@ -312,16 +317,7 @@ def test_a_whole_gpt_oss_model_generates_the_same_tokens():
                 m.down_proj.normal_(0, 0.2)
                 m.gate_up_proj_bias.normal_(0, 4)
                 m.down_proj_bias.normal_(0, 0.5)
-    prompt = torch.randint(0, cfg.vocab_size, (1, 6))
-    with torch.no_grad():
-        want = model.generate(prompt, max_new_tokens=4, do_sample=False)
-    with EmulatedWorld(1) as world:
-        replace_moe_blocks(model, world, config=small_config(), max_tokens=64)
-        assert sum(isinstance(m, FusedExperts) for m in model.modules()) == 2
-        with torch.no_grad():
-            got = model.generate(prompt, max_new_tokens=4, do_sample=False)
-        assert torch.equal(got, want)
-        close_moe_blocks(model)
+    assert_swapped_model_generates_the_same(model, swapped_blocks=2)
 
 
 def test_deepseek_v3_fp8_experts_load_as_an_fp8_layer():
