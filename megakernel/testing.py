@@ -378,21 +378,12 @@ def check_calls(
     activation: str = "silu",
 ) -> list[str]:
     """``check_call`` for every handle (keyed by rank; ``b13_local`` too)."""
-    return [
-        p
-        for r, h in handles.items()
-        for p in check_call(
-            h,
-            xs,
-            topk_ids,
-            w13_local[r],
-            placement,
-            mode,
-            swiglu,
-            None if b13_local is None else b13_local[r],
-            activation,
-        )  # fmt: skip
-    ]
+    problems = []
+    for r, h in handles.items():
+        b13 = (b13_local or {}).get(r)
+        problems += check_call(h, xs, topk_ids, w13_local[r], placement, mode, swiglu, b13,
+                               activation)  # fmt: skip
+    return problems
 
 
 def run_layer_checked(

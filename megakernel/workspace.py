@@ -371,7 +371,6 @@ class Megakernel:
         H, I, K = shape.hidden, shape.ffn, shape.topk
         x = torch.zeros(2, H, dtype=shape.dtype, device=dev)
         scales = [torch.ones(s, device=dev) for s in shape.weight_scale_shapes(L)]
-        biases = [torch.zeros(s, device=dev) for s in shape.bias_shapes(L)]
         return CallInputs(
             x=x,
             topk_ids=torch.zeros(2, K, dtype=torch.int32, device=dev),
@@ -381,8 +380,8 @@ class Megakernel:
             out=torch.zeros_like(x),
             w13_scale=scales[0] if shape.fp8 else None,
             w2_scale=scales[1] if shape.fp8 else None,
-            b13=biases[0] if shape.bias else None,
-            b2=biases[1] if shape.bias else None,
+            b13=torch.zeros(shape.bias_shapes(L)[0], device=dev) if shape.bias else None,
+            b2=torch.zeros(shape.bias_shapes(L)[1], device=dev) if shape.bias else None,
         )
 
     def warmup(self, mode: str = "gemm", probe: int = 0, inputs: CallInputs | None = None) -> None:
