@@ -3,13 +3,22 @@ their scales, e4m3 warpgroup MMAs with block scales, bf16 combine. Every output 
 against ``moe_fp8_ref`` (``FP8_TOLERANCE``) and against ``moe_ref`` on the dense experts
 (``FP8_DENSE_ERROR``); calls 2-3 of a T are replayed from the layer's graph."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from megakernel import FusedEPMoE, KernelConfig, routing
 from megakernel.fp8 import FP8_REF_ERROR
 from megakernel.shapes import MoEShape
-from megakernel.testing import check_layer_output, fp8_layer_ref, make_tokens, make_w2, make_w13
+from megakernel.testing import (
+    check_layer_output,
+    fp8_layer_ref,
+    make_biases,
+    make_tokens,
+    make_w2,
+    make_w13,
+)
 from symm_mem import EmulatedWorld
 
 MEDIUM = MoEShape(hidden=1024, ffn=512, num_experts=64, topk=6, max_tokens_per_rank=700, fp8=True)
@@ -58,6 +67,29 @@ def test_fp8_layer_matches_the_fp8_reference(R, knobs):
         assert len(layer.graphs.graphs) == 2, "each T captured once, then replayed"
         layer.close()
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("R", [1, 2])
+def test_fp8_layer_with_gpt_oss_experts(R):
+    """FP8 experts with biases and gpt-oss's clamped SwiGLU (``activation="swigluoai"``,
+    ``bias=True``): b13 added to the scaled gate and up products before the clamps and the
+    requantisation, b2 to the down projection's output; against ``moe_fp8_ref`` and the dense
+    ``moe_ref`` as every FP8 case (the test biases put some values past the clamps)."""
+    seed, E, K = 60 + R, MEDIUM.num_experts, MEDIUM.topk
+    shape = replace(MEDIUM, activation="swigluoai", bias=True)
+    w13, w2 = make_w13(shape, seed, "cuda"), make_w2(shape, seed, "cuda")
+    with EmulatedWorld(R, "cuda") as world:
+        layer = FusedEPMoE.from_dense(world, shape, w13, w2, **make_biases(shape, seed, "cuda"))
+        rt = routing.uniform(R, 700, E, K, seed=seed).to("cuda")
+        xs = make_tokens(shape, [700] * R, seed, "cuda")
+        out = layer(
+            dict(enumerate(xs)), dict(enumerate(rt.topk_ids)), dict(enumerate(rt.topk_weights))
+        )
+        layer.check_errors()
+        for r in range(R):
+            ids, w = rt.topk_ids[r], rt.topk_weights[r]
+            assert check_layer_output(out[r], xs[r], ids, w, shape, seed, r) == []
+        layer.close()
 
 
 def test_fp8_long_k_products_keep_their_precision():
