@@ -94,10 +94,17 @@ def expert_activation(block: nn.Module) -> str:
 
 def _probe_gate(experts: nn.Module, kind: str) -> str:
     """Which of ``ACTIVATIONS`` the experts' ``_apply_gate(gate_up)`` computes, from gate and up
-    values spread over +-10 (past gpt-oss's clamps at 7), laid out as the experts lay out their
-    columns (gate then up, or interleaved where ``is_concatenated`` is False)."""
+    values of either sign with magnitudes spread from 1e-3 to 1e4 (a clamp anywhere below that
+    shows: gpt-oss's at 7, DeepSeek-V4's at 10), laid out as the experts lay out their columns
+    (gate then up, or interleaved where ``is_concatenated`` is False)."""
     g = torch.Generator().manual_seed(0)
-    gate, up = (20 * torch.rand(8, 32, generator=g) - 10 for _ in range(2))
+
+    def spread() -> torch.Tensor:
+        magnitude = 10 ** (7 * torch.rand(8, 64, generator=g, dtype=torch.float64) - 3)
+        sign = torch.randint(0, 2, (8, 64), generator=g) * 2 - 1
+        return (sign * magnitude).float()
+
+    gate, up = spread(), spread()
     if getattr(experts, "is_concatenated", True):
         probe = torch.cat([gate, up], dim=-1)
     else:

@@ -249,14 +249,22 @@ def test_gpt_oss_block_matches_the_hf_block():
 
 
 def test_unsupported_experts_are_refused_clearly():
-    """A gate that computes something else (gpt-oss's with another alpha), experts without a
-    gate, another activation function: refused, naming what differs, and nothing swapped."""
+    """A gate that computes something else (gpt-oss's with another alpha; SiLU clamped at 10, as
+    DeepSeek-V4's), experts without a gate, another activation function: refused, naming what
+    differs, and nothing swapped."""
     altered = gpt_oss_block(seed=9)
     altered.experts.alpha = 1.5
     model = nn.ModuleDict({"mlp": altered})
     with EmulatedWorld(1) as world:
         with pytest.raises(NotImplementedError, match="computes none of .*alpha 1.702"):
             replace_moe_blocks(model, world)
+        clamped = family_block("qwen3_moe", seed=9)  # DeepSeek-V4's gate: SiLU, clamped at 10
+        clamped.experts._apply_gate = lambda gate_up: (
+            torch.nn.functional.silu(gate_up.chunk(2, dim=-1)[0]).clamp(max=10.0)
+            * gate_up.chunk(2, dim=-1)[1].clamp(-10.0, 10.0)
+        )
+        with pytest.raises(NotImplementedError, match="computes none of"):
+            FusedEPMoE.from_hf(clamped, world)
         ungated = gpt_oss_block(seed=9)
         ungated.experts.has_gate = False
         with pytest.raises(NotImplementedError, match="no gate"):
