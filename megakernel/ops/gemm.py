@@ -35,6 +35,8 @@ from symm_mem.device import INTERPRET, globaltimer, wait_flag, wait_flags
 # NOTE: the interpreter's bf16 tl.dot returns garbage (fp16 and fp32 are right): there, and only
 # there, the products take fp32 inputs (compiled kernels feed wgmma the bf16 tiles as they are)
 DOT_UPCAST = tl.constexpr(INTERPRET)
+# NOTE: the interpreter's range() takes only Python ints, not a loaded value (see _paired_span)
+PY_RANGE = tl.constexpr(INTERPRET)
 
 # columns of the plan's tile table: (local slot, first row, rows, first source rank, last source
 # rank, the tile's index among its slot's tiles, its slot's tiles), all within the round; local
@@ -74,8 +76,11 @@ def tile_expert_gemm(
     b13_ptr=None,  # BIAS: [L, 2I] fp32 gate biases, then up biases
     ACT: tl.constexpr = ACT_SILU,
     BIAS: tl.constexpr = False,
+    SPAN: tl.constexpr = 1,
+    span=1,
 ):
-    """Output columns ``[n_block * BLOCK_N, +BLOCK_N)`` of rows ``[row0, row0 + rows)``.
+    """Output columns ``[n_block * BLOCK_N, +BLOCK_N)`` of rows ``[row0, row0 + rows)`` (with
+    ``PAIRS`` and ``SPAN`` > 1: ``span`` column blocks from there, ``_paired_span``).
     ``GATHER``: A row ``r`` is ``recv_x[recv_src[r]]``; off: ``recv_x[r]`` (rows resolved first).
     ``B_TMA``: the weight blocks come by TMA through ``w13_desc`` (A rows, gathered, cannot),
     which frees the registers and issue slots the [BK, BN] pointer tiles took (perf/NOTES.md,
@@ -100,52 +105,124 @@ def tile_expert_gemm(
         src = (row0 + r).to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = recv_x_ptr + src[:, None] * H + kk[None, :]
-    n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = (n < WIDTH)[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if PAIRS:
-        # the descriptor views w13 as [L, I, 2, H]: its [1, BN, 2, BK] box holds the rows
-        # interleaved (gate j, up j), so one [BM, 2 BN] product per k step, split in registers
-        slot = tl.cast(local, tl.int32)
-        n0 = n_block * BLOCK_N
-        acc2 = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
-        for k in tl.range(0, H // BLOCK_K):
-            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-            b = w13_desc.load([slot, n0, 0, k * BLOCK_K]).reshape([2 * BLOCK_N, BLOCK_K])
-            acc2 = mma(a, b.T, acc2)
-            a_ptrs += BLOCK_K
-        acc, acc_up = tl.split(tl.reshape(acc2, [BLOCK_M, BLOCK_N, 2]))
-    elif B_TMA:
-        # columns past WIDTH read the next rows (or TMA's zero fill) and are never stored
-        n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * BLOCK_N
-        for k in tl.range(0, H // BLOCK_K):
-            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-            acc = mma(a, w13_desc.load([n0, k * BLOCK_K]).T, acc)
-            if SWIGLU:
-                acc_up = mma(a, w13_desc.load([n0 + I, k * BLOCK_K]).T, acc_up)
-            a_ptrs += BLOCK_K
+    if PAIRS and SPAN > 1:
+        _paired_span(
+            a_ptrs, live, w13_desc, out_ptr, b13_ptr, local, row0, n_block, span, H, I, BLOCK_M,
+            BLOCK_N, BLOCK_K, ACT, BIAS, SPAN,
+        )  # fmt: skip
     else:
-        # B = w^T as a [BLOCK_K, BLOCK_N] view of the [2I, H] weight (H contiguous)
-        w = w13_ptr + tl.cast(local, tl.int64) * (2 * I * H)
-        gate_ptrs = w + n.to(tl.int64)[None, :] * H + kk[:, None]
-        up_ptrs = gate_ptrs + I * H
-        for _ in tl.range(0, H // BLOCK_K):
-            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-            acc = mma(a, tl.load(gate_ptrs, mask=n_ok, other=0.0), acc)
-            if SWIGLU:
-                acc_up = mma(a, tl.load(up_ptrs, mask=n_ok, other=0.0), acc_up)
-                up_ptrs += BLOCK_K
-            a_ptrs += BLOCK_K
-            gate_ptrs += BLOCK_K
-    if BIAS:  # gate columns n (raw: columns n of 2I), up columns I + n
+        n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = (n < WIDTH)[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if PAIRS:
+            acc, acc_up = _paired_product(
+                a_ptrs, live, w13_desc, local, n_block, H, BLOCK_M, BLOCK_N, BLOCK_K
+            )
+        elif B_TMA:
+            # columns past WIDTH read the next rows (or TMA's zero fill) and are never stored
+            n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * BLOCK_N
+            for k in tl.range(0, H // BLOCK_K):
+                a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+                acc = mma(a, w13_desc.load([n0, k * BLOCK_K]).T, acc)
+                if SWIGLU:
+                    acc_up = mma(a, w13_desc.load([n0 + I, k * BLOCK_K]).T, acc_up)
+                a_ptrs += BLOCK_K
+        else:
+            # B = w^T as a [BLOCK_K, BLOCK_N] view of the [2I, H] weight (H contiguous)
+            w = w13_ptr + tl.cast(local, tl.int64) * (2 * I * H)
+            gate_ptrs = w + n.to(tl.int64)[None, :] * H + kk[:, None]
+            up_ptrs = gate_ptrs + I * H
+            for _ in tl.range(0, H // BLOCK_K):
+                a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+                acc = mma(a, tl.load(gate_ptrs, mask=n_ok, other=0.0), acc)
+                if SWIGLU:
+                    acc_up = mma(a, tl.load(up_ptrs, mask=n_ok, other=0.0), acc_up)
+                    up_ptrs += BLOCK_K
+                a_ptrs += BLOCK_K
+                gate_ptrs += BLOCK_K
+        _gemm1_epilogue(
+            acc, acc_up, out_ptr, b13_ptr, local, row0, live, n, I, WIDTH, SWIGLU, ACT, BIAS
+        )
+
+
+@triton.jit
+def _paired_product(
+    a_ptrs, live, w13_desc, local, n_block, H: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Gate and up of column block ``n_block`` as one [BM, 2 BN] product per k step: the
+    descriptor views w13 as [L, I, 2, H], so its [1, BN, 2, BK] box holds the rows interleaved
+    (gate j, up j); split in registers. ``a_ptrs``: the rows' k step 0."""
+    slot = tl.cast(local, tl.int32)
+    n0 = n_block * BLOCK_N
+    acc2 = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+    for k in tl.range(0, H // BLOCK_K):
+        a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+        b = w13_desc.load([slot, n0, 0, k * BLOCK_K]).reshape([2 * BLOCK_N, BLOCK_K])
+        acc2 = mma(a, b.T, acc2)
+        a_ptrs += BLOCK_K
+    return tl.split(tl.reshape(acc2, [BLOCK_M, BLOCK_N, 2]))
+
+
+@triton.jit
+def _paired_span(
+    a_ptrs, live, w13_desc, out_ptr, b13_ptr, local, row0, n_first, span, H: tl.constexpr,
+    I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACT: tl.constexpr, BIAS: tl.constexpr, SPAN: tl.constexpr,
+):  # fmt: skip
+    """Column blocks ``[n_first, n_first + span)`` of the paired GEMM1 (``_paired_product``)
+    and their epilogues, as one flattened loop (``KernelConfig.gemm1_span``): Triton's pipeline
+    then loads the next block's first k steps while a block's epilogue runs, where a task per
+    block starts each loop empty.
+
+    NOTE: the interpreter's ``range`` takes only Python ints, and ``span`` is a loaded value
+    there: it runs ``SPAN`` steps with the surplus idle instead (the same blocks, in order)."""
+    if PY_RANGE:
+        for s in range(SPAN):
+            if s < span:
+                _paired_block(
+                    a_ptrs, live, w13_desc, out_ptr, b13_ptr, local, row0, n_first + s, H, I,
+                    BLOCK_M, BLOCK_N, BLOCK_K, ACT, BIAS,
+                )  # fmt: skip
+    else:
+        for s in tl.range(0, span, flatten=True):
+            _paired_block(
+                a_ptrs, live, w13_desc, out_ptr, b13_ptr, local, row0, n_first + s, H, I,
+                BLOCK_M, BLOCK_N, BLOCK_K, ACT, BIAS,
+            )  # fmt: skip
+
+
+@triton.jit
+def _paired_block(
+    a_ptrs, live, w13_desc, out_ptr, b13_ptr, local, row0, n_block, H: tl.constexpr,
+    I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACT: tl.constexpr, BIAS: tl.constexpr,
+):  # fmt: skip
+    """Column block ``n_block`` of the paired GEMM1 (SwiGLU), product and epilogue."""
+    acc, acc_up = _paired_product(
+        a_ptrs, live, w13_desc, local, n_block, H, BLOCK_M, BLOCK_N, BLOCK_K
+    )
+    n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    _gemm1_epilogue(acc, acc_up, out_ptr, b13_ptr, local, row0, live, n, I, I, True, ACT, BIAS)
+
+
+@triton.jit
+def _gemm1_epilogue(
+    acc, acc_up, out_ptr, b13_ptr, local, row0, live, n, I: tl.constexpr, WIDTH: tl.constexpr,
+    SWIGLU: tl.constexpr, ACT: tl.constexpr, BIAS: tl.constexpr,
+):  # fmt: skip
+    """Columns ``n`` of GEMM1's live rows out: the biases added (gate columns n, or the raw
+    columns n of 2I; up columns I + n), the gated activation, stored in ``out``'s dtype."""
+    if BIAS:
         acc += bias_row(b13_ptr, local, n, 2 * I)
         if SWIGLU:
             acc_up += bias_row(b13_ptr, local, I + n, 2 * I)
     if SWIGLU:
         acc = glu(acc, acc_up, ACT)
+    r = tl.arange(0, acc.shape[0])
     out = out_ptr + (row0 + r).to(tl.int64)[:, None] * WIDTH + n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=live[:, None] & n_ok)
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=live[:, None] & (n < WIDTH)[None, :])
 
 
 @triton.jit
@@ -254,7 +331,8 @@ def gemm1_task(
     saving) column block 0 first resolves the tile's rows in place and publishes
     ``resolved[tile] = epoch``, which the tile's other blocks (higher ids on this rank) wait
     for. Returns the nanoseconds it waited (with TRACE; else 0)."""
-    tile, n_block = gemm1_coords(j, plan.tiles, M.GEMM1_GROUP, M.GEMM1_BLOCKS)
+    tile, n_task = gemm1_coords(j, plan.tiles, M.GEMM1_GROUP, M.GEMM1_BLOCKS)
+    n_block = n_task * M.GEMM1_SPAN  # its first column block
     row = plan.tiles + tile * TILE_COLS
     local = tl.load(row)
     row0 = tl.load(row + 1)
@@ -321,10 +399,11 @@ def _gemm1_tile(
             biases.b13, M.ACT, M.BIAS,
         )  # fmt: skip
     else:
+        span = tl.minimum(M.GEMM1_SPAN, M.GEMM1_COLS - n_block)
         tile_expert_gemm(
             recv_x, recv_src, w13_ptr, w13_desc, act_ptr, local, row0, rows, n_block, M.H, M.I,
             BLOCK_M, M.BLOCK_N, M.BLOCK_K, M.SWIGLU, M.GATHER_A, M.GEMM1_TMA, M.PAIRS,
-            biases.b13, M.ACT, M.BIAS,
+            biases.b13, M.ACT, M.BIAS, M.GEMM1_SPAN, span,
         )  # fmt: skip
 
 
