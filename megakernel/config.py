@@ -98,9 +98,8 @@ class KernelConfig:
     # expert")
     gemm1_group: int = 16
     # column blocks a GEMM1 task runs, as one flattened loop whose pipeline loads the next
-    # block's first k steps during a block's epilogue (the paired GEMM1 only: bf16 / fp16 with
-    # gemm1_pairs); 1: a task per column block (perf/NOTES.md, "GEMM1 tasks of several column
-    # blocks")
+    # block's first k steps during a block's epilogue (bf16 / fp16; FP8 refuses it); 1: a task
+    # per column block (perf/NOTES.md, "GEMM1 tasks of several column blocks")
     gemm1_span: int = 1
     combine_block: int = 128  # tokens per combine counter
     reduce_h: int = 1024  # columns per top-k reduce task (at least down_block_n of them)

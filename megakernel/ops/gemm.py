@@ -35,7 +35,7 @@ from symm_mem.device import INTERPRET, globaltimer, wait_flag, wait_flags
 # NOTE: the interpreter's bf16 tl.dot returns garbage (fp16 and fp32 are right): there, and only
 # there, the products take fp32 inputs (compiled kernels feed wgmma the bf16 tiles as they are)
 DOT_UPCAST = tl.constexpr(INTERPRET)
-# NOTE: the interpreter's range() takes only Python ints, not a loaded value (see _paired_span)
+# NOTE: the interpreter's range() takes only Python ints, not a loaded value (tile_expert_gemm)
 PY_RANGE = tl.constexpr(INTERPRET)
 
 # columns of the plan's tile table: (local slot, first row, rows, first source rank, last source
@@ -80,7 +80,7 @@ def tile_expert_gemm(
     span=1,
 ):
     """Output columns ``[n_block * BLOCK_N, +BLOCK_N)`` of rows ``[row0, row0 + rows)`` (with
-    ``PAIRS`` and ``SPAN`` > 1: ``span`` column blocks from there, ``_paired_span``).
+    ``SPAN`` > 1: ``span`` column blocks from there, in one flattened loop).
     ``GATHER``: A row ``r`` is ``recv_x[recv_src[r]]``; off: ``recv_x[r]`` (rows resolved first).
     ``B_TMA``: the weight blocks come by TMA through ``w13_desc`` (A rows, gathered, cannot),
     which frees the registers and issue slots the [BK, BN] pointer tiles took (perf/NOTES.md,
@@ -96,7 +96,6 @@ def tile_expert_gemm(
     NOTE: H must be a multiple of BLOCK_K (checked on the host); rows past ``rows`` read row 0's
     source harmlessly (masked to 0) and are not stored.
     """
-    WIDTH: tl.constexpr = I if SWIGLU else 2 * I
     r = tl.arange(0, BLOCK_M)
     live = r < rows
     if GATHER:
@@ -105,124 +104,101 @@ def tile_expert_gemm(
         src = (row0 + r).to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = recv_x_ptr + src[:, None] * H + kk[None, :]
-    if PAIRS and SPAN > 1:
-        _paired_span(
-            a_ptrs, live, w13_desc, out_ptr, b13_ptr, local, row0, n_block, span, H, I, BLOCK_M,
-            BLOCK_N, BLOCK_K, ACT, BIAS, SPAN,
-        )  # fmt: skip
-    else:
-        n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = (n < WIDTH)[None, :]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if PAIRS:
-            acc, acc_up = _paired_product(
-                a_ptrs, live, w13_desc, local, n_block, H, BLOCK_M, BLOCK_N, BLOCK_K
-            )
-        elif B_TMA:
-            # columns past WIDTH read the next rows (or TMA's zero fill) and are never stored
-            n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * BLOCK_N
-            for k in tl.range(0, H // BLOCK_K):
-                a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-                acc = mma(a, w13_desc.load([n0, k * BLOCK_K]).T, acc)
-                if SWIGLU:
-                    acc_up = mma(a, w13_desc.load([n0 + I, k * BLOCK_K]).T, acc_up)
-                a_ptrs += BLOCK_K
+    if SPAN > 1:
+        # the task's column blocks as one flattened loop (KernelConfig.gemm1_span): Triton's
+        # pipeline then loads the next block's first k steps while a block's epilogue runs
+        # NOTE: the interpreter's range() takes only Python ints, and ``span`` is a loaded
+        # value there: it runs SPAN steps with the surplus idle (the same blocks, in order)
+        if PY_RANGE:
+            for s in range(SPAN):
+                if s < span:
+                    _gemm1_block(
+                        a_ptrs, kk, r, live, w13_ptr, w13_desc, out_ptr, b13_ptr, local, row0,
+                        n_block + s, H, I, BLOCK_M, BLOCK_N, BLOCK_K, SWIGLU, B_TMA, PAIRS, ACT,
+                        BIAS,
+                    )  # fmt: skip
         else:
-            # B = w^T as a [BLOCK_K, BLOCK_N] view of the [2I, H] weight (H contiguous)
-            w = w13_ptr + tl.cast(local, tl.int64) * (2 * I * H)
-            gate_ptrs = w + n.to(tl.int64)[None, :] * H + kk[:, None]
-            up_ptrs = gate_ptrs + I * H
-            for _ in tl.range(0, H // BLOCK_K):
-                a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-                acc = mma(a, tl.load(gate_ptrs, mask=n_ok, other=0.0), acc)
-                if SWIGLU:
-                    acc_up = mma(a, tl.load(up_ptrs, mask=n_ok, other=0.0), acc_up)
-                    up_ptrs += BLOCK_K
-                a_ptrs += BLOCK_K
-                gate_ptrs += BLOCK_K
-        _gemm1_epilogue(
-            acc, acc_up, out_ptr, b13_ptr, local, row0, live, n, I, WIDTH, SWIGLU, ACT, BIAS
-        )
-
-
-@triton.jit
-def _paired_product(
-    a_ptrs, live, w13_desc, local, n_block, H: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """Gate and up of column block ``n_block`` as one [BM, 2 BN] product per k step: the
-    descriptor views w13 as [L, I, 2, H], so its [1, BN, 2, BK] box holds the rows interleaved
-    (gate j, up j); split in registers. ``a_ptrs``: the rows' k step 0."""
-    slot = tl.cast(local, tl.int32)
-    n0 = n_block * BLOCK_N
-    acc2 = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
-    for k in tl.range(0, H // BLOCK_K):
-        a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-        b = w13_desc.load([slot, n0, 0, k * BLOCK_K]).reshape([2 * BLOCK_N, BLOCK_K])
-        acc2 = mma(a, b.T, acc2)
-        a_ptrs += BLOCK_K
-    return tl.split(tl.reshape(acc2, [BLOCK_M, BLOCK_N, 2]))
-
-
-@triton.jit
-def _paired_span(
-    a_ptrs, live, w13_desc, out_ptr, b13_ptr, local, row0, n_first, span, H: tl.constexpr,
-    I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACT: tl.constexpr, BIAS: tl.constexpr, SPAN: tl.constexpr,
-):  # fmt: skip
-    """Column blocks ``[n_first, n_first + span)`` of the paired GEMM1 (``_paired_product``)
-    and their epilogues, as one flattened loop (``KernelConfig.gemm1_span``): Triton's pipeline
-    then loads the next block's first k steps while a block's epilogue runs, where a task per
-    block starts each loop empty.
-
-    NOTE: the interpreter's ``range`` takes only Python ints, and ``span`` is a loaded value
-    there: it runs ``SPAN`` steps with the surplus idle instead (the same blocks, in order)."""
-    if PY_RANGE:
-        for s in range(SPAN):
-            if s < span:
-                _paired_block(
-                    a_ptrs, live, w13_desc, out_ptr, b13_ptr, local, row0, n_first + s, H, I,
-                    BLOCK_M, BLOCK_N, BLOCK_K, ACT, BIAS,
+            for s in tl.range(0, span, flatten=True):
+                _gemm1_block(
+                    a_ptrs, kk, r, live, w13_ptr, w13_desc, out_ptr, b13_ptr, local, row0,
+                    n_block + s, H, I, BLOCK_M, BLOCK_N, BLOCK_K, SWIGLU, B_TMA, PAIRS, ACT, BIAS,
                 )  # fmt: skip
     else:
-        for s in tl.range(0, span, flatten=True):
-            _paired_block(
-                a_ptrs, live, w13_desc, out_ptr, b13_ptr, local, row0, n_first + s, H, I,
-                BLOCK_M, BLOCK_N, BLOCK_K, ACT, BIAS,
-            )  # fmt: skip
+        _gemm1_block(
+            a_ptrs, kk, r, live, w13_ptr, w13_desc, out_ptr, b13_ptr, local, row0, n_block, H, I,
+            BLOCK_M, BLOCK_N, BLOCK_K, SWIGLU, B_TMA, PAIRS, ACT, BIAS,
+        )  # fmt: skip
 
 
 @triton.jit
-def _paired_block(
-    a_ptrs, live, w13_desc, out_ptr, b13_ptr, local, row0, n_block, H: tl.constexpr,
-    I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _gemm1_block(
+    a_ptrs, kk, r, live, w13_ptr, w13_desc, out_ptr, b13_ptr, local, row0, n_block,
+    H: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr, B_TMA: tl.constexpr, PAIRS: tl.constexpr,
     ACT: tl.constexpr, BIAS: tl.constexpr,
 ):  # fmt: skip
-    """Column block ``n_block`` of the paired GEMM1 (SwiGLU), product and epilogue."""
-    acc, acc_up = _paired_product(
-        a_ptrs, live, w13_desc, local, n_block, H, BLOCK_M, BLOCK_N, BLOCK_K
-    )
+    """Column block ``n_block`` of ``tile_expert_gemm``: its product from the rows' k step 0
+    (``a_ptrs``) and its epilogue."""
+    WIDTH: tl.constexpr = I if SWIGLU else 2 * I
     n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    _gemm1_epilogue(acc, acc_up, out_ptr, b13_ptr, local, row0, live, n, I, I, True, ACT, BIAS)
+    n_ok = (n < WIDTH)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if PAIRS:
+        # the descriptor views w13 as [L, I, 2, H]: its [1, BN, 2, BK] box holds the rows
+        # interleaved (gate j, up j), so one [BM, 2 BN] product per k step, split in registers
+        slot = tl.cast(local, tl.int32)
+        n0 = n_block * BLOCK_N
+        acc2 = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        for k in tl.range(0, H // BLOCK_K):
+            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+            b = w13_desc.load([slot, n0, 0, k * BLOCK_K]).reshape([2 * BLOCK_N, BLOCK_K])
+            acc2 = mma(a, b.T, acc2)
+            a_ptrs += BLOCK_K
+        acc, acc_up = tl.split(tl.reshape(acc2, [BLOCK_M, BLOCK_N, 2]))
+    elif B_TMA:
+        # columns past WIDTH read the next rows (or TMA's zero fill) and are never stored
+        n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * BLOCK_N
+        for k in tl.range(0, H // BLOCK_K):
+            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+            acc = mma(a, w13_desc.load([n0, k * BLOCK_K]).T, acc)
+            if SWIGLU:
+                acc_up = mma(a, w13_desc.load([n0 + I, k * BLOCK_K]).T, acc_up)
+            a_ptrs += BLOCK_K
+    else:
+        # B = w^T as a [BLOCK_K, BLOCK_N] view of the [2I, H] weight (H contiguous)
+        w = w13_ptr + tl.cast(local, tl.int64) * (2 * I * H)
+        gate_ptrs = w + n.to(tl.int64)[None, :] * H + kk[:, None]
+        up_ptrs = gate_ptrs + I * H
+        for _ in tl.range(0, H // BLOCK_K):
+            a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
+            acc = mma(a, tl.load(gate_ptrs, mask=n_ok, other=0.0), acc)
+            if SWIGLU:
+                acc_up = mma(a, tl.load(up_ptrs, mask=n_ok, other=0.0), acc_up)
+                up_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K
+            gate_ptrs += BLOCK_K
+    _gemm1_epilogue(
+        acc, acc_up, out_ptr, b13_ptr, local, row0, r, live, n, n_ok, I, WIDTH, SWIGLU, ACT, BIAS
+    )
 
 
 @triton.jit
 def _gemm1_epilogue(
-    acc, acc_up, out_ptr, b13_ptr, local, row0, live, n, I: tl.constexpr, WIDTH: tl.constexpr,
-    SWIGLU: tl.constexpr, ACT: tl.constexpr, BIAS: tl.constexpr,
+    acc, acc_up, out_ptr, b13_ptr, local, row0, r, live, n, n_ok, I: tl.constexpr,
+    WIDTH: tl.constexpr, SWIGLU: tl.constexpr, ACT: tl.constexpr, BIAS: tl.constexpr,
 ):  # fmt: skip
-    """Columns ``n`` of GEMM1's live rows out: the biases added (gate columns n, or the raw
-    columns n of 2I; up columns I + n), the gated activation, stored in ``out``'s dtype."""
+    """Columns ``n`` (``n_ok``: ``[1, BN]``, those under WIDTH) of GEMM1's rows ``row0 + r``
+    (``live``) out: the biases added (gate columns n, or the raw columns n of 2I; up columns
+    I + n), the gated activation, stored in ``out``'s dtype."""
     if BIAS:
         acc += bias_row(b13_ptr, local, n, 2 * I)
         if SWIGLU:
             acc_up += bias_row(b13_ptr, local, I + n, 2 * I)
     if SWIGLU:
         acc = glu(acc, acc_up, ACT)
-    r = tl.arange(0, acc.shape[0])
     out = out_ptr + (row0 + r).to(tl.int64)[:, None] * WIDTH + n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=live[:, None] & (n < WIDTH)[None, :])
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=live[:, None] & n_ok)
 
 
 @triton.jit
