@@ -235,7 +235,7 @@ class KernelMeta(NamedTuple):
     DISPATCH_CTAS: int  # programs that take dispatch tasks first
     # -- GEMM1 (+ SwiGLU)
     BLOCK_M: int  # rows per tile
-    BLOCK_N: int  # output columns per GEMM1 task
+    BLOCK_N: int  # output columns per GEMM1 column block
     BLOCK_K: int  # k step over H
     GEMM1_COLS: int  # GEMM1 column blocks per tile
     GEMM1_SPAN: int  # column blocks per GEMM1 task (KernelConfig.gemm1_span)
