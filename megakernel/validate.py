@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from megakernel.handles import CallInputs
+    from megakernel.shapes import MoEShape
 
 # Megakernel.run(validate=...): "device" checks shapes, dtypes and devices on the host (no sync)
 # and every routing id on the device; "host" also reads the id range back (one sync per call)
@@ -107,3 +113,68 @@ def check_routing(
             raise ValueError(
                 where + f"topk_ids has expert {low}; the only negative id allowed is -1 (dropped)"
             )
+
+
+def validate_mode(validate: bool | str) -> str | None:
+    """``Megakernel.run``'s ``validate`` as one of ``VALIDATE_MODES``, or None (unchecked)."""
+    if validate is True:
+        return "device"
+    if validate is False:
+        return None
+    if validate not in VALIDATE_MODES:
+        raise ValueError(
+            f"validate must be one of {VALIDATE_MODES}, True or False, got {validate!r}"
+        )
+    return validate
+
+
+def check_call_inputs(
+    given: CallInputs,
+    *,
+    rank: int,
+    shape: MoEShape,
+    slots_per_rank: int,
+    num_experts: int,
+    device: torch.device,
+    layer: bool,
+    values: bool,
+    weights: bool = True,
+) -> None:
+    """Host checks of one rank's inputs to a call: shapes, dtypes, devices, and with ``values``
+    the id range, read back (one sync; skipped while a CUDA graph is being captured).
+    ``weights``: also the experts' tensors (a layer's own were checked when it was built)."""
+    L, H, I = slots_per_rank, shape.hidden, shape.ffn
+    if values and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        values = False
+    check_routing(
+        given.topk_ids, given.topk_weights, num_experts=num_experts, topk=shape.topk,
+        max_tokens=shape.max_tokens_per_rank, device=device, check_values=values, rank=rank,
+    )  # fmt: skip
+    check_tensor(rank, "x", given.x, (given.topk_ids.shape[0], H), shape.dtype, device)
+    if weights:
+        check_tensor(rank, "w13", given.w13, (L, 2 * I, H), shape.gemm_dtype, device)
+    if weights and layer:
+        check_tensor(rank, "w2", given.w2, (L, H, I), shape.gemm_dtype, device)
+    if weights and shape.fp8:
+        w13_scale, w2_scale = shape.weight_scale_shapes(L)
+        check_tensor(rank, "w13_scale", given.w13_scale, w13_scale, torch.float32, device)
+        check_tensor(rank, "w2_scale", given.w2_scale, w2_scale, torch.float32, device)
+    if weights and shape.bias:
+        b13, b2 = shape.bias_shapes(L)
+        check_tensor(rank, "b13", given.b13, b13, torch.float32, device)
+        if layer:
+            check_tensor(rank, "b2", given.b2, b2, torch.float32, device)
+    if given.out is not None:
+        check_tensor(rank, "out", given.out, (given.x.shape[0], H), shape.dtype, device)
+        if not given.out.is_contiguous():
+            raise ValueError("out must be contiguous")
+
+
+def check_biases_given(b13: object, b2: object, shape: MoEShape, mode: str) -> None:
+    """The experts' biases are given where the shape has them and the call's mode reads them
+    (``b13`` with a GEMM, ``b2`` in mode "layer"), and not otherwise."""
+    for name, value, reads in (("b13", b13, mode != "dispatch"), ("b2", b2, mode == "layer")):
+        if value is not None and not shape.bias:
+            raise ValueError(f"{name} given, but the shape's experts have no biases")
+        if reads and shape.bias and value is None:
+            raise ValueError(f"MoEShape(bias=True): mode {mode!r} needs {name}")

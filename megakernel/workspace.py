@@ -49,7 +49,7 @@ from megakernel.tasks import (
     flag_name,
     task_regions,
 )
-from megakernel.validate import VALIDATE_MODES, check_routing, check_tensor
+from megakernel.validate import check_biases_given, check_call_inputs, validate_mode
 from symm_mem.buffer import World
 
 
@@ -411,41 +411,12 @@ class Megakernel:
     def check_inputs(
         self, rank: int, given: CallInputs, layer: bool, values: bool, weights: bool = True
     ) -> None:
-        """Host checks of one rank's inputs: shapes, dtypes, devices, and with ``values`` the id
-        range, read back (one sync; skipped while a CUDA graph is being captured). ``weights``:
-        also the weights' (a layer's own were checked when it was built)."""
-        shape, L, dev = self.shape, self.plan_cfg.slots_per_rank, self.world.device
-        H, I = shape.hidden, shape.ffn
-        if values and dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            values = False
-        check_routing(
-            given.topk_ids,
-            given.topk_weights,
-            num_experts=self.placement.num_experts,
-            topk=shape.topk,
-            max_tokens=shape.max_tokens_per_rank,
-            device=dev,
-            check_values=values,
-            rank=rank,
-        )
-        check_tensor(rank, "x", given.x, (given.topk_ids.shape[0], H), shape.dtype, dev)
-        if weights:
-            check_tensor(rank, "w13", given.w13, (L, 2 * I, H), shape.gemm_dtype, dev)
-        if weights and layer:
-            check_tensor(rank, "w2", given.w2, (L, H, I), shape.gemm_dtype, dev)
-        if weights and shape.fp8:
-            w13_scale, w2_scale = shape.weight_scale_shapes(L)
-            check_tensor(rank, "w13_scale", given.w13_scale, w13_scale, torch.float32, dev)
-            check_tensor(rank, "w2_scale", given.w2_scale, w2_scale, torch.float32, dev)
-        if weights and shape.bias:
-            b13, b2 = shape.bias_shapes(L)
-            check_tensor(rank, "b13", given.b13, b13, torch.float32, dev)
-            if layer:
-                check_tensor(rank, "b2", given.b2, b2, torch.float32, dev)
-        if given.out is not None:
-            check_tensor(rank, "out", given.out, (given.x.shape[0], H), shape.dtype, dev)
-            if not given.out.is_contiguous():
-                raise ValueError("out must be contiguous")
+        """Host checks of one rank's inputs (``megakernel.validate.check_call_inputs``)."""
+        check_call_inputs(
+            given, rank=rank, shape=self.shape, slots_per_rank=self.plan_cfg.slots_per_rank,
+            num_experts=self.placement.num_experts, device=self.world.device, layer=layer,
+            values=values, weights=weights,
+        )  # fmt: skip
 
     def _prepare(self, rank: int, given: CallInputs, mode: str, validate: str | None) -> CallInputs:
         """One rank's inputs checked (``validate``: one of ``VALIDATE_MODES``, None: unchecked)
@@ -455,7 +426,7 @@ class Megakernel:
             raise ValueError('mode "layer" needs topk_weights')
         if layer and given.w2 is None:
             raise ValueError('mode "layer" needs w2 [L, H, I]')
-        self._check_biases(given, mode)
+        check_biases_given(given.b13, given.b2, self.shape, mode)
         if validate:
             self.check_inputs(rank, given, layer, values=validate == "host")
         # NOTE: the kernels are compiled for 16-byte aligned pointers (megakernel.launch): a
@@ -528,7 +499,7 @@ class Megakernel:
         if self.closed:
             raise RuntimeError("this Megakernel workspace is closed: build a new one to call it")
         probe = self._check_call(mode, stage)
-        validate = _validate_mode(validate)
+        validate = validate_mode(validate)
         ranks = self.world.local_ranks
         none = {r: None for r in ranks}
         given = {
@@ -565,17 +536,6 @@ class Megakernel:
         handles = {r: self._handle(r, ready[r], advance=not rerun) for r in ranks}
         self.after_call()
         return handles
-
-    def _check_biases(self, given: CallInputs, mode: str) -> None:
-        """The experts' biases are given where the shape has them and the mode reads them
-        (``b13`` with a GEMM, ``b2`` in mode "layer"), and not otherwise."""
-        wanted = {"b13": mode != "dispatch", "b2": mode == "layer"}
-        for name, reads in wanted.items():
-            there = getattr(given, name) is not None
-            if there and not self.shape.bias:
-                raise ValueError(f"{name} given, but the shape's experts have no biases")
-            if reads and self.shape.bias and not there:
-                raise ValueError(f"MoEShape(bias=True): mode {mode!r} needs {name}")
 
     def _check_call(self, mode: str, stage: str) -> int:
         """The call's mode and stage are known and go together; returns the stage's probe."""
@@ -700,18 +660,6 @@ class Megakernel:
 
 def _even(n: int) -> int:
     return n + n % 2
-
-
-def _validate_mode(validate: bool | str) -> str | None:
-    if validate is True:
-        return "device"
-    if validate is False:
-        return None
-    if validate not in VALIDATE_MODES:
-        raise ValueError(
-            f"validate must be one of {VALIDATE_MODES}, True or False, got {validate!r}"
-        )
-    return validate
 
 
 def dispatch_gemm(
