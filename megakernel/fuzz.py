@@ -1,7 +1,8 @@
 """Random sequences of layer calls, for the randomized tests (``tests/cpu/test_random_calls.py``
 and its GPU twin): each sequence builds a layer on an emulated world of R ranks, with a random
 dtype, capacity and kind of experts (SwiGLU, or gpt-oss's clamped form, with or without
-biases), and makes a few calls with random token counts (0 and 1 included) and random
+biases), and, where asked, some of the kernel's switches set away from their defaults
+(``KNOBS``); then it makes a few calls with random token counts (0 and 1 included) and random
 routings; every output is compared with ``moe_ref``, or the expected error is checked.
 
 A sequence is data (``Sequence``), drawn from one seed by ``draw_sequence``, so a failure names
@@ -34,6 +35,19 @@ from megakernel.validate import RoutingError
 # the layer must raise RoutingError once, naming the rank; the other ranks' outputs stay right
 KINDS = ("uniform", "zipf", "all_to_one", "hot", "dropped", "bad_id")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# switches of KernelConfig a user may set, each of which changes the kernel a call runs (the
+# task order, what a tile waits for, the GEMMs' form); the defaults come first. Under the
+# interpreter a config costs nothing more; on a GPU each one compiles the kernel again
+KNOBS: dict[str, tuple] = {
+    "token_saving": (True, False),
+    "sorted_dispatch": (True, False),
+    "per_tile_flags": (True, False),
+    "pack": ("auto", "scan"),
+    "gemm1_pairs": (True, False),
+    "half_tiles": (True, False),
+    "gemm1_group": (16, 1, 2),
+    "gemm1_span": (1, 2, 3),
+}
 
 
 @dataclass
@@ -54,13 +68,15 @@ class Sequence:
     capacity: int | None  # None: the default
     refused: bool  # the capacity needs more than MAX_ROUNDS rounds: construction must fail
     calls: list[Call] = field(default_factory=list)
+    knobs: dict[str, object] = field(default_factory=dict)  # KNOBS set away from the default
 
     def describe(self) -> str:
         kinds = ", ".join(f"{c.kind} T={c.tokens}" for c in self.calls)
         experts = self.shape.activation + (" + bias" if self.shape.bias else "")
+        knobs = "".join(f" {k}={v!r}" for k, v in self.knobs.items())
         return (
             f"sequence {self.seed}: R={self.world_size} {str(self.shape.dtype)[6:]} {experts} "
-            f"capacity {self.capacity} ({kinds})"
+            f"capacity {self.capacity}{knobs} ({kinds})"
         )
 
 
@@ -77,10 +93,13 @@ def draw_sequence(
     base: MoEShape,
     capacities: tuple[float | None, ...] | None = None,
     max_calls: int = 3,
+    knobs: bool = False,
 ) -> Sequence:
     """One random sequence. ``capacities``: fractions of the worst routing's rows to pick from
     (None: the default capacity); None draws any capacity from the least allowed to the worst
-    case, the default, or (rarely) one too small, which the layer must refuse."""
+    case, the default, or (rarely) one too small, which the layer must refuse. ``knobs``: each
+    of ``KNOBS`` is set to one of its other values with probability 0.3 (``run_sequence``
+    applies them to the config it is given)."""
     g = random.Random(seed)
     R = g.choice(ranks)
     shape = MoEShape(
@@ -127,6 +146,10 @@ def draw_sequence(
     if pick < 0.35:
         activation = "swigluoai" if pick < 0.27 else "silu"
         seq.shape = replace(shape, activation=activation, bias=not 0.2 <= pick < 0.27)
+    if knobs:  # last again, so the draws above stay what they were
+        for name, values in KNOBS.items():
+            if g.random() < 0.3:
+                seq.knobs[name] = g.choice(values[1:])
     return seq
 
 
@@ -153,7 +176,8 @@ def run_sequence(
     seq: Sequence, device: str, config: KernelConfig | None = None, graphs: bool = False
 ) -> list[str]:
     """Run one sequence on an emulated world on ``device``; returns what went wrong (empty:
-    every output equals moe_ref within the dtype's tolerance, and every expected error came)."""
+    every output equals moe_ref within the dtype's tolerance, and every expected error came).
+    The sequence's knobs are set on ``config`` (the default config if None)."""
     from megakernel import FusedEPMoE
     from symm_mem import EmulatedWorld
 
@@ -161,6 +185,8 @@ def run_sequence(
     problems: list[str] = []
     w13, w2 = make_w13(shape, seq.seed, device), make_w2(shape, seq.seed, device)
     biases = make_biases(shape, seq.seed, device)
+    if seq.knobs:
+        config = replace(config or KernelConfig(), **seq.knobs)
     with EmulatedWorld(R, device) as world:
         try:
             layer = FusedEPMoE.from_dense(
