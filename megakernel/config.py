@@ -97,10 +97,6 @@ class KernelConfig:
     # faster at T = 4096 than tile by tile, dsv3 3% with G = 8 (perf/NOTES.md, "GEMM1 tasks by
     # expert")
     gemm1_group: int = 16
-    # column blocks a GEMM1 task runs, as one flattened loop whose pipeline loads the next
-    # block's first k steps during a block's epilogue (bf16 / fp16; FP8 refuses it); 1: a task
-    # per column block (perf/NOTES.md, "GEMM1 tasks of several column blocks")
-    gemm1_span: int = 1
     combine_block: int = 128  # tokens per combine counter
     reduce_h: int = 1024  # columns per top-k reduce task (at least down_block_n of them)
     reduce_tokens: int = 32  # tokens per top-k reduce task (capped at combine_block)
@@ -235,11 +231,9 @@ class KernelMeta(NamedTuple):
     DISPATCH_CTAS: int  # programs that take dispatch tasks first
     # -- GEMM1 (+ SwiGLU)
     BLOCK_M: int  # rows per tile
-    BLOCK_N: int  # output columns per GEMM1 column block
+    BLOCK_N: int  # output columns per GEMM1 task
     BLOCK_K: int  # k step over H
-    GEMM1_COLS: int  # GEMM1 column blocks per tile
-    GEMM1_SPAN: int  # column blocks per GEMM1 task (KernelConfig.gemm1_span)
-    GEMM1_BLOCKS: int  # GEMM1 tasks per tile: cdiv(GEMM1_COLS, GEMM1_SPAN)
+    GEMM1_BLOCKS: int  # GEMM1 tasks (column blocks) per tile
     GEMM1_GROUP: int  # an expert's tiles whose GEMM1 tasks interleave by column block
     # -- down projection + combine put
     DOWN_BLOCK_N: int  # output columns (of H) per down task
@@ -310,9 +304,7 @@ def kernel_meta(
     cfg, pc = config, plan_cfg
     gemm, layer = mode in ("gemm", "layer"), mode == "layer"
     width = shape.ffn if swiglu else 2 * shape.ffn
-    cols = triton.cdiv(width, cfg.block_n) if gemm else 1
-    span = cfg.gemm1_span if gemm else 1
-    nb = triton.cdiv(cols, span)  # GEMM1 tasks per tile
+    nb = triton.cdiv(width, cfg.block_n) if gemm else 1
     nb2 = triton.cdiv(shape.hidden, cfg.down_block_n) if layer else 1
     combine = _combine_meta(cfg, shape, pc.world_size, pc.topk, nb2, num_ctas)
     max_reduce = combine.pop("MAX_REDUCE")
@@ -331,8 +323,6 @@ def kernel_meta(
         MAX_REDUCE=max_reduce if layer else 0,
         BLOCK_H=min(cfg.block_h, pow2(shape.hidden)),
         DISPATCH_CTAS=min(cfg.dispatch_ctas or num_ctas, num_ctas),
-        GEMM1_COLS=cols,
-        GEMM1_SPAN=span,
         GEMM1_BLOCKS=nb,
         **combine,
         DOWN_TMA=layer and cfg.down_tma,

@@ -46,7 +46,6 @@ KNOBS: dict[str, tuple] = {
     "gemm1_pairs": (True, False),
     "half_tiles": (True, False),
     "gemm1_group": (16, 1, 2),
-    "gemm1_span": (1, 2, 3),
 }
 
 

@@ -15,11 +15,10 @@ Task ids of one call, in claim order (``KernelMeta`` holds the region bounds):
                 (the plan's dispatch table)         (``ops.dispatch``); the group's last task
                                                     raises ``expert_ready`` on the destination.
                                                     Waits on nothing.
-  GEMM1         ``[MAX_DISPATCH, BASE_DOWN)``       GEMM1 + SwiGLU of one (tile, column block),
-  (RESOLVE in   one per (tile, column block); an    or of ``gemm1_span`` blocks (``ops.gemm``);
-  mode          expert's tiles in chunks, column-   the tile's last task raises
-  "dispatch")   block major (``gemm1_coords``)      ``act_ready[tile]``. Waits on
-                                                    ``expert_ready`` of its rows' sources:
+  GEMM1         ``[MAX_DISPATCH, BASE_DOWN)``       GEMM1 + SwiGLU of one (tile, column block)
+  (RESOLVE in   one per (tile, column block); an    (``ops.gemm``); the tile's last block raises
+  mode          expert's tiles in chunks, column-   ``act_ready[tile]``. Waits on
+  "dispatch")   block major (``gemm1_coords``)      ``expert_ready`` of its rows' sources:
                                                     raised by DISPATCH tasks, here or on peers.
   DOWN          ``[BASE_DOWN, BASE_REDUCE)``        down projection of one (tile, column block of
                 column-group major (down_coords)    H) and the combine put to the rows' source

@@ -149,11 +149,6 @@ class Megakernel:
             check_tma_rows("gemm1_tma", "w13", "block_k", cfg.block_k, shape.gemm_dtype)
         if self.combine and not self.swiglu:
             raise ValueError("the combine (mode 'layer') runs on SwiGLU activations: swiglu=True")
-        if cfg.gemm1_span > 1 and shape.fp8:
-            raise ValueError(
-                f"KernelConfig.gemm1_span={cfg.gemm1_span}: the FP8 GEMM1 runs a column block a "
-                "task; leave it at 1 with MoEShape(fp8=True)"
-            )
         if self.combine and I % cfg.down_block_k:
             raise ValueError(f"ffn size {I} is not a multiple of down_block_k {cfg.down_block_k}")
         if self.combine and cfg.down_tma:

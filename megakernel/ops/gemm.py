@@ -35,8 +35,6 @@ from symm_mem.device import INTERPRET, globaltimer, wait_flag, wait_flags
 # NOTE: the interpreter's bf16 tl.dot returns garbage (fp16 and fp32 are right): there, and only
 # there, the products take fp32 inputs (compiled kernels feed wgmma the bf16 tiles as they are)
 DOT_UPCAST = tl.constexpr(INTERPRET)
-# NOTE: the interpreter's range() takes only Python ints, not a loaded value (tile_expert_gemm)
-PY_RANGE = tl.constexpr(INTERPRET)
 
 # columns of the plan's tile table: (local slot, first row, rows, first source rank, last source
 # rank, the tile's index among its slot's tiles, its slot's tiles), all within the round; local
@@ -76,11 +74,8 @@ def tile_expert_gemm(
     b13_ptr=None,  # BIAS: [L, 2I] fp32 gate biases, then up biases
     ACT: tl.constexpr = ACT_SILU,
     BIAS: tl.constexpr = False,
-    SPAN: tl.constexpr = 1,
-    span=1,
 ):
-    """Output columns ``[n_block * BLOCK_N, +BLOCK_N)`` of rows ``[row0, row0 + rows)`` (with
-    ``SPAN`` > 1: ``span`` column blocks from there, in one flattened loop).
+    """Output columns ``[n_block * BLOCK_N, +BLOCK_N)`` of rows ``[row0, row0 + rows)``.
     ``GATHER``: A row ``r`` is ``recv_x[recv_src[r]]``; off: ``recv_x[r]`` (rows resolved first).
     ``B_TMA``: the weight blocks come by TMA through ``w13_desc`` (A rows, gathered, cannot),
     which frees the registers and issue slots the [BK, BN] pointer tiles took (perf/NOTES.md,
@@ -104,30 +99,10 @@ def tile_expert_gemm(
         src = (row0 + r).to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = recv_x_ptr + src[:, None] * H + kk[None, :]
-    if SPAN > 1:
-        # the task's column blocks as one flattened loop (KernelConfig.gemm1_span): Triton's
-        # pipeline then loads the next block's first k steps while a block's epilogue runs
-        # NOTE: the interpreter's range() takes only Python ints, and ``span`` is a loaded
-        # value there: it runs SPAN steps with the surplus idle (the same blocks, in order)
-        if PY_RANGE:
-            for s in range(SPAN):
-                if s < span:
-                    _gemm1_block(
-                        a_ptrs, kk, r, live, w13_ptr, w13_desc, out_ptr, b13_ptr, local, row0,
-                        n_block + s, H, I, BLOCK_M, BLOCK_N, BLOCK_K, SWIGLU, B_TMA, PAIRS, ACT,
-                        BIAS,
-                    )  # fmt: skip
-        else:
-            for s in tl.range(0, span, flatten=True):
-                _gemm1_block(
-                    a_ptrs, kk, r, live, w13_ptr, w13_desc, out_ptr, b13_ptr, local, row0,
-                    n_block + s, H, I, BLOCK_M, BLOCK_N, BLOCK_K, SWIGLU, B_TMA, PAIRS, ACT, BIAS,
-                )  # fmt: skip
-    else:
-        _gemm1_block(
-            a_ptrs, kk, r, live, w13_ptr, w13_desc, out_ptr, b13_ptr, local, row0, n_block, H, I,
-            BLOCK_M, BLOCK_N, BLOCK_K, SWIGLU, B_TMA, PAIRS, ACT, BIAS,
-        )  # fmt: skip
+    _gemm1_block(
+        a_ptrs, kk, r, live, w13_ptr, w13_desc, out_ptr, b13_ptr, local, row0, n_block, H, I,
+        BLOCK_M, BLOCK_N, BLOCK_K, SWIGLU, B_TMA, PAIRS, ACT, BIAS,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -307,8 +282,7 @@ def gemm1_task(
     saving) column block 0 first resolves the tile's rows in place and publishes
     ``resolved[tile] = epoch``, which the tile's other blocks (higher ids on this rank) wait
     for. Returns the nanoseconds it waited (with TRACE; else 0)."""
-    tile, n_task = gemm1_coords(j, plan.tiles, M.GEMM1_GROUP, M.GEMM1_BLOCKS)
-    n_block = n_task * M.GEMM1_SPAN  # its first column block
+    tile, n_block = gemm1_coords(j, plan.tiles, M.GEMM1_GROUP, M.GEMM1_BLOCKS)
     row = plan.tiles + tile * TILE_COLS
     local = tl.load(row)
     row0 = tl.load(row + 1)
@@ -375,11 +349,10 @@ def _gemm1_tile(
             biases.b13, M.ACT, M.BIAS,
         )  # fmt: skip
     else:
-        span = tl.minimum(M.GEMM1_SPAN, M.GEMM1_COLS - n_block)
         tile_expert_gemm(
             recv_x, recv_src, w13_ptr, w13_desc, act_ptr, local, row0, rows, n_block, M.H, M.I,
             BLOCK_M, M.BLOCK_N, M.BLOCK_K, M.SWIGLU, M.GATHER_A, M.GEMM1_TMA, M.PAIRS,
-            biases.b13, M.ACT, M.BIAS, M.GEMM1_SPAN, span,
+            biases.b13, M.ACT, M.BIAS,
         )  # fmt: skip
 
 

@@ -293,22 +293,3 @@ def test_clamped_activation_keeps_nan_and_the_k_loops_clean(preset, fp8):
     if not fp8:
         moves = [sum(op.startswith("R2UR") for op in group) for _, group in wgmma_groups(ops)]
         assert not any(moves), f"R2UR per wgmma group: {moves}"
-
-
-@pytest.mark.parametrize("preset", ["dsv3", "gpt_oss"])
-def test_gemm1_span_flattens_blocks_and_epilogues_into_one_loop(preset):
-    """``gemm1_span=2``: a GEMM1 task's column blocks and their epilogues compile to one
-    flattened loop (its MMA loop holds the epilogue's global stores, which the default's k loop
-    never does), within the shared memory, with no spills and no ``R2UR`` between MMAs."""
-    loops = {}
-    for span in (1, 2):
-        kernel = compile_megakernel(PRESETS[preset], 1, KernelConfig(gemm1_span=span), "layer")
-        ops = sass_ops(kernel)
-        stores = [sum(bool(re.match(PREDICATE + r"STG\b", op)) for op in b) for b in mma_loops(ops)]
-        loops[span] = stores
-        assert mma_loop_spills(ops) == [] and kernel.metadata.shared <= 227 * 1024
-        moves = [sum(op.startswith("R2UR") for op in group) for _, group in wgmma_groups(ops)]
-        assert not any(moves), f"span {span}: R2UR per wgmma group {moves}"
-    assert not any(loops[1]), f"the default's MMA loops store: {loops[1]}"
-    # GEMM1 at both heights (the first two MMA loops), then the down projection's
-    assert all(loops[2][:2]) and not any(loops[2][2:]), f"stores per MMA loop: {loops[2]}"

@@ -129,27 +129,6 @@ def test_half_tiles(pack, half_tiles):
         layer_call(ws, rt, placement, seed=12, shape=shape)
 
 
-@pytest.mark.parametrize(
-    "span, knobs", [(2, {}), (3, {}), (2, {"pack": "scan"}), (2, {"gemm1_pairs": False})]
-)
-def test_gemm1_tasks_of_several_column_blocks(span, knobs):
-    """``gemm1_span``: a GEMM1 task runs ``span`` column blocks of its tile in one flattened
-    loop; I = 48 is 3 blocks of 16, so with span 2 a tile's second task has one block left.
-    With ``pack="scan"`` the tile's first task resolves its rows, as column block 0 did; gate
-    and up as two products too. FP8 refuses it."""
-    R, shape = 2, MoEShape(64, 48, 8, 2, 100)
-    rt = routing.uniform(R, [T] * R, shape.num_experts, shape.topk, seed=13)
-    placement = Placement.contiguous(shape.num_experts, R)
-    with EmulatedWorld(R) as world:
-        ws = Megakernel(world, shape, config=small_config(gemm1_span=span, **knobs))
-        meta = ws.meta("layer")
-        assert (meta.GEMM1_COLS, meta.GEMM1_SPAN, meta.GEMM1_BLOCKS) == (3, span, -(-3 // span))
-        layer_call(ws, rt, placement, seed=14, shape=shape)
-        fp8 = MoEShape(128, 128, 8, 2, 16, fp8=True)
-        with pytest.raises(ValueError, match="gemm1_span=2: the FP8 GEMM1 runs a column block"):
-            Megakernel(world, fp8, config=KernelConfig.interpreter(gemm1_span=2))
-
-
 def test_gemm1_as_two_products_and_the_module_keeps_the_weights_as_given():
     """GEMM1 without the paired product (the default makes gate and up as one 2BN-wide product
     from a [L, I, 2, H] view of w13): as two products by TMA, and by pointer loads. The module

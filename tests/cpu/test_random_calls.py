@@ -1,7 +1,7 @@
 """Random sequences of layer calls under the interpreter (``megakernel.fuzz``): R in {1, 2, 4},
 fp32 / fp16 / bf16, SwiGLU or gpt-oss experts with or without biases, random capacities (a few
 too small, which must be refused), some of the kernel's switches away from their defaults
-(``fuzz.KNOBS``; I = 32 so a GEMM1 tile has two column blocks for ``gemm1_span``), 1-3 calls
+(``fuzz.KNOBS``; I = 32, so a tile has two GEMM1 column blocks for their order), 1-3 calls
 each with token counts from 0 to max_tokens and uniform, zipf, all-to-one, hot-expert, dropped
 or bad-id routing. Every output is compared with moe_ref, or the expected error checked.
 

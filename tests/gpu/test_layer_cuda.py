@@ -133,17 +133,6 @@ def test_layer_full_height_tiles(R):
         ws.close()
 
 
-@pytest.mark.parametrize("R, span", [(1, 2), (4, 2), (1, 3)])
-def test_layer_gemm1_tasks_of_several_column_blocks(R, span):
-    """``gemm1_span``: a GEMM1 task runs several column blocks in one flattened loop (MEDIUM's
-    I = 512 is 4 blocks of 128: span 3 leaves a task of one), back to back."""
-    with EmulatedWorld(R, "cuda") as world:
-        ws = Megakernel(world, MEDIUM, config=KernelConfig(gemm1_span=span))
-        assert ws.meta("layer").GEMM1_BLOCKS == -(-4 // span)
-        layer_cases(ws, ["uniform", "zipf", "ragged"])
-        ws.close()
-
-
 GPT_OSS_LIKE = MoEShape(1024, 512, 64, 6, 700, activation="swigluoai", bias=True)
 
 
