@@ -99,21 +99,6 @@ def tile_expert_gemm(
         src = (row0 + r).to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = recv_x_ptr + src[:, None] * H + kk[None, :]
-    _gemm1_block(
-        a_ptrs, kk, r, live, w13_ptr, w13_desc, out_ptr, b13_ptr, local, row0, n_block, H, I,
-        BLOCK_M, BLOCK_N, BLOCK_K, SWIGLU, B_TMA, PAIRS, ACT, BIAS,
-    )  # fmt: skip
-
-
-@triton.jit
-def _gemm1_block(
-    a_ptrs, kk, r, live, w13_ptr, w13_desc, out_ptr, b13_ptr, local, row0, n_block,
-    H: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr, B_TMA: tl.constexpr, PAIRS: tl.constexpr,
-    ACT: tl.constexpr, BIAS: tl.constexpr,
-):  # fmt: skip
-    """Column block ``n_block`` of ``tile_expert_gemm``: its product from the rows' k step 0
-    (``a_ptrs``) and its epilogue."""
     WIDTH: tl.constexpr = I if SWIGLU else 2 * I
     n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = (n < WIDTH)[None, :]
