@@ -89,6 +89,13 @@ class KernelConfig:
     # FP8 4-6% faster at T = 4096, bf16 2-6% at T = 16 and 128 and 1-2% at T = 1024, within
     # the spread at T = 4096, every preset on an H100 (perf/NOTES.md)
     half_tiles: bool = True
+    # an expert's last tile of at most tail_rows rows joins the tile before it, whose tasks run
+    # those rows as a second product with the operands swapped (weights as the MMA's M side,
+    # the rows as its N side, so tail_rows wide), from the weight block the tile's product
+    # loaded: the tail streams no weights of its own. 0: off; else a power of two from 16 (a
+    # compiled dot's least N) to block_m / 2, bf16 / fp16 / fp32 experts (perf/NOTES.md,
+    # "An expert's tail rows in the tile before")
+    tail_rows: int = 0
     # GEMM1 tasks of up to this many tiles of one expert run column block by column block
     # (block 0 of each tile, then block 1, ...), so those tiles read each weight block at the
     # same time and all but the first find it in L2; 1: a tile's column blocks in a row
@@ -126,13 +133,20 @@ class KernelConfig:
                 if value not in (False, True):  # 0 and 1 too (``megakernel.profile --set``)
                     raise ValueError(f"KernelConfig.{f.name} must be True or False, got {value!r}")
                 continue
-            low = 0 if f.name in ("num_ctas", "dispatch_ctas", "reduce_lag", "fp8_promote_k") else 1
+            zero_ok = ("num_ctas", "dispatch_ctas", "reduce_lag", "fp8_promote_k", "tail_rows")
+            low = 0 if f.name in zero_ok else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"KernelConfig.{f.name} must be an int >= {low}, got {value!r}")
         for name in _POW2_KNOBS:
             value = getattr(self, name)
             if value & (value - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two, got {value}")
+        tail = self.tail_rows
+        if tail and (tail & (tail - 1) or tail > self.block_m // 2):
+            raise ValueError(
+                f"KernelConfig.tail_rows must be 0 or a power of two up to block_m / 2 = "
+                f"{self.block_m // 2}, got {tail}"
+            )
         if self.fp8_promote_k not in (0, 32, 64, 128):
             raise ValueError(
                 f"KernelConfig.fp8_promote_k must be 0, 32, 64 or 128, got {self.fp8_promote_k}"
@@ -159,6 +173,11 @@ class KernelConfig:
                 'KernelConfig(pack="scan") resolves rows in place, which the FP8 path does not: '
                 'its GEMM1 gathers each row and its scales ("auto" or "gather")'
             )
+        if self.tail_rows:
+            raise ValueError(
+                f"KernelConfig(tail_rows={self.tail_rows}) runs an expert's tail rows as a "
+                "swapped product, which the FP8 tiles do not have: tail_rows=0 for FP8 experts"
+            )
         b = FP8_BLOCK
         return replace(
             self, block_n=b, block_k=b, down_block_n=b if self.down_block_n <= b else 2 * b,
@@ -168,8 +187,12 @@ class KernelConfig:
     def paired_gemm1(self, swiglu: bool) -> bool:
         """Whether GEMM1 makes gate and up as one [BM, 2 BN] product (``gemm1_pairs``): only with
         SwiGLU (which splits the pairs), w13 by TMA (whose box interleaves the rows) and 2 BN
-        within the widest MMA, n256."""
-        return self.gemm1_pairs and swiglu and self.gemm1_tma and self.block_n <= 128
+        within the widest MMA, n256; and not with ``tail_rows``, whose swapped product takes the
+        weight block as its A operand: from the paired box Triton 3.6 loads it into registers
+        (32 more a thread at dsv3), and ptxas then serialises every MMA of the kernel (C7511,
+        perf/NOTES.md, "An expert's tail rows in the tile before")."""
+        paired = self.gemm1_pairs and swiglu and self.gemm1_tma and self.block_n <= 128
+        return paired and not self.tail_rows
 
     def token_blocks(self, max_tokens: int) -> int:
         """Combine counters per column group: blocks of ``combine_block`` tokens."""
@@ -241,6 +264,7 @@ class KernelMeta(NamedTuple):
     DOWN_BLOCKS: int  # down tasks (column blocks of H) per tile
     FP8_PROMOTE_K: int  # FP8 MMAs: k elements per partial before an fp32 add (0: never)
     HALF_TILES: bool  # tiles of at most BLOCK_M / 2 rows run at half the height
+    TAIL_ROWS: int  # a tile of more than BLOCK_M rows holds up to this many more (0: none)
     COMBINE_BLOCK: int  # tokens per combine counter
     TOKEN_BLOCKS: int  # combine counters per column group: cdiv(T_max, COMBINE_BLOCK)
     COUNTERS_P: int  # GROUPS * TOKEN_BLOCKS, rounded up
@@ -286,6 +310,7 @@ _AS_CONFIGURED = dict(
     TRACE_CAP="trace_events",
     FP8_PROMOTE_K="fp8_promote_k",
     GEMM1_GROUP="gemm1_group",
+    TAIL_ROWS="tail_rows",
 )
 
 

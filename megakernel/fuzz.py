@@ -46,6 +46,7 @@ KNOBS: dict[str, tuple] = {
     "gemm1_pairs": (True, False),
     "half_tiles": (True, False),
     "gemm1_group": (16, 1, 2),
+    "tail_rows": (0, 8),
 }
 
 

@@ -307,19 +307,23 @@ def _send_order(phys: torch.Tensor, cfg: PlanConfig):
 
 
 def _tile_table(recv_offset: torch.Tensor, cnt: torch.Tensor, cfg: PlanConfig):
-    """(tiles [max_tiles, TILE_COLS], tiles made): ``block_m`` rows of a local slot per tile, with
-    the first and last source rank its rows come from, its index among its slot's tiles and
-    their number."""
+    """(tiles [max_tiles, TILE_COLS], tiles made): ``block_m`` rows of a local slot per tile (the
+    slot's last one fewer, or, holding a tail of at most ``tail_rows`` rows, more), with the
+    first and last source rank its rows come from, its index among its slot's tiles and their
+    number."""
     tiles = torch.zeros(cfg.max_tiles, TILE_COLS, dtype=torch.int64)
     tiles[:, 0] = -1
     expert_rows, expert_start = cnt.sum(1), recv_offset[:, 0]
     i = 0
     for local in range(cfg.slots_per_rank):
         ends = recv_offset[local] + cnt[local]
-        n_tiles = triton.cdiv(int(expert_rows[local]), cfg.block_m)
+        seg = int(expert_rows[local])
+        n_tiles = triton.cdiv(seg, cfg.block_m)
+        if n_tiles >= 2 and seg - (n_tiles - 1) * cfg.block_m <= cfg.tail_rows:
+            n_tiles -= 1  # the last rows join the tile before
         for m in range(n_tiles):
             row0 = int(expert_start[local]) + m * cfg.block_m
-            rows = min(cfg.block_m, int(expert_rows[local]) - m * cfg.block_m)
+            rows = seg - m * cfg.block_m if m == n_tiles - 1 else cfg.block_m
             src_lo = int((ends <= row0).sum())
             src_hi = int((ends <= row0 + rows - 1).sum())
             tiles[i] = torch.tensor([local, row0, rows, src_lo, src_hi, m, n_tiles])

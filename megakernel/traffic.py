@@ -92,16 +92,18 @@ def operand_bytes(rows: torch.Tensor, shape: MoEShape, config: KernelConfig) -> 
     """The operand loads of one call's GEMM tasks on one rank, from ``rows [L]``, the rows each
     local slot receives. Each task loads its whole weight block and its tile's live rows of A
     (masked rows load nothing), so an expert of ``n`` rows costs ``ceil(n / block_m)`` weight
-    streams: GEMM1 ``ceil(I / BN)`` tasks a tile, each ``[2 BN, H]`` of w13 and ``[rows, H]`` of
-    the received rows; the down projection ``ceil(H / down_BN)`` tasks a tile, each
-    ``[down_BN, I]`` of w2 and ``[rows, I]`` of the activations. Scales (FP8) and outputs are
-    left out: under 2% here.
+    streams, one fewer where its last tile's rows join the tile before (``tail_rows``): GEMM1
+    ``ceil(I / BN)`` tasks a tile, each ``[2 BN, H]`` of w13 and ``[rows, H]`` of the received
+    rows; the down projection ``ceil(H / down_BN)`` tasks a tile, each ``[down_BN, I]`` of w2
+    and ``[rows, I]`` of the activations. Scales (FP8) and outputs are left out: under 2% here.
     """
     cfg = config.for_fp8() if shape.fp8 else config
     H, I = shape.hidden, shape.ffn
     item = 1 if shape.fp8 else shape.dtype.itemsize  # weights and A alike
     rows = rows.long().cpu()
-    tiles = int((-(-rows // cfg.block_m)).sum())
+    full = -(-rows // cfg.block_m)
+    tails = (full >= 2) & (rows - (full - 1) * cfg.block_m <= cfg.tail_rows)
+    tiles = int((full - tails.long()).sum())
     live, n = int((rows > 0).sum()), int(rows.sum())
     gemm1_tasks = triton.cdiv(I, cfg.block_n)
     down_tasks = triton.cdiv(H, cfg.down_block_n)

@@ -106,6 +106,7 @@ class Megakernel:
             max_tokens=shape.max_tokens_per_rank,
             capacity=C,
             block_m=cfg.block_m,
+            tail_rows=cfg.tail_rows,
             chunk=cfg.chunk,
             token_saving=cfg.token_saving,
             sorted_dispatch=cfg.sorted_dispatch,
@@ -153,6 +154,11 @@ class Megakernel:
             raise ValueError(f"ffn size {I} is not a multiple of down_block_k {cfg.down_block_k}")
         if self.combine and cfg.down_tma:
             check_tma_rows("down_tma", "w2", "down_block_k", cfg.down_block_k, shape.gemm_dtype)
+        if cfg.tail_rows and cfg.tail_rows < 16 and world.device.type == "cuda":
+            raise ValueError(
+                f"KernelConfig.tail_rows = {cfg.tail_rows}: a compiled tail product is tail_rows "
+                "wide, and Triton's dot takes at least 16 (tail_rows=16, or 0)"
+            )
         if self._ranks_share_a_gpu() and cfg.num_ctas > world.sms_per_rank:
             # NOTE: with a GPU per rank, extra programs only queue for an SM: a task waits on
             # tasks claimed before it, by programs that run. Ranks sharing a GPU share its SMs too

@@ -74,6 +74,7 @@ def tile_expert_gemm(
     b13_ptr=None,  # BIAS: [L, 2I] fp32 gate biases, then up biases
     ACT: tl.constexpr = ACT_SILU,
     BIAS: tl.constexpr = False,
+    TAIL: tl.constexpr = 0,
 ):
     """Output columns ``[n_block * BLOCK_N, +BLOCK_N)`` of rows ``[row0, row0 + rows)``.
     ``GATHER``: A row ``r`` is ``recv_x[recv_src[r]]``; off: ``recv_x[r]`` (rows resolved first).
@@ -88,42 +89,66 @@ def tile_expert_gemm(
     ``BIAS``: ``b13`` is added to the products (gate and up, or the raw columns); ``ACT``: the
     gated activation (``megakernel.ops.activation.glu``).
 
+    ``TAIL`` (``KernelConfig.tail_rows``): the tile holds up to TAIL rows past BLOCK_M, an
+    expert's tail, computed as a second product with the operands swapped, ``w_block @
+    tail_rows^T`` (the weight block as the MMA's A, [BN, BK] or [2 BN, BK]; the tail rows as its
+    [BK, TAIL] B), from the weight block the tile's product loaded, so the tail streams no
+    weights of its own; its [*, TAIL] accumulators are transposed for the epilogue.
+
     NOTE: H must be a multiple of BLOCK_K (checked on the host); rows past ``rows`` read row 0's
     source harmlessly (masked to 0) and are not stored.
     """
     r = tl.arange(0, BLOCK_M)
     live = r < rows
-    if GATHER:
-        src = tl.load(recv_src_ptr + row0 + r, mask=live, other=0).to(tl.int64)
-    else:
-        src = (row0 + r).to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
-    a_ptrs = recv_x_ptr + src[:, None] * H + kk[None, :]
+    a_ptrs = _row_pointers(recv_x_ptr, recv_src_ptr, row0, r, live, H, kk, GATHER)
+    if TAIL:
+        rt = BLOCK_M + tl.arange(0, TAIL)
+        live_t = rt < rows
+        t_ptrs = _row_pointers(recv_x_ptr, recv_src_ptr, row0, rt, live_t, H, kk, GATHER)
     WIDTH: tl.constexpr = I if SWIGLU else 2 * I
     n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = (n < WIDTH)[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if TAIL:  # the tail's products, transposed: [BN, TAIL] (gate / raw columns, and up)
+        acc_t = tl.zeros([BLOCK_N, TAIL], dtype=tl.float32)
+        acc_tu = tl.zeros([BLOCK_N, TAIL], dtype=tl.float32)
     if PAIRS:
         # the descriptor views w13 as [L, I, 2, H]: its [1, BN, 2, BK] box holds the rows
         # interleaved (gate j, up j), so one [BM, 2 BN] product per k step, split in registers
         slot = tl.cast(local, tl.int32)
         n0 = n_block * BLOCK_N
         acc2 = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        if TAIL:
+            acc2_t = tl.zeros([2 * BLOCK_N, TAIL], dtype=tl.float32)
         for k in tl.range(0, H // BLOCK_K):
             a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
             b = w13_desc.load([slot, n0, 0, k * BLOCK_K]).reshape([2 * BLOCK_N, BLOCK_K])
             acc2 = mma(a, b.T, acc2)
+            if TAIL:
+                acc2_t = mma(b, tl.load(t_ptrs, mask=live_t[:, None], other=0.0).T, acc2_t)
+                t_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
         acc, acc_up = tl.split(tl.reshape(acc2, [BLOCK_M, BLOCK_N, 2]))
+        if TAIL:
+            acc_t, acc_tu = tl.split(tl.permute(tl.reshape(acc2_t, [BLOCK_N, 2, TAIL]), 0, 2, 1))
     elif B_TMA:
         # columns past WIDTH read the next rows (or TMA's zero fill) and are never stored
         n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * BLOCK_N
         for k in tl.range(0, H // BLOCK_K):
             a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-            acc = mma(a, w13_desc.load([n0, k * BLOCK_K]).T, acc)
+            g = w13_desc.load([n0, k * BLOCK_K])
+            acc = mma(a, g.T, acc)
+            if TAIL:
+                at = tl.load(t_ptrs, mask=live_t[:, None], other=0.0).T
+                acc_t = mma(g, at, acc_t)
+                t_ptrs += BLOCK_K
             if SWIGLU:
-                acc_up = mma(a, w13_desc.load([n0 + I, k * BLOCK_K]).T, acc_up)
+                u = w13_desc.load([n0 + I, k * BLOCK_K])
+                acc_up = mma(a, u.T, acc_up)
+                if TAIL:
+                    acc_tu = mma(u, at, acc_tu)
             a_ptrs += BLOCK_K
     else:
         # B = w^T as a [BLOCK_K, BLOCK_N] view of the [2I, H] weight (H contiguous)
@@ -132,15 +157,39 @@ def tile_expert_gemm(
         up_ptrs = gate_ptrs + I * H
         for _ in tl.range(0, H // BLOCK_K):
             a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-            acc = mma(a, tl.load(gate_ptrs, mask=n_ok, other=0.0), acc)
+            g = tl.load(gate_ptrs, mask=n_ok, other=0.0)
+            acc = mma(a, g, acc)
+            if TAIL:
+                at = tl.load(t_ptrs, mask=live_t[:, None], other=0.0).T
+                acc_t = mma(g.T, at, acc_t)
+                t_ptrs += BLOCK_K
             if SWIGLU:
-                acc_up = mma(a, tl.load(up_ptrs, mask=n_ok, other=0.0), acc_up)
+                u = tl.load(up_ptrs, mask=n_ok, other=0.0)
+                acc_up = mma(a, u, acc_up)
+                if TAIL:
+                    acc_tu = mma(u.T, at, acc_tu)
                 up_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
             gate_ptrs += BLOCK_K
     _gemm1_epilogue(
         acc, acc_up, out_ptr, b13_ptr, local, row0, r, live, n, n_ok, I, WIDTH, SWIGLU, ACT, BIAS
     )
+    if TAIL:
+        _gemm1_epilogue(
+            acc_t.T, acc_tu.T, out_ptr, b13_ptr, local, row0, rt, live_t, n, n_ok, I, WIDTH,
+            SWIGLU, ACT, BIAS,
+        )  # fmt: skip
+
+
+@triton.jit
+def _row_pointers(recv_x_ptr, recv_src_ptr, row0, r, live, H: tl.constexpr, kk, GATHER):
+    """``[len(r), BK]`` pointers to the first k step of rows ``row0 + r`` (``GATHER``: the rows
+    holding their data, through ``recv_src``; rows not ``live`` read row 0's, harmlessly)."""
+    if GATHER:
+        src = tl.load(recv_src_ptr + row0 + r, mask=live, other=0).to(tl.int64)
+    else:
+        src = (row0 + r).to(tl.int64)
+    return recv_x_ptr + src[:, None] * H + kk[None, :]
 
 
 @triton.jit
@@ -176,22 +225,36 @@ def tile_down_gemm(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     B_TMA: tl.constexpr = False,
+    TAIL: tl.constexpr = 0,
 ):
     """The fp32 ``[BM, BN]`` block ``act[row0 : row0 + rows] @ w2[local, n_block * BN : +BN]^T``
     (rows past ``rows`` are 0). ``B_TMA``: the w2 blocks come by TMA through ``w2_desc``, and
     columns past H hold the next rows' products, which the caller never stores (perf/NOTES.md,
     "The down projection loads w2 by TMA"). NOTE: I must be a multiple of BLOCK_K (checked on
-    the host)."""
+    the host).
+
+    ``TAIL``: returns ``(block, tail)``, the tail the ``[TAIL, BN]`` block of the rows past
+    BLOCK_M, computed as ``tile_expert_gemm`` computes its tail (swapped, from the same w2
+    block)."""
     r = tl.arange(0, BLOCK_M)
     live = r < rows
     kk = tl.arange(0, BLOCK_K)
     a_ptrs = act_ptr + (row0 + r).to(tl.int64)[:, None] * I + kk[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if TAIL:
+        rt = BLOCK_M + tl.arange(0, TAIL)
+        live_t = rt < rows
+        t_ptrs = act_ptr + (row0 + rt).to(tl.int64)[:, None] * I + kk[None, :]
+        acc_t = tl.zeros([BLOCK_N, TAIL], dtype=tl.float32)  # transposed
     if B_TMA:
         n0 = tl.cast(local, tl.int32) * H + n_block * BLOCK_N
         for k in tl.range(0, I // BLOCK_K):
             a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-            acc = mma(a, w2_desc.load([n0, k * BLOCK_K]).T, acc)
+            b = w2_desc.load([n0, k * BLOCK_K])
+            acc = mma(a, b.T, acc)
+            if TAIL:
+                acc_t = mma(b, tl.load(t_ptrs, mask=live_t[:, None], other=0.0).T, acc_t)
+                t_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
     else:
         n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -201,10 +264,17 @@ def tile_down_gemm(
         b_ptrs = w2 + n.to(tl.int64)[None, :] * I + kk[:, None]
         for _ in tl.range(0, I // BLOCK_K):
             a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
-            acc = mma(a, tl.load(b_ptrs, mask=n_ok, other=0.0), acc)
+            b = tl.load(b_ptrs, mask=n_ok, other=0.0)
+            acc = mma(a, b, acc)
+            if TAIL:
+                acc_t = mma(b.T, tl.load(t_ptrs, mask=live_t[:, None], other=0.0).T, acc_t)
+                t_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
-    return acc
+    if TAIL:
+        return acc, acc_t.T
+    else:
+        return acc
 
 
 @triton.jit
@@ -268,6 +338,7 @@ def gemm1_task(
     ``resolved[tile] = epoch``, which the tile's other blocks (higher ids on this rank) wait
     for. Returns the nanoseconds it waited (with TRACE; else 0)."""
     tile, n_block = gemm1_coords(j, plan.tiles, M.GEMM1_GROUP, M.GEMM1_BLOCKS)
+    MOST: tl.constexpr = M.BLOCK_M + M.TAIL_ROWS  # rows a tile may hold
     row = plan.tiles + tile * TILE_COLS
     local = tl.load(row)
     row0 = tl.load(row + 1)
@@ -285,7 +356,7 @@ def gemm1_task(
         if M.GEMM and M.TOKEN_SAVING and not M.GATHER_A:
             # rows that take their data from the token's first slot get a copy of it first
             if n_block == 0:
-                tile_resolve_rows(recv_x, recv_src, row0, rows, M.H, M.CHUNK, M.BLOCK_H, M.BLOCK_M)
+                tile_resolve_rows(recv_x, recv_src, row0, rows, M.H, M.CHUNK, M.BLOCK_H, MOST)
                 tl.debug_barrier()  # every thread's copies before the release
                 value = tl.cast(epoch, tl.int64)
                 tl.atomic_xchg(state.resolved + tile, value, sem="release", scope="gpu")
@@ -302,7 +373,12 @@ def gemm1_task(
     if arrived:
         if M.GEMM:
             if M.PROBE != PROBE_COMM:
-                if M.HALF_TILES and rows <= M.BLOCK_M // 2:
+                if M.TAIL_ROWS and rows > M.BLOCK_M:
+                    _gemm1_tile(
+                        n_block, w13_ptr, w13_desc, act_ptr, scales, biases, mine, recv_x,
+                        recv_src, local, row0, rows, parity, M, M.BLOCK_M, M.TAIL_ROWS,
+                    )  # fmt: skip
+                elif M.HALF_TILES and rows <= M.BLOCK_M // 2:
                     _gemm1_tile(
                         n_block, w13_ptr, w13_desc, act_ptr, scales, biases, mine, recv_x,
                         recv_src, local, row0, rows, parity, M, M.BLOCK_M // 2,
@@ -315,17 +391,17 @@ def gemm1_task(
             if M.LAYER:
                 _publish_activations(tile, state, epoch, M)
         else:
-            tile_resolve_rows(recv_x, recv_src, row0, rows, M.H, M.CHUNK, M.BLOCK_H, M.BLOCK_M)
+            tile_resolve_rows(recv_x, recv_src, row0, rows, M.H, M.CHUNK, M.BLOCK_H, MOST)
     return waited
 
 
 @triton.jit
 def _gemm1_tile(
     n_block, w13_ptr, w13_desc, act_ptr, scales, biases, mine, recv_x, recv_src, local, row0,
-    rows, parity, M: tl.constexpr, BLOCK_M: tl.constexpr,
+    rows, parity, M: tl.constexpr, BLOCK_M: tl.constexpr, TAIL: tl.constexpr = 0,
 ):  # fmt: skip
     """GEMM1 column block ``n_block`` of a tile, ``BLOCK_M`` rows high (``rows`` of them
-    live)."""
+    live; with ``TAIL``, up to TAIL rows past them too)."""
     if M.FP8:
         x_scale = mine.recv_scale + parity * (M.C * M.H // FP8_BLOCK)
         tile_gemm1_fp8(
@@ -337,7 +413,7 @@ def _gemm1_tile(
         tile_expert_gemm(
             recv_x, recv_src, w13_ptr, w13_desc, act_ptr, local, row0, rows, n_block, M.H, M.I,
             BLOCK_M, M.BLOCK_N, M.BLOCK_K, M.SWIGLU, M.GATHER_A, M.GEMM1_TMA, M.PAIRS,
-            biases.b13, M.ACT, M.BIAS,
+            biases.b13, M.ACT, M.BIAS, TAIL,
         )  # fmt: skip
 
 
@@ -373,7 +449,12 @@ def down_task(
         row0 = tl.load(row + 1)
         rows = tl.load(row + 2)
         recv_tag = mine.recv_tag + (epoch % 2) * M.C
-        if M.HALF_TILES and rows <= M.BLOCK_M // 2:
+        if M.TAIL_ROWS and rows > M.BLOCK_M:
+            _down_tile(
+                local, row0, rows, n_block, w2_ptr, w2_desc, act_ptr, scales, biases, recv_tag,
+                pending_row, peers, mine, M, M.BLOCK_M, M.TAIL_ROWS,
+            )  # fmt: skip
+        elif M.HALF_TILES and rows <= M.BLOCK_M // 2:
             _down_tile(
                 local, row0, rows, n_block, w2_ptr, w2_desc, act_ptr, scales, biases, recv_tag,
                 pending_row, peers, mine, M, M.BLOCK_M // 2,
@@ -389,29 +470,54 @@ def down_task(
 @triton.jit
 def _down_tile(
     local, row0, rows, n_block, w2_ptr, w2_desc, act_ptr, scales, biases, recv_tag, pending_row,
-    peers, mine, M: tl.constexpr, BLOCK_M: tl.constexpr,
+    peers, mine, M: tl.constexpr, BLOCK_M: tl.constexpr, TAIL: tl.constexpr = 0,
 ):  # fmt: skip
     """Column block ``n_block`` of a tile's down projection, ``BLOCK_M`` rows high (``rows`` of
-    them live), with the slot's ``b2`` added where the experts have biases, put to the rows'
-    source ranks (whose top-k reduce weights it)."""
+    them live; with ``TAIL``, up to TAIL rows past them too), with the slot's ``b2`` added
+    where the experts have biases, put to the rows' source ranks (whose top-k reduce weights
+    it)."""
     if M.PROBE == PROBE_COMM:
         acc = tl.full([BLOCK_M, M.DOWN_BLOCK_N], 0.0, tl.float32)
+        if TAIL:
+            acc_t = tl.full([TAIL, M.DOWN_BLOCK_N], 0.0, tl.float32)
     elif M.FP8:
         acc = tile_down_fp8(
             act_ptr, scales.act, w2_ptr, scales.w2, local, row0, rows, n_block, M.H, M.I,
             BLOCK_M, M.DOWN_BLOCK_N, w2_desc, M.DOWN_TMA, M.FP8_PROMOTE_K,
+        )  # fmt: skip
+    elif TAIL:
+        acc, acc_t = tile_down_gemm(
+            act_ptr, w2_ptr, w2_desc, local, row0, rows, n_block, M.H, M.I, BLOCK_M,
+            M.DOWN_BLOCK_N, M.DOWN_BLOCK_K, M.DOWN_TMA, TAIL,
         )  # fmt: skip
     else:
         acc = tile_down_gemm(
             act_ptr, w2_ptr, w2_desc, local, row0, rows, n_block, M.H, M.I, BLOCK_M,
             M.DOWN_BLOCK_N, M.DOWN_BLOCK_K, M.DOWN_TMA,
         )  # fmt: skip
+    # with a tail, a run of one token block's rows may cross into it: the block's run ends at
+    # its last row, BLOCK_M - 1, and the tail's starts again
+    head = BLOCK_M if TAIL else rows
+    _down_put(acc, local, row0, head, n_block, biases, recv_tag, pending_row, peers, mine, M)
+    if TAIL:
+        _down_put(
+            acc_t, local, row0 + BLOCK_M, rows - BLOCK_M, n_block, biases, recv_tag, pending_row,
+            peers, mine, M,
+        )  # fmt: skip
+
+
+@triton.jit
+def _down_put(
+    acc, local, row0, rows, n_block, biases, recv_tag, pending_row, peers, mine, M: tl.constexpr
+):  # fmt: skip
+    """A down block's rows ``[row0, row0 + rows)`` (``acc``: as many rows high as it has) out:
+    the slot's ``b2`` added where the experts have biases, put to their source ranks."""
     if M.BIAS:
         if M.PROBE != PROBE_COMM:
             cols = n_block * M.DOWN_BLOCK_N + tl.arange(0, M.DOWN_BLOCK_N)
             acc += bias_row(biases.b2, local, cols, M.H)
     tile_combine_put(
         acc, recv_tag, peers.combine_y, pending_row, mine.combine_y, row0, rows, n_block, M.H,
-        M.K, M.TK, M.COMBINE_BLOCK, M.TOKEN_BLOCKS, BLOCK_M, M.DOWN_BLOCK_N,
+        M.K, M.TK, M.COMBINE_BLOCK, M.TOKEN_BLOCKS, acc.shape[0], M.DOWN_BLOCK_N,
         M.PROBE != PROBE_COMPUTE,
     )  # fmt: skip

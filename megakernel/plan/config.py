@@ -48,6 +48,7 @@ class PlanMeta(NamedTuple):
     SORTED: bool  # sorted dispatch: send groups (local slot, destination)
     MAX_REPLICAS: int  # columns of the placement's replica table
     BLOCK_M: int  # rows per GEMM tile
+    TAIL_ROWS: int  # an expert's last rows, up to this many, join its tile before (0: never)
     CHUNK: int  # units per dispatch task
     TABLE_ROWS: int  # tile / dispatch-table rows per layout item (TABLE_BLOCK)
     PAD_ROWS: int  # send_units entries padded per layout item (PAD_BLOCK)
@@ -72,14 +73,18 @@ class PlanConfig:
     # the most rounds a call may take: a call whose busiest rank would receive more than
     # ``capacity`` rows runs as ceil(rows / capacity) rounds (mode "layer"; DESIGN §4)
     rounds: int = 1
+    # an expert's last tile of at most this many rows joins the tile before it (a tile of up
+    # to block_m + tail_rows rows); 0: never (KernelConfig.tail_rows)
+    tail_rows: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type == "bool":
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"PlanConfig.{f.name} must be a positive int, got {value!r}")
+            low, what = (0, "an int >= 0") if f.name == "tail_rows" else (1, "a positive int")
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"PlanConfig.{f.name} must be {what}, got {value!r}")
 
     @property
     def num_slots(self) -> int:
@@ -114,7 +119,8 @@ class PlanConfig:
 
     @property
     def max_tiles(self) -> int:
-        """GEMM tiles of one round: full tiles, plus at most one partial tile per local slot;
+        """GEMM tiles of one round: full tiles, plus at most one partial tile per local slot
+        (a tail that joins the tile before it only lowers the count);
         rounded up to a multiple of 4, so that each round's tables and flags start 16-byte
         aligned (the kernels are compiled for aligned pointers)."""
         return -(-(self.capacity // self.block_m + self.slots_per_rank) // 4) * 4
@@ -154,6 +160,7 @@ class PlanConfig:
             SORTED=self.sorted_dispatch,
             MAX_REPLICAS=max_replicas,
             BLOCK_M=self.block_m,
+            TAIL_ROWS=self.tail_rows,
             CHUNK=self.chunk,
             TABLE_ROWS=TABLE_BLOCK,
             PAD_ROWS=PAD_BLOCK,

@@ -276,22 +276,32 @@ def _summary_item(cnt, counts_ptr, parity, totals_ptr, slot_base, out, call, M: 
         row = out.stats + rnd * STATS_COLS
         tl.store(row + 0, tl.where(live, tl.sum(units_g, 0), 0))
         tl.store(row + 1, tl.minimum(tl.maximum(recv - rnd * capacity, 0), capacity))
-        tl.store(row + 2, tl.sum(tl.cdiv(seg, M.BLOCK_M), 0))
+        tl.store(row + 2, tl.sum(slot_tiles(seg, M.BLOCK_M, M.TAIL_ROWS), 0))
         tl.store(row + 3, tl.where(live, tl.sum(_group_chunks(units_g, G, M.CHUNK), 0), 0))
         tl.store(row + 4, n_rounds)
         rnd += 1
 
 
 @triton.jit
+def slot_tiles(seg, BLOCK_M: tl.constexpr, TAIL_ROWS: tl.constexpr):
+    """Tiles of a slot's ``seg`` rows: BLOCK_M rows each, the last partial, except that a last
+    one of at most TAIL_ROWS rows after a full one joins it (``KernelConfig.tail_rows``)."""
+    n = tl.cdiv(seg, BLOCK_M)
+    if TAIL_ROWS:
+        n -= ((n >= 2) & (seg - (n - 1) * BLOCK_M <= TAIL_ROWS)).to(n.dtype)
+    return n
+
+
+@triton.jit
 def _tile_chunk(c, rnd, cnt, counts_ptr, parity, rank, out, call, max_tiles, M: tl.constexpr):
     """Round ``rnd``'s tile table rows [c * TABLE_ROWS, (c + 1) * TABLE_ROWS): BLOCK_M rows of
-    one local slot per tile, in slot order, none across a round's edge; rows as stored (within
-    the round)."""
+    one local slot per tile (a slot's last one fewer, or up to TAIL_ROWS more: ``slot_tiles``),
+    in slot order, none across a round's edge; rows as stored (within the round)."""
     capacity = call[0]
     rows_l = tl.sum(cnt, 1)
     start_l = _exclusive_cumsum(rows_l)
     before_l, seg_l = _in_round(start_l, rows_l, rnd, capacity)
-    n_tiles = tl.cdiv(seg_l, M.BLOCK_M)
+    n_tiles = slot_tiles(seg_l, M.BLOCK_M, M.TAIL_ROWS)
     tile_end = tl.cumsum(n_tiles, 0)
     lo = tl.arange(0, M.L_P)
     i = c * M.TABLE_ROWS + tl.arange(0, M.TABLE_ROWS)
@@ -300,7 +310,8 @@ def _tile_chunk(c, rnd, cnt, counts_ptr, parity, rank, out, call, max_tiles, M: 
     m = i - tl.gather(tile_end - n_tiles, local, 0)
     first = tl.gather(start_l, local, 0)  # the slot's first row in the whole receive order
     row0 = first + tl.gather(before_l, local, 0) + m * M.BLOCK_M
-    rows = tl.minimum(M.BLOCK_M, tl.gather(seg_l, local, 0) - m * M.BLOCK_M)
+    rest = tl.gather(seg_l, local, 0) - m * M.BLOCK_M  # the slot's rows from this tile on
+    rows = tl.where(m + 1 < tl.gather(n_tiles, local, 0), M.BLOCK_M, rest)
     # source blocks of this slot end at its first row + inclusive cumsum of its per-source rows
     # NOTE: loaded from the (read-only) count table: a 2-D tl.gather hits a Triton 3.6 assertion
     s = tl.arange(0, M.R_P)[None, :]

@@ -101,8 +101,9 @@ def kernel_meta_of(cfg: KernelConfig, mode: str, shape=PRESETS["dsv3"], R: int =
     L = shape.num_experts // R
     capacity = default_capacity(shape, R, L)
     plan_cfg = PlanConfig(
-        R, L, shape.topk, shape.max_tokens_per_rank, capacity, cfg.block_m, cfg.chunk
-    )
+        R, L, shape.topk, shape.max_tokens_per_rank, capacity, cfg.block_m, cfg.chunk,
+        tail_rows=cfg.tail_rows,
+    )  # fmt: skip
     plan_cfg = replace(plan_cfg, rounds=plan_cfg.rounds_needed())  # as a layer's workspace has
     return kernel_meta(shape, plan_cfg, cfg, capacity, True, 132, mode)
 
@@ -273,6 +274,26 @@ def test_gemm_k_loops_keep_their_mma_descriptors_in_uniform_registers(preset, R,
     assert not any(moves), f"R2UR per wgmma group ({'/'.join(names)}, both heights): {moves}"
     spills = mma_loop_spills(ops)  # none at any preset, R = 1 or 2, either height (2026-12-07)
     assert spills == [], f"{len(spills)} local-memory (spill) instructions in the MMA loops"
+
+
+def test_tail_rows_keep_the_k_loops_pipelined():
+    """``tail_rows=32``: GEMM1 and the down projection gain a tail variant whose k loop adds
+    m64n32 MMAs (the swapped tail products) with both operands from shared memory, the weight
+    block the tile's product loaded as A. With the paired GEMM1 box as that A, Triton 3.6 loads
+    it into registers, and ptxas serialises every MMA of the kernel for want of registers
+    (C7511: each HGMMA then waited to 0, the loops of the default tiles too); ``tail_rows``
+    turns the pairs off. Held here: no k loop waits an MMA group to 0, no ``R2UR`` between the
+    MMAs, no spill in the loops."""
+    cfg = KernelConfig(tail_rows=32)
+    kernel = compile_megakernel(PRESETS["dsv3"], 2, cfg, "layer")
+    tail_mmas = re.findall(r"wgmma\.mma_async\S*\.m64n32k16\S* \{[^}]*\}, (\S+)", kernel.asm["ptx"])
+    assert tail_mmas and all(a.startswith("%rd") for a in tail_mmas), "A from shared memory"
+    ops = sass_ops(kernel)
+    serial = [o for body in mma_loops(ops) for o in body if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in o]
+    assert serial == [], f"{len(serial)} MMA groups waited to 0 inside the k loops"
+    groups = wgmma_groups(ops)
+    assert not any(sum(o.startswith("R2UR") for o in g) for _, g in groups)
+    assert mma_loop_spills(ops) == []
 
 
 @pytest.mark.parametrize("preset,fp8", [("gpt_oss", False), ("qwen3_235b", True)])

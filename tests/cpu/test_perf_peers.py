@@ -44,6 +44,11 @@ def test_operand_loads_count_a_weight_stream_per_tile_and_the_rows_per_column_bl
     fp8 = operand_bytes(rows, replace(shape, fp8=True), cfg)
     assert fp8.weights == got.weights // 2
     assert fp8.streamed == 1 * (4 * 2 * 128 * 256 + 38 * 256) + 2 * (4 * 128 * 128 + 38 * 128)
+    # tail_rows: the 17-row expert's last row joins its first tile, one weight stream fewer
+    tails = operand_bytes(rows, shape, replace(cfg, tail_rows=8))
+    gemm1 = (128 // 32) * (3 * 2 * 32 * 256 + 38 * 256)
+    down = (256 // 64) * (3 * 64 * 128 + 38 * 128)
+    assert tails.streamed == 2 * (gemm1 + down)
 
 
 def test_bench_layer_counts_the_busiest_ranks_loads():

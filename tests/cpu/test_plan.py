@@ -33,6 +33,20 @@ def test_plan_equals_reference(R, case, token_saving):
         assert_plan_equal(ws, rt)
 
 
+@pytest.mark.parametrize("R", [2, 4])
+@pytest.mark.parametrize("case", routing.EDGE_CASES)
+def test_plan_with_tails_equals_reference(R, case):
+    """``tail_rows``: a slot's last tile of at most tail_rows rows after a full one joins it
+    (tiles of up to block_m + tail_rows rows); the tile table and its count as the reference
+    makes them."""
+    rt, placement, cfg = small_case(case, R, True)
+    cfg = dataclasses.replace(cfg, tail_rows=cfg.block_m // 2)
+    with EmulatedWorld(R) as world:
+        ws = PlanWorkspace(world, cfg, placement)
+        run_plan(world, ws, rt)
+        assert_plan_equal(ws, rt)
+
+
 @pytest.mark.parametrize("case", routing.EDGE_CASES)
 @pytest.mark.parametrize("token_saving", [True, False])
 def test_unsorted_plan_equals_reference(case, token_saving):

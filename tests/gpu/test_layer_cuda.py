@@ -2,6 +2,7 @@
 and GEMM1 against their references), one- and two-kernel modes, CUDA graphs, repeatability."""
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -130,6 +131,30 @@ def test_layer_full_height_tiles(R):
         ws = Megakernel(world, MEDIUM, config=KernelConfig(half_tiles=False))
         assert not ws.meta("layer").HALF_TILES
         layer_cases(ws, ["uniform", "zipf", "ragged"])
+        ws.close()
+
+
+TAILED = MoEShape(hidden=1024, ffn=512, num_experts=16, topk=4, max_tokens_per_rank=600)
+
+
+@pytest.mark.parametrize("R,case", [(1, "uniform"), (4, "zipf")])
+@pytest.mark.parametrize("experts", ["silu", "swigluoai+bias"])
+def test_layer_tail_rows(R, case, experts):
+    """KernelConfig(tail_rows=32): an expert's last rows, up to 32 past a full tile, run as the
+    swapped tail products of the tile before (150 rows an expert at R = 1, uniform: most of the
+    16 experts have such a tail; zipf at R = 4: some), plain or gpt-oss's experts, one kernel
+    and two, against the references."""
+    shape = TAILED if experts == "silu" else replace(TAILED, activation="swigluoai", bias=True)
+    rt, pl = routing.edge_case(case, R, 600, shape.num_experts, shape.topk, 3)
+    rows = torch.bincount(torch.cat(rt.topk_ids).flatten().cpu(), minlength=shape.num_experts)
+    tails = (rows > 128) & (rows - (rows - 1) // 128 * 128 <= 32)
+    assert tails.any(), rows.tolist()
+    pl = pl or Placement.contiguous(shape.num_experts, R)
+    with EmulatedWorld(R, "cuda") as world:
+        ws = Megakernel(world, shape, placement=pl, config=KernelConfig(tail_rows=32))
+        assert ws.meta("layer").TAIL_ROWS == 32
+        for split in (False, True):
+            layer_call(ws, rt, pl, 5, split, shape=shape)
         ws.close()
 
 
