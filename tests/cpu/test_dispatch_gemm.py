@@ -96,6 +96,24 @@ def test_fp16_without_swiglu_and_few_dispatch_programs():
         call_and_check(ws, rt, placement, "gemm", seed=6, shape=shape, swiglu=False)
 
 
+@pytest.mark.parametrize("swiglu,tma", [(True, True), (False, True), (False, False)])
+def test_gemm_mode_with_tail_rows(swiglu, tma):
+    """Mode "gemm" with ``tail_rows``: a tile holding an expert's tail (up to 8 rows past 16)
+    writes the tail's activations from its swapped products too, with SwiGLU or the raw
+    ``x @ w13^T``, w13 by TMA or by pointers, against expert_act_ref."""
+    R = 2
+    shape = SHAPE.__class__(64, 32, 8, 2, 100, torch.float16)
+    rt = routing.uniform(R, [40] * R, shape.num_experts, shape.topk, seed=12)  # tails of 2-8
+    placement = Placement.contiguous(shape.num_experts, R)
+    cfg = small_config(tail_rows=8, gemm1_tma=tma)
+    with EmulatedWorld(R) as world:
+        ws = Megakernel(world, shape, config=cfg, swiglu=swiglu, combine=False)
+        assert ws.meta("gemm").TAIL_ROWS == 8
+        call_and_check(ws, rt, placement, "gemm", seed=6, shape=shape, swiglu=swiglu)
+        tiles = torch.cat([ws.plan_ws.plan(r).tiles for r in range(R)])
+        assert (tiles[:, 2] > 16).any()
+
+
 def test_back_to_back_calls_alternate_buffers():
     R = 2
     placement = Placement.contiguous(SHAPE.num_experts, R)
