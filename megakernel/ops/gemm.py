@@ -91,9 +91,9 @@ def tile_expert_gemm(
 
     ``TAIL`` (``KernelConfig.tail_rows``): the tile holds up to TAIL rows past BLOCK_M, an
     expert's tail, computed as a second product with the operands swapped, ``w_block @
-    tail_rows^T`` (the weight block as the MMA's A, [BN, BK] or [2 BN, BK]; the tail rows as its
-    [BK, TAIL] B), from the weight block the tile's product loaded, so the tail streams no
-    weights of its own; its [*, TAIL] accumulators are transposed for the epilogue.
+    tail_rows^T`` (the [BN, BK] weight block as the MMA's A; the tail rows as its [BK, TAIL] B),
+    from the weight block the tile's product loaded, so the tail streams no weights of its own;
+    its [BN, TAIL] accumulators are transposed for the epilogue. Not with ``PAIRS``.
 
     NOTE: H must be a multiple of BLOCK_K (checked on the host); rows past ``rows`` read row 0's
     source harmlessly (masked to 0) and are not stored.
@@ -117,22 +117,18 @@ def tile_expert_gemm(
     if PAIRS:
         # the descriptor views w13 as [L, I, 2, H]: its [1, BN, 2, BK] box holds the rows
         # interleaved (gate j, up j), so one [BM, 2 BN] product per k step, split in registers
+        # NOTE: no tail here: as the swapped product's A, the reshaped box goes to registers
+        # and ptxas serialises every MMA of the kernel (KernelConfig.paired_gemm1)
+        tl.static_assert(TAIL == 0, "a paired GEMM1 takes no tail product")
         slot = tl.cast(local, tl.int32)
         n0 = n_block * BLOCK_N
         acc2 = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
-        if TAIL:
-            acc2_t = tl.zeros([2 * BLOCK_N, TAIL], dtype=tl.float32)
         for k in tl.range(0, H // BLOCK_K):
             a = tl.load(a_ptrs, mask=live[:, None], other=0.0)
             b = w13_desc.load([slot, n0, 0, k * BLOCK_K]).reshape([2 * BLOCK_N, BLOCK_K])
             acc2 = mma(a, b.T, acc2)
-            if TAIL:
-                acc2_t = mma(b, tl.load(t_ptrs, mask=live_t[:, None], other=0.0).T, acc2_t)
-                t_ptrs += BLOCK_K
             a_ptrs += BLOCK_K
         acc, acc_up = tl.split(tl.reshape(acc2, [BLOCK_M, BLOCK_N, 2]))
-        if TAIL:
-            acc_t, acc_tu = tl.split(tl.permute(tl.reshape(acc2_t, [BLOCK_N, 2, TAIL]), 0, 2, 1))
     elif B_TMA:
         # columns past WIDTH read the next rows (or TMA's zero fill) and are never stored
         n0 = tl.cast(local, tl.int32) * (2 * I) + n_block * BLOCK_N
