@@ -91,6 +91,26 @@ def test_skew_at_max_tokens_is_computed_in_rounds(R, capacity, kind, max_tokens)
         layer.close()
 
 
+@pytest.mark.parametrize("R,capacity,kind", [(2, 100, "all_to_one"), (4, None, "all_to_one")])
+def test_rounds_with_tail_rows(R, capacity, kind):
+    """``tail_rows``: each round's tile table makes its own tails (a slot's rows cut at the
+    round's edge end in a tail of that round, or in none), and every output equals moe_ref."""
+    seed = 10 * R + len(kind)
+    w13, w2 = make_w13(SHAPE, seed, "cpu"), make_w2(SHAPE, seed, "cpu")
+    config = replace(small_config(), tail_rows=8)
+    with EmulatedWorld(R) as world:
+        layer = FusedEPMoE.from_dense(
+            world, SHAPE, w13, w2, config=config, capacity=capacity, graphs=False
+        )
+        rt = skewed(kind, R, 32, seed)
+        assert rounds_of(rt, R, layer.workspace.capacity) > 1
+        call_and_check(layer, rt, seed)
+        plan_ws = layer.workspace.plan_ws
+        tiles = torch.cat([plan_ws.bufs[r]["tiles"].flatten(0, 1) for r in world.local_ranks])
+        assert ((tiles[:, 0] >= 0) & (tiles[:, 2] > 16)).any(), "some tile holds a tail"
+        layer.close()
+
+
 def test_rounds_with_a_different_token_count_per_rank_back_to_back():
     """Ranks with 32, 1, 0 and 20 tokens, calls all to one rank around a uniform one: every rank
     agrees on the rounds from the exchanged counts (no host knows the others' T)."""
