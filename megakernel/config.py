@@ -187,12 +187,9 @@ class KernelConfig:
     def paired_gemm1(self, swiglu: bool) -> bool:
         """Whether GEMM1 makes gate and up as one [BM, 2 BN] product (``gemm1_pairs``): only with
         SwiGLU (which splits the pairs), w13 by TMA (whose box interleaves the rows) and 2 BN
-        within the widest MMA, n256; and not with ``tail_rows``, whose swapped product takes the
-        weight block as its A operand: from the paired box Triton 3.6 loads it into registers
-        (32 more a thread at dsv3), and ptxas then serialises every MMA of the kernel (C7511,
-        perf/NOTES.md, "An expert's tail rows in the tile before")."""
-        paired = self.gemm1_pairs and swiglu and self.gemm1_tma and self.block_n <= 128
-        return paired and not self.tail_rows
+        within the widest MMA, n256. (A tile with a tail, ``tail_rows``, makes them as two
+        products all the same: ``ops.gemm.tile_expert_gemm``.)"""
+        return self.gemm1_pairs and swiglu and self.gemm1_tma and self.block_n <= 128
 
     def token_blocks(self, max_tokens: int) -> int:
         """Combine counters per column group: blocks of ``combine_block`` tokens."""

@@ -5,7 +5,8 @@ GEMM1 and down-projection block sizes of ``KernelConfig``.
 
 - GEMM1 (``KernelMeta.GEMM1_TMA``): ``w13 [L, 2I, H]`` as ``[L * 2I, H]`` in ``[BN, BK]`` boxes
   (a gate block, then an up block), or with ``PAIRS`` as ``[L, I, 2, H]`` in
-  ``[1, BN, 2, BK]`` boxes (gate row j, then up row j).
+  ``[1, BN, 2, BK]`` boxes (gate row j, then up row j); with ``TAIL_ROWS`` also the first kind
+  for the tiles with a tail (``w13_tail_desc``), whose gate and up are two products.
 - Down projection (``DOWN_TMA``): ``w2 [L, H, I]`` as ``[L * H, I]`` in ``[BN2, BK2]`` boxes
   (FP8: ``[128, 128]``, one weight scale block).
 
@@ -24,7 +25,8 @@ KEPT = 8  # weight pairs whose descriptors are kept (a layer passes the same wei
 
 
 class WeightDescriptors:
-    """``(w13_desc, w2_desc)`` of a launch, made once per (launch kind, weights)."""
+    """``(w13_desc, w13_tail_desc, w2_desc)`` of a launch, made once per (launch kind,
+    weights)."""
 
     def __init__(self, shape: MoEShape, config: KernelConfig) -> None:
         self.shape, self.config = shape, config
@@ -36,7 +38,8 @@ class WeightDescriptors:
         NOTE: decided by the launch's meta, not by which weights the caller passed, so a call
         passes the argument types ``Megakernel.warmup`` compiled for its mode (a None descriptor
         and a tensor descriptor are different kernel variants)."""
-        key = (meta.GEMM1_TMA, meta.PAIRS, meta.DOWN_TMA, _identity(w13), _identity(w2))
+        tma = (meta.GEMM1_TMA, meta.PAIRS, meta.TAIL_ROWS > 0, meta.DOWN_TMA)
+        key = (*tma, _identity(w13), _identity(w2))
         found = self._cache.get(key)
         if found is None:
             if len(self._cache) >= KEPT:
@@ -49,20 +52,23 @@ class WeightDescriptors:
 
     def _make(self, meta: KernelMeta, w13, w2) -> tuple:
         cfg, H, I = self.config, self.shape.hidden, self.shape.ffn
-        w13_desc = w2_desc = None
+        w13_desc = w13_tail_desc = w2_desc = None
         if meta.GEMM1_TMA:
+            blocks = TensorDescriptor.from_tensor(w13.view(-1, H), [cfg.block_n, cfg.block_k])
             if meta.PAIRS:
                 # w13 [L, 2I, H] as [L, I, 2, H]: a box holds gate row j, then up row j, ...
                 L, box = w13.shape[0], [1, cfg.block_n, 2, cfg.block_k]
                 w13_desc = TensorDescriptor(w13, [L, I, 2, H], [2 * I * H, H, I * H, 1], box)
             else:
-                w13_desc = TensorDescriptor.from_tensor(w13.view(-1, H), [cfg.block_n, cfg.block_k])
+                w13_desc = blocks
+            if meta.TAIL_ROWS:
+                w13_tail_desc = blocks
         if meta.DOWN_TMA:
             # (FP8: a down task of two scale blocks loads each as a product of its own)
             rows = min(cfg.down_block_n, FP8_BLOCK) if self.shape.fp8 else cfg.down_block_n
             block = [rows, cfg.down_block_k]
             w2_desc = TensorDescriptor.from_tensor(w2.view(-1, I), block)
-        return w13_desc, w2_desc
+        return w13_desc, w13_tail_desc, w2_desc
 
 
 def _identity(t: torch.Tensor | None) -> tuple | None:

@@ -118,6 +118,7 @@ def moe_megakernel(
     x_ptr,  # [T, H] this rank's tokens
     w13_ptr,  # [L, 2I, H] this rank's experts
     w13_desc,  # GEMM1_TMA: w13's block descriptor (see tile_expert_gemm), else None
+    w13_tail_desc,  # GEMM1_TMA with TAIL_ROWS: w13 as [L * 2I, H] in [BN, BK] boxes, else None
     w2_ptr,  # [L, H, I] (LAYER)
     w2_desc,  # DOWN_TMA: [BN2, BK2] block descriptor of w2 as [L * H, I] (else None)
     weights_ptr,  # [T, K] fp32 routing weights (LAYER)
@@ -182,8 +183,8 @@ def moe_megakernel(
         task = M.MAX_DISPATCH + g_lo + q
         if q < g_count:
             waited = gemm1_task(
-                g_lo + q, w13_ptr, w13_desc, act_ptr, scales, biases, plan, mine, state, rank,
-                epoch, deadline, M,
+                g_lo + q, w13_ptr, w13_desc, w13_tail_desc, act_ptr, scales, biases, plan, mine,
+                state, rank, epoch, deadline, M,
             )  # fmt: skip
         elif M.LAYER:
             waited, kind, task, held = _combine_step(

@@ -302,11 +302,12 @@ class Megakernel:
         mode does not read are stood in for by others of the right kind (their kernels never
         touch them)."""
         x, weights, w13, w2, out = inputs.x, inputs.topk_weights, inputs.w13, inputs.w2, inputs.out
-        w13_desc, w2_desc = self._descriptors(meta, w13, w2)
+        w13_desc, w13_tail_desc, w2_desc = self._descriptors(meta, w13, w2)
         return dict(
             x_ptr=x,
             w13_ptr=w13,
             w13_desc=w13_desc,
+            w13_tail_desc=w13_tail_desc,
             w2_ptr=w13 if w2 is None else w2,
             w2_desc=w2_desc,
             weights_ptr=x if weights is None else weights,

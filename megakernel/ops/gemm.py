@@ -93,7 +93,9 @@ def tile_expert_gemm(
     expert's tail, computed as a second product with the operands swapped, ``w_block @
     tail_rows^T`` (the [BN, BK] weight block as the MMA's A; the tail rows as its [BK, TAIL] B),
     from the weight block the tile's product loaded, so the tail streams no weights of its own;
-    its [BN, TAIL] accumulators are transposed for the epilogue. Not with ``PAIRS``.
+    its [BN, TAIL] accumulators are transposed for the epilogue. Not with ``PAIRS``: a tile
+    with a tail makes gate and up as two products (``_gemm1_tile``), the other tiles stay
+    paired.
 
     NOTE: H must be a multiple of BLOCK_K (checked on the host); rows past ``rows`` read row 0's
     source harmlessly (masked to 0) and are not stored.
@@ -118,7 +120,7 @@ def tile_expert_gemm(
         # the descriptor views w13 as [L, I, 2, H]: its [1, BN, 2, BK] box holds the rows
         # interleaved (gate j, up j), so one [BM, 2 BN] product per k step, split in registers
         # NOTE: no tail here: as the swapped product's A, the reshaped box goes to registers
-        # and ptxas serialises every MMA of the kernel (KernelConfig.paired_gemm1)
+        # and ptxas serialises every MMA of the kernel (perf/NOTES.md, "An expert's tail rows")
         tl.static_assert(TAIL == 0, "a paired GEMM1 takes no tail product")
         slot = tl.cast(local, tl.int32)
         n0 = n_block * BLOCK_N
@@ -324,8 +326,8 @@ def gemm1_coords(j, tiles_ptr, GROUP: tl.constexpr, NB: tl.constexpr):
 
 @triton.jit
 def gemm1_task(
-    j, w13_ptr, w13_desc, act_ptr, scales, biases, plan, mine, state, rank, epoch, deadline,
-    M: tl.constexpr,
+    j, w13_ptr, w13_desc, w13_tail_desc, act_ptr, scales, biases, plan, mine, state, rank, epoch,
+    deadline, M: tl.constexpr,
 ):  # fmt: skip
     """GEMM1 task ``j``: wait for its tile's rows, then GEMM its column block (``gemm1_coords``
     name both; or, in mode "dispatch", resolve the tile's rows). In the layer, the tile's last
@@ -370,8 +372,9 @@ def gemm1_task(
         if M.GEMM:
             if M.PROBE != PROBE_COMM:
                 if M.TAIL_ROWS and rows > M.BLOCK_M:
+                    # gate and up as two products (w13_tail_desc): see tile_expert_gemm's TAIL
                     _gemm1_tile(
-                        n_block, w13_ptr, w13_desc, act_ptr, scales, biases, mine, recv_x,
+                        n_block, w13_ptr, w13_tail_desc, act_ptr, scales, biases, mine, recv_x,
                         recv_src, local, row0, rows, parity, M, M.BLOCK_M, M.TAIL_ROWS,
                     )  # fmt: skip
                 elif M.HALF_TILES and rows <= M.BLOCK_M // 2:
@@ -397,7 +400,8 @@ def _gemm1_tile(
     rows, parity, M: tl.constexpr, BLOCK_M: tl.constexpr, TAIL: tl.constexpr = 0,
 ):  # fmt: skip
     """GEMM1 column block ``n_block`` of a tile, ``BLOCK_M`` rows high (``rows`` of them
-    live; with ``TAIL``, up to TAIL rows past them too)."""
+    live; with ``TAIL``, up to TAIL rows past them too, and gate and up as two products, from
+    ``[BN, BK]`` boxes of ``w13_desc``)."""
     if M.FP8:
         x_scale = mine.recv_scale + parity * (M.C * M.H // FP8_BLOCK)
         tile_gemm1_fp8(
@@ -408,8 +412,8 @@ def _gemm1_tile(
     else:
         tile_expert_gemm(
             recv_x, recv_src, w13_ptr, w13_desc, act_ptr, local, row0, rows, n_block, M.H, M.I,
-            BLOCK_M, M.BLOCK_N, M.BLOCK_K, M.SWIGLU, M.GATHER_A, M.GEMM1_TMA, M.PAIRS,
-            biases.b13, M.ACT, M.BIAS, TAIL,
+            BLOCK_M, M.BLOCK_N, M.BLOCK_K, M.SWIGLU, M.GATHER_A, M.GEMM1_TMA,
+            M.PAIRS and not TAIL, biases.b13, M.ACT, M.BIAS, TAIL,
         )  # fmt: skip
 
 

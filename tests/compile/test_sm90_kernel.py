@@ -59,6 +59,8 @@ def descriptor_blocks(cfg: KernelConfig, meta: dict) -> dict[str, list[int]]:
         blocks["w13_desc"] = (
             [1, cfg.block_n, 2, cfg.block_k] if pairs else [cfg.block_n, cfg.block_k]
         )
+        if meta.TAIL_ROWS:  # the tiles with a tail: gate and up as two products
+            blocks["w13_tail_desc"] = [cfg.block_n, cfg.block_k]
     if meta.DOWN_TMA:  # (FP8: one 128-row weight scale block a product)
         rows = min(cfg.down_block_n, FP8_BLOCK) if meta.FP8 else cfg.down_block_n
         blocks["w2_desc"] = [rows, cfg.down_block_k]
@@ -276,17 +278,20 @@ def test_gemm_k_loops_keep_their_mma_descriptors_in_uniform_registers(preset, R,
     assert spills == [], f"{len(spills)} local-memory (spill) instructions in the MMA loops"
 
 
-def test_tail_rows_keep_the_k_loops_pipelined():
+@pytest.mark.parametrize("pairs", [True, False])
+def test_tail_rows_keep_the_k_loops_pipelined(pairs):
     """``tail_rows=32``: GEMM1 and the down projection gain a tail variant whose k loop adds
     m64n32 MMAs (the swapped tail products) with both operands from shared memory, the weight
-    block the tile's product loaded as A. With the paired GEMM1 box as that A, Triton 3.6 loads
-    it into registers, and ptxas serialises every MMA of the kernel for want of registers
-    (C7511: each HGMMA then waited to 0, the loops of the default tiles too); ``tail_rows``
-    turns the pairs off. Held here: no k loop waits an MMA group to 0, no ``R2UR`` between the
-    MMAs, no spill in the loops."""
-    cfg = KernelConfig(tail_rows=32)
+    block the tile's product loaded as A. A tile with a tail makes gate and up as two products
+    (``w13_tail_desc``), the others stay paired (m64n256): with the paired box as the swapped
+    product's A, Triton 3.6 loads it into registers, and ptxas serialises every MMA of the
+    kernel for want of registers (C7511: each HGMMA then waited to 0, the default tiles' loops
+    too). Held here: no k loop waits an MMA group to 0, no ``R2UR`` between the MMAs, no spill
+    in the loops."""
+    cfg = KernelConfig(tail_rows=32, gemm1_pairs=pairs)
     kernel = compile_megakernel(PRESETS["dsv3"], 2, cfg, "layer")
-    tail_mmas = re.findall(r"wgmma\.mma_async\S*\.m64n32k16\S* \{[^}]*\}, (\S+)", kernel.asm["ptx"])
+    ptx = kernel.asm["ptx"]
+    tail_mmas = re.findall(r"wgmma\.mma_async\S*\.m64n32k16\S* \{[^}]*\}, (\S+)", ptx)
     assert tail_mmas and all(a.startswith("%rd") for a in tail_mmas), "A from shared memory"
     ops = sass_ops(kernel)
     serial = [o for body in mma_loops(ops) for o in body if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in o]

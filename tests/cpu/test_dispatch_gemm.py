@@ -239,7 +239,9 @@ def test_warmup_stand_ins_hold_one_row_of_weights(fp8):
     if fp8:  # H and I whole scale blocks; the FP8 path's tiles
         shape, cfg = MoEShape(256, 128, 8, 2, 24, fp8=True), KernelConfig.interpreter()
     else:
-        shape, cfg = MoEShape(64, 32, 16, 4, 24, torch.bfloat16), small_config(block_k=32)
+        # (with tails: the tail tiles' descriptor too)
+        shape = MoEShape(64, 32, 16, 4, 24, torch.bfloat16)
+        cfg = small_config(block_k=32, tail_rows=8)
     with EmulatedWorld(1) as world:
         ws = Megakernel(world, shape, config=cfg)
         L, H, I = shape.num_experts, shape.hidden, shape.ffn
@@ -257,7 +259,11 @@ def test_warmup_stand_ins_hold_one_row_of_weights(fp8):
         made = WeightDescriptors(shape, ws.config)
         stand_in_args = [stand_in.w13, stand_in.w2, *made._make(meta, stand_in.w13, stand_in.w2)]
         real_args = [*real, *made._make(meta, *real)]
+        assert [a is None for a in stand_in_args] == [b is None for b in real_args]
+        assert (stand_in_args[3] is None) == (meta.TAIL_ROWS == 0)
         for a, b in zip(stand_in_args[2:], real_args[2:], strict=True):
+            if a is None:
+                continue
             assert list(a.shape) == list(b.shape) and list(a.block_shape) == list(b.block_shape)
         # what Triton's JIT keys a compiled variant on, argument by argument (the CUDA backend's
         # specialisation: a tensor's dtype and 16-byte alignment, a descriptor's dtype and box)

@@ -129,23 +129,26 @@ def test_half_tiles(pack, half_tiles):
         layer_call(ws, rt, placement, seed=12, shape=shape)
 
 
-@pytest.mark.parametrize("pack,tma", [("auto", True), ("scan", True), ("auto", False)])
-def test_tail_rows_join_the_tile_before(pack, tma):
+@pytest.mark.parametrize(
+    "pack,tma,pairs", [("auto", True, True), ("scan", True, False), ("auto", False, False)]
+)
+def test_tail_rows_join_the_tile_before(pack, tma, pairs):
     """``tail_rows=8``: an expert's last tile of at most 8 rows after a full one (16) joins it,
     and its tasks run those rows as a second, swapped product beside the tile's (GEMM1 by TMA
     or by pointers, rows gathered or resolved in place; the down projection the same), and the
-    combine put counts a token block's run across the tile's edge right."""
+    combine put counts a token block's run across the tile's edge right. With the pairs on,
+    the other tiles make gate and up as one product, the tiles with a tail as two."""
     R, shape = 2, MoEShape(64, 32, 8, 2, 100)
     rt = routing.uniform(R, [40] * R, shape.num_experts, shape.topk, seed=12)
     rows = torch.bincount(torch.cat(rt.topk_ids).flatten(), minlength=shape.num_experts)
     tails = rows - 16
     assert ((tails > 0) & (tails <= 8)).any() and (tails > 8).any()  # joined, and not
     placement = Placement.contiguous(shape.num_experts, R)
-    cfg = small_config(tail_rows=8, pack=pack, gemm1_tma=tma, down_tma=tma)
+    cfg = small_config(tail_rows=8, pack=pack, gemm1_tma=tma, down_tma=tma, gemm1_pairs=pairs)
     with EmulatedWorld(R) as world:
         ws = Megakernel(world, shape, config=cfg)
         meta = ws.meta("layer")
-        assert meta.TAIL_ROWS == 8 and not meta.PAIRS  # the paired product takes no tail
+        assert meta.TAIL_ROWS == 8 and meta.PAIRS == pairs
         layer_call(ws, rt, placement, seed=12, shape=shape)
         tiles = torch.cat([ws.plan_ws.plan(r).tiles for r in range(R)])
         assert ((tiles[:, 2] > 16) & (tiles[:, 2] <= 24)).any()
@@ -153,11 +156,9 @@ def test_tail_rows_join_the_tile_before(pack, tma):
 
 
 def test_tail_rows_knob_is_checked():
-    """tail_rows: 0 or a power of two up to block_m / 2; it turns the paired GEMM1 product off
-    (whose weight block the swapped product cannot read from shared memory) and is refused for
-    FP8 experts, whose tiles have no tail product."""
-    assert KernelConfig().tail_rows == 0 and KernelConfig().paired_gemm1(swiglu=True)
-    assert not KernelConfig(tail_rows=32).paired_gemm1(swiglu=True)
+    """tail_rows: 0 or a power of two up to block_m / 2, refused for FP8 experts, whose tiles
+    have no tail product."""
+    assert KernelConfig().tail_rows == 0 and KernelConfig(tail_rows=32).paired_gemm1(True)
     for bad in (3, 128, -16, True):
         with pytest.raises(ValueError, match="tail_rows must be"):
             KernelConfig(tail_rows=bad)
