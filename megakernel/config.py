@@ -43,6 +43,14 @@ def pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, n))
 
 
+def tiles_of(rows: torch.Tensor, block_m: int, tail_rows: int) -> torch.Tensor:
+    """The GEMM tiles each slot of ``rows`` rows makes (host side; the plan kernel's is
+    ``plan.layout.slot_tiles``): ``block_m`` rows a tile, the last partial, except that a last
+    one of at most ``tail_rows`` rows after a full one joins it (``KernelConfig.tail_rows``)."""
+    full = -(-rows // block_m)
+    return full - ((full >= 2) & (rows - (full - 1) * block_m <= tail_rows)).to(full.dtype)
+
+
 def check_tma_rows(knob: str, weight: str, step: str, elems: int, dtype: torch.dtype) -> None:
     """A TMA block's rows (``elems`` of ``dtype``) must be a multiple of 16 bytes."""
     row_bytes = elems * dtype.itemsize

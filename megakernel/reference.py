@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from megakernel.config import tiles_of
 from megakernel.placement import Placement, resolve_ref
 from megakernel.plan.config import DISPATCH_TASK_COLS, TILE_COLS, Plan, PlanConfig
 from megakernel.shapes import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT
@@ -318,9 +319,7 @@ def _tile_table(recv_offset: torch.Tensor, cnt: torch.Tensor, cfg: PlanConfig):
     for local in range(cfg.slots_per_rank):
         ends = recv_offset[local] + cnt[local]
         seg = int(expert_rows[local])
-        n_tiles = triton.cdiv(seg, cfg.block_m)
-        if n_tiles >= 2 and seg - (n_tiles - 1) * cfg.block_m <= cfg.tail_rows:
-            n_tiles -= 1  # the last rows join the tile before
+        n_tiles = int(tiles_of(expert_rows[local], cfg.block_m, cfg.tail_rows))
         for m in range(n_tiles):
             row0 = int(expert_start[local]) + m * cfg.block_m
             rows = seg - m * cfg.block_m if m == n_tiles - 1 else cfg.block_m

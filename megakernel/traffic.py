@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from megakernel.config import KernelConfig
+from megakernel.config import KernelConfig, tiles_of
 from megakernel.shapes import MoEShape
 
 
@@ -101,9 +101,7 @@ def operand_bytes(rows: torch.Tensor, shape: MoEShape, config: KernelConfig) -> 
     H, I = shape.hidden, shape.ffn
     item = 1 if shape.fp8 else shape.dtype.itemsize  # weights and A alike
     rows = rows.long().cpu()
-    full = -(-rows // cfg.block_m)
-    tails = (full >= 2) & (rows - (full - 1) * cfg.block_m <= cfg.tail_rows)
-    tiles = int((full - tails.long()).sum())
+    tiles = int(tiles_of(rows, cfg.block_m, cfg.tail_rows).sum())
     live, n = int((rows > 0).sum()), int(rows.sum())
     gemm1_tasks = triton.cdiv(I, cfg.block_n)
     down_tasks = triton.cdiv(H, cfg.down_block_n)
