@@ -184,7 +184,8 @@ class KernelConfig:
         if self.tail_rows:
             raise ValueError(
                 f"KernelConfig(tail_rows={self.tail_rows}) runs an expert's tail rows as a "
-                "swapped product, which the FP8 tiles do not have: tail_rows=0 for FP8 experts"
+                "swapped product, which the FP8 tiles do not have (their k loops would spill: "
+                "perf/NOTES.md): tail_rows=0 for FP8 experts"
             )
         b = FP8_BLOCK
         return replace(

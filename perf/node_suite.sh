@@ -23,6 +23,10 @@
 #   peers     one GPU: perf.bench_peers --fp8, dsv3 and qwen3_235b at T = 4096 and 128 (our
 #             layer eager and graphed, bf16 and FP8, Liger-Kernel where installed, torch, the
 #             weight-read bound)
+#   tails     one GPU: tests/gpu/test_layer_cuda.py -k tail_rows, then perf.bench_layer
+#             --emulate 1 at T = 4096 and 1024 over dsv3, qwen3_235b, gpt_oss and mixtral, with an
+#             expert's tail rows in the tile before (tail_rows=32), also without the paired GEMM1
+#             product, each in one alternation with the default
 #
 # No STEP: dist to scaling, in that order (the one-GPU steps run when named). Each step's output
 # goes to $OUT/<step>.log (OUT defaults to perf/results/node_suite), its last lines to the
@@ -71,9 +75,16 @@ run_step() {
       python3 -m megakernel.profile --preset dsv3 --tokens 4096 --emulate 1 --fp8 --out "$out"
       ;;
     peers) python3 -m perf.bench_peers --presets dsv3 qwen3_235b --tokens 4096 128 --fp8 ;;
+    tails)
+      python3 -m pytest tests/gpu/test_layer_cuda.py -q -k tail_rows &&
+        for t in 4096 1024; do
+          python3 -m perf.bench_layer --emulate 1 --presets dsv3 qwen3_235b gpt_oss mixtral \
+            --tokens "$t" --vary tail_rows=32 tail_rows=32+gemm1_pairs=False || return
+        done
+      ;;
     *)
       echo "unknown step $1 (dist, dispatch, sweep, layer, profile, profile32, scaling, fp8," \
-        "fp8trace, peers)" >&2
+        "fp8trace, peers, tails)" >&2
       return 2
       ;;
   esac
