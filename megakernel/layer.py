@@ -18,6 +18,7 @@ by rank.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
@@ -71,6 +72,9 @@ class FusedEPMoE(nn.Module):
     call). After a device failure (``WaitTimeoutError``: a peer did not arrive in
     ``world.timeout_s``) every call is skipped and raises until ``reset()`` brings the ranks back
     in step.
+
+    Forward only: the output carries no gradient (a call whose ``x`` or ``topk_weights`` want one
+    warns, once a layer).
     """
 
     def __init__(
@@ -133,6 +137,7 @@ class FusedEPMoE(nn.Module):
         elif b13 is not None or b2 is not None:
             raise ValueError("biases are for MoEShape(bias=True); this layer's experts have none")
         self._by_rank_cache: dict[str, dict[int, torch.Tensor]] | None = None
+        self._warned_no_backward = False
         self.router = router
         if validate not in VALIDATE_MODES:
             raise ValueError(f"validate must be one of {VALIDATE_MODES}, got {validate!r}")
@@ -253,12 +258,28 @@ class FusedEPMoE(nn.Module):
         for r in ranks:
             if not xs[r].is_contiguous():
                 raise ValueError(f"x of rank {r} is not contiguous: pass x.contiguous()")
+        if torch.is_grad_enabled() and not self._warned_no_backward:
+            self._warn_if_gradients_wanted(xs, weights)
         outs = self._replayed(xs, ids, weights)
         if outs is None:
             outs = self._launched(xs, ids, weights)
         if self.check_every_call:
             self.check_errors()
         return outs[ranks[0]] if plain else outs
+
+    def _warn_if_gradients_wanted(self, xs, weights) -> None:
+        """Warn, once a layer, when a call's tokens or routing weights want gradients: the layer
+        has no backward, so its output would carry none to them (nor to the router or the
+        experts) without a word. The output itself is right."""
+        if any(t.requires_grad for t in (*xs.values(), *weights.values())):
+            self._warned_no_backward = False
+            warnings.warn(
+                "FusedEPMoE is forward only: its output carries no gradient to x, topk_weights "
+                "(the router) or the experts. Call it under torch.no_grad() or "
+                "torch.inference_mode() where none is wanted",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _replayed(self, xs, ids, weights) -> dict[int, torch.Tensor] | None:
         """The call replayed from its captured graph (``graphs``, the default checks), or None."""

@@ -8,6 +8,7 @@ modes launch the same phases here; the GPU tests run them as written.
 
 import gc
 import time
+import warnings
 import weakref
 
 import pytest
@@ -231,6 +232,33 @@ def test_module_back_to_back_with_router_is_deterministic():
             outs.append(got)
         again = layer({r: xs[r] for r in range(R)})
         assert all(torch.equal(again[r], outs[-1][r]) for r in range(R)), "bitwise repeatable"
+        layer.close()
+
+
+def test_the_module_says_it_is_forward_only():
+    """A call whose tokens or routing weights want gradients warns, once a layer, that none flow
+    back through it (its output is still right); under no_grad, or when nothing wants one, it
+    says nothing."""
+    w13, w2 = make_w13(SHAPE, 9, "cpu"), make_w2(SHAPE, 9, "cpu")
+    rt = routing.uniform(1, [T], SHAPE.num_experts, SHAPE.topk, seed=9)
+    x = make_tokens(SHAPE, [T], seed=10, device="cpu")[0]
+    ids, weights = {0: rt.topk_ids[0]}, {0: rt.topk_weights[0]}
+    with EmulatedWorld(1) as world:
+        layer = FusedEPMoE.from_dense(world, SHAPE, w13, w2, config=small_config())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            layer({0: x}, ids, weights)  # nothing wants a gradient
+            with torch.no_grad():
+                layer({0: x.clone().requires_grad_()}, ids, weights)
+        wanting = {0: weights[0].clone().requires_grad_()}
+        with pytest.warns(UserWarning, match="forward only: its output carries no gradient"):
+            out = layer({0: x}, ids, wanting)[0]
+        layer.check_errors()
+        assert not out.requires_grad
+        assert check_layer_output(out, x, ids[0], weights[0], SHAPE, 9, 0) == []
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            layer({0: x.clone().requires_grad_()}, ids, weights)  # said once
         layer.close()
 
 
