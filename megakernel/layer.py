@@ -272,7 +272,7 @@ class FusedEPMoE(nn.Module):
         has no backward, so its output would carry none to them (nor to the router or the
         experts) without a word. The output itself is right."""
         if any(t.requires_grad for t in (*xs.values(), *weights.values())):
-            self._warned_no_backward = False
+            self._warned_no_backward = True
             warnings.warn(
                 "FusedEPMoE is forward only: its output carries no gradient to x, topk_weights "
                 "(the router) or the experts. Call it under torch.no_grad() or "
