@@ -278,7 +278,7 @@ class FusedEPMoE(nn.Module):
                 "(the router) or the experts. Call it under torch.no_grad() or "
                 "torch.inference_mode() where none is wanted",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=2,
             )
 
     def _replayed(self, xs, ids, weights) -> dict[int, torch.Tensor] | None:
